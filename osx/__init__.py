@@ -1,0 +1,3 @@
+"""osx: export and deployment toolchain for Open-Sora text-to-video models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from osx.cli import main
+
+main()

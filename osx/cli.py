@@ -1,0 +1,74 @@
+"""The `osx` command line. Subcommands live in `osx/commands/` and are imported only when run, so
+`osx --help` and `osx generate` never import torch."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+import click
+
+from osx import __version__
+from osx.errors import OsxError
+
+# name -> (module, attribute, one-line help). Keep the help here so `osx --help` imports nothing.
+SUBCOMMANDS = {
+    "export": ("osx.commands.export", "export", "Export a checkpoint to a bundle (ONNX, optional TensorRT engines)."),
+    "generate": ("osx.commands.generate", "generate", "Generate a video from a prompt with a bundle (no torch)."),
+    "bundle": ("osx.commands.bundle", "bundle", "Inspect, verify, pack and unpack bundles."),
+    "build": ("osx.commands.build", "build", "Build (or rebuild) TensorRT engines for this machine's GPU from a bundle's ONNX."),
+    "calibrate": ("osx.commands.calibrate", "calibrate", "Capture calibration activations for INT8/FP8 quantization."),
+    "doctor": ("osx.commands.doctor", "doctor", "Report GPU, driver, CUDA, TensorRT and onnxruntime providers."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(n for n, (mod, _, _) in SUBCOMMANDS.items() if importlib.util.find_spec(mod) is not None)
+
+    def get_command(self, ctx, name):
+        if name not in SUBCOMMANDS:
+            return None
+        mod, attr, _ = SUBCOMMANDS[name]
+        if importlib.util.find_spec(mod) is None:
+            return None
+        return getattr(importlib.import_module(mod), attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(n, SUBCOMMANDS[n][2]) for n in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="osx")
+def cli():
+    """osx: export Open-Sora to ONNX / TensorRT bundles and run them without PyTorch."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors (OsxError) print a clear message and exit with their code, no traceback."""
+    try:
+        cli.main(args=argv, prog_name="osx", standalone_mode=False)
+    except OsxError as e:
+        click.secho(f"error: {e.message}", fg="red", err=True)
+        if e.hint:
+            click.echo(f"  hint: {e.hint}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except SystemExit:
+        raise
+
+
+if __name__ == "__main__":
+    main()
