@@ -110,7 +110,8 @@ def _referenced_files(manifest: dict, part: str) -> list[str]:
         return [manifest["tokenizer"]["file"]]
     refs = []
     for comp in manifest["components"].values():
-        refs += [comp[k] for k in ("file", "engine", "data_file") if comp.get(k)]
+        # "file" and every "*_file" key (e.g. "data_file", "null_text_file") name a file in the bundle
+        refs += [v for k, v in comp.items() if (k == "file" or k.endswith("_file")) and v]
         refs += [e["file"] for e in comp.get("engines", [])]
     return refs
 
