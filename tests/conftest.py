@@ -22,3 +22,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def fake_bundle(tmp_path):
+    """A small hand-made bundle (fake component bytes, real manifest schema, one TensorRT engine entry)
+    for tests of the bundle container itself: archives, verify, info. Not runnable."""
+    from osx.bundle import BundleWriter
+    from osx.components import PIPELINE_COMPONENTS, component_specs
+    from osx.models import get_model_config
+
+    cfg = get_model_config("opensora-v1.2-tiny")
+    specs = component_specs(cfg)
+    out = tmp_path / "fake_bundle"
+    with BundleWriter(out) as w:
+        comps = {}
+        for i, name in enumerate(PIPELINE_COMPONENTS):
+            (w.dir / f"{name}.onnx").write_bytes(bytes(range(256)) * (4 + i))
+            comps[name] = {"file": f"{name}.onnx", "precision": "fp32", "backend": "onnxruntime", "io": specs[name].to_dict()}
+        (w.dir / "engines").mkdir()
+        (w.dir / "engines" / "denoiser.plan").write_bytes(b"\x07" * 3000)
+        comps["denoiser"]["engines"] = [{"file": "engines/denoiser.plan", "gpu": "NVIDIA GeForce RTX 4090",
+                                         "compute_capability": "8.9", "tensorrt_version": "10.3.0"}]
+        (w.dir / "tokenizer.json").write_text('{"model": "fake"}')
+        w.commit({"model": {"name": cfg.name, "family": "opensora", "config": cfg.to_dict()}, "components": comps,
+                  "tokenizer": {"file": "tokenizer.json", "max_length": cfg.text_encoder.max_length},
+                  "scheduler": {"num_sampling_steps": 4}, "profile": {"name": "rtx4090"}, "build": {"osx": "test"}})
+    return out

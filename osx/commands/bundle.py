@@ -1,0 +1,149 @@
+"""`osx bundle info|verify|pack|unpack`: look inside, check, and ship bundles (folders or .osx.tar)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from osx import archive
+from osx.bundle import _referenced_files
+from osx.errors import BundleError
+
+_PATH = click.Path(exists=True, path_type=Path)
+
+
+@click.group("bundle")
+def bundle():
+    """Inspect, verify, pack and unpack bundles. Each command takes a bundle folder or a .osx.tar archive."""
+
+
+# --- info ---------------------------------------------------------------------------------------------
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> None:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    for r in [header] + rows:
+        click.echo(indent + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _component_files(comp: dict) -> list[str]:
+    """Every file a component entry names: `file`, each `*_file` key and each engine's file."""
+    return _referenced_files({"components": {"_": comp}}, "components")
+
+
+def _first(d: dict, *keys: str, default: str = "-") -> str:
+    for k in keys:
+        if d.get(k) not in (None, ""):
+            return str(d[k])
+    return default
+
+
+def _dims(io: dict) -> str:
+    return ", ".join(f"{d} {r['min']}..{r['max']} (opt {r['opt']})" for d, r in io.get("dims", {}).items())
+
+
+def _tensor_row(direction: str, t: dict) -> list[str]:
+    return [direction, t["name"], t["dtype"], "[" + ", ".join(str(d) for d in t["shape"]) + "]"]
+
+
+@bundle.command("info")
+@click.argument("path", type=_PATH)
+def info(path: Path):
+    """What a bundle holds: components, precision, backend, shapes and ranges, sizes, and for TensorRT
+    engines the GPU, compute capability and TensorRT version each one needs. Does not check checksums
+    (use `osx bundle verify`)."""
+    manifest, kind = archive.open_manifest(path)
+    files = manifest["files"]
+    size_of = lambda rels: sum(files.get(r, {}).get("bytes", 0) for r in rels)  # noqa: E731
+    model = manifest["model"]
+    click.echo(f"bundle    {path} ({kind}, format {manifest['format_version']}, {manifest.get('created_by', 'unknown writer')})")
+    click.echo(f"model     {model.get('name', '?')} (family {model.get('family', '?')})")
+    profile = manifest.get("profile") or {}
+    if profile:
+        click.echo(f"profile   {_first(profile, 'name', 'gpu')}: {_first(profile, 'marketing_name', 'gpu_name', default='')}".rstrip(": "))
+    build = manifest.get("build") or {}
+    if build:
+        click.echo("build     " + ", ".join(f"{k} {v}" for k, v in build.items() if isinstance(v, (str, int, float))))
+
+    click.echo("\ncomponents")
+    comps = manifest["components"]
+    _table(["name", "backend", "precision", "file", "size"],
+           [[name, c.get("backend", "onnxruntime"), c["precision"], c["file"], _human_bytes(size_of(_component_files(c)))]
+            for name, c in comps.items()])
+
+    click.echo("\nshapes")
+    for name, c in comps.items():
+        io = c["io"]
+        click.echo(f"  {name}: {_dims(io) or 'all dimensions fixed'}")
+        _table(["", "tensor", "dtype", "shape"],
+               [_tensor_row("in", t) for t in io["inputs"]] + [_tensor_row("out", t) for t in io["outputs"]], indent="    ")
+
+    engines = [(name, e) for name, c in comps.items() for e in c.get("engines", [])]
+    if engines:
+        # An engine runs only on the GPU architecture and TensorRT version it was built with (unless it
+        # was built hardware-compatible); fields missing on the engine fall back to the bundle's profile/build.
+        click.echo("\nTensorRT engines (each runs only where these match)")
+        _table(["component", "file", "GPU", "compute capability", "TensorRT", "hw compat", "size"],
+               [[name, e.get("file", "-"), _first(e, "gpu", "gpu_name", "device", default=_first(profile, "marketing_name", "name")),
+                 _first(e, "compute_capability", "sm", default=_first(profile, "compute_capability")),
+                 _first(e, "tensorrt_version", "tensorrt", "trt_version", default=_first(build, "tensorrt")),
+                 _first(e, "hardware_compatibility", "hardware_compatibility_level", default=_first(build, "hardware_compatibility")),
+                 _human_bytes(size_of([e["file"]])) if e.get("file") else "-"]
+                for name, e in engines])
+
+    tok = manifest["tokenizer"]
+    click.echo(f"\ntokenizer {tok.get('file', '-')} (max_length {tok.get('max_length', '?')})")
+    sched = manifest["scheduler"]
+    if sched:
+        click.echo("scheduler " + ", ".join(f"{k} {v}" for k, v in sched.items() if isinstance(v, (str, int, float))))
+    click.echo(f"files     {len(files)}, {_human_bytes(size_of(files))} (+ {archive.MANIFEST})")
+
+
+# --- verify / pack / unpack -----------------------------------------------------------------------------
+
+
+@bundle.command("verify")
+@click.argument("path", type=_PATH)
+def verify(path: Path):
+    """Check the manifest schema, every file's size and sha256, and that nothing is missing or extra.
+    Exit 0 with one OK line; exit 1 naming the bad file."""
+    try:
+        manifest = archive.verify_path(path)
+    except BundleError as e:
+        click.secho(f"FAILED: {e.message}", fg="red", err=True)
+        if e.hint:
+            click.echo(f"  hint: {e.hint}", err=True)
+        sys.exit(1)
+    total = sum(m["bytes"] for m in manifest["files"].values())
+    click.echo(f"OK: {path}: {len(manifest['files'])} files, {_human_bytes(total)}, all sha256 match")
+
+
+@bundle.command("pack")
+@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="archive to write, e.g. model.osx.tar")
+@click.option("--force", is_flag=True, help="replace an existing archive")
+def pack(bundle_dir: Path, out: Path, force: bool):
+    """Pack a bundle folder into one deterministic .osx.tar (same bundle, same bytes)."""
+    manifest = archive.pack(bundle_dir, out, force=force)
+    click.echo(f"packed {bundle_dir} -> {out}: {len(manifest['files']) + 1} files, {_human_bytes(out.stat().st_size)}")
+
+
+@bundle.command("unpack")
+@click.argument("archive_path", metavar="ARCHIVE", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out_dir", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="replace an existing folder")
+def unpack(archive_path: Path, out_dir: Path, force: bool):
+    """Unpack an archive into DIR. Unsafe members (absolute paths, `..`, links, devices) are refused and
+    every checksum is verified before DIR appears."""
+    b = archive.unpack(archive_path, out_dir, force=force)
+    click.echo(f"unpacked {archive_path} -> {out_dir}: {len(b.manifest['files']) + 1} files, all sha256 match")
