@@ -1,0 +1,88 @@
+"""Open-Sora v1.2 rectified-flow sampler (RFLOW) in NumPy, stateless.
+
+Source: opensora/schedulers/rf/__init__.py and rectified_flow.py at v1.2.0 (shared notes 1.5).
+
+Convention: x_t = (1 - u) x0 + u eps with u = t / 1000; the model predicts v = x0 - eps, so moving
+from t'_i to t'_(i+1) is the Euler step  z <- z + v * dt,  dt = (t'_i - t'_(i+1)) / 1000  (> 0).
+
+    t_i   = (1 - i / N) * 1000                         i = 0..N-1   (1000 ... 1000/N; never 0)
+    u     = t_i / 1000
+    r     = sqrt(H * W / 512^2) * sqrt(T'),  T' = floor(F / 17) * 5, or 1 for an image (F = 1)
+    t'_i  = 1000 * r u / (1 + (r - 1) u)               (the resolution- and length-dependent shift)
+    dt_i  = (t'_i - t'_(i+1)) / 1000,   dt_(N-1) = t'_(N-1) / 1000      (the last step lands on 0)
+    v     = v_uncond + s (v_cond - v_uncond)           (classifier-free guidance, scale s)
+
+Open-Sora computes r from `height`, `width` and `num_frames` tensors in the model dtype, bfloat16:
+every operation on them (product, / 512^2, sqrt, // 17, * 5, sqrt, product, r - 1) is rounded to
+bf16, while t stays float32 (`torch.tensor([t])`) and the mixed products promote to float32.
+`timesteps` replays exactly that arithmetic with `round_bf16` (float32 op, then round-to-nearest-even
+to bf16 — what torch does on the CPU and the GPU). The model also sees t in bf16 (its first op casts
+the timestep), so the pipeline feeds `round_bf16(t')` to the denoiser; dt uses the unrounded t'.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+F32 = np.float32
+
+
+def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """THE initial latent noise of osx (runtime and torch reference alike): N(0, 1) float32 from
+    NumPy's PCG64. Open-Sora draws bf16 noise from the CUDA generator, which NumPy cannot reproduce."""
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def round_bf16(x) -> np.ndarray:
+    """Round float32 values to the nearest bfloat16 (ties to even), returned as float32.
+
+    bf16 is the top 16 bits of a float32: add 0x7FFF plus the lowest kept bit, then clear the low 16
+    bits (torch's c10::BFloat16 round_to_nearest_even). NaN stays NaN.
+    """
+    x = np.asarray(x, dtype=F32)
+    bits = x.view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    out = bits.astype(np.uint32).view(F32)
+    return np.where(np.isnan(x), x, out)
+
+
+def _bf(x) -> np.ndarray:
+    return round_bf16(np.asarray(x, dtype=F32))
+
+
+def shift_ratio(height: int, width: int, num_frames: int, base_resolution: int = 512 * 512) -> np.float32:
+    """r = sqrt(H*W / base) * sqrt(T'), every step in bf16 arithmetic as Open-Sora does it."""
+    h, w, f = _bf(height), _bf(width), _bf(num_frames)
+    ratio_space = _bf(np.sqrt(_bf(_bf(h * w) / F32(base_resolution))))
+    frames = _bf(1.0) if num_frames == 1 else _bf(_bf(np.floor(f / F32(17))) * F32(5))
+    ratio_time = _bf(np.sqrt(frames))
+    return F32(_bf(ratio_space * ratio_time))
+
+
+def timesteps(num_steps: int, height: int, width: int, num_frames: int, *, num_timesteps: int = 1000,
+              use_timestep_transform: bool = True, base_resolution: int = 512 * 512) -> np.ndarray:
+    """t'_0..t'_(N-1) (float32, descending from num_timesteps) for a video of height x width x num_frames."""
+    # Python float math first, then float32: Open-Sora builds torch.tensor([t]) from a Python float.
+    t = np.array([(1.0 - i / num_steps) * num_timesteps for i in range(num_steps)], dtype=F32)
+    if not use_timestep_transform:
+        return t
+    u = t / F32(num_timesteps)
+    r = shift_ratio(height, width, num_frames, base_resolution)
+    r_minus_1 = F32(_bf(r - F32(1)))  # bf16 tensor minus a Python int stays bf16
+    return (r * u / (F32(1) + r_minus_1 * u)) * F32(num_timesteps)
+
+
+def dts(ts: np.ndarray, num_timesteps: int = 1000) -> np.ndarray:
+    """Euler step sizes from the unrounded float32 t': differences, and t'_last itself at the end."""
+    ts = np.asarray(ts, dtype=F32)
+    return np.append(ts[:-1] - ts[1:], ts[-1]) / F32(num_timesteps)
+
+
+def guidance(v_cond: np.ndarray, v_uncond: np.ndarray, scale: float) -> np.ndarray:
+    """Classifier-free guidance: v_u + s (v_c - v_u), in float32."""
+    return v_uncond + F32(scale) * (v_cond - v_uncond)
+
+
+def step(z: np.ndarray, v: np.ndarray, dt: float) -> np.ndarray:
+    """One Euler step toward the data: z + v dt (v = x0 - eps, dt > 0)."""
+    return z + v * F32(dt)
