@@ -1,0 +1,67 @@
+"""Run NVIDIA ModelOpt's ONNX PTQ in ModelOpt's own environment: `python modelopt_worker.py job.json`.
+
+Started by `osx.calibration.quantize` with the ModelOpt environment's Python, which has neither osx
+nor plain onnxruntime (ModelOpt pins onnx and pulls onnxruntime-gpu), so this file imports only
+numpy and ModelOpt, and reads the calibration shards itself: `.npz` files whose arrays carry a
+leading sample axis (osx.calibration.shards).
+
+job.json: {model, output, mode: "fp8"|"int8", shards: [paths], inputs: [graph input names],
+           op_types: [...], nodes_to_exclude: [regexes], nodes_to_quantize: [regexes] | null,
+           external_data: bool}
+"""
+
+import json
+import sys
+
+import numpy as np
+
+
+class ShardSamples:
+    """The CalibrationDataReader protocol ModelOpt calls (get_next, get_first, rewind), loading one
+    shard at a time so a large calibration set never sits in memory whole."""
+
+    def __init__(self, shards, inputs):
+        self.shards, self.inputs = shards, inputs
+        self.rewind()
+
+    def _samples(self):
+        for path in self.shards:
+            with np.load(path) as shard:
+                arrays = {k: shard[k] for k in self.inputs}
+            for i in range(len(arrays[self.inputs[0]])):
+                yield {k: a[i] for k, a in arrays.items()}
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def get_first(self):
+        return next(self._samples())
+
+    def rewind(self):
+        self._it = self._samples()
+
+
+def main(job_path):
+    from modelopt.onnx.quantization import quantize
+
+    job = json.loads(open(job_path).read())
+    quantize(
+        job["model"],
+        quantize_mode=job["mode"],
+        calibration_data_reader=ShardSamples(job["shards"], job["inputs"]),
+        calibration_method="max",  # amax calibration: ModelOpt's FP8 default, and deterministic
+        calibration_eps=["cpu"],  # ranges only; a GPU is not needed to calibrate
+        op_types_to_quantize=job["op_types"],
+        nodes_to_exclude=job["nodes_to_exclude"] or None,
+        nodes_to_quantize=job["nodes_to_quantize"],
+        # Keep unquantized layers fp32 in the graph: it runs on onnxruntime CPU (for the quality gate)
+        # and TensorRT still picks fp16 kernels for them when the engine is built with fp16 enabled.
+        high_precision_dtype="fp32",
+        use_external_data_format=job["external_data"],
+        output_path=job["output"],
+        log_level="WARNING",
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
