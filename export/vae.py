@@ -250,26 +250,3 @@ class VideoAutoencoder(nn.Module):
             chunks.append(video[:, :, chunk_front_padding(frames, self.cfg.temporal_downsample) :])
         return torch.cat(chunks, dim=2)
 
-
-class VAEDecoderChunk(nn.Module):
-    """The `vae_decoder` component for export: z [B,4,t,h,w] -> video [B,3,4t,8h,8w]."""
-
-    def __init__(self, vae: VideoAutoencoder):
-        super().__init__()
-        self.vae = vae
-        self.train(vae.training)
-
-    def forward(self, z):
-        return self.vae.decode_chunk(z)
-
-
-class VAEEncoderChunk(nn.Module):
-    """The `vae_encoder` component for export: video [B,3,f,H,W] -> z [B,4,ceil(f/4),H/8,W/8]."""
-
-    def __init__(self, vae: VideoAutoencoder):
-        super().__init__()
-        self.vae = vae
-        self.train(vae.training)
-
-    def forward(self, video):
-        return self.vae.encode_chunk(video)

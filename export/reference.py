@@ -1,0 +1,83 @@
+"""The whole Open-Sora v1.2 model in PyTorch: tokenizer, T5 encoder, STDiT3 denoiser and video VAE.
+
+`build_reference` makes it from seeded random weights (the tiny model, tests, `--random-weights`) or
+from the released checkpoint files. It is the oracle the exports, the runtime and the quantized engines
+are measured against, so it always runs in float32 and eval mode.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from osx.errors import CheckpointError, OsxError
+from osx.export.checkpoint import load_into, read_state_dict
+from osx.export.init import seeded_init_
+from osx.export.stdit3 import STDiT3
+from osx.export.t5 import T5TextEncoder
+from osx.export.tokenizer import build_tiny_tokenizer, convert_t5_sentencepiece
+from osx.export.vae import VideoAutoencoder
+from osx.models import ModelConfig
+
+# What a real checkpoint consists of: denoiser = Open-Sora STDiT3 weights (hpcai-tech/OpenSora-STDiT-v3,
+# a .safetensors file or its folder), vae = hpcai-tech/OpenSora-VAE-v1.2 (file or folder), t5 = a
+# transformers T5 v1.1 folder (DeepFloyd/t5-v1_1-xxl: weight shards + index, and `spiece.model`).
+CHECKPOINT_PARTS = ("denoiser", "vae", "t5")
+
+
+@dataclass
+class ReferenceModel:
+    model_cfg: ModelConfig
+    text_encoder: T5TextEncoder
+    denoiser: STDiT3
+    vae: VideoAutoencoder
+    tokenizer: Tokenizer
+
+
+def build_reference(
+    model_cfg: ModelConfig,
+    *,
+    seed: int | None = None,
+    checkpoint: dict[str, str | os.PathLike] | None = None,
+) -> ReferenceModel:
+    """Build the reference model: random weights from `seed` (default: the config's `random_init_seed`)
+    or, with `checkpoint` = {"denoiser": path, "vae": path, "t5": folder}, the released weights.
+
+    Random weights: every component gets `seeded_init_(module, seed)` (values depend only on the seed and
+    the parameter names) and the tokenizer is the deterministic tiny one for the config's vocabulary.
+    """
+    if checkpoint is not None and seed is not None:
+        raise OsxError("give either a seed (random weights) or a checkpoint, not both")
+    modules = {
+        "t5": T5TextEncoder(model_cfg.text_encoder),
+        "denoiser": STDiT3(model_cfg.denoiser),
+        "vae": VideoAutoencoder(model_cfg.vae),
+    }
+    if checkpoint is None:
+        seed = model_cfg.random_init_seed if seed is None else seed
+        for module in modules.values():
+            seeded_init_(module, seed)
+        tokenizer = build_tiny_tokenizer(model_cfg.text_encoder)
+    else:
+        missing = [part for part in CHECKPOINT_PARTS if part not in checkpoint]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint is missing {', '.join(missing)}",
+                hint="give the paths of all of: " + ", ".join(CHECKPOINT_PARTS),
+            )
+        for part, module in modules.items():
+            load_into(module, read_state_dict(checkpoint[part]), source=str(checkpoint[part]))
+        tokenizer = convert_t5_sentencepiece(Path(checkpoint["t5"]) / "spiece.model")
+    for module in modules.values():
+        module.float().eval().requires_grad_(False)
+    return ReferenceModel(
+        model_cfg=model_cfg,
+        text_encoder=modules["t5"],
+        denoiser=modules["denoiser"],
+        vae=modules["vae"],
+        tokenizer=tokenizer,
+    )
