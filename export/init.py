@@ -1,0 +1,41 @@
+"""Seeded random weights for `--random-weights` and the tests.
+
+Each tensor gets its own generator seeded from (seed, tensor name), so the values depend only on the
+seed and the parameter names, not on the order modules were built or on the global RNG. The scales keep
+tiny random models numerically alive: weights ~ N(0, std), norm scales ~ 1 + N(0, std), biases ~ N(0, std).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+# Buffers that are learned weights in a checkpoint (not constants) and so get random values too:
+# STDiT3's null caption `y_embedder.y_embedding`.
+LEARNED_BUFFERS = ("y_embedding",)
+
+
+def tensor_generator(seed: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+@torch.no_grad()
+def seeded_init_(module: torch.nn.Module, seed: int, std: float = 0.02, learned_buffers: tuple[str, ...] = LEARNED_BUFFERS):
+    """Fill `module`'s trainable parameters and learned buffers in place; returns `module`.
+
+    Frozen parameters (requires_grad=False, e.g. RoPE's `rope.freqs`) and other buffers are constants
+    of the architecture and keep their values. Parameters named `weight` (or `scale`) of a module whose
+    class name contains "Norm" are scales and are drawn around 1. Tied parameters are filled once.
+    """
+    targets = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    targets += [(n, b) for n, b in module.named_buffers() if n.rpartition(".")[2] in learned_buffers]
+    for name, tensor in targets:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        values = torch.randn(tensor.shape, generator=tensor_generator(seed, name)) * std
+        if leaf in ("weight", "scale") and "Norm" in type(owner).__name__:
+            values += 1.0
+        tensor.copy_(values)
+    return module
