@@ -31,6 +31,7 @@ def fake_bundle(tmp_path):
     from osx.bundle import BundleWriter
     from osx.components import PIPELINE_COMPONENTS, component_specs
     from osx.models import get_model_config
+    from osx.profiles.compat import engine_key
 
     cfg = get_model_config("opensora-v1.2-tiny")
     specs = component_specs(cfg)
@@ -42,8 +43,10 @@ def fake_bundle(tmp_path):
             comps[name] = {"file": f"{name}.onnx", "precision": "fp32", "backend": "onnxruntime", "io": specs[name].to_dict()}
         (w.dir / "engines").mkdir()
         (w.dir / "engines" / "denoiser.plan").write_bytes(b"\x07" * 3000)
-        comps["denoiser"]["engines"] = [{"file": "engines/denoiser.plan", "gpu": "NVIDIA GeForce RTX 4090",
-                                         "compute_capability": "8.9", "tensorrt_version": "10.3.0"}]
+        key = engine_key(onnx_sha256="0" * 64, tensorrt_version="10.3.0", gpu_name="NVIDIA GeForce RTX 4090",
+                         compute_capability="8.9", hardware_compatibility="none", version_compatible=False,
+                         precision="fp16", calibration_hash=None, build_flags={}, profiles=[], buckets={})
+        comps["denoiser"]["engines"] = [{"file": "engines/denoiser.plan", "key": key}]
         (w.dir / "tokenizer.json").write_text('{"model": "fake"}')
         w.commit({"model": {"name": cfg.name, "family": "opensora", "config": cfg.to_dict()}, "components": comps,
                   "tokenizer": {"file": "tokenizer.json", "max_length": cfg.text_encoder.max_length},

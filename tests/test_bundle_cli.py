@@ -95,8 +95,17 @@ def test_info_shows_components_shapes_and_engine_needs(fake_bundle, packed, caps
         dims = manifest["components"]["denoiser"]["io"]["dims"]["latent_frames"]
         assert f"latent_frames {dims['min']}..{dims['max']} (opt {dims['opt']})" in out
         engine_row = next(line for line in out.splitlines() if "engines/denoiser.plan" in line)
-        assert "NVIDIA GeForce RTX 4090" in engine_row and "8.9" in engine_row and "10.3.0" in engine_row
+        assert "NVIDIA GeForce RTX 4090" in engine_row and "fp16" in engine_row
+        assert "compute capability 8.9" in engine_row and "10.3.0" in engine_row
         assert "2.9 KiB" in engine_row  # 3000 bytes
+
+
+def test_info_portable_engine(fake_bundle, capsys):
+    _edit_manifest(fake_bundle, lambda m: m["components"]["denoiser"]["engines"][0]["key"].update(
+        hardware_compatibility="ampere_plus", version_compatible=True))
+    code, out, _ = run(capsys, "bundle", "info", fake_bundle)
+    engine_row = next(line for line in out.splitlines() if "engines/denoiser.plan" in line)
+    assert code == 0 and "compute capability >= 8.0" in engine_row and ">= 10.3.0 (version-compatible)" in engine_row
 
 
 def test_pack_unpack_cli_round_trip(packed, tmp_path, capsys):

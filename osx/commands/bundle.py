@@ -56,6 +56,20 @@ def _tensor_row(direction: str, t: dict) -> list[str]:
     return [direction, t["name"], t["dtype"], "[" + ", ".join(str(d) for d in t["shape"]) + "]"]
 
 
+def _engine_needs(entry: dict, profile: dict, build: dict) -> list[str]:
+    """[precision, built on, needs GPU, needs TensorRT] of one engine entry. The build records the
+    engine's key under `key` (osx.profiles.compat.engine_key); fields it lacks fall back to the
+    bundle's profile / build, so older or hand-written manifests still print."""
+    key = {**entry, **entry.get("key", {})}
+    cc = _first(key, "compute_capability", default=_first(profile, "compute_capability"))
+    level = key.get("hardware_compatibility", "none")
+    needs_gpu = "compute capability >= 8.0 (Ampere+)" if level == "ampere_plus" else f"compute capability {cc}"
+    trt = _first(key, "tensorrt_version", default=_first(build, "tensorrt"))
+    needs_trt = f">= {trt} (version-compatible)" if key.get("version_compatible") else trt
+    built_on = _first(key, "gpu_name", "gpu", default=_first(profile, "gpu_name", "name"))
+    return [_first(key, "precision"), built_on, needs_gpu, needs_trt]
+
+
 @bundle.command("info")
 @click.argument("path", type=_PATH)
 def info(path: Path):
@@ -90,15 +104,9 @@ def info(path: Path):
 
     engines = [(name, e) for name, c in comps.items() for e in c.get("engines", [])]
     if engines:
-        # An engine runs only on the GPU architecture and TensorRT version it was built with (unless it
-        # was built hardware-compatible); fields missing on the engine fall back to the bundle's profile/build.
-        click.echo("\nTensorRT engines (each runs only where these match)")
-        _table(["component", "file", "GPU", "compute capability", "TensorRT", "hw compat", "size"],
-               [[name, e.get("file", "-"), _first(e, "gpu", "gpu_name", "device", default=_first(profile, "marketing_name", "name")),
-                 _first(e, "compute_capability", "sm", default=_first(profile, "compute_capability")),
-                 _first(e, "tensorrt_version", "tensorrt", "trt_version", default=_first(build, "tensorrt")),
-                 _first(e, "hardware_compatibility", "hardware_compatibility_level", default=_first(build, "hardware_compatibility")),
-                 _human_bytes(size_of([e["file"]])) if e.get("file") else "-"]
+        click.echo("\nTensorRT engines (each runs only on the GPU and TensorRT version it needs)")
+        _table(["component", "file", "precision", "built on", "needs GPU", "needs TensorRT", "size"],
+               [[name, e.get("file", "-"), *_engine_needs(e, profile, build), _human_bytes(size_of([e["file"]])) if e.get("file") else "-"]
                 for name, e in engines])
 
     tok = manifest["tokenizer"]
