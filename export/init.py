@@ -1,8 +1,12 @@
 """Seeded random weights for `--random-weights` and the tests.
 
 Each tensor gets its own generator seeded from (seed, tensor name), so the values depend only on the
-seed and the parameter names, not on the order modules were built or on the global RNG. The scales keep
-tiny random models numerically alive: weights ~ N(0, std), norm scales ~ 1 + N(0, std), biases ~ N(0, std).
+seed and the parameter names, not on the order modules were built or on the global RNG.
+
+Scales: by default every weight matrix (and conv kernel, embedding table, modulation table) is drawn
+from N(0, 1/sqrt(fan_in)), which keeps activations at unit scale at any width: a fixed N(0, 0.02) leaves
+the tiny test models nearly inert (their text, timestep and attention paths shrink by ~0.15 per layer),
+so parity tests would not see errors there. Norm scales are 1 + N(0, 0.02), biases N(0, 0.02).
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import hashlib
 
 import torch
+
+SMALL_STD = 0.02  # biases and the jitter of norm scales
 
 # Buffers that are learned weights in a checkpoint (not constants) and so get random values too:
 # STDiT3's null caption `y_embedder.y_embedding`.
@@ -22,8 +28,11 @@ def tensor_generator(seed: int, name: str) -> torch.Generator:
 
 
 @torch.no_grad()
-def seeded_init_(module: torch.nn.Module, seed: int, std: float = 0.02, learned_buffers: tuple[str, ...] = LEARNED_BUFFERS):
+def seeded_init_(module: torch.nn.Module, seed: int, std: float | None = None, learned_buffers: tuple[str, ...] = LEARNED_BUFFERS):
     """Fill `module`'s trainable parameters and learned buffers in place; returns `module`.
+
+    `std`: None for N(0, 1/sqrt(fan_in)) weights (see the module docstring), or one fixed standard
+    deviation for every weight.
 
     Frozen parameters (requires_grad=False, e.g. RoPE's `rope.freqs`) and other buffers are constants
     of the architecture and keep their values. Parameters named `weight` (or `scale`) of a module whose
@@ -34,8 +43,12 @@ def seeded_init_(module: torch.nn.Module, seed: int, std: float = 0.02, learned_
     for name, tensor in targets:
         owner_name, _, leaf = name.rpartition(".")
         owner = module.get_submodule(owner_name)
-        values = torch.randn(tensor.shape, generator=tensor_generator(seed, name)) * std
+        values = torch.randn(tensor.shape, generator=tensor_generator(seed, name))
         if leaf in ("weight", "scale") and "Norm" in type(owner).__name__:
-            values += 1.0
+            values = 1.0 + SMALL_STD * values
+        elif tensor.dim() < 2:  # biases
+            values = SMALL_STD * values
+        else:
+            values = values * (std if std is not None else (tensor.numel() // tensor.shape[0]) ** -0.5)
         tensor.copy_(values)
     return module

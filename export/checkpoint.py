@@ -1,0 +1,275 @@
+"""Read, check and write checkpoints: safetensors (single or sharded) and plain torch pickles.
+
+Pickles are only read with `torch.load(weights_only=True)`, which refuses anything but tensors and plain
+containers, so a checkpoint can never run code. Every failure is a CheckpointError naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from osx.errors import CheckpointError
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+# Top-level keys of training checkpoints that wrap the weights, most preferred first (EMA weights are
+# what Open-Sora samples with; it saves them as a plain state dict in `ema.pt`).
+WRAPPER_KEYS = ("ema", "state_dict_ema", "model_ema", "state_dict", "model", "module")
+# Key prefixes of wrapped modules: DDP/DataParallel/EMA wrappers and torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint, on the CPU, with wrapper levels and prefixes removed.
+
+    `path`: a `.safetensors` file; a `.pth/.pt/.bin/.ckpt` pickle; a sharded checkpoint's `*.index.json`
+    (safetensors or pickle shards); or a directory holding one index (safetensors preferred) or a single
+    weights file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist", hint="check the path")
+    if path.is_dir():
+        path = _weights_in_dir(path)
+    if path.name.endswith(".index.json"):
+        state = _read_sharded(path)
+    elif path.suffix == ".safetensors":
+        state = _read_safetensors(path)
+    elif path.suffix in PICKLE_SUFFIXES:
+        state = _unwrap(_read_pickle(path), path)
+    else:
+        raise CheckpointError(
+            f"{path}: unknown checkpoint format {path.suffix!r}",
+            hint=f"use a .safetensors file, a *.index.json of shards, or a {'/'.join(PICKLE_SUFFIXES)} pickle",
+        )
+    return _strip_prefixes(state)
+
+
+def load_into(
+    module: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    source: str,
+    recomputable: tuple[str, ...] = ("rope.freqs",),
+) -> None:
+    """Copy `state_dict` into `module`, requiring an exact match of keys and shapes.
+
+    Keys in `recomputable` (exact, or a trailing `.name` match) are constants the module computes
+    itself and may be absent; so may a key whose tensor is tied to another key that is present (T5's
+    `encoder.embed_tokens.weight` = `shared.weight`). Otherwise any missing, unexpected or wrong-shape
+    key raises CheckpointError listing them and naming `source`. Values are cast to the module's dtypes.
+    """
+    expected = module.state_dict(keep_vars=True)
+    aliases = _tied_names(module)
+    optional = {
+        k
+        for k in expected
+        if any(k == r or k.endswith("." + r) for r in recomputable) or any(a in state_dict for a in aliases.get(k, ()))
+    }
+    missing = [k for k in expected if k not in state_dict and k not in optional]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [
+        f"{k} (checkpoint {list(v.shape)}, model {list(expected[k].shape)})"
+        for k, v in state_dict.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or wrong:
+        problems = [
+            f"{len(items)} {what}: {', '.join(items[:5])}{', ...' if len(items) > 5 else ''}"
+            for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong-shape keys", wrong))
+            if items
+        ]
+        raise CheckpointError(
+            f"checkpoint {source} does not fit {type(module).__name__}: " + "; ".join(problems),
+            hint="check that the checkpoint belongs to this model and model config (--model)",
+        )
+    with torch.no_grad():
+        module.load_state_dict(state_dict, strict=False)
+
+
+def save_safetensors(
+    state_dict: dict[str, torch.Tensor], path: str | os.PathLike, max_shard_bytes: int | None = None
+) -> Path:
+    """Write `state_dict` to `path` (e.g. `out/model.safetensors`), or, when it is larger than
+    `max_shard_bytes`, to shards `model-00001-of-0000N.safetensors` beside it plus `<name>.index.json`
+    (the Hugging Face layout). Every file is written to a temporary name and renamed into place, the
+    index last. Tied tensors are stored once. Returns the path to pass to `read_state_dict`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = _dedupe(state_dict)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index_path = path.with_name(path.name + ".index.json")
+    if max_shard_bytes is None or total <= max_shard_bytes:
+        _atomic_save(tensors, path)
+        index_path.unlink(missing_ok=True)  # a stale sharded layout would shadow the new file
+        _remove_stale_shards(path, keep=set())
+        return path
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += n
+    stem = path.name.removesuffix(".safetensors")
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
+        _atomic_save(shard, path.with_name(name))
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    _atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True))
+    path.unlink(missing_ok=True)
+    _remove_stale_shards(path, keep=set(weight_map.values()))
+    return index_path
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+
+def _weights_in_dir(folder: Path) -> Path:
+    indexes = sorted(folder.glob("*.index.json"), key=lambda p: (not p.name.endswith(".safetensors.index.json"), p.name))
+    if indexes:
+        return indexes[0]
+    for pattern in ("*.safetensors", *(f"*{s}" for s in PICKLE_SUFFIXES)):
+        found = sorted(folder.glob(pattern))
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise CheckpointError(
+                f"{folder} holds several weight files ({', '.join(p.name for p in found[:5])}) and no *.index.json",
+                hint="pass the file to load, or add the index json of the shards",
+            )
+    raise CheckpointError(f"{folder} holds no checkpoint (*.safetensors, *.index.json, *.pth, *.bin)", hint="check the path")
+
+
+def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path}: not a shard index ({e})", hint="expected JSON with a 'weight_map'") from None
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = index_path.parent / shard
+        if not shard_path.is_file():
+            raise CheckpointError(f"{index_path}: shard {shard} is missing", hint=f"put {shard} next to the index")
+        if shard_path.suffix == ".safetensors":
+            state.update(_read_safetensors(shard_path))
+        else:
+            state.update(_unwrap(_read_pickle(shard_path), shard_path))
+    absent = [k for k in weight_map if k not in state]
+    if absent:
+        raise CheckpointError(
+            f"{index_path}: {len(absent)} indexed tensors are not in their shards: {', '.join(absent[:5])}",
+            hint="the shards do not belong to this index; download them again",
+        )
+    return state
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read safetensors file ({e})", hint="the file may be truncated; download it again") from None
+
+
+def _read_pickle(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for disallowed objects, RuntimeError/EOFError for damaged files
+        raise CheckpointError(
+            f"{path}: refused to load: it is not a plain tensor checkpoint readable with weights_only=True "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+            hint="convert it to safetensors in a trusted environment, or re-download it",
+        ) from None
+
+
+def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
+    """The tensor dict inside a pickle: the dict itself, or the first of WRAPPER_KEYS holding one."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors", hint="save model.state_dict()")
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return dict(obj)
+    for key in WRAPPER_KEYS:
+        inner = obj.get(key)
+        if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            return dict(inner)
+    raise CheckpointError(
+        f"{path}: no state dict found (top-level keys: {', '.join(map(str, list(obj)[:8]))})",
+        hint=f"expected a dict of tensors, or one under one of {', '.join(WRAPPER_KEYS)}",
+    )
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    stripped = True
+    while stripped and state:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix) :]: v for k, v in state.items()}
+                stripped = True
+    return state
+
+
+def _tied_names(module: torch.nn.Module) -> dict[str, list[str]]:
+    """For each parameter name, the other names of the same tensor (weight tying)."""
+    names: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {n: [a for a in group if a != n] for group in names.values() for n in group if len(group) > 1}
+
+
+# --- writing ---------------------------------------------------------------------------------------
+
+
+def _dedupe(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, each storage once (safetensors refuses shared tensors)."""
+    seen: set[tuple] = set()
+    out = {}
+    for k, t in state_dict.items():
+        t = t.detach()
+        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if ident in seen:
+            continue
+        seen.add(ident)
+        out[k] = t.to("cpu").contiguous()
+    return out
+
+
+def _remove_stale_shards(path: Path, keep: set[str]) -> None:
+    """Delete shards of an earlier save to the same name that the new layout does not use."""
+    stem = path.name.removesuffix(".safetensors")
+    for old in path.parent.glob(f"{stem}-*-of-*.safetensors"):
+        if re.fullmatch(re.escape(stem) + r"-\d{5}-of-\d{5}\.safetensors", old.name) and old.name not in keep:
+            old.unlink()
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)

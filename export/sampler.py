@@ -1,0 +1,86 @@
+"""Reference rectified-flow sampler of Open-Sora v1.2 (`opensora/schedulers/rf`, tag v1.2.0), in torch.
+
+The runtime's NumPy scheduler is checked against this. Text-to-video only (no frame mask), guidance by
+one batched cond+uncond call per step. Formulas: shared/design/open-sora-models.md, section 1.5.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from osx.errors import InputError
+from osx.models import SchedulerConfig
+
+VAE_CHUNK_FRAMES, VAE_CHUNK_LATENTS = 17, 5  # hard-coded in the reference's timestep transform
+
+
+def timesteps(sched: SchedulerConfig, num_steps: int, height: int, width: int, num_frames: int) -> torch.Tensor:
+    """The `num_steps` float32 timesteps t'_0 > ... > t'_{n-1} (in [0, num_timesteps]) for a video size.
+
+    Base list t_i = (1 - i/n) * num_timesteps; with `use_timestep_transform`, u = t/num_timesteps goes
+    to r*u / (1 + (r-1)*u), r = sqrt(H*W / base_resolution) * sqrt(T'), T' = 1 for one frame else
+    floor(F/17)*5. As in the reference pipeline, H, W and F are bfloat16 tensors (the model dtype), so
+    H*W, the square roots and r are rounded to bfloat16 (r = 6.84375 at 480x854/102 frames, not 6.849);
+    the final expression mixes bfloat16 r with float32 u and is computed in float32.
+    """
+    t = torch.tensor([(1.0 - i / num_steps) * sched.num_timesteps for i in range(num_steps)], dtype=torch.float32)
+    if not sched.use_timestep_transform:
+        return t
+    if 1 < num_frames < VAE_CHUNK_FRAMES:
+        raise InputError(
+            f"num_frames={num_frames}: the timestep transform needs 1 frame or at least {VAE_CHUNK_FRAMES}",
+            hint=f"the reference computes floor(F/{VAE_CHUNK_FRAMES})*{VAE_CHUNK_LATENTS} latent frames, which is 0 here",
+        )
+    bf16 = torch.bfloat16
+    h, w, f = (torch.tensor([v], dtype=bf16) for v in (height, width, num_frames))
+    frames = torch.ones_like(f) if num_frames == 1 else f // VAE_CHUNK_FRAMES * VAE_CHUNK_LATENTS
+    ratio_space = (h * w / sched.base_resolution).sqrt()
+    ratio_time = (frames / 1).sqrt()  # base_num_frames = 1
+    ratio = ratio_space * ratio_time * 1.0  # transform scale 1.0
+    u = t / sched.num_timesteps
+    return (ratio * u / (1 + (ratio - 1) * u)) * sched.num_timesteps
+
+
+@torch.no_grad()
+def sample(
+    model,
+    noise: torch.Tensor,
+    y_cond: torch.Tensor,
+    mask: torch.Tensor,
+    y_uncond: torch.Tensor,
+    *,
+    height: int,
+    width: int,
+    num_frames: int,
+    fps: float,
+    steps: int,
+    guidance_scale: float,
+    sched: SchedulerConfig,
+    return_intermediates: bool = False,
+):
+    """Denoise `noise` [B, C, T, H, W] (injected, so runs are reproducible) into a latent.
+
+    `model` is an STDiT3. y_cond/y_uncond [B, L, caption_channels] (y_uncond = model.null_text(B)),
+    mask [B, L] is the conditional prompt's token mask and is used for the unconditional rows too, as the
+    reference repeats it. height/width in pixels, num_frames in pixel frames (used by the timestep
+    transform), fps as the model's conditioning (the reference passes 120 for single images).
+    Each step: v = v_u + g*(v_c - v_u) on the first C output channels, z += v*dt with
+    dt = (t'_i - t'_{i+1})/num_timesteps and, last, t'_{n-1}/num_timesteps, so the steps add up to t'_0.
+    Returns the final latent (float32), and the list of latents after every step if asked.
+    """
+    ts = timesteps(sched, steps, height, width, num_frames).to(noise.device)
+    B, C = noise.shape[:2]
+    y = torch.cat([y_cond, y_uncond])
+    mask2 = torch.cat([mask, mask])
+    sizes = {k: torch.full((2 * B,), float(v), device=noise.device) for k, v in (("fps", fps), ("height", height), ("width", width))}
+    z = noise.float()
+    latents = []
+    for i, t in enumerate(ts):
+        v = model(torch.cat([z, z]), t.expand(2 * B), y, mask2, **sizes)[:, :C]
+        v_cond, v_uncond = v.chunk(2)
+        v = v_uncond + guidance_scale * (v_cond - v_uncond)
+        dt = (ts[i] - ts[i + 1] if i + 1 < len(ts) else ts[i]) / sched.num_timesteps
+        z = z + v * dt
+        if return_intermediates:
+            latents.append(z)
+    return (z, latents) if return_intermediates else z
