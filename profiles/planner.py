@@ -126,9 +126,8 @@ class Plan:
     def to_dict(self) -> dict:
         p = self.profile
         return {
-            "profile": {"name": p.name, "display_name": p.display_name, "compute_capability": p.cc_text,
-                        "vram_gib": p.vram_gib, "reserve_gib": p.reserve_gib, "workspace_gib": p.workspace_gib,
-                        "source": p.source},
+            "name": p.name, "display_name": p.display_name, "compute_capability": p.cc_text,
+            "vram_gib": p.vram_gib, "reserve_gib": p.reserve_gib, "workspace_gib": p.workspace_gib, "source": p.source,
             "model": self.model.name,
             "backend": self.backend,
             "shapes": "dynamic" if self.profile.dynamic_shapes else "static buckets",
@@ -137,6 +136,7 @@ class Plan:
             "load_one_at_a_time": self.load_one_at_a_time,
             "cfg_batching": self.cfg_batching,
             "vae_chunk_latent_frames": self.vae_chunk_latent_frames,
+            "vae_spatial_frames_per_call": self.model.vae.spatial.micro_batch_size,
             "components": {n: c.to_dict() for n, c in self.components.items()},
             "memory": {"budget": self.budget_bytes, "run_peak": self.run_peak_bytes,
                        "build_peak": self.build_peak_bytes, "host_peak": self.host_peak_bytes, "fits": self.fits},

@@ -1,0 +1,104 @@
+"""`osx build BUNDLE --gpu auto`: build (or rebuild) TensorRT engines on this machine from the ONNX in a
+bundle, so a team can ship one bundle and let every machine build for its own card.
+
+The bundle is rewritten atomically: a new folder beside it gets the same files (hard links where the
+filesystem allows, copies otherwise) plus the new engines, then replaces the old one. Engines for other
+GPUs are kept; an engine for the same target (compute capability, TensorRT version, compatibility
+level and precision) is replaced.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import click
+
+from osx.errors import OsxError
+
+
+def _same_target(a: dict, b: dict) -> bool:
+    keys = ("compute_capability", "tensorrt_version", "hardware_compatibility", "version_compatible", "precision")
+    return all(a["key"].get(k) == b["key"].get(k) for k in keys)
+
+
+def merge_engines(manifest: dict, built: dict[str, dict]) -> dict:
+    """The manifest with each component's new engine added (replacing one for the same target)."""
+    manifest = {**manifest, "components": {n: dict(c) for n, c in manifest["components"].items()}}
+    for name, entry in built.items():
+        comp = manifest["components"][name]
+        comp["engines"] = [e for e in comp.get("engines", []) if not _same_target(e, entry)] + [entry]
+        comp["backend"] = "tensorrt"
+    return manifest
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(src, dst)
+
+
+@click.command("build")
+@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--gpu", default="auto", show_default=True, help="auto (read this GPU), a profile name, or a profile .toml.")
+@click.option("--precision", default="auto", show_default=True, help="Denoiser precision (auto: the profile's).")
+@click.option("--portable", is_flag=True, help="Ampere+ hardware-compatible, version-compatible engines (slower, but one "
+              "build serves every Ampere-or-newer GPU and needs only TensorRT's lean/dispatch runtime).")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+              help="TensorRT timing cache (default: beside the bundle, per TensorRT version and GPU).")
+@click.option("--dry-run", is_flag=True, help="Print the plan and lint the bundle's ONNX; build nothing.")
+def build(bundle_dir: Path, gpu: str, precision: str, portable: bool, timing_cache: Path | None, dry_run: bool):
+    """Build (or rebuild) TensorRT engines for this machine's GPU from the bundle's ONNX graphs."""
+    from osx.bundle import MANIFEST, Bundle, BundleWriter
+    from osx.profiles import detect_profile, load_profile, make_plan, render_plan
+
+    bundle = Bundle.open(bundle_dir)
+    if gpu == "auto":
+        profile, why = detect_profile()
+        click.echo(why)
+    else:
+        profile = load_profile(gpu)
+    if profile.is_cpu:
+        raise OsxError("the cpu profile has no engines to build", hint="pass --gpu auto or a GPU profile")
+    plan = make_plan(profile, bundle.model_config(), precision)
+    click.echo(render_plan(plan))
+    missing = [n for n, c in plan.components.items() if c.backend == "tensorrt" and n not in bundle.components]
+    if missing:
+        raise OsxError(f"{bundle_dir}: the plan builds {', '.join(missing)}, which the bundle does not have",
+                       hint=f"it has {', '.join(bundle.components)}")
+    components = {n: bundle.components[n] for n, c in plan.components.items() if c.backend == "tensorrt"}
+    if dry_run:
+        from osx.export.engines import onnx_source
+        from osx.export.lint import lint_onnx
+
+        for name, entry in components.items():
+            source = onnx_source(entry, plan.components[name].precision)
+            issues = lint_onnx(bundle.path(source))
+            click.echo(f"lint {name} ({source}): " + ("ok" if not issues else f"{len(issues)} issues"))
+            for i in issues[:20]:
+                click.echo(f"  {i}")
+        return
+
+    from osx.export.engines import build_engines, timing_cache_path
+    from osx.profiles.compat import installed_runtimes, this_machine
+
+    if timing_cache is None:
+        machine = this_machine()
+        timing_cache = timing_cache_path(bundle_dir, installed_runtimes().get("tensorrt", "none"), machine.cc_text)
+    with BundleWriter(bundle_dir, force=True) as w:
+        for rel in bundle.manifest["files"]:
+            _link_or_copy(bundle.path(rel), w.dir / rel)
+        built = build_engines(w.dir, components, plan, portable=portable, timing_cache=timing_cache)
+        manifest = merge_engines(bundle.manifest, built)
+        manifest["profile"] = plan.to_dict()
+        manifest.pop("files")
+        # Engines this build replaced are no longer referenced: drop their files from the new folder.
+        kept = {e["file"] for c in manifest["components"].values() for e in c.get("engines", [])}
+        for rel in bundle.manifest["files"]:
+            if rel.startswith("engines/") and rel not in kept:
+                (w.dir / rel).unlink()
+        w.commit({k: v for k, v in manifest.items() if k not in ("format", "format_version", "created_by")})
+    click.echo(f"engines written to {bundle_dir / 'engines'}; {MANIFEST} updated")

@@ -1,0 +1,221 @@
+"""TensorRT backend: deserialize a bundle's engine, NumPy in and out.
+
+Load checks, each with a message that says how to fix it: an engine exists for this GPU's compute
+capability (or is portable and the GPU is Ampere+), the installed TensorRT runtime can load it (the exact
+version for native engines, that version or later for version-compatible ones), the manifest key is
+intact and still names the ONNX graph the bundle carries. Device buffers and the stream go through
+cuda-python; `release()` frees them and the engine's device memory.
+
+Imports only numpy, tensorrt (or its lean / dispatch runtime), cuda-python and osx's torch-free modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+
+from osx.bundle import Bundle
+from osx.components import ComponentSpec
+from osx.errors import BundleError, InputError, OsxError
+from osx.profiles.compat import (
+    engine_key, key_profiles, pick_profile, rebuild_command, runtimes_that_load, select_engine, this_machine,
+)
+
+# TensorRT DataType name -> NumPy dtype used on the host (bf16 travels as its raw 16 bits)
+HOST_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "BF16": np.uint16, "INT32": np.int32, "INT64": np.int64,
+               "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}
+
+
+def to_bfloat16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), round to nearest even; NaN stays NaN."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    rounded = bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))
+    out = (rounded >> 16).astype(np.uint16)
+    nan = np.isnan(a)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def from_bfloat16_bits(u: np.ndarray) -> np.ndarray:
+    return (np.ascontiguousarray(u, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def check_key(entry: dict, manifest: dict, component: str, bundle: str) -> None:
+    """The key was not edited, and still names the ONNX graph in the bundle (an engine built from an
+    older export is stale even if it loads)."""
+    key = dict(entry["key"])
+    fields = {k: v for k, v in key.items() if k not in ("id", "key_version")}
+    fields["profiles"] = key_profiles(key)
+    if engine_key(**fields)["id"] != key.get("id"):
+        raise BundleError(f"{component}: the manifest key of {entry['file']} does not match its own id (edited?)",
+                          hint=f"rebuild the engines: {rebuild_command(bundle)}")
+    onnx_file = entry.get("onnx_file")
+    listed = manifest["files"].get(onnx_file, {}).get("sha256") if onnx_file else None
+    if listed is not None and listed != key["onnx_sha256"]:
+        raise BundleError(f"{component}: {entry['file']} was built from a different {onnx_file} than the bundle carries",
+                          hint=f"rebuild the engines: {rebuild_command(bundle)}")
+
+
+def _cudart():
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        from cuda import cudart
+    return cudart
+
+
+def _cuda(result):
+    """cuda-python calls return (error, *values)."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA error: {err}")
+    return values[0] if len(values) == 1 else values
+
+
+class _DeviceBuffer:
+    def __init__(self, cudart):
+        self.cudart, self.ptr, self.nbytes = cudart, 0, 0
+
+    def reserve(self, nbytes: int) -> int:
+        if nbytes > self.nbytes:
+            self.free()
+            self.ptr, self.nbytes = _cuda(self.cudart.cudaMalloc(max(nbytes, 1))), nbytes
+        return self.ptr
+
+    def free(self) -> None:
+        if self.ptr:
+            _cuda(self.cudart.cudaFree(self.ptr))
+        self.ptr, self.nbytes = 0, 0
+
+
+class TrtBackend:
+    """One component's engine. `load()`, then `run({input: array}) -> {output: array}`, then `release()`."""
+
+    name = "tensorrt"
+
+    def __init__(self, bundle: Bundle, component: str, device: int = 0):
+        self.bundle, self.component, self.device = bundle, component, device
+        self.spec: ComponentSpec = bundle.spec(component)
+        self.entry: dict | None = None
+        self.engine = self.context = self.runtime = self.stream = self.cudart = None
+        self.buffers: dict[str, _DeviceBuffer] = {}
+        self.active_profile: int | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self.context is not None
+
+    # --- load ------------------------------------------------------------------------------------
+    def load(self) -> "TrtBackend":
+        if self.loaded:
+            return self
+        bundle_path = str(self.bundle.root)
+        entries = self.bundle.components[self.component].get("engines", [])
+        if not entries:
+            raise BundleError(f"{self.component}: the bundle has no TensorRT engine",
+                              hint=f"build them on this machine: {rebuild_command(bundle_path)}, or run with --backend onnxruntime")
+        entry, reasons = select_engine(entries, this_machine(), bundle_path)
+        if entry is None:
+            raise BundleError(f"{self.component}: no engine in the bundle runs on this machine:\n  " + "\n  ".join(reasons),
+                              hint=f"rebuild the engines on this machine: {rebuild_command(bundle_path)}")
+        check_key(entry, self.bundle.manifest, self.component, bundle_path)
+        trt = self._import_runtime(entry)
+        cudart = _cudart()
+        _cuda(cudart.cudaSetDevice(self.device))
+        logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(logger)
+        if entry["key"]["version_compatible"]:
+            self.runtime.engine_host_code_allowed = True  # the plan carries its lean runtime; our own bundle
+        self.engine = self.runtime.deserialize_cuda_engine(self.bundle.path(entry["file"]).read_bytes())
+        if self.engine is None:
+            raise BundleError(f"{self.component}: TensorRT could not deserialize {entry['file']} (see the log above)",
+                              hint=f"rebuild the engines on this machine: {rebuild_command(bundle_path)}")
+        self._check_io()
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise OsxError(f"{self.component}: not enough GPU memory to run {entry['file']}",
+                           hint="release other components first (load_one_at_a_time), or use a smaller bucket")
+        self.stream = _cuda(cudart.cudaStreamCreate())
+        self.cudart, self.entry = cudart, entry
+        self.profiles = key_profiles(entry["key"])
+        self.active_profile = None
+        return self
+
+    def _import_runtime(self, entry: dict):
+        for module in runtimes_that_load(entry["key"]):
+            try:
+                return importlib.import_module(module)
+            except ImportError:
+                continue
+        raise BundleError(f"{self.component}: no TensorRT runtime that loads {entry['file']} is installed",
+                          hint="pip install 'osx[tensorrt]' (or the runtime named in `osx doctor`)")
+
+    def _check_io(self) -> None:
+        names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
+        want = {t.name for t in self.spec.inputs + self.spec.outputs}
+        if names != want:
+            raise BundleError(f"{self.component}: the engine's tensors {sorted(names)} are not the component's {sorted(want)}",
+                              hint=f"rebuild the engines: {rebuild_command(str(self.bundle.root))}")
+        self.inputs = [t.name for t in self.spec.inputs]
+        self.outputs = [t.name for t in self.spec.outputs]
+        self.host_dtypes = {n: HOST_DTYPES[self.engine.get_tensor_dtype(n).name] for n in names}
+
+    # --- run -------------------------------------------------------------------------------------
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.loaded:
+            self.load()
+        sizes = self.spec.sizes_of(inputs)
+        index = pick_profile(self.profiles, sizes)
+        if index is None:
+            buckets = ", ".join(self.entry["key"]["buckets"]) or "see the manifest"
+            raise InputError(f"{self.component}: sizes {sizes} are not among the shapes this engine was built for ({buckets})",
+                             hint="request one of those sizes, or rebuild with a profile that covers it (osx build --gpu PROFILE.toml)")
+        cudart, ctx = self.cudart, self.context
+        if index != self.active_profile:
+            if not ctx.set_optimization_profile_async(index, int(self.stream)):
+                raise RuntimeError(f"{self.component}: TensorRT refused optimisation profile {index}")
+            self.active_profile = index
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        staged = []  # keep host arrays alive until the stream has copied them
+        for name in self.inputs:
+            arr = inputs[name]
+            host = (to_bfloat16_bits(arr) if self.host_dtypes[name] == np.uint16
+                    else np.ascontiguousarray(arr, dtype=self.host_dtypes[name]))
+            staged.append(host)
+            ctx.set_input_shape(name, host.shape)
+            ptr = self.buffers.setdefault(name, _DeviceBuffer(cudart)).reserve(host.nbytes)
+            _cuda(cudart.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes, h2d, self.stream))
+            ctx.set_tensor_address(name, ptr)
+        results = {}
+        for name in self.outputs:
+            shape = tuple(ctx.get_tensor_shape(name))
+            host = np.empty(shape, dtype=self.host_dtypes[name])
+            ptr = self.buffers.setdefault(name, _DeviceBuffer(cudart)).reserve(host.nbytes)
+            ctx.set_tensor_address(name, ptr)
+            results[name] = host
+        if not ctx.execute_async_v3(int(self.stream)):
+            raise RuntimeError(f"{self.component}: TensorRT execution failed (see the log above)")
+        for name, host in results.items():
+            _cuda(cudart.cudaMemcpyAsync(host.ctypes.data, self.buffers[name].ptr, host.nbytes, d2h, self.stream))
+        _cuda(cudart.cudaStreamSynchronize(self.stream))
+        return {n: from_bfloat16_bits(a) if a.dtype == np.uint16 else
+                (a.astype(np.float32) if a.dtype == np.float16 else a) for n, a in results.items()}
+
+    # --- release ---------------------------------------------------------------------------------
+    def release(self) -> None:
+        """Free the device buffers, the execution context (activation memory) and the engine (weights)."""
+        for b in self.buffers.values():
+            b.free()
+        self.buffers.clear()
+        if self.stream is not None:
+            _cuda(self.cudart.cudaStreamDestroy(self.stream))
+        self.context = self.engine = self.runtime = self.stream = None
+        self.active_profile = None
+
+    def __enter__(self) -> "TrtBackend":
+        return self.load()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
