@@ -29,6 +29,20 @@ from osx.models import ModelConfig
 CHECKPOINT_PARTS = ("denoiser", "vae", "t5")
 
 
+def random_init_std(model_cfg: ModelConfig) -> dict[str, float]:
+    """Per-component std of random weights: 1/sqrt(fan-in) of the component's typical layer.
+
+    Scaled like a standard fan-in init so that every input visibly moves a random model's output: with
+    a flat 0.02 the tiny denoiser all but ignores its text (|v_cond - v_uncond| / |v| ~ 1e-4), and a
+    guidance or text-path bug would pass the parity tests unnoticed; here it is ~0.1.
+    """
+    return {
+        "t5": model_cfg.text_encoder.d_model**-0.5,
+        "denoiser": model_cfg.denoiser.hidden_size**-0.5,
+        "vae": (27 * model_cfg.vae.temporal.filters) ** -0.5,  # a 3x3x3 conv of the first level's width
+    }
+
+
 @dataclass
 class ReferenceModel:
     model_cfg: ModelConfig
@@ -47,8 +61,9 @@ def build_reference(
     """Build the reference model: random weights from `seed` (default: the config's `random_init_seed`)
     or, with `checkpoint` = {"denoiser": path, "vae": path, "t5": folder}, the released weights.
 
-    Random weights: every component gets `seeded_init_(module, seed)` (values depend only on the seed and
-    the parameter names) and the tokenizer is the deterministic tiny one for the config's vocabulary.
+    Random weights: every component gets `seeded_init_(module, seed, std)` with the std of
+    `random_init_std` (values depend only on the seed, the std and the parameter names), and the
+    tokenizer is the deterministic tiny one for the config's vocabulary.
     """
     if checkpoint is not None and seed is not None:
         raise OsxError("give either a seed (random weights) or a checkpoint, not both")
@@ -59,8 +74,9 @@ def build_reference(
     }
     if checkpoint is None:
         seed = model_cfg.random_init_seed if seed is None else seed
-        for module in modules.values():
-            seeded_init_(module, seed)
+        stds = random_init_std(model_cfg)
+        for part, module in modules.items():
+            seeded_init_(module, seed, std=stds[part])
         tokenizer = build_tiny_tokenizer(model_cfg.text_encoder)
     else:
         missing = [part for part in CHECKPOINT_PARTS if part not in checkpoint]

@@ -1,0 +1,149 @@
+"""Text to video with the torch reference model, exactly as Open-Sora v1.2's `scripts/inference.py`.
+
+prompt --prepare_prompt (aesthetic suffix, clean_caption x2)--> tokenizer (pad/truncate to L) --> T5
+--> RFLOW sampler over STDiT3 with classifier-free guidance --> VAE decode --> uint8 frames.
+
+Every intermediate comes back in `ReferenceResult` (as NumPy arrays), so the runtime, the exported
+graphs and the quantized engines can be compared stage by stage against this oracle.
+
+Unconditional half (classifier-free guidance), as in Open-Sora's RFLOW.sample:
+  * default: STDiT3's learned null caption `y_embedding` (`denoiser.null_text`);
+  * with `negative_prompt`: the T5 embedding of the negative prompt (its own tokens and attention mask
+    inside T5). The negative prompt is cleaned like the prompt but gets no aesthetic-score suffix.
+  In both cases the denoiser's cross-attention mask of the unconditional rows is the *conditional*
+  prompt's mask, because Open-Sora repeats the one mask over both halves. So the uncond rows see
+  exactly as many text tokens as the prompt has: the first L_cond rows of the null caption, or the
+  negative prompt's embedding cut (or padded with its T5 outputs at pad positions) to L_cond tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from osx.errors import InputError
+from osx.export.reference import ReferenceModel
+from osx.export.sampler import sample, timesteps
+from osx.models import latent_frames, latent_size
+from osx.runtime.prompt import prepare_prompt
+from osx.runtime.scheduler import initial_noise
+from osx.runtime.tokenizer import TextTokenizer
+from osx.runtime.video import to_uint8_frames
+
+IMAGE_FPS = 120  # Open-Sora conditions single images (num_frames == 1) on fps 120
+
+
+@dataclass
+class ReferenceResult:
+    prompt: str  # prepared: suffix added and cleaned, what the tokenizer saw
+    negative_prompt: str | None  # prepared the same way (no suffix), or None for the null caption
+    input_ids: np.ndarray  # [1, L] int64
+    attention_mask: np.ndarray  # [1, L] int64; also the denoiser's key mask for both halves
+    text_embeds: np.ndarray  # [1, L, d_model] T5 output of the prompt
+    y_null: np.ndarray  # [1, L, caption_channels] the unconditional text: null caption or negative prompt
+    noise: np.ndarray  # [1, 4, T_lat, H/8, W/8] initial latent
+    timesteps: np.ndarray  # [steps] float32 t'_i in [0, 1000], after the resolution-dependent transform
+    latents: list[np.ndarray]  # the latent after each step
+    latent: np.ndarray  # the final latent (== latents[-1])
+    video: np.ndarray  # [1, 3, F, 8*(H//8), 8*(W//8)] float32 VAE output, about [-1, 1]
+    frames: np.ndarray  # [F, 8*(H//8), 8*(W//8), 3] uint8
+    fps: float  # the denoiser's fps conditioning
+    guidance_scale: float
+    steps: int
+    seed: int | None
+
+
+@torch.no_grad()
+def reference_generate(
+    model: ReferenceModel,
+    prompt: str,
+    *,
+    negative_prompt: str | None = None,
+    num_frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    fps: float | None = None,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    seed: int | None = None,
+    noise: np.ndarray | None = None,
+) -> ReferenceResult:
+    """One video for one prompt. Unset arguments take the model config's defaults (sizes, steps,
+    guidance scale, fps: 24, or 120 for one frame). `noise` (shape [1, 4, T_lat, H/8, W/8]) replaces
+    `initial_noise(seed, shape)`; `seed` defaults to the config's default seed."""
+    cfg = model.model_cfg
+    num_frames = cfg.defaults.num_frames if num_frames is None else num_frames
+    height = cfg.defaults.height if height is None else height
+    width = cfg.defaults.width if width is None else width
+    fps = (IMAGE_FPS if num_frames == 1 else cfg.scheduler.fps) if fps is None else fps
+    steps = cfg.scheduler.num_sampling_steps if steps is None else steps
+    guidance_scale = cfg.scheduler.guidance_scale if guidance_scale is None else guidance_scale
+    _check_request(cfg, num_frames, height, width, steps)
+
+    shape = (1, cfg.vae.temporal.latent_embed_dim, latent_frames(num_frames, cfg.vae), *latent_size(height, width, cfg.vae))
+    if noise is None:
+        seed = cfg.defaults.seed if seed is None else seed
+        noise = initial_noise(seed, shape)
+    elif tuple(noise.shape) != shape:
+        raise InputError(f"noise has shape {tuple(noise.shape)}, expected {shape}", hint="or pass a seed instead")
+
+    tokenizer = TextTokenizer(model.tokenizer, cfg.text_encoder.max_length)
+    prepared = prepare_prompt(prompt, cfg.scheduler.aesthetic_score)
+    input_ids, attention_mask = tokenizer.encode([prepared])
+    text_embeds = _encode_text(model, input_ids, attention_mask)
+    if negative_prompt is None:
+        prepared_negative = None
+        y_null = model.denoiser.null_text(1)
+    else:
+        prepared_negative = prepare_prompt(negative_prompt, aesthetic_score=None)
+        y_null = _encode_text(model, *tokenizer.encode([prepared_negative]))
+
+    latent, latents = sample(
+        model.denoiser,
+        torch.from_numpy(np.asarray(noise, dtype=np.float32)),
+        text_embeds,
+        torch.from_numpy(attention_mask),
+        y_null,
+        height=height,
+        width=width,
+        num_frames=num_frames,
+        fps=fps,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        sched=cfg.scheduler,
+        return_intermediates=True,
+    )
+    video = model.vae.decode(latent, num_frames)
+    return ReferenceResult(
+        prompt=prepared,
+        negative_prompt=prepared_negative,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        text_embeds=text_embeds.numpy(),
+        y_null=y_null.numpy(),
+        noise=np.asarray(noise, dtype=np.float32),
+        timesteps=timesteps(cfg.scheduler, steps, height, width, num_frames).numpy(),
+        latents=[z.numpy() for z in latents],
+        latent=latent.numpy(),
+        video=video.numpy(),
+        frames=to_uint8_frames(video[0].numpy()),
+        fps=fps,
+        guidance_scale=guidance_scale,
+        steps=steps,
+        seed=seed,
+    )
+
+
+def _encode_text(model: ReferenceModel, input_ids: np.ndarray, attention_mask: np.ndarray) -> torch.Tensor:
+    return model.text_encoder(torch.from_numpy(input_ids), torch.from_numpy(attention_mask))
+
+
+def _check_request(cfg, num_frames: int, height: int, width: int, steps: int) -> None:
+    if num_frames < 1:
+        raise InputError(f"num_frames={num_frames}: need at least 1 frame")
+    if min(height, width) < cfg.min_side:
+        raise InputError(f"{height}x{width}: each side needs at least {cfg.min_side} pixels")
+    if steps < 1:
+        raise InputError(f"steps={steps}: need at least 1 sampling step")
