@@ -53,8 +53,9 @@ class TextTokenizer:
         for i, prompt in enumerate(prompts):
             n = self.count(prompt)
             if n > self.max_length:
+                which = "the prompt" if len(prompts) == 1 else f"prompt {i}"
                 warnings.warn(PromptTruncatedWarning(
-                    f"prompt {i} has {n} tokens; the text encoder takes {self.max_length}, so the last "
+                    f"{which} has {n} tokens; the text encoder takes {self.max_length}, so the last "
                     f"{n - self.max_length} are dropped"), stacklevel=2)
         encodings = self._fixed.encode_batch(prompts)
         ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(prompts), self.max_length)

@@ -1,0 +1,118 @@
+"""`osx generate BUNDLE --prompt ... --out clip.mp4`: text to video with a bundle, no torch.
+
+Order of work: output paths are checked first, then the bundle is opened and the request checked
+against it, and only then does anything compute, so a typo costs seconds, not a generation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import click
+
+from osx.runtime.backends import BACKENDS
+from osx.runtime.video import CODECS
+
+
+def _resolution(ctx, param, value):
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", value)
+    if not m:
+        raise click.BadParameter(f"{value!r} is not WIDTHxHEIGHT, e.g. 426x240")
+    return int(m.group(1)), int(m.group(2))
+
+
+@click.command("generate")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="What the video shows. Empty is allowed (Open-Sora then uses the aesthetic-score suffix alone).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Video file: .mp4 (h264 / mp4v) or .webm (vp9).")
+@click.option("--negative-prompt", default=None, help="What to steer away from (replaces the learned null caption).")
+@click.option("--seed", type=int, default=None, help="Noise seed (default: the bundle's, 42). Same seed, same video.")
+@click.option("--steps", type=int, default=None, help="Denoising steps (default: the bundle's).")
+@click.option("--guidance-scale", type=float, default=None, help="Classifier-free guidance scale (default: the bundle's).")
+@click.option("--frames", "num_frames", type=int, default=None, help="Number of frames (default: the bundle's).")
+@click.option("--resolution", callback=_resolution, default=None, metavar="WxH", help="Width x height in pixels, e.g. 426x240.")
+@click.option("--fps", type=float, default=None, help="Frame rate, for the model's conditioning and the file (default 24).")
+@click.option("--codec", type=click.Choice(CODECS), default="auto", show_default=True,
+              help="h264 needs PyAV (GPL x264, README); auto = vp9 for .webm, h264 if PyAV is installed, else mp4v.")
+@click.option("--preview", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write a PNG contact sheet of a few frames.")
+@click.option("--backend", type=click.Choice(list(BACKENDS)), default=None,
+              help="Run every component with this backend (default: what the bundle's manifest says).")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files (sizes are still checked).")
+@click.option("--progress-json", is_flag=True, help="Print progress and the result as JSON lines on stdout instead of a bar.")
+def generate(bundle, prompt, out, negative_prompt, seed, steps, guidance_scale, num_frames, resolution, fps, codec, preview,
+             backend, no_verify, progress_json):
+    """Generate a video from PROMPT with the bundle at BUNDLE (a folder written by `osx export`)."""
+    from osx.runtime.pipeline import Pipeline
+    from osx.runtime.video import check_writable, resolve_codec, write_preview, write_video
+
+    start = time.perf_counter()
+    check_writable(out, codec)
+    codec = resolve_codec(out, codec)
+    if preview is not None:
+        check_writable(preview, suffixes=(".png",))
+    width, height = resolution or (None, None)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *_, **__: click.secho(f"warning: {message}", fg="yellow", err=True)
+        pipe = Pipeline.load(bundle, backend, verify=not no_verify)
+        request = pipe.prepare_request(prompt, negative_prompt, num_frames=num_frames, height=height, width=width, fps=fps,
+                                       steps=steps, guidance_scale=guidance_scale, seed=seed)
+        show = _json_progress if progress_json else _BarProgress(request.steps)
+        try:
+            frames = pipe.run(request, progress=show)
+        finally:
+            if not progress_json:
+                show.close()
+    write_video(frames, out, request.fps, codec)
+    if preview is not None:
+        write_preview(frames, preview)
+    seconds = time.perf_counter() - start
+    h, w = frames.shape[1:3]
+    if progress_json:
+        _emit({"event": "done", "out": str(out), "frames": len(frames), "width": w, "height": h, "fps": request.fps,
+               "seed": request.seed, "codec": codec, "seconds": round(seconds, 3),
+               "preview": str(preview) if preview is not None else None})
+    else:
+        click.echo(f"wrote {out}: {len(frames)} frames, {w}x{h}, {request.fps:g} fps, {codec}, seed {request.seed}, "
+                   f"{seconds:.1f} s" + (f" (preview {preview})" if preview is not None else ""))
+
+
+def _emit(event: dict) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def _json_progress(event: dict) -> None:
+    _emit({"event": "progress", **{k: round(v, 3) if isinstance(v, float) else v for k, v in event.items()}})
+
+
+class _BarProgress:
+    """A tqdm bar over the denoising steps (it/s), opened at the first step so that warnings from the
+    prompt stage print on their own lines; a line when the VAE is done."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.bar = None
+
+    def __call__(self, event: dict) -> None:
+        if event["phase"] == "denoise":
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=self.steps, desc="denoising", unit="it", file=sys.stderr, dynamic_ncols=True)
+            self.bar.update(event["step"] - self.bar.n)
+        elif event["phase"] == "vae_decode" and event["step"] == event["total"]:
+            self.close()
+            click.echo(f"decoded {event['total']} VAE chunk(s)", err=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,141 @@
+"""Backends run one bundle component: NumPy arrays in, NumPy arrays out.
+
+Interface (`Backend`), implemented by `OrtBackend` here and `osx.runtime.backend_trt.TrtBackend`:
+    backend = cls(bundle, component, **options)   # cheap: nothing loaded yet
+    backend.load()                                 # session / engine into memory
+    outputs = backend.run({"x": ..., ...})         # names and dtypes as the component's io spec
+    backend.release()                              # free it; load() may be called again
+
+Which class runs a component: the `backend` argument of `Pipeline.load` / `osx generate --backend`,
+else the component's `backend` key in the manifest ("onnxruntime" or "tensorrt"). `BACKENDS` maps
+each name to its class (imported only when used, so tensorrt is never imported for an ONNX bundle)
+and the options it is built with.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Protocol
+
+import numpy as np
+
+from osx.bundle import Bundle
+from osx.errors import BundleError, OsxError
+
+# name -> (module, class, constructor options)
+BACKENDS: dict[str, tuple[str, str, dict]] = {
+    "onnxruntime": ("osx.runtime.backends", "OrtBackend", {"providers": ("cpu",)}),
+    "onnxruntime-cuda": ("osx.runtime.backends", "OrtBackend", {"providers": ("cuda", "cpu")}),
+    "onnxruntime-tensorrt": ("osx.runtime.backends", "OrtBackend", {"providers": ("tensorrt", "cuda", "cpu")}),
+    "tensorrt": ("osx.runtime.backend_trt", "TrtBackend", {}),
+}
+
+# onnxruntime session settings, in one place. intra-op threads 0 = one per physical core (ORT's choice);
+# a single inter-op thread and sequential execution: these graphs are one long chain of big ops.
+ORT_SESSION = {
+    "graph_optimization_level": "ORT_ENABLE_ALL",
+    "execution_mode": "ORT_SEQUENTIAL",
+    "intra_op_num_threads": 0,
+    "inter_op_num_threads": 1,
+    "enable_mem_pattern": True,
+    "enable_cpu_mem_arena": True,
+    "log_severity_level": 3,  # errors only
+}
+ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+class Backend(Protocol):
+    name: str  # the component
+
+    def load(self) -> None: ...
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def release(self) -> None: ...
+
+    @property
+    def loaded(self) -> bool: ...
+
+
+def create_backend(bundle: Bundle, component: str, backend: str | None = None) -> Backend:
+    """The backend for `component`: `backend` if given, else the manifest's choice."""
+    name = backend or bundle.components[component].get("backend", "onnxruntime")
+    if name not in BACKENDS:
+        raise OsxError(f"unknown backend {name!r} for {component}", hint=f"choose one of {', '.join(BACKENDS)}")
+    module, cls, options = BACKENDS[name]
+    try:
+        backend_cls = getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        raise OsxError(f"backend {name!r} is not available: {e}",
+                       hint="install it (pip install 'osx[tensorrt]' for TensorRT) or pass --backend onnxruntime") from None
+    return backend_cls(bundle, component, **options)
+
+
+class OrtBackend:
+    """onnxruntime InferenceSession for the component's ONNX file (external data beside it)."""
+
+    def __init__(self, bundle: Bundle, component: str, providers: tuple[str, ...] = ("cpu",), threads: int | None = None):
+        meta = bundle.components[component]
+        self.name = component
+        self.path = bundle.path(meta["file"])
+        if self.path.suffix != ".onnx":
+            raise BundleError(f"{component}: {meta['file']} is not an ONNX file", hint="this component needs --backend tensorrt")
+        self.spec = bundle.spec(component)
+        self.providers = [ORT_PROVIDERS[p] for p in providers]
+        self.threads = threads
+        self.session = None
+        # float inputs go in at the exported precision; ints as the spec says
+        self.dtypes = {t.name: np.dtype(self.spec.dtype_of(t)) for t in self.spec.inputs}
+
+    @property
+    def loaded(self) -> bool:
+        return self.session is not None
+
+    def load(self) -> None:
+        if self.session is not None:
+            return
+        import onnxruntime as ort
+
+        missing = [p for p in self.providers if p not in ort.get_available_providers()]
+        if missing:
+            raise OsxError(f"onnxruntime here lacks {', '.join(missing)}",
+                           hint=f"available: {', '.join(ort.get_available_providers())}; install onnxruntime-gpu "
+                           "for CUDA/TensorRT, or use --backend onnxruntime (CPU)")
+        options = ort.SessionOptions()
+        for key, value in ORT_SESSION.items():
+            if key == "graph_optimization_level":
+                value = getattr(ort.GraphOptimizationLevel, value)
+            elif key == "execution_mode":
+                value = getattr(ort.ExecutionMode, value)
+            setattr(options, key, value)
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        try:
+            session = ort.InferenceSession(os.fspath(self.path), options, providers=self.providers)
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable models
+            raise BundleError(f"onnxruntime cannot load {self.path.name} ({self.name}): {e}",
+                              hint="the bundle may be corrupt (osx bundle verify) or need a newer onnxruntime") from None
+        names = ({i.name for i in session.get_inputs()}, {o.name for o in session.get_outputs()})
+        want = ({t.name for t in self.spec.inputs}, {t.name for t in self.spec.outputs})
+        if names != want:
+            raise BundleError(f"{self.path.name} has inputs/outputs {names}, the manifest says {want}",
+                              hint="the bundle is inconsistent; re-export it")
+        self.session = session
+        self.output_names = [t.name for t in self.spec.outputs]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.session is None:
+            self.load()
+        feed = {name: np.ascontiguousarray(inputs[name], dtype=dtype) for name, dtype in self.dtypes.items()
+                if name in inputs}
+        self.spec.check(self.spec.sizes_of(feed))  # names, ranks, fixed dims, ranges: a clear error, not ORT's
+        try:
+            outputs = self.session.run(self.output_names, feed)
+        except Exception as e:  # e.g. out of memory at a large shape
+            raise OsxError(f"{self.name} failed in onnxruntime: {e}",
+                           hint="try a smaller resolution or frame count, or a machine with more memory") from None
+        return dict(zip(self.output_names, outputs))
+
+    def release(self) -> None:
+        self.session = None

@@ -1,0 +1,326 @@
+"""Text to video from a bundle, without torch.
+
+    pipe = Pipeline.load("bundles/tiny")
+    frames = pipe.generate("a red fox in the snow", seed=7)        # uint8 [F, H, W, 3]
+
+Stages (each public, so tests and tools can stop in between):
+  request  `prepare_request`: defaults from the bundle, every input checked against the manifest's
+           ranges before any work; an error lists what the bundle supports.
+  text     `encode_text`: prompt preparation (osx.runtime.prompt), tokenizer, T5. The unconditional
+           half is the learned null caption, or the T5 embedding of `negative_prompt`; both halves use
+           the prompt's token mask, as Open-Sora repeats the one mask (see osx.export.pipeline).
+  denoise  `denoise`: NumPy rectified flow (osx.runtime.scheduler) over the denoiser, cond + uncond in
+           one batch-2 call when the bundle allows it, else two batch-1 calls.
+  decode   `decode`: the VAE decoder one 5-latent-frame chunk at a time, each chunk's front padding
+           dropped (17 pixel frames per chunk), then uint8 frames as Open-Sora saves them.
+
+Memory: with the bundle profile's `load_one_at_a_time`, each component is released after its stage
+(T5 before the denoising loop), so at most one is loaded at a time.
+
+Progress and cancelling: `progress(event)` is called with a dict {"phase": "text_encoder" | "denoise" |
+"vae_decode", "step": k, "total": n, "elapsed": seconds since generate started, "eta": seconds the
+phase still needs}. Returning False from it, or calling `pipeline.cancel()` from another thread, stops
+the run between two steps with `GenerationCancelled`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from osx.bundle import Bundle
+from osx.errors import BundleError, InputError
+from osx.models import ModelConfig, SchedulerConfig, latent_frames, latent_size
+from osx.runtime import scheduler as rf
+from osx.runtime.backends import Backend, create_backend
+from osx.runtime.prompt import prepare_prompt
+from osx.runtime.tokenizer import TextTokenizer
+from osx.runtime.video import to_uint8_frames
+
+IMAGE_FPS = 120  # Open-Sora conditions single images (num_frames == 1) on fps 120
+COMPONENTS = ("text_encoder", "denoiser", "vae_decoder")
+Progress = Callable[[dict], "bool | None"]
+
+
+class GenerationCancelled(Exception):
+    """The progress callback returned False or `Pipeline.cancel()` was called."""
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str
+    negative_prompt: str | None
+    num_frames: int
+    height: int
+    width: int
+    fps: float
+    steps: int
+    guidance_scale: float
+    seed: int
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(height, width) of the frames: the VAE works in 8-pixel blocks, so sizes round down."""
+        return self.height // 8 * 8, self.width // 8 * 8
+
+
+class Pipeline:
+    def __init__(self, bundle: Bundle, backends: dict[str, Backend], backend_names: dict[str, str]):
+        m = bundle.manifest
+        self.bundle = bundle
+        self.model: ModelConfig = bundle.model_config()
+        self.scheduler = SchedulerConfig(**m["scheduler"])
+        self.backends = backends
+        self.specs = {name: bundle.spec(name) for name in COMPONENTS}
+        profile = m.get("profile") or {}
+        self.load_one_at_a_time = bool(profile.get("load_one_at_a_time", False))
+        self.cfg_batching = bool(profile.get("cfg_batching", True)) and self.specs["denoiser"].dims["batch"].max >= 2
+        # TensorRT engines built for static shape buckets run those shapes only (ONNX graphs are dynamic)
+        static = profile.get("shapes", "dynamic") != "dynamic" and backend_names["denoiser"] == "tensorrt"
+        self.buckets = [(b["height"], b["width"], b["frames"]) for b in profile.get("buckets", [])] if static else []
+        tok = m["tokenizer"]
+        self.tokenizer = TextTokenizer(bundle.path(tok["file"]), tok["max_length"])
+        self.null_text = _load_null_text(bundle, self.specs["denoiser"])
+        self.timings: dict = {}
+        self._cancel = threading.Event()
+
+    @classmethod
+    def load(cls, bundle: str | os.PathLike | Bundle, backend: str | None = None, *, verify: bool = True) -> "Pipeline":
+        """Open a bundle (checking its files: sizes, and sha256 unless verify=False) and pick each
+        component's backend (`backend` for all, else the manifest's). Components load on first use."""
+        if not isinstance(bundle, Bundle):
+            bundle = Bundle.open(bundle, verify=False)
+            bundle.verify(checksums=verify)
+        missing = [c for c in COMPONENTS if c not in bundle.components]
+        if missing:
+            raise BundleError(f"{bundle.root}: bundle lacks {', '.join(missing)}", hint="re-export it with `osx export`")
+        names = {c: backend or bundle.components[c].get("backend", "onnxruntime") for c in COMPONENTS}
+        return cls(bundle, {c: create_backend(bundle, c, names[c]) for c in COMPONENTS}, names)
+
+    # --- request ---------------------------------------------------------------------------------
+    def supported(self) -> str:
+        """What this bundle can generate, in pixels and frames."""
+        if self.buckets:
+            return "the shapes its engines were built for: " + ", ".join(f"{w}x{h} (WxH) with {f} frames" for h, w, f in self.buckets)
+        den, vae = self.specs["denoiser"].dims, self.specs["vae_decoder"].dims
+        lh = _intersect(den["latent_height"], vae["latent_height"])
+        lw = _intersect(den["latent_width"], vae["latent_width"])
+        frames = [f for f in range(1, 17 * den["latent_frames"].max + 17) if self._frames_ok(f)]
+        runs = _runs(frames)
+        return (f"width {8 * lw[0]}..{8 * lw[1] + 7} px, height {8 * lh[0]}..{8 * lh[1] + 7} px (each used rounded down to "
+                f"a multiple of 8), frames {', '.join(runs)}")
+
+    def _frames_ok(self, f: int) -> bool:
+        r = self.specs["denoiser"].dims["latent_frames"]
+        return (f == 1 or f >= 17) and r.contains(latent_frames(f, self.model.vae))
+
+    def prepare_request(self, prompt: str, negative_prompt: str | None = None, *, num_frames: int | None = None,
+                        height: int | None = None, width: int | None = None, fps: float | None = None,
+                        steps: int | None = None, guidance_scale: float | None = None, seed: int | None = None) -> Request:
+        """Fill in defaults and check everything against the bundle. Raises InputError naming the
+        problem and what is supported; nothing has been computed yet."""
+        if not isinstance(prompt, str) or not (negative_prompt is None or isinstance(negative_prompt, str)):
+            raise InputError("the prompt (and negative prompt) must be text")
+        d, s = self.model.defaults, self.scheduler
+        if self.buckets and num_frames is None and height is None and width is None:
+            height, width, num_frames = self.buckets[0]
+        num_frames = d.num_frames if num_frames is None else int(num_frames)
+        height = d.height if height is None else int(height)
+        width = d.width if width is None else int(width)
+        fps = (IMAGE_FPS if num_frames == 1 else s.fps) if fps is None else float(fps)
+        steps = s.num_sampling_steps if steps is None else int(steps)
+        guidance_scale = s.guidance_scale if guidance_scale is None else float(guidance_scale)
+        seed = d.seed if seed is None else int(seed)
+        if steps < 1:
+            raise InputError(f"steps={steps}: need at least 1 sampling step")
+        if not np.isfinite(guidance_scale):
+            raise InputError(f"guidance scale {guidance_scale} is not a number")
+        if not 0 < fps <= 1000:
+            raise InputError(f"fps={fps}: must be in (0, 1000]")
+        if not 0 <= seed < 2**63:
+            raise InputError(f"seed={seed}: must be in 0..2**63-1")
+        request = Request(prompt, negative_prompt, num_frames, height, width, fps, steps, guidance_scale, seed)
+        problem = self._shape_problem(request)
+        if problem:
+            raise InputError(f"{problem}: outside what this bundle supports",
+                             hint=f"{self.model.name} bundle {self.bundle.root}: {self.supported()}")
+        return request
+
+    def _shape_problem(self, r: Request) -> str | None:
+        shape = f"{r.width}x{r.height} (WxH) with {r.num_frames} frames"
+        if self.buckets:
+            return None if (r.height, r.width, r.num_frames) in self.buckets else shape
+        if r.num_frames < 1 or r.height < 8 or r.width < 8:
+            return shape
+        if not self._frames_ok(r.num_frames):
+            return f"{r.num_frames} frames"
+        lh, lw = latent_size(r.height, r.width, self.model.vae)
+        for name in ("denoiser", "vae_decoder"):
+            dims = self.specs[name].dims
+            if not (dims["latent_height"].contains(lh) and dims["latent_width"].contains(lw)):
+                return f"{r.width}x{r.height} (WxH)"
+        return None
+
+    # --- stages ----------------------------------------------------------------------------------
+    def encode_text(self, request: Request, progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """-> y [2, L, C] (cond, uncond) and mask [2, L] (the prompt's mask twice)."""
+        t0 = time.perf_counter()
+        ids, mask = self.tokenizer.encode([prepare_prompt(request.prompt, self.scheduler.aesthetic_score)])
+        y_cond = self._run("text_encoder", input_ids=ids, attention_mask=mask)["text_embeds"]
+        if request.negative_prompt is None:
+            y_uncond = self.null_text[None]
+        else:
+            neg_ids, neg_mask = self.tokenizer.encode([prepare_prompt(request.negative_prompt, aesthetic_score=None)])
+            y_uncond = self._run("text_encoder", input_ids=neg_ids, attention_mask=neg_mask)["text_embeds"]
+        self._done_with("text_encoder")
+        self.timings["text_encoder_s"] = time.perf_counter() - t0
+        self._report(progress, "text_encoder", 1, 1, 0.0)
+        y = np.concatenate([y_cond, y_uncond]).astype(np.float32, copy=False)
+        return y, np.concatenate([mask, mask])
+
+    def initial_noise(self, request: Request) -> np.ndarray:
+        return rf.initial_noise(request.seed, self.latent_shape(request))
+
+    def latent_shape(self, request: Request) -> tuple[int, ...]:
+        vae = self.model.vae
+        return (1, vae.temporal.latent_embed_dim, latent_frames(request.num_frames, vae), *latent_size(request.height, request.width, vae))
+
+    def denoise(self, request: Request, y: np.ndarray, mask: np.ndarray, noise: np.ndarray | None = None,
+                progress: Progress | None = None) -> np.ndarray:
+        """Rectified-flow sampling from `noise` (default: seeded by the request) -> final latent."""
+        s = self.scheduler
+        z = self.initial_noise(request) if noise is None else np.array(noise, dtype=np.float32)
+        if z.shape != self.latent_shape(request):
+            raise InputError(f"noise has shape {z.shape}, expected {self.latent_shape(request)}", hint="or pass a seed")
+        ts = rf.timesteps(request.steps, request.height, request.width, request.num_frames, num_timesteps=s.num_timesteps,
+                          use_timestep_transform=s.use_timestep_transform, base_resolution=s.base_resolution)
+        dts = rf.dts(ts, s.num_timesteps)
+        # What the real (bf16) model sees; the exported graph rounds these too, so this is idempotent there
+        # and keeps a backend whose own bf16 cast rounds differently exact.
+        t_model = rf.round_bf16(ts)
+        sizes = {k: rf.round_bf16(np.full(2, v, np.float32)) for k, v in
+                 (("fps", request.fps), ("height", request.height), ("width", request.width))}
+        steps, t_start = [], time.perf_counter()
+        for i in range(request.steps):
+            t0 = time.perf_counter()
+            if self.cfg_batching:  # one call: rows (cond, uncond)
+                calls = [{"x": np.concatenate([z, z]), "timestep": np.full(2, t_model[i], np.float32), "y": y, "mask": mask, **sizes}]
+            else:  # two calls of batch 1
+                calls = [{"x": z, "timestep": t_model[i:i + 1], "y": y[k:k + 1], "mask": mask[k:k + 1],
+                          **{n: a[:1] for n, a in sizes.items()}} for k in (0, 1)]
+            v, model_s = [], 0.0
+            for inputs in calls:
+                t1 = time.perf_counter()
+                v.append(self._run("denoiser", **inputs)["v"])
+                model_s += time.perf_counter() - t1
+            v_cond, v_uncond = np.split(np.concatenate(v).astype(np.float32, copy=False), 2)
+            z = rf.step(z, rf.guidance(v_cond, v_uncond, request.guidance_scale), dts[i])
+            steps.append({"total_s": time.perf_counter() - t0, "denoiser_s": model_s})
+            done = time.perf_counter() - t_start
+            self._report(progress, "denoise", i + 1, request.steps, done / (i + 1) * (request.steps - i - 1))
+        self._done_with("denoiser")
+        self.timings.update(denoise_s=time.perf_counter() - t_start, steps=steps)
+        return z
+
+    def decode(self, latent: np.ndarray, num_frames: int, progress: Progress | None = None) -> np.ndarray:
+        """Latent [1, 4, T_lat, h, w] -> video [3, num_frames, 8h, 8w] float32 in about [-1, 1]."""
+        vae = self.model.vae
+        per_chunk = vae.micro_z_frame_size
+        chunks, t_start = [], time.perf_counter()
+        total = -(-latent.shape[2] // per_chunk)
+        for k in range(total):
+            video = self._run("vae_decoder", z=latent[:, :, k * per_chunk:(k + 1) * per_chunk])["video"]
+            frames = min(vae.micro_frame_size, num_frames - k * vae.micro_frame_size)
+            front_padding = -frames % vae.temporal_downsample  # zero frames the causal VAE put in front
+            chunks.append(video[0, :, front_padding:].astype(np.float32, copy=False))
+            done = time.perf_counter() - t_start
+            self._report(progress, "vae_decode", k + 1, total, done / (k + 1) * (total - k - 1))
+        self._done_with("vae_decoder")
+        self.timings["vae_decode_s"] = time.perf_counter() - t_start
+        return np.concatenate(chunks, axis=1)
+
+    def generate(self, prompt: str, negative_prompt: str | None = None, *, num_frames: int | None = None,
+                 height: int | None = None, width: int | None = None, fps: float | None = None, steps: int | None = None,
+                 guidance_scale: float | None = None, seed: int | None = None, noise: np.ndarray | None = None,
+                 progress: Progress | None = None) -> np.ndarray:
+        """One video: uint8 frames [num_frames, H, W, 3] (H, W rounded down to multiples of 8).
+        Unset arguments take the bundle's defaults; `noise` [1, 4, T_lat, H/8, W/8] replaces the seeded
+        noise. Per-stage and per-step seconds are left in `self.timings`."""
+        request = self.prepare_request(prompt, negative_prompt, num_frames=num_frames, height=height, width=width,
+                                       fps=fps, steps=steps, guidance_scale=guidance_scale, seed=seed)
+        return self.run(request, noise, progress)
+
+    def run(self, request: Request, noise: np.ndarray | None = None, progress: Progress | None = None) -> np.ndarray:
+        """`generate` for a request from `prepare_request`."""
+        if noise is not None and tuple(np.shape(noise)) != self.latent_shape(request):
+            raise InputError(f"noise has shape {np.shape(noise)}, expected {self.latent_shape(request)}", hint="or pass a seed")
+        self._cancel.clear()
+        self.timings = {}
+        self._t0 = time.perf_counter()
+        y, mask = self.encode_text(request, progress)
+        latent = self.denoise(request, y, mask, noise, progress)
+        frames = to_uint8_frames(self.decode(latent, request.num_frames, progress))
+        self.timings["total_s"] = time.perf_counter() - self._t0
+        return frames
+
+    def cancel(self) -> None:
+        """Stop the running generation at the next step (thread-safe)."""
+        self._cancel.set()
+
+    def release(self) -> None:
+        for backend in self.backends.values():
+            backend.release()
+
+    # --- helpers ---------------------------------------------------------------------------------
+    def _run(self, component: str, **inputs) -> dict[str, np.ndarray]:
+        backend = self.backends[component]
+        if not backend.loaded:
+            t0 = time.perf_counter()
+            backend.load()
+            self.timings.setdefault("load_s", {})[component] = time.perf_counter() - t0
+        return backend.run(inputs)
+
+    def _done_with(self, component: str) -> None:
+        if self.load_one_at_a_time:
+            self.backends[component].release()
+
+    def _report(self, progress: Progress | None, phase: str, step: int, total: int, eta: float) -> None:
+        elapsed = time.perf_counter() - getattr(self, "_t0", time.perf_counter())
+        if progress is not None and progress({"phase": phase, "step": step, "total": total, "elapsed": elapsed, "eta": eta}) is False:
+            self._cancel.set()
+        if self._cancel.is_set():
+            raise GenerationCancelled(f"cancelled during {phase} after step {step} of {total}")
+
+
+def _load_null_text(bundle: Bundle, denoiser) -> np.ndarray:
+    meta = bundle.components["denoiser"]
+    if not meta.get("null_text_file"):
+        raise BundleError(f"{bundle.root}: the denoiser has no null_text_file", hint="re-export the bundle with `osx export`")
+    try:
+        null = np.load(bundle.path(meta["null_text_file"]), allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{bundle.root}: cannot read {meta['null_text_file']}: {e}", hint="re-export the bundle") from None
+    y = next(t for t in denoiser.inputs if t.name == "y")
+    if null.ndim != 2 or tuple(null.shape) != tuple(y.shape[1:]):
+        raise BundleError(f"{bundle.root}: null caption has shape {null.shape}, the denoiser takes {tuple(y.shape[1:])}")
+    return null.astype(np.float32)
+
+
+def _intersect(a, b) -> tuple[int, int]:
+    return max(a.min, b.min), min(a.max, b.max)
+
+
+def _runs(values: list[int]) -> list[str]:
+    """[1, 17, 18, 19] -> ["1", "17..19"]."""
+    out, start = [], None
+    for i, v in enumerate(values):
+        start = v if start is None else start
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            out.append(str(v) if v == start else f"{start}..{v}")
+            start = None
+    return out
