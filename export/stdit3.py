@@ -43,7 +43,7 @@ def round_to_bf16(x: torch.Tensor) -> torch.Tensor:
     ties-to-even. Infinity and NaN pass through.
     """
     x = x.float()
-    finite = torch.isfinite(x)
+    finite = x.abs() < math.inf  # not torch.isfinite: the TorchScript exporter routes it through float64
     a = torch.where(finite, x.abs(), torch.ones_like(x))
     pow2 = _POW2.to(x.device)
     exp = torch.floor(torch.log2(a)).clamp(-126, 127)  # log2(0) = -inf -> smallest normal exponent
@@ -72,6 +72,7 @@ def pos_embed_2d(rows: int, cols: int, height: torch.Tensor, width: torch.Tensor
     device = height.device
     row = torch.arange(rows, dtype=torch.float32, device=device)
     col = torch.arange(cols, dtype=torch.float32, device=device)
+    # the grid size as tensors (not Python ints) so an exported graph keeps it symbolic
     n_rows, n_cols = row.numel() * torch.ones((), device=device), col.numel() * torch.ones((), device=device)
     base = torch.round(torch.sqrt(n_rows * n_cols))
     scale = (torch.sqrt(height.float() * width.float()) / input_sq_size)[:, None]  # [B, 1]
