@@ -1,0 +1,59 @@
+"""`osx calibrate`: capture real activations for INT8/FP8 quantization (`osx export --calibration DIR`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("calibrate")
+@click.option("--model", "model_name", required=True, help="Model config name, e.g. opensora-v1.2 or opensora-v1.2-tiny.")
+@click.option("--random-weights", is_flag=True, help="Seeded random weights instead of a checkpoint (tests, dry runs).")
+@click.option("--weights-seed", type=int, default=None, help="Seed of --random-weights (default: the model config's).")
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Calibration prompts, one per line ('#' comments). Default: the shipped set of 75.")
+@click.option("--heldout-prompts", "heldout_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Held-out prompts for the quality gate; must not overlap --prompts. Default: the shipped set of 18.")
+@click.option("--samples", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Calibration prompts to run (spread over the file); bounds the work.")
+@click.option("--heldout", type=click.IntRange(min=1), default=4, show_default=True, help="Held-out prompts to run.")
+@click.option("--steps-per-sample", type=click.IntRange(min=1), default=6, show_default=True,
+              help="Denoiser steps recorded per calibration prompt, stratified over the schedule.")
+@click.option("--height", type=int, default=None, help="Pixels (default: the model's). Below the target is allowed and recorded.")
+@click.option("--width", type=int, default=None, help="Pixels (default: the model's).")
+@click.option("--frames", "num_frames", type=int, default=None, help="Frames (default: the model's).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed of the first prompt (then +1 per prompt).")
+@click.option("--shard-mb", type=click.FloatRange(min=0.01), default=256.0, show_default=True, help="Size cap of one .npz shard.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write the calibration set to.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def calibrate(model_name, random_weights, weights_seed, prompts_file, heldout_file, samples, heldout, steps_per_sample,
+              height, width, num_frames, seed, shard_mb, out, force):
+    """Run the PyTorch reference pipeline over calibration and held-out prompts and record the text
+    encoder's and the denoiser's real inputs (cond and uncond, at steps across the whole schedule)."""
+    from osx.calibration import capture as cap
+    from osx.calibration.prompts import CALIBRATION, HELDOUT, load_prompts
+    from osx.errors import OsxError
+    from osx.export.reference import build_reference
+    from osx.models import get_model_config
+
+    cfg = get_model_config(model_name)
+    if not random_weights:
+        raise OsxError("no weights given", hint="pass --random-weights (seeded random weights)")
+    weights_seed = cfg.random_init_seed if weights_seed is None else weights_seed
+    recipe = cap.make_recipe(
+        cfg, f"random:seed={weights_seed}",
+        prompts=load_prompts(prompts_file or CALIBRATION), heldout_prompts=load_prompts(heldout_file or HELDOUT),
+        samples=samples, heldout=heldout, steps_per_sample=steps_per_sample,
+        height=cfg.defaults.height if height is None else height,
+        width=cfg.defaults.width if width is None else width,
+        num_frames=cfg.defaults.num_frames if num_frames is None else num_frames,
+        seed=seed, shard_mb=shard_mb,
+    )
+    model = build_reference(cfg, seed=weights_seed)
+    cs = cap.capture(model, out, recipe, force=force, say=lambda m: click.echo(m, err=True))
+    n = {s: {c: sum(r["samples"] for r in recs) for c, recs in comps.items()} for s, comps in cs.manifest["shards"].items()}
+    click.echo(f"wrote {out}: calibration hash {cs.hash[:16]}, "
+               f"{n['calibration']['denoiser']} denoiser + {n['calibration']['text_encoder']} text encoder samples, "
+               f"{n['heldout']['denoiser']} held-out denoiser samples "
+               f"({recipe['height']}x{recipe['width']}, {recipe['num_frames']} frames)")
