@@ -70,7 +70,7 @@ class Request:
 
 
 class Pipeline:
-    def __init__(self, bundle: Bundle, backends: dict[str, Backend], backend_names: dict[str, str]):
+    def __init__(self, bundle: Bundle, backends: dict[str, Backend], backend_names: dict[str, str] | None = None):
         m = bundle.manifest
         self.bundle = bundle
         self.model: ModelConfig = bundle.model_config()
@@ -81,7 +81,7 @@ class Pipeline:
         self.load_one_at_a_time = bool(profile.get("load_one_at_a_time", False))
         self.cfg_batching = bool(profile.get("cfg_batching", True)) and self.specs["denoiser"].dims["batch"].max >= 2
         # TensorRT engines built for static shape buckets run those shapes only (ONNX graphs are dynamic)
-        static = profile.get("shapes", "dynamic") != "dynamic" and backend_names["denoiser"] == "tensorrt"
+        static = profile.get("shapes", "dynamic") != "dynamic" and (backend_names or {}).get("denoiser") == "tensorrt"
         self.buckets = [(b["height"], b["width"], b["frames"]) for b in profile.get("buckets", [])] if static else []
         tok = m["tokenizer"]
         self.tokenizer = TextTokenizer(bundle.path(tok["file"]), tok["max_length"])
@@ -169,14 +169,15 @@ class Pipeline:
     # --- stages ----------------------------------------------------------------------------------
     def encode_text(self, request: Request, progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
         """-> y [2, L, C] (cond, uncond) and mask [2, L] (the prompt's mask twice)."""
+        encoder = self._loaded("text_encoder")
         t0 = time.perf_counter()
         ids, mask = self.tokenizer.encode([prepare_prompt(request.prompt, self.scheduler.aesthetic_score)])
-        y_cond = self._run("text_encoder", input_ids=ids, attention_mask=mask)["text_embeds"]
+        y_cond = encoder.run({"input_ids": ids, "attention_mask": mask})["text_embeds"]
         if request.negative_prompt is None:
             y_uncond = self.null_text[None]
         else:
             neg_ids, neg_mask = self.tokenizer.encode([prepare_prompt(request.negative_prompt, aesthetic_score=None)])
-            y_uncond = self._run("text_encoder", input_ids=neg_ids, attention_mask=neg_mask)["text_embeds"]
+            y_uncond = encoder.run({"input_ids": neg_ids, "attention_mask": neg_mask})["text_embeds"]
         self._done_with("text_encoder")
         self.timings["text_encoder_s"] = time.perf_counter() - t0
         self._report(progress, "text_encoder", 1, 1, 0.0)
@@ -205,6 +206,7 @@ class Pipeline:
         t_model = rf.round_bf16(ts)
         sizes = {k: rf.round_bf16(np.full(2, v, np.float32)) for k, v in
                  (("fps", request.fps), ("height", request.height), ("width", request.width))}
+        denoiser = self._loaded("denoiser")
         steps, t_start = [], time.perf_counter()
         for i in range(request.steps):
             t0 = time.perf_counter()
@@ -216,7 +218,7 @@ class Pipeline:
             v, model_s = [], 0.0
             for inputs in calls:
                 t1 = time.perf_counter()
-                v.append(self._run("denoiser", **inputs)["v"])
+                v.append(denoiser.run(inputs)["v"])
                 model_s += time.perf_counter() - t1
             v_cond, v_uncond = np.split(np.concatenate(v).astype(np.float32, copy=False), 2)
             z = rf.step(z, rf.guidance(v_cond, v_uncond, request.guidance_scale), dts[i])
@@ -231,10 +233,11 @@ class Pipeline:
         """Latent [1, 4, T_lat, h, w] -> video [3, num_frames, 8h, 8w] float32 in about [-1, 1]."""
         vae = self.model.vae
         per_chunk = vae.micro_z_frame_size
+        decoder = self._loaded("vae_decoder")
         chunks, t_start = [], time.perf_counter()
         total = -(-latent.shape[2] // per_chunk)
         for k in range(total):
-            video = self._run("vae_decoder", z=latent[:, :, k * per_chunk:(k + 1) * per_chunk])["video"]
+            video = decoder.run({"z": latent[:, :, k * per_chunk:(k + 1) * per_chunk]})["video"]
             frames = min(vae.micro_frame_size, num_frames - k * vae.micro_frame_size)
             front_padding = -frames % vae.temporal_downsample  # zero frames the causal VAE put in front
             chunks.append(video[0, :, front_padding:].astype(np.float32, copy=False))
@@ -277,13 +280,14 @@ class Pipeline:
             backend.release()
 
     # --- helpers ---------------------------------------------------------------------------------
-    def _run(self, component: str, **inputs) -> dict[str, np.ndarray]:
+    def _loaded(self, component: str) -> Backend:
+        """The component's backend, loaded (load time goes to timings["load_s"], not to the stage)."""
         backend = self.backends[component]
         if not backend.loaded:
             t0 = time.perf_counter()
             backend.load()
             self.timings.setdefault("load_s", {})[component] = time.perf_counter() - t0
-        return backend.run(inputs)
+        return backend
 
     def _done_with(self, component: str) -> None:
         if self.load_one_at_a_time:
