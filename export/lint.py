@@ -222,7 +222,8 @@ def _check_qdq(n: onnx.NodeProto, g: _Graph, issue) -> None:
             if q_scale is not None and scale_value is not None and (
                     q_scale.shape != scale_value.shape or not np.allclose(q_scale, scale_value)):
                 issue(f"scale differs from its QuantizeLinear {src.name!r}: the pair requantizes instead of fusing", "warning")
-        if per_channel and data not in g.constants:
+        weight = data in g.constants or (src is not None and src.op_type == "QuantizeLinear" and src.input[0] in g.constants)
+        if per_channel and not weight:
             issue("per-channel scales on an activation: TensorRT dequantizes activations per tensor")
 
 
