@@ -122,10 +122,11 @@ def _progress_monitor(label: str):
     class Bars(trt.IProgressMonitor):
         def __init__(self):
             trt.IProgressMonitor.__init__(self)
-            self.bars = {}
+            self.bars, self.depth = {}, {}
 
         def phase_start(self, phase_name, parent_phase, num_steps):
-            depth = 0 if parent_phase is None else 1 + sum(1 for p in self.bars if p == parent_phase)
+            depth = 0 if parent_phase is None else self.depth.get(parent_phase, 0) + 1
+            self.depth[phase_name] = depth
             self.bars[phase_name] = tqdm(total=num_steps, desc=f"{label}: {phase_name}", position=depth, leave=depth == 0,
                                          unit="step", dynamic_ncols=True)
 
@@ -170,11 +171,14 @@ def _trt_config(settings: dict, spec: ComponentSpec, profiles: list[dict[str, Di
 
 
 def build_engines(bundle_dir: str | os.PathLike, components: dict[str, dict], plan: Plan, *, portable: bool = False,
-                  timing_cache: str | os.PathLike | None = None, progress: bool = True) -> dict[str, dict]:
+                  timing_cache: str | os.PathLike | None = None, bundle_path: str | os.PathLike | None = None,
+                  progress: bool = True) -> dict[str, dict]:
     """Build the TensorRT engine of every component the plan runs on TensorRT.
 
     `components`: {name: manifest component entry} ("file", "precision", "io", optional "onnx_files",
     "calibration_hash"), files relative to `bundle_dir`. Engines are written to `bundle_dir/engines/`.
+    `bundle_path`: where the bundle will live when `bundle_dir` is BundleWriter's temporary folder; the
+    timing cache (unless `timing_cache` names one) is kept beside it, so the next build reuses it.
     Returns {name: engine manifest entry} to append to that component's "engines" list.
     """
     from polygraphy.backend.trt import EngineBytesFromNetwork, NetworkFromOnnxPath
@@ -186,7 +190,7 @@ def build_engines(bundle_dir: str | os.PathLike, components: dict[str, dict], pl
     machine = this_machine()
     check_build_machine(plan, machine, portable)
     trt_version = machine.runtimes["tensorrt"]
-    cache = Path(timing_cache) if timing_cache else timing_cache_path(bundle_dir, trt_version, machine.cc_text)
+    cache = Path(timing_cache) if timing_cache else timing_cache_path(bundle_path or bundle_dir, trt_version, machine.cc_text)
     G_LOGGER.module_severity = G_LOGGER.WARNING
     out = {}
     for name, entry in components.items():

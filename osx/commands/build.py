@@ -82,16 +82,12 @@ def build(bundle_dir: Path, gpu: str, precision: str, portable: bool, timing_cac
                 click.echo(f"  {i}")
         return
 
-    from osx.export.engines import build_engines, timing_cache_path
-    from osx.profiles.compat import installed_runtimes, this_machine
+    from osx.export.engines import build_engines
 
-    if timing_cache is None:
-        machine = this_machine()
-        timing_cache = timing_cache_path(bundle_dir, installed_runtimes().get("tensorrt", "none"), machine.cc_text)
     with BundleWriter(bundle_dir, force=True) as w:
         for rel in bundle.manifest["files"]:
             _link_or_copy(bundle.path(rel), w.dir / rel)
-        built = build_engines(w.dir, components, plan, portable=portable, timing_cache=timing_cache)
+        built = build_engines(w.dir, components, plan, portable=portable, timing_cache=timing_cache, bundle_path=bundle_dir)
         manifest = merge_engines(bundle.manifest, built)
         manifest["profile"] = plan.to_dict()
         manifest.pop("files")
