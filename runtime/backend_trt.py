@@ -169,8 +169,9 @@ class TrtBackend:
         sizes = self.spec.sizes_of(inputs)
         index = pick_profile(self.profiles, sizes)
         if index is None:
-            buckets = ", ".join(self.entry["key"]["buckets"]) or "see the manifest"
-            raise InputError(f"{self.component}: sizes {sizes} are not among the shapes this engine was built for ({buckets})",
+            built = ", ".join(self.entry["key"]["buckets"]) or " | ".join(
+                " ".join(f"{d} {r.min}..{r.max}" for d, r in p.items()) for p in self.profiles)
+            raise InputError(f"{self.component}: sizes {sizes} are not among the shapes this engine was built for ({built})",
                              hint="request one of those sizes, or rebuild with a profile that covers it (osx build --gpu PROFILE.toml)")
         cudart, ctx = self.cudart, self.context
         if index != self.active_profile:
