@@ -52,3 +52,16 @@ def fake_bundle(tmp_path):
                   "tokenizer": {"file": "tokenizer.json", "max_length": cfg.text_encoder.max_length},
                   "scheduler": {"num_sampling_steps": 4}, "profile": {"name": "rtx4090"}, "build": {"osx": "test"}})
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """The tiny default exported once per session exactly as the README demo does it (`osx export
+    --model opensora-v1.2-tiny --random-weights --gpu cpu`): a real, runnable bundle. Read-only: tests
+    that damage a bundle copy it first. Its weights are `build_reference(tiny config)`'s."""
+    pytest.importorskip("torch", reason="exporting needs the `export` extra")
+    from osx.export.exporter import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    export_bundle("opensora-v1.2-tiny", out, gpu="cpu", random_weights=True, progress=lambda msg: None)
+    return out
