@@ -82,8 +82,10 @@ def build(bundle_dir: Path, gpu: str, precision: str, portable: bool, timing_cac
                 click.echo(f"  {i}")
         return
 
-    from osx.export.engines import build_engines
+    from osx.export.engines import build_engines, check_build_machine
+    from osx.profiles.compat import this_machine
 
+    check_build_machine(plan, this_machine(), portable)  # before linking or copying anything
     with BundleWriter(bundle_dir, force=True) as w:
         for rel in bundle.manifest["files"]:
             _link_or_copy(bundle.path(rel), w.dir / rel)
