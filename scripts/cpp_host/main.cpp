@@ -11,7 +11,8 @@
 //
 // Which Python: the interpreter is told its program name is the venv's `python` (default: the one CMake
 // found, baked in at build time; override with --python or $OSX_PYTHON). CPython then reads the venv's
-// pyvenv.cfg and puts that venv's site-packages, with osx installed in it, on sys.path.
+// pyvenv.cfg and puts that venv's site-packages, with osx installed in it, on sys.path. The venv must
+// be made from the Python whose libpython the host links (same version).
 
 #include <Python.h>
 
@@ -109,7 +110,7 @@ int main(int argc, char** argv) {
     const char* out_path = argv[2];
     std::string prompt = "a red fox running through snow";
     std::string options = "{}";       // generation options, e.g. {"seed": 1, "num_frames": 17}
-    std::string open_options = "{}";  // bundle options, e.g. {"device": "cpu"}
+    std::string open_options = "{}";  // bundle options, e.g. {"backend": "onnxruntime", "verify": false}
     std::string python = std::getenv("OSX_PYTHON") ? std::getenv("OSX_PYTHON") : OSX_DEFAULT_PYTHON;
     for (int i = 3; i < argc; i += 2) {
         if (i + 1 >= argc) { std::fprintf(stderr, "error: %s needs a value\n", argv[i]); return 2; }
