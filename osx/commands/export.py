@@ -1,0 +1,55 @@
+"""`osx export`: a checkpoint (or seeded random weights) -> a validated bundle (osx.export.exporter)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import click
+
+
+def _terminated(signum, frame):
+    # SIGTERM (kill, a CI timeout) unwinds like Ctrl-C, so the bundle's temporary folder is removed.
+    raise KeyboardInterrupt
+
+
+@click.command("export")
+@click.option("--model", "model_name", required=True, help="Model config name: opensora-v1.2 or opensora-v1.2-tiny.")
+@click.option("--random-weights", is_flag=True, help="Seeded random weights instead of a checkpoint (tests, dry runs).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Folder holding the denoiser (STDiT3), VAE and T5 weights, as files or subfolders; "
+              "each is recognised by its tensor names (or its file name).")
+@click.option("--denoiser", type=click.Path(path_type=Path), default=None, help="Denoiser weights (overrides --checkpoint).")
+@click.option("--vae", type=click.Path(path_type=Path), default=None, help="VAE weights (overrides --checkpoint).")
+@click.option("--t5", type=click.Path(path_type=Path), default=None,
+              help="T5 folder with weights and spiece.model (overrides --checkpoint).")
+@click.option("--gpu", default="cpu", show_default=True,
+              help="GPU profile the bundle is planned for: a shipped name (rtx4090, ...), a .toml path, auto, or cpu.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Float type of the ONNX graphs (the T5 encoder stays fp32: it overflows in fp16).")
+@click.option("--precision", default="auto", show_default=True,
+              help="Denoiser precision for the plan (auto = the profile's; fp32, bf16, fp16, int8, fp8).")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None,
+              help="Calibration set from `osx calibrate`, for --precision int8/fp8.")
+@click.option("--opset", type=click.IntRange(18, 20), default=18, show_default=True, help="ONNX opset (18-20).")
+@click.option("--with-vae-encoder", is_flag=True, help="Also export the VAE encoder (image-to-video; unused by text-to-video).")
+def export(model_name, random_weights, checkpoint, denoiser, vae, t5, gpu, out, force, dtype, precision, calibration,
+           opset, with_vae_encoder):
+    """Export a model to a bundle: every component to ONNX, validated against PyTorch with onnxruntime
+    at two shapes; the manifest, tokenizer and null caption beside them. Written atomically."""
+    from osx.models import get_model_config
+
+    get_model_config(model_name)  # an unknown name fails before torch is imported
+    from osx.export.exporter import export_bundle
+
+    signal.signal(signal.SIGTERM, _terminated)
+    manifest = export_bundle(
+        model_name, out, gpu=gpu, checkpoint=checkpoint, t5=t5, vae=vae, denoiser=denoiser,
+        random_weights=random_weights, dtype=dtype, precision=precision, calibration=calibration, force=force,
+        opset=opset, with_vae_encoder=with_vae_encoder, progress=lambda m: click.echo(m, err=True),
+    )
+    worst = max(r["max_rel"] for c in manifest["components"].values() for r in c["validation"]["rows"])
+    click.echo(f"{out}: {', '.join(manifest['components'])} validated (worst relative error {worst:.1e}); "
+               f"run `osx bundle verify {out}`")

@@ -1,0 +1,189 @@
+"""The exported tiny bundle (session fixture `tiny_bundle` = `osx export --model opensora-v1.2-tiny
+--random-weights --gpu cpu`): manifest, ONNX validity, parity with PyTorch at shapes the exporter did
+not validate, the bundle's integrity checks, and that failed or interrupted exports leave nothing."""
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from osx.bundle import Bundle
+from osx.components import PIPELINE_COMPONENTS, component_specs
+from osx.errors import BundleError, ValidationError
+from osx.export import exporter
+from osx.export.reference import build_reference
+from osx.export.tokenizer import build_tiny_tokenizer
+from osx.models import ModelConfig, get_model_config
+
+TINY = get_model_config("opensora-v1.2-tiny")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The tiny model's torch reference: the same seeded weights the bundle was exported from."""
+    return build_reference(TINY)
+
+
+def test_manifest_describes_every_component(tiny_bundle):
+    b = Bundle.open(tiny_bundle)  # schema + checksums
+    m = b.manifest
+    assert list(b.components) == list(PIPELINE_COMPONENTS)
+    assert ModelConfig.from_dict(m["model"]["config"]) == TINY and m["model"]["family"] == "opensora-v1.2"
+    assert m["scheduler"] == dataclasses.asdict(TINY.scheduler)
+    assert m["tokenizer"] == {"file": "tokenizer.json", "max_length": TINY.text_encoder.max_length}
+    assert m["profile"]["name"] == "cpu" and m["profile"]["backend"] == "onnxruntime"
+    assert {"osx", "torch", "onnx", "onnxruntime"} <= set(m["build"])
+    specs = component_specs(TINY)
+    for name, c in b.components.items():
+        assert c["file"] == f"{name}.onnx" and c["file"] in m["files"] and "data_file" not in c
+        assert (c["precision"], c["backend"]) == ("fp32", "onnxruntime")
+        assert c["io"] == specs[name].to_dict()  # the CPU plan: the model's full ranges at fp32
+        graph = onnx.load(b.path(c["file"]), load_external_data=False).graph
+        assert c["op_counts"] == dict(Counter(n.op_type for n in graph.node))
+        assert "dynamo=True" in c["exporter"] and c["cleanup"].startswith("onnxslim")
+        rows = c["validation"]["rows"]
+        shapes = [r["shape"] for r in rows]
+        assert len(shapes) == 2 and shapes[0] != shapes[1]
+        assert all(r["ok"] and r["max_rel"] <= 1e-4 == c["validation"]["tolerance"] for r in rows)
+    assert b.components["denoiser"]["null_text_file"] == "null_text.npy"
+
+
+def test_every_onnx_passes_the_full_checker(tiny_bundle):
+    files = sorted(tiny_bundle.glob("*.onnx"))
+    assert [f.stem for f in files] == sorted(PIPELINE_COMPONENTS)
+    for f in files:
+        onnx.checker.check_model(str(f), full_check=True)
+
+
+def _ort(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_parity_with_torch_at_other_shapes(tiny_bundle, reference):
+    """Each graph against its torch module called directly, at shapes unlike the validation ones
+    (odd latent sizes, batch 2). Tolerance 1e-4 of the output's scale, the fp32 export tolerance."""
+    specs = component_specs(TINY)
+    rng = np.random.default_rng(7)
+
+    def close(got, want):
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+    ids = rng.integers(2, TINY.text_encoder.vocab_size, (2, 32))
+    mask = (np.arange(32) < np.array([[9], [32]])).astype(np.int64)
+    ids = ids * mask
+    got = _ort(tiny_bundle / "text_encoder.onnx").run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    with torch.no_grad():
+        want = reference.text_encoder(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    close(got, want)
+
+    inputs = specs["denoiser"].sample_inputs({"batch": 2, "latent_frames": 3, "latent_height": 5, "latent_width": 9}, seed=11)
+    got = _ort(tiny_bundle / "denoiser.onnx").run(None, inputs)[0]
+    with torch.no_grad():
+        want = reference.denoiser(*(torch.from_numpy(inputs[t.name]) for t in specs["denoiser"].inputs))[:, :4].numpy()
+    close(got, want)
+
+    z = rng.standard_normal((1, 4, 5, 3, 4)).astype(np.float32)
+    got = _ort(tiny_bundle / "vae_decoder.onnx").run(None, {"z": z})[0]
+    with torch.no_grad():
+        want = reference.vae.decode_chunk(torch.from_numpy(z)).numpy()
+    close(got, want)
+
+
+def test_null_text_and_tokenizer(tiny_bundle, reference):
+    null = np.load(tiny_bundle / "null_text.npy")
+    np.testing.assert_array_equal(null, reference.denoiser.y_embedder.y_embedding.numpy())
+    tok = Tokenizer.from_file(str(tiny_bundle / "tokenizer.json"))
+    text = "a red fox runs through the snow"
+    assert tok.encode(text).ids == build_tiny_tokenizer(TINY.text_encoder).encode(text).ids
+
+
+def _flip_byte(path: Path, offset: int = 100) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: _flip_byte(b / "denoiser.onnx"), "checksum mismatch for denoiser.onnx"),
+    (lambda b: (b / "vae_decoder.onnx").unlink(), "missing file vae_decoder.onnx"),
+    (lambda b: _edit(b, lambda m: m["files"]["text_encoder.onnx"].update(sha256="0" * 64)),
+     "checksum mismatch for text_encoder.onnx"),
+    (lambda b: _edit(b, lambda m: m["files"].pop("null_text.npy")), "files not in the manifest: \\['null_text.npy'\\]"),
+    (lambda b: _edit(b, lambda m: m.pop("components")), "manifest lacks \\['components'\\]"),
+])
+def test_verify_catches_damage(tiny_bundle, tmp_path, damage, message):
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    Bundle.open(copy).verify()
+    damage(copy)
+    with pytest.raises(BundleError, match=message):
+        Bundle.open(copy).verify()
+
+
+def _edit(bundle: Path, change) -> None:
+    m = json.loads((bundle / "manifest.json").read_text())
+    change(m)
+    (bundle / "manifest.json").write_text(json.dumps(m))
+
+
+def _leftovers(parent: Path, name: str) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name == name or p.name.startswith(f".{name}."))
+
+
+def test_validation_failure_leaves_no_bundle(tmp_path, monkeypatch):
+    """A weight changed after tracing (so the graph and torch disagree): the export fails naming the
+    component and output, and neither the bundle nor its temporary folder remains."""
+    real = exporter.torch_reference
+
+    def perturbed(module, spec, shapes, dtype):
+        with torch.no_grad():
+            module.encoder.final_layer_norm.weight.mul_(1.5)
+        return real(module, spec, shapes, dtype)
+
+    monkeypatch.setattr(exporter, "torch_reference", perturbed)
+    with pytest.raises(ValidationError, match="text_encoder: ONNX output 'text_embeds' differs from PyTorch"):
+        exporter.export_bundle("opensora-v1.2-tiny", tmp_path / "b", random_weights=True, progress=lambda m: None)
+    assert _leftovers(tmp_path, "b") == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_export_leaves_nothing(tmp_path, sig):
+    """`osx export` killed while the first graph is being written: no bundle, no partial folder."""
+    out = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "osx", "export", "--model", "opensora-v1.2-tiny", "--random-weights",
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(".b.tmp-*/*")):  # the bundle's temp folder has started to fill
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "export did not start writing"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert _leftovers(tmp_path, "b") == []
+
+
+@pytest.mark.slow
+def test_fp16_bundle(tmp_path):
+    m = exporter.export_bundle("opensora-v1.2-tiny", tmp_path / "b", random_weights=True, dtype="fp16",
+                               progress=lambda m: None)
+    te, dn = m["components"]["text_encoder"], m["components"]["denoiser"]
+    assert te["precision"] == "fp32" and "overflows in float16" in te["notes"][0]
+    assert dn["precision"] == "fp16" and dn["io"]["float_dtype"] == "float16"
+    graph = onnx.load(tmp_path / "b" / "denoiser.onnx", load_external_data=False).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert all(r["ok"] and r["max_rel"] <= 1e-2 for r in dn["validation"]["rows"])
