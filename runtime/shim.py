@@ -60,8 +60,11 @@ ERR_FAILED = -7            # another error the user can act on (e.g. the output 
 ERR_INTERNAL = -8          # a bug in osx; last_error() has the traceback
 
 STATUS_NAMES = {v: k for k, v in globals().items() if k == "OK" or k.startswith("ERR_")}
-_OPEN_OPTIONS = ("backend", "verify")
-_GENERATE_OPTIONS = ("negative_prompt", "num_frames", "height", "width", "fps", "steps", "guidance_scale", "seed")
+_NUMBER = (int, float)
+_OPEN_OPTIONS = {"backend": (str, type(None)), "verify": bool}
+_GENERATE_OPTIONS = {"negative_prompt": (str, type(None)), "num_frames": int, "height": int, "width": int, "fps": _NUMBER,
+                     "steps": int, "guidance_scale": _NUMBER, "seed": int}
+_FILE_OPTIONS = {**_GENERATE_OPTIONS, "codec": str}
 
 
 class _ShimError(Exception):
@@ -123,7 +126,7 @@ def _shim_call(failure: Callable[[int], Any]):
     return wrap
 
 
-def _parse_options(options_json: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+def _parse_options(options_json: str, allowed: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
     if not isinstance(options_json, str):
         raise _ShimError(ERR_INVALID_ARGUMENT, f"options must be a JSON string, got {type(options_json).__name__}")
     try:
@@ -135,6 +138,12 @@ def _parse_options(options_json: str, allowed: tuple[str, ...]) -> dict[str, Any
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise _ShimError(ERR_INVALID_ARGUMENT, f"unknown options {unknown}; allowed: {list(allowed)}")
+    for key, value in options.items():
+        kinds = allowed[key] if isinstance(allowed[key], tuple) else (allowed[key],)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = "a number" if kinds == _NUMBER else " or ".join(
+                {int: "an integer", str: "a string", bool: "true or false", type(None): "null"}[k] for k in kinds)
+            raise _ShimError(ERR_INVALID_ARGUMENT, f"option {key!r} must be {names}, got {json.dumps(value)}")
     return options
 
 
@@ -237,7 +246,7 @@ def generate_to_file(handle: int, prompt: str, out_path: str, options_json: str 
     from osx.runtime.video import check_writable, write_video
 
     _check_text(prompt=prompt, out_path=out_path)
-    options = _parse_options(options_json, _GENERATE_OPTIONS + ("codec",))
+    options = _parse_options(options_json, _FILE_OPTIONS)
     codec = options.pop("codec", "auto")
     check_writable(out_path, codec)  # fail before the compute, not after
     with _Running(_session(handle)) as session:

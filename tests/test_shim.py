@@ -70,6 +70,17 @@ def test_bad_options(handle, options, message):
     assert shim.open_bundle("/anywhere", options) == shim.ERR_INVALID_ARGUMENT and message in shim.last_error()
 
 
+@pytest.mark.parametrize("options,message", [
+    ('{"steps": "many"}', "option 'steps' must be an integer, got \"many\""),
+    ('{"num_frames": true}', "option 'num_frames' must be an integer, got true"),
+    ('{"guidance_scale": [7]}', "option 'guidance_scale' must be a number, got [7]"),
+    ('{"negative_prompt": 3}', "option 'negative_prompt' must be a string or null, got 3"),
+])
+def test_option_types(handle, options, message):
+    assert shim.generate_to_buffer(handle, "a fox", options)[0] == shim.ERR_INVALID_ARGUMENT
+    assert message in shim.last_error()
+
+
 def test_bad_handles(tiny_bundle):
     for bad in (0, 9999, -3, True, "1", None):
         assert shim.generate_to_file(bad, "x", "/tmp/x.mp4", "{}") == (shim.ERR_BAD_HANDLE, 0)
