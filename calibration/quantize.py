@@ -206,20 +206,30 @@ def module_path(node: onnx.NodeProto) -> str:
 def layer_groups(path: Path, op_types: tuple[str, ...] = OP_TYPES) -> dict[str, list[str]]:
     """Quantizable node names grouped by layer, the unit the sensitivity search keeps in full precision.
 
-    A layer is a child of a numbered block ('spatial_blocks.3.attn', 'temporal_blocks.3.mlp') or a
-    top-level module ('x_embedder', 't_embedder', 'final_layer'); a prefix shared by every node (the
-    export wrapper's 'module') is dropped first. A node with no module groups under its own name.
+    A layer is the child of a numbered block ('spatial_blocks.3.attn', 'block.0.layer.1.DenseReluDense'
+    through nested numbered lists) or a top-level module ('x_embedder', 't_embedder', 'final_layer').
+    The module path prefix shared by every node (the export wrapper's 'module') is dropped first. A node
+    with no module groups under its own name.
     """
     nodes = quantizable_nodes(path, op_types)
     paths = {n.name: module_path(n).split(".") if module_path(n) else [] for n in nodes}
     common = os.path.commonprefix([p for p in paths.values() if p]) if any(paths.values()) else []
+    while common and any(len(p) > len(common) and p[len(common)].isdigit() for p in paths.values()):
+        common = common[:-1]  # keep the name of a numbered list ('block' of 'block.0')
     groups: dict[str, list[str]] = {}
     for name, parts in paths.items():
-        parts = parts[len(common):] if len(parts) > len(common) else parts
-        block = len(parts) >= 3 and parts[1].isdigit()  # spatial_blocks.3.attn, not t_block.1 (a Linear)
-        key = ".".join(parts[:3] if block else parts[:1]) or name
+        key = ".".join(_layer_key(parts[len(common):] if len(parts) > len(common) else parts)) or name
         groups.setdefault(key, []).append(name)
     return groups
+
+
+def _layer_key(parts: list[str]) -> list[str]:
+    if len(parts) >= 3 and parts[1].isdigit():  # spatial_blocks.3.attn, not t_block.1 (a Linear)
+        end = 3
+        while end + 1 < len(parts) and parts[end].isdigit():  # block.0.layer.1.DenseReluDense
+            end += 2
+        return parts[:end]
+    return parts[:1]
 
 
 def _is_large(path: Path) -> bool:

@@ -22,6 +22,7 @@ the file from disk. Below the threshold the weights are loaded back and written 
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import logging
 import os
@@ -222,7 +223,9 @@ def export_component(
 
         say(f"cleaning {spec.name} graph with onnxslim ({_fmt_bytes(weight_bytes)} of weights"
             f"{', kept as external data' if external else ''})")
-        model = _slim_without_loading_weights(onnx.load(raw, load_external_data=False))
+        model = onnx.load(raw, load_external_data=False)
+        _name_nodes_by_module(model)
+        model = _slim_without_loading_weights(model)
         _name_io_dims(model, spec)
         data_file = None
         if external:
@@ -261,6 +264,18 @@ def export_component(
     say(f"wrote {path.name}{' + ' + data_file if data_file else ''} ({_fmt_bytes(size)}, {info.nodes} nodes, "
         f"checker ok) in {info.seconds:.1f}s")
     return info
+
+
+def _name_nodes_by_module(model: onnx.ModelProto) -> None:
+    """Prefix each node's name with the torch module it came from, '/spatial_blocks/0/attn/qkv/node_MatMul_7'
+    (the TorchScript exporter's convention). The dynamo exporter records the module in node metadata,
+    which onnxslim drops; names survive it. Calibration groups quantizable nodes into layers by it
+    (osx.calibration.quantize.layer_groups), and TensorRT layer names and profiles read better."""
+    for node in model.graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "[]")
+        scopes = ast.literal_eval(scopes)  # cumulative: ['', 'blocks.0', 'blocks.0.attn', 'linear']
+        if len(scopes) >= 2 and scopes[-2]:
+            node.name = "/" + scopes[-2].replace(".", "/") + "/" + node.name
 
 
 def _slim_without_loading_weights(model: onnx.ModelProto) -> onnx.ModelProto:
