@@ -275,6 +275,11 @@ class Pipeline:
         """Stop the running generation at the next step (thread-safe)."""
         self._cancel.set()
 
+    def preload(self) -> None:
+        """Load every component now (e.g. before timing, or to keep them resident between requests)."""
+        for name in COMPONENTS:
+            self._loaded(name)
+
     def release(self) -> None:
         for backend in self.backends.values():
             backend.release()
