@@ -1,0 +1,144 @@
+"""`osx export` bad input: each a clear message and exit code 2, before any long work. And how a
+checkpoint folder's parts are recognised."""
+
+import pytest
+import torch
+
+from osx.cli import main
+from osx.errors import CheckpointError
+from osx.export.checkpoint import save_safetensors
+from osx.export.exporter import find_checkpoint_parts, resolve_checkpoint
+from osx.export.init import seeded_init_
+from osx.export.stdit3 import STDiT3
+from osx.export.t5 import T5TextEncoder
+from osx.export.vae import VideoAutoencoder
+from osx.models import get_model_config
+
+TINY = get_model_config("opensora-v1.2-tiny")
+
+
+def osx(capsys, *args):
+    try:
+        main(["export", *map(str, args)])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
+def _state(module):
+    return seeded_init_(module, seed=1).state_dict()
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory):
+    """A tiny checkpoint laid out like the real downloads: a denoiser folder, a VAE file and a T5 folder
+    with weight shards, an index and spiece.model (a placeholder: loading fails before it is read)."""
+    root = tmp_path_factory.mktemp("ckpt")
+    save_safetensors(_state(STDiT3(TINY.denoiser)), root / "OpenSora-STDiT-v3" / "model.safetensors")
+    save_safetensors(_state(VideoAutoencoder(TINY.vae)), root / "vae-v1.2.safetensors")
+    save_safetensors(_state(T5TextEncoder(TINY.text_encoder)), root / "t5-v1_1-xxl" / "model.safetensors", max_shard_bytes=100_000)
+    (root / "t5-v1_1-xxl" / "spiece.model").write_bytes(b"placeholder")
+    (root / "README.md").write_text("not weights")
+    return root
+
+
+def test_unknown_model_lists_known_ones(capsys, tmp_path):
+    code, text = osx(capsys, "--model", "opensora-v9", "--random-weights", "--out", tmp_path / "b")
+    assert code == 2 and "unknown model 'opensora-v9'" in text
+    assert "opensora-v1.2, opensora-v1.2-tiny" in text
+
+
+def test_out_exists_without_force(capsys, tmp_path):
+    (tmp_path / "b").mkdir()
+    code, text = osx(capsys, "--model", "opensora-v1.2-tiny", "--random-weights", "--out", tmp_path / "b")
+    assert code == 2 and "already exists" in text and "--force" in text
+    assert list((tmp_path / "b").iterdir()) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "no weights given"),
+    (["--random-weights", "--checkpoint", "x"], "--random-weights cannot be combined"),
+    (["--denoiser", "d.safetensors"], "no vae, t5 weights given"),
+    (["--checkpoint", "missing-dir"], "checkpoint folder missing-dir does not exist"),
+])
+def test_weights_arguments(capsys, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, text = osx(capsys, "--model", "opensora-v1.2-tiny", "--out", tmp_path / "b", *args)
+    assert code == 2 and message in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--precision", "int8"], "calibrated INT8/FP8 export is not available in `osx export` yet (denoiser int8)"),
+    (["--calibration", "calib"], "not available in `osx export` yet (--calibration calib)"),
+    (["--gpu", "no-such-gpu"], "unknown GPU profile 'no-such-gpu'"),
+    (["--opset", "23"], "Invalid value for '--opset'"),
+    (["--dtype", "bf16"], "Invalid value for '--dtype'"),
+])
+def test_plan_and_option_errors(capsys, tmp_path, args, message):
+    code, text = osx(capsys, "--model", "opensora-v1.2-tiny", "--random-weights", "--out", tmp_path / "b", *args)
+    assert code == 2 and message in text
+    assert not (tmp_path / "b").exists()
+
+
+def test_parts_found_by_tensor_names(checkpoint_dir, tmp_path):
+    assert find_checkpoint_parts(checkpoint_dir) == {
+        "denoiser": checkpoint_dir / "OpenSora-STDiT-v3",
+        "vae": checkpoint_dir / "vae-v1.2.safetensors",
+        "t5": checkpoint_dir / "t5-v1_1-xxl",
+    }
+    # names do not matter where the tensor names can be read
+    renamed = tmp_path / "c"
+    renamed.mkdir()
+    for src, dst in (("OpenSora-STDiT-v3/model.safetensors", "a.safetensors"), ("vae-v1.2.safetensors", "b.safetensors")):
+        (renamed / dst).write_bytes((checkpoint_dir / src).read_bytes())
+    assert find_checkpoint_parts(renamed) == {"denoiser": renamed / "a.safetensors", "vae": renamed / "b.safetensors"}
+
+
+def test_explicit_paths_override_the_folder(checkpoint_dir, tmp_path):
+    other = tmp_path / "my-vae.safetensors"
+    other.write_bytes((checkpoint_dir / "vae-v1.2.safetensors").read_bytes())
+    parts = resolve_checkpoint(checkpoint_dir, vae=other)
+    assert parts["vae"] == other and parts["denoiser"] == checkpoint_dir / "OpenSora-STDiT-v3"
+
+
+def test_two_candidates_for_one_part(checkpoint_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "c"
+    shutil.copytree(checkpoint_dir, copy)
+    shutil.copy(copy / "vae-v1.2.safetensors", copy / "vae-old.safetensors")
+    with pytest.raises(CheckpointError, match="two VAE weights: vae-old.safetensors and vae-v1.2.safetensors"):
+        find_checkpoint_parts(copy)
+
+
+def test_checkpoint_folder_missing_a_part(capsys, checkpoint_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "c"
+    shutil.copytree(checkpoint_dir, copy)
+    (copy / "vae-v1.2.safetensors").unlink()
+    code, text = osx(capsys, "--model", "opensora-v1.2-tiny", "--checkpoint", copy, "--out", tmp_path / "b")
+    assert code == 2 and f"checkpoint folder {copy} has no VAE weights" in text and "--vae PATH" in text
+
+
+def test_t5_must_be_a_folder_with_spiece_model(capsys, checkpoint_dir, tmp_path):
+    code, text = osx(capsys, "--model", "opensora-v1.2-tiny", "--checkpoint", checkpoint_dir,
+                     "--t5", checkpoint_dir / "t5-v1_1-xxl" / "model.safetensors.index.json", "--out", tmp_path / "b")
+    assert code == 2 and "is not a T5 folder with spiece.model" in text
+
+
+def test_key_mismatch_is_the_checkpoint_error(capsys, checkpoint_dir, tmp_path):
+    """A denoiser checkpoint with a missing and a renamed key: the loader's CheckpointError, exit 2."""
+    state = _state(STDiT3(TINY.denoiser))
+    state["final_layer.linear.wieght"] = state.pop("final_layer.linear.weight")
+    del state["t_block.1.bias"]
+    bad = tmp_path / "bad-denoiser.safetensors"
+    save_safetensors(state, bad)
+    code, text = osx(capsys, "--model", "opensora-v1.2-tiny", "--checkpoint", checkpoint_dir, "--denoiser", bad,
+                     "--out", tmp_path / "b")
+    assert code == 2 and "does not fit STDiT3" in text
+    assert "2 missing keys: t_block.1.bias, final_layer.linear.weight" in text
+    assert "1 unexpected keys: final_layer.linear.wieght" in text
+    assert [p.name for p in tmp_path.iterdir()] == ["bad-denoiser.safetensors"]  # no bundle, no temp folder
