@@ -153,15 +153,15 @@ def contact_sheet_layout(num_frames: int, height: int, width: int, n: int = 6, m
     """(frame indices, columns, rows, tile height, tile width, gap) of `write_preview`'s sheet."""
     n = max(1, min(n, num_frames))
     indices = np.linspace(0, num_frames - 1, n).round().astype(int).tolist()
-    cols = min(n, 4)
-    rows = math.ceil(n / cols)
+    rows = math.ceil(n / 4)  # at most 4 per row, rows filled evenly (6 -> 3 + 3, not 4 + 2)
+    cols = math.ceil(n / rows)
     scale = min(1.0, max_tile_width / width)
     return indices, cols, rows, max(1, round(height * scale)), max(1, round(width * scale)), gap
 
 
 def write_preview(frames: np.ndarray, png_path: str | os.PathLike, n: int = 6) -> Path:
     """A PNG contact sheet of `n` frames spread evenly over the clip (first and last included),
-    up to 4 per row, tiles at most 512 px wide, separated by a 4 px dark gap."""
+    at most 4 per row in evenly filled rows, tiles at most 512 px wide, separated by a 4 px dark gap."""
     import cv2
 
     if not 1 <= n <= 16:

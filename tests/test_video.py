@@ -118,10 +118,10 @@ def test_preview_contact_sheet(tmp_path):
     frames = gradient_frames(t=10, h=64, w=96)
     out = video.write_preview(frames, tmp_path / "p.png", n=6)
     sheet = cv2.imread(str(out))[..., ::-1]
-    # 6 tiles: 4 per row -> 2 rows; tiles 64x96 (under 512 wide), 4 px gaps
-    assert sheet.shape == (2 * 64 + 4, 4 * 96 + 3 * 4, 3)
+    # 6 tiles: 2 rows of 3; tiles 64x96 (under 512 wide), 4 px gaps
+    assert sheet.shape == (2 * 64 + 4, 3 * 96 + 2 * 4, 3)
     np.testing.assert_array_equal(sheet[:64, :96], frames[0])  # PNG is lossless
-    np.testing.assert_array_equal(sheet[68:, 100:196], frames[9])  # the 6th tile is the last frame
+    np.testing.assert_array_equal(sheet[68:, 200:296], frames[9])  # the 6th tile is the last frame
     big = np.zeros((3, 100, 1024, 3), np.uint8)
     sheet = cv2.imread(str(video.write_preview(big, tmp_path / "b.png", n=4)))
     assert sheet.shape == (50, 3 * 512 + 2 * 4, 3)  # 3 frames only; tiles scaled to 512 wide
