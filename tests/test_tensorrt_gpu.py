@@ -18,7 +18,6 @@ from osx.profiles.compat import Machine, this_machine
 
 pytestmark = pytest.mark.gpu
 
-TINY = "opensora-v1.2-tiny"
 BUCKETS = ["64x64x34", "32x32x17"]
 COMPONENTS = ("text_encoder", "denoiser", "vae_decoder")
 
@@ -52,13 +51,13 @@ def machine():
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, machine):
-    """The tiny bundle exported for the CPU, then `osx build` on this GPU."""
-    from osx.export.exporter import export_bundle
+def built(tiny_bundle, tmp_path_factory, machine):
+    """A copy of the session's tiny bundle (exported for the CPU), then `osx build` on this GPU."""
+    import shutil
 
     root = tmp_path_factory.mktemp("trt")
     bundle = root / "tiny"
-    export_bundle(TINY, bundle, gpu="cpu", random_weights=True, progress=lambda m: None)
+    shutil.copytree(tiny_bundle, bundle)
     onnx_only = Bundle.open(bundle).manifest
     profile = _profile_toml(root / "test-gpu.toml", machine)
     main_exit = None
