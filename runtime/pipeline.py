@@ -63,11 +63,6 @@ class Request:
     guidance_scale: float
     seed: int
 
-    @property
-    def output_size(self) -> tuple[int, int]:
-        """(height, width) of the frames: the VAE works in 8-pixel blocks, so sizes round down."""
-        return self.height // 8 * 8, self.width // 8 * 8
-
 
 class Pipeline:
     def __init__(self, bundle: Bundle, backends: dict[str, Backend], backend_names: dict[str, str] | None = None):
@@ -176,7 +171,7 @@ class Pipeline:
         if request.negative_prompt is None:
             y_uncond = self.null_text[None]
         else:
-            neg_ids, neg_mask = self.tokenizer.encode([prepare_prompt(request.negative_prompt, aesthetic_score=None)])
+            neg_ids, neg_mask = self.tokenizer.encode([prepare_prompt(request.negative_prompt, aesthetic_score=None, warn_empty=False)])
             y_uncond = encoder.run({"input_ids": neg_ids, "attention_mask": neg_mask})["text_embeds"]
         self._done_with("text_encoder")
         self.timings["text_encoder_s"] = time.perf_counter() - t0

@@ -39,9 +39,10 @@ class EmptyPromptWarning(UserWarning):
     """The prompt is blank; Open-Sora then conditions on the aesthetic-score suffix alone."""
 
 
-def prepare_prompt(prompt: str, aesthetic_score: float | None = DEFAULT_AESTHETIC_SCORE) -> str:
-    """The text Open-Sora v1.2 feeds to T5 for `prompt`: score suffix, then `clean_caption` twice."""
-    if not prompt.strip():
+def prepare_prompt(prompt: str, aesthetic_score: float | None = DEFAULT_AESTHETIC_SCORE, warn_empty: bool = True) -> str:
+    """The text Open-Sora v1.2 feeds to T5 for `prompt`: score suffix, then `clean_caption` twice.
+    (`warn_empty=False` for text where blank is normal, e.g. a negative prompt.)"""
+    if warn_empty and not prompt.strip():
         warnings.warn(
             EmptyPromptWarning("empty prompt: as in Open-Sora, the video is conditioned on the aesthetic-score suffix alone"),
             stacklevel=2,

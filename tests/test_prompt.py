@@ -46,6 +46,7 @@ def test_empty_prompt_is_the_score_suffix_alone_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prepare_prompt("a dog")  # no warning for a real prompt
+        assert prepare_prompt("", aesthetic_score=None, warn_empty=False) == ""  # e.g. an empty negative prompt
 
 
 @pytest.fixture(scope="module")
