@@ -105,14 +105,16 @@ class Pipeline:
         den, vae = self.specs["denoiser"].dims, self.specs["vae_decoder"].dims
         lh = _intersect(den["latent_height"], vae["latent_height"])
         lw = _intersect(den["latent_width"], vae["latent_width"])
-        frames = [f for f in range(1, 17 * den["latent_frames"].max + 17) if self._frames_ok(f)]
+        chunk = self.model.vae.micro_frame_size
+        frames = [f for f in range(1, chunk * (den["latent_frames"].max + 1)) if self._frames_ok(f)]
         runs = _runs(frames)
         return (f"width {8 * lw[0]}..{8 * lw[1] + 7} px, height {8 * lh[0]}..{8 * lh[1] + 7} px (each used rounded down to "
                 f"a multiple of 8), frames {', '.join(runs)}")
 
     def _frames_ok(self, f: int) -> bool:
+        # Open-Sora's timestep transform takes floor(F / 17) * 5 latent frames: 0 for 2..16 frames
         r = self.specs["denoiser"].dims["latent_frames"]
-        return (f == 1 or f >= 17) and r.contains(latent_frames(f, self.model.vae))
+        return (f == 1 or f >= self.model.vae.micro_frame_size) and r.contains(latent_frames(f, self.model.vae))
 
     def prepare_request(self, prompt: str, negative_prompt: str | None = None, *, num_frames: int | None = None,
                         height: int | None = None, width: int | None = None, fps: float | None = None,
