@@ -100,3 +100,153 @@ def measure_sensitivity(component: str, src: Path, precision: str, calib_files: 
         m = gate_mod.compare_component(component, src, probe, ShardReader(heldout), heldout_limit)
         out[layer] = {"cosine": m["min_cosine"], "rel_l2": m["max_rel_l2"], "quantized_ops": sum(r.qdq["quantized_ops"].values())}
     return out
+
+
+# --- a whole bundle -----------------------------------------------------------------------------------
+
+
+def check_request(precisions: dict[str, str], calibration: str | Path | None, model_name: str, weights: str) -> None:
+    """Before any export work: a calibration set that matches the model and weights exists where
+    int8/fp8 is planned, ModelOpt is there for fp8, and --calibration is not given for nothing."""
+    from osx.calibration.quantize import modelopt_python
+    from osx.errors import OsxError
+
+    wanted = _targets(precisions)
+    if not wanted:
+        if calibration is not None:
+            raise OsxError(f"--calibration {calibration} was given, but no component is planned at int8 or fp8",
+                           hint="pass --precision int8 (or fp8 on a GPU with compute capability >= 8.9), or drop --calibration")
+        return
+    what = ", ".join(f"{c} {p}" for c, p in wanted.items())
+    if calibration is None:
+        raise OsxError(f"{what} needs a calibration set",
+                       hint=f"run `osx calibrate --model {model_name} ... --out calib/` with the same weights, "
+                       "then pass --calibration calib/")
+    CalibrationSet.open(calibration).check_model(model_name, weights)
+    if "fp8" in wanted.values():
+        modelopt_python()  # no ModelOpt: say how to install it now, not after the export
+
+REPORT_DIR = "quantization"  # in the bundle: report.json, report.png, frames.png
+
+
+def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str], calibration: str | Path,
+                    thresholds: gate_mod.Thresholds = gate_mod.Thresholds(), *, allow_quality_loss: bool = False,
+                    search: bool = True, video_gate: bool = True,
+                    say: Callable[[str], None] = lambda m: None) -> dict:
+    """Quantize the bundle-in-progress at `bundle_dir` (its fp32/fp16 ONNX files and `manifest`, before
+    BundleWriter.commit) in place: each component whose precision is int8/fp8 is replaced by its Q/DQ
+    graph, the report goes to `quantization/`, and the manifest is updated and returned.
+
+    The end-to-end gate generates each held-out prompt of the calibration set (its seed, resolution and
+    frames) with this bundle on onnxruntime, full precision vs quantized, and compares the videos.
+    Raises gate.QualityGateError when the gate fails, unless `allow_quality_loss`.
+    """
+    from osx.bundle import Bundle
+    from osx.calibration import metrics
+    from osx.calibration.report import write_report
+
+    targets = _targets({c: p for c, p in precisions.items() if c in manifest["components"]})
+    if not targets:
+        return manifest
+    calib = CalibrationSet.open(calibration)
+    calib.check_model(manifest["model"]["name"])
+    bundle_dir = Path(bundle_dir)
+    reference = Bundle(bundle_dir, manifest)
+    recipe = calib.recipe
+    held = recipe["heldout"]
+    size = {"height": recipe["height"], "width": recipe["width"], "num_frames": recipe["num_frames"]}
+
+    def generate(bundle) -> list:
+        from osx.runtime.pipeline import Pipeline
+
+        pipe = Pipeline.load(bundle, "onnxruntime")
+        try:
+            return [pipe.generate(p, seed=s, **size) for p, s in zip(held["prompts"], held["seeds"])]
+        finally:
+            pipe.release()
+
+    ref_videos = generate(reference) if video_gate else None
+    quantized: dict[str, Path] = {}
+    last_videos: list = []
+
+    def video_check_for(component: str) -> VideoCheck | None:
+        if not video_gate:
+            return None
+
+        def check(candidate: Path) -> dict:
+            files = {**quantized, component: candidate}
+            trial = {**manifest, "components": {c: ({**m, "file": _rel(files[c], bundle_dir)} if c in files else m)
+                                                for c, m in manifest["components"].items()}}
+            videos = generate(Bundle(bundle_dir, trial))
+            last_videos[:] = videos
+            per_prompt = [{"prompt": p, **metrics.video_metrics(q, r)} for p, q, r in zip(held["prompts"], videos, ref_videos)]
+            return {"size": size, "prompts": per_prompt,
+                    "psnr_min": min(v["psnr_min"] for v in per_prompt),
+                    "psnr_mean": sum(v["psnr_mean"] for v in per_prompt) / len(per_prompt),
+                    "ssim_min": min(v["ssim_min"] for v in per_prompt),
+                    "flicker_ratio": max(v["flicker_ratio"] for v in per_prompt)}
+        return check
+
+    entries, final = {}, None
+    for component in QUANTIZABLE:  # text encoder first: the denoiser's video gate then sees both quantized
+        if component not in targets:
+            continue
+        src = bundle_dir / manifest["components"][component]["file"]
+        dst = bundle_dir / f"{component}.{targets[component]}.onnx"
+        final, entries[component] = quantize_component(component, src, dst, targets[component], calib, thresholds,
+                                                       video_check=video_check_for(component), search=search, say=say)
+        quantized[component] = dst
+
+    video = entries[list(entries)[-1]].get("video")
+    failures = [f for e in entries.values() for f in e["failures"]]
+    report = {
+        "precision": "/".join(sorted(set(targets.values()))),
+        "reference_precision": "/".join(sorted({manifest["components"][c]["precision"] for c in targets})),
+        "calibration": {"hash": calib.hash, "samples": {c: calib.count("calibration", c) for c in targets},
+                        "heldout_prompts": held["prompts"], **size, "target": recipe["target"]},
+        "thresholds": thresholds.to_dict(),
+        "passed": not failures,
+        "failures": failures,
+        "allow_quality_loss": allow_quality_loss,
+        "components": entries,
+        "video": video,
+    }
+    files = write_report(bundle_dir / REPORT_DIR, report, ref_videos[0] if ref_videos else None,
+                         last_videos[0] if last_videos else None)
+    gate_mod.enforce(gate_mod.GateResult(not failures, failures), report["precision"], allow_quality_loss)
+
+    components = dict(manifest["components"])
+    for component, dst in quantized.items():
+        old = components[component]
+        for key in ("file", "data_file"):  # the full-precision graph is not shipped
+            if old.get(key):
+                (bundle_dir / old[key]).unlink(missing_ok=True)
+        data = dst.with_name(dst.name + ".data")
+        entry = {k: v for k, v in old.items() if k != "data_file"}
+        entry.update(file=dst.name, precision=targets[component], calibration_hash=calib.hash,
+                     quantization={"quantizer": entries[component]["quantizer"],
+                                   "excluded_layers": [e["layer"] for e in entries[component]["excluded"]],
+                                   "report": f"{REPORT_DIR}/report.json"})
+        if data.exists():
+            entry["data_file"] = data.name
+        components[component] = entry
+    return {**manifest, "components": components,
+            "quantization": {"calibration_hash": calib.hash, "passed": report["passed"],
+                             "files": [f"{REPORT_DIR}/{f}" for f in files]}}
+
+
+def _targets(precisions: dict[str, str]) -> dict[str, str]:
+    """The components to quantize (int8/fp8); an error for one that cannot be."""
+    from osx.errors import OsxError
+
+    targets = {c: p for c, p in precisions.items() if p in ("int8", "fp8")}
+    unsupported = sorted(c for c in targets if c not in QUANTIZABLE)
+    if unsupported:
+        raise OsxError(f"cannot quantize {', '.join(unsupported)}", hint=f"quantizable components: {', '.join(QUANTIZABLE)}")
+    return targets
+
+
+def _rel(path: Path, root: Path) -> str:
+    import os
+
+    return os.path.relpath(path, root)

@@ -24,6 +24,14 @@ MANIFEST = "calibration.json"
 SPLITS = ("calibration", "heldout")
 
 
+def weights_identity(random_seed: int, checkpoint: dict[str, str | os.PathLike] | None) -> str:
+    """What the activations were captured from, as `osx calibrate` and `osx export` both name it:
+    "random:seed=N" or "checkpoint:denoiser=/abs/path;t5=...;vae=..."."""
+    if checkpoint is None:
+        return f"random:seed={random_seed}"
+    return "checkpoint:" + ";".join(f"{k}={Path(v).resolve()}" for k, v in sorted(checkpoint.items()))
+
+
 def recipe_hash(recipe: dict) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -71,6 +79,10 @@ class CalibrationSet:
             raise OsxError(f"calibration set {self.root} has no {split} samples for {component}",
                            hint="re-run `osx calibrate` with this osx version")
         return [self.root / split / r["file"] for r in records]
+
+    def count(self, split: str, component: str) -> int:
+        """Samples of `component` in `split`."""
+        return sum(r["samples"] for r in self.manifest["shards"].get(split, {}).get(component, []))
 
     def check_model(self, model_name: str, weights: str | None = None) -> None:
         """Refuse a set captured from another model (or other weights, when both are known)."""

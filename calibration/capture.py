@@ -4,7 +4,8 @@ encoder and the denoiser are fed, as the runtime feeds them.
 Per prompt, one `reference_generate` run (seeded noise). Text encoder sample: the prompt's
 input_ids / attention_mask [1, L]. Denoiser sample at step i: the batched classifier-free-guidance
 call, cond and uncond rows together [2, ...]: x = [z_i, z_i], timestep = [t_i, t_i],
-y = [text_embeds, y_null], mask = [m, m], fps / height / width (pixels).
+y = [text_embeds, y_null], mask = [m, m], fps / height / width (pixels), as osx.runtime.Pipeline
+makes the call.
 
 Calibration prompts record `steps_per_sample` steps each, stratified: the schedule is cut into that
 many equal strata and prompt k takes offset k (mod the stratum length) in each, so a handful of
@@ -123,9 +124,13 @@ def capture(model, out: str | os.PathLike, recipe: dict, *, force: bool = False,
 
 
 def denoiser_inputs(r, step: int, recipe: dict) -> dict[str, np.ndarray]:
-    """The denoiser call of step `step` of reference run `r`, cond and uncond batched (ComponentSpec names)."""
+    """The denoiser call of step `step` of reference run `r`, cond and uncond batched (ComponentSpec
+    names). timestep / fps / height / width are rounded to bfloat16 as the runtime passes them (the
+    graph rounds them again, idempotently)."""
+    from osx.runtime.scheduler import round_bf16
+
     z = r.noise if step == 0 else r.latents[step - 1]
-    two = lambda v: np.full((2,), v, np.float32)  # noqa: E731
+    two = lambda v: round_bf16(np.full((2,), v, np.float32))  # noqa: E731
     return {
         "x": np.concatenate([z, z]).astype(np.float32),
         "timestep": two(r.timesteps[step]),

@@ -23,13 +23,14 @@ def write_report(out_dir: str | os.PathLike, report: dict, reference_video: np.n
     plot_report(report, out / REPORT_PNG)
     written.append(REPORT_PNG)
     if reference_video is not None and quantized_video is not None:
-        frame_strip(reference_video, quantized_video, out / FRAME_STRIP)
+        frame_strip(reference_video, quantized_video, out / FRAME_STRIP,
+                    labels=(report.get("reference_precision", "full precision"), report.get("precision", "quantized")))
         written.append(FRAME_STRIP)
     return written
 
 
 def plot_report(report: dict, path: Path) -> None:
-    """Denoiser error per timestep, text encoder error per prompt, PSNR per frame."""
+    """Denoiser error per timestep, text encoder error per prompt, PSNR per frame of each held-out video."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; never pick an interactive backend
@@ -40,8 +41,8 @@ def plot_report(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 3.6), squeeze=False)
     for ax, name in zip(axes[0], panels):
         if name == "video":
-            v = report["video"]
-            ax.plot(range(len(v["psnr_per_frame"])), _finite(v["psnr_per_frame"]), "o-", ms=3, label="PSNR")
+            for k, v in enumerate(report["video"]["prompts"]):
+                ax.plot(range(len(v["psnr_per_frame"])), _finite(v["psnr_per_frame"]), "o-", ms=3, label=f"held-out {k + 1}")
             ax.axhline(report["thresholds"]["min_psnr"], color="r", ls="--", lw=1, label="threshold")
             ax.set(title=f"decoded video vs {report.get('reference_precision', 'fp32')}", xlabel="frame", ylabel="PSNR (dB)")
         else:
@@ -53,6 +54,8 @@ def plot_report(report: dict, path: Path) -> None:
             ax.axhline(1 - report["thresholds"]["min_cosine"], color="r", ls="--", lw=1, label="cosine threshold")
             if "per_step" in gate:
                 ax.invert_xaxis()  # sampling runs from t=1000 down to 0
+            else:
+                ax.set_xticks(x)
             ax.set(title=f"{name} ({comps[name].get('precision', '')})",
                    xlabel="timestep" if "per_step" in gate else "held-out prompt", ylabel="error (worst prompt)")
         ax.grid(True, alpha=0.3)
@@ -69,17 +72,32 @@ def plot_report(report: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def frame_strip(reference: np.ndarray, quantized: np.ndarray, path: Path, columns: int = 6) -> None:
-    """Evenly spaced frames: the reference row above the quantized row, 2 px gaps."""
+def frame_strip(reference: np.ndarray, quantized: np.ndarray, path: Path, columns: int = 6,
+                labels: tuple[str, str] = ("full precision", "quantized")) -> None:
+    """Evenly spaced frames side by side: the reference row above the quantized row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     picks = np.unique(np.linspace(0, len(reference) - 1, min(columns, len(reference))).round().astype(int))
-    rows = []
-    for video in (reference, quantized):
-        frames = [np.pad(video[i], ((2, 2), (2, 2), (0, 0)), constant_values=255) for i in picks]
-        rows.append(np.concatenate(frames, axis=1))
+    h, w = reference.shape[1:3]
+    scale = 1.6 / max(h, w)  # inches per pixel: ~1.6 inch panels whatever the resolution
+    fig, axes = plt.subplots(2, len(picks), figsize=(len(picks) * w * scale + 0.6, 2 * h * scale + 0.5), squeeze=False)
+    for row, (video, label) in enumerate(zip((reference, quantized), labels)):
+        for col, i in enumerate(picks):
+            ax = axes[row][col]
+            ax.imshow(video[i], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(f"frame {i}", fontsize=8)
+            if col == 0:
+                ax.set_ylabel(label, fontsize=8)
+    fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    plt.imsave(tmp, np.concatenate(rows, axis=0))
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
     os.replace(tmp, path)
 
 

@@ -61,6 +61,8 @@ def export_bundle(
     dtype: str = "fp32",
     precision: str = "auto",
     calibration: str | os.PathLike | None = None,
+    allow_quality_loss: bool = False,
+    quality_thresholds=None,
     force: bool = False,
     opset: int = 18,
     portable: bool = False,
@@ -85,7 +87,7 @@ def export_bundle(
                        "(onnxruntime and TensorRT 10 parse these; from 23 on, attention becomes an op onnxruntime rejects)")
     parts = resolve_checkpoint(checkpoint, t5=t5, vae=vae, denoiser=denoiser, random_weights=random_weights)
     plan = _plan(gpu, model_cfg, precision)
-    check_quantization(plan, calibration)
+    check_quantization(plan, calibration, model_cfg, parts)
 
     from osx.export.reference import build_reference
 
@@ -139,13 +141,21 @@ def export_bundle(
                 "notes": ([FP32_ONLY[name]] if name in FP32_ONLY and dtype != "fp32" else []) + info.notes,
                 **extra,
             }
-            if cplan and cplan.needs_calibration:
-                entry.update(quantize(writer.dir / info.file, io, Path(calibration), cplan.precision))
             components[name] = entry
         say(f"writing {TOKENIZER_FILE}")
         ref.tokenizer.save(str(writer.dir / TOKENIZER_FILE))  # tiny: built at export; real: from spiece.model
         del ref
         gc.collect()
+        body = {
+            "model": {"name": model_cfg.name, "family": model_cfg.family, "config": model_cfg.to_dict()},
+            "components": components,
+            "tokenizer": {"file": TOKENIZER_FILE, "max_length": model_cfg.text_encoder.max_length},
+            "scheduler": dataclasses.asdict(model_cfg.scheduler),
+            "profile": plan.to_dict(),
+        }
+        if calibration is not None:  # before engines: TensorRT builds from the Q/DQ graphs
+            body = quantize(writer.dir, body, plan, calibration, allow_quality_loss, quality_thresholds, say)
+            components = body["components"]
 
         if any(c.backend == "tensorrt" for c in plan.components.values()):
             from osx.export.engines import build_engines
@@ -155,11 +165,7 @@ def export_bundle(
                 components[name].setdefault("engines", []).append(engine)
 
         manifest = writer.commit({
-            "model": {"name": model_cfg.name, "family": model_cfg.family, "config": model_cfg.to_dict()},
-            "components": components,
-            "tokenizer": {"file": TOKENIZER_FILE, "max_length": model_cfg.text_encoder.max_length},
-            "scheduler": dataclasses.asdict(model_cfg.scheduler),
-            "profile": plan.to_dict(),
+            **body,
             "build": versions(),
             "export": {
                 "weights": {"random_seed": model_cfg.random_init_seed} if parts is None
@@ -202,21 +208,27 @@ def versions() -> dict[str, str]:
 
 
 # --- quantization hook (INT8 / FP8) -------------------------------------------------------------------
-# The one place where a calibrated QDQ graph joins the bundle: `check_quantization` runs before any
-# work, `quantize` after a component's floating-point graph is written and validated, and returns the
-# keys to add to its manifest entry (e.g. {"onnx_files": {"int8": ...}, "calibration_hash": ...}).
+# Where calibrated Q/DQ graphs join the bundle (osx.calibration): `check_quantization` runs before any
+# work; `quantize` runs once every floating-point graph, the tokenizer and the null caption are written,
+# because its quality gate generates videos with the bundle, and before TensorRT engines are built.
 
 
-def check_quantization(plan, calibration: str | os.PathLike | None) -> None:
-    wanted = {n: c.precision for n, c in plan.components.items() if c.needs_calibration}
-    if wanted or calibration is not None:
-        what = ", ".join(f"{n} {p}" for n, p in wanted.items()) or f"--calibration {calibration}"
-        raise OsxError(f"calibrated INT8/FP8 export is not available in `osx export` yet ({what})",
-                       hint="export with --precision fp16, bf16 or fp32 (or a profile without int8/fp8) for now")
+def check_quantization(plan, calibration: str | os.PathLike | None, model_cfg: ModelConfig, parts) -> None:
+    from osx.calibration.apply import check_request
+    from osx.calibration.calibset import weights_identity
+
+    check_request({n: c.precision for n, c in plan.components.items()}, calibration, model_cfg.name,
+                  weights_identity(model_cfg.random_init_seed, parts))
 
 
-def quantize(onnx_path: Path, spec, calibration_dir: Path, precision: str) -> dict:
-    raise OsxError(f"{spec.name}: {precision} quantization is not available in `osx export` yet")
+def quantize(bundle_dir: Path, body: dict, plan, calibration, allow_quality_loss: bool, thresholds, say) -> dict:
+    """Replace the int8/fp8-planned components' graphs by calibrated Q/DQ graphs (quality-gated; report
+    in `quantization/`); returns the manifest body with their entries updated."""
+    from osx.calibration.apply import quantize_bundle
+    from osx.calibration.gate import Thresholds
+
+    return quantize_bundle(bundle_dir, body, {n: c.precision for n, c in plan.components.items()}, calibration,
+                           thresholds or Thresholds(), allow_quality_loss=allow_quality_loss, say=say)
 
 
 # --- checkpoint folders ---------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from osx.cli import main
 from osx.components import component_specs
 from osx.errors import OsxError
 from osx.models import OPENSORA_V1_2_TINY as TINY
+from osx.runtime.scheduler import round_bf16
 
 SIZE = {"height": 32, "width": 32, "num_frames": 17}
 
@@ -88,7 +89,7 @@ def test_capture_records_what_the_reference_feeds(calib, reference):
     np.testing.assert_array_equal(got["x"], np.concatenate([z, z]))
     np.testing.assert_array_equal(got["y"][0], r.text_embeds[0])
     np.testing.assert_array_equal(got["y"][1], r.y_null[0])
-    np.testing.assert_array_equal(got["timestep"], [r.timesteps[step]] * 2)
+    np.testing.assert_array_equal(got["timestep"], round_bf16(np.full(2, r.timesteps[step], np.float32)))
     np.testing.assert_array_equal(got["mask"], np.concatenate([r.attention_mask] * 2))
     spec = component_specs(TINY)["denoiser"]
     spec.check(spec.sizes_of(got))

@@ -10,7 +10,11 @@ import click
 @click.command("calibrate")
 @click.option("--model", "model_name", required=True, help="Model config name, e.g. opensora-v1.2 or opensora-v1.2-tiny.")
 @click.option("--random-weights", is_flag=True, help="Seeded random weights instead of a checkpoint (tests, dry runs).")
-@click.option("--weights-seed", type=int, default=None, help="Seed of --random-weights (default: the model config's).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Folder holding the denoiser, VAE and T5 weights, as for `osx export`.")
+@click.option("--denoiser", type=click.Path(path_type=Path), default=None, help="Denoiser weights (overrides --checkpoint).")
+@click.option("--vae", type=click.Path(path_type=Path), default=None, help="VAE weights (overrides --checkpoint).")
+@click.option("--t5", type=click.Path(path_type=Path), default=None, help="T5 folder (overrides --checkpoint).")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Calibration prompts, one per line ('#' comments). Default: the shipped set of 75.")
 @click.option("--heldout-prompts", "heldout_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -27,22 +31,23 @@ import click
 @click.option("--shard-mb", type=click.FloatRange(min=0.01), default=256.0, show_default=True, help="Size cap of one .npz shard.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write the calibration set to.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def calibrate(model_name, random_weights, weights_seed, prompts_file, heldout_file, samples, heldout, steps_per_sample,
+def calibrate(model_name, random_weights, checkpoint, denoiser, vae, t5, prompts_file, heldout_file, samples, heldout, steps_per_sample,
               height, width, num_frames, seed, shard_mb, out, force):
     """Run the PyTorch reference pipeline over calibration and held-out prompts and record the text
     encoder's and the denoiser's real inputs (cond and uncond, at steps across the whole schedule)."""
-    from osx.calibration import capture as cap
-    from osx.calibration.prompts import CALIBRATION, HELDOUT, load_prompts
-    from osx.errors import OsxError
-    from osx.export.reference import build_reference
     from osx.models import get_model_config
 
-    cfg = get_model_config(model_name)
-    if not random_weights:
-        raise OsxError("no weights given", hint="pass --random-weights (seeded random weights)")
-    weights_seed = cfg.random_init_seed if weights_seed is None else weights_seed
+    cfg = get_model_config(model_name)  # an unknown name fails before torch is imported
+    from osx.calibration import capture as cap
+    from osx.calibration.calibset import weights_identity
+    from osx.calibration.prompts import CALIBRATION, HELDOUT, load_prompts
+    from osx.export.exporter import resolve_checkpoint
+    from osx.export.reference import build_reference
+
+    # The same weights `osx export` will load, named the same way (the calibration set records them).
+    parts = resolve_checkpoint(checkpoint, t5=t5, vae=vae, denoiser=denoiser, random_weights=random_weights)
     recipe = cap.make_recipe(
-        cfg, f"random:seed={weights_seed}",
+        cfg, weights_identity(cfg.random_init_seed, parts),
         prompts=load_prompts(prompts_file or CALIBRATION), heldout_prompts=load_prompts(heldout_file or HELDOUT),
         samples=samples, heldout=heldout, steps_per_sample=steps_per_sample,
         height=cfg.defaults.height if height is None else height,
@@ -50,7 +55,7 @@ def calibrate(model_name, random_weights, weights_seed, prompts_file, heldout_fi
         num_frames=cfg.defaults.num_frames if num_frames is None else num_frames,
         seed=seed, shard_mb=shard_mb,
     )
-    model = build_reference(cfg, seed=weights_seed)
+    model = build_reference(cfg, checkpoint=parts)
     cs = cap.capture(model, out, recipe, force=force, say=lambda m: click.echo(m, err=True))
     n = {s: {c: sum(r["samples"] for r in recs) for c, recs in comps.items()} for s, comps in cs.manifest["shards"].items()}
     click.echo(f"wrote {out}: calibration hash {cs.hash[:16]}, "

@@ -33,10 +33,15 @@ def _terminated(signum, frame):
               help="Denoiser precision for the plan (auto = the profile's; fp32, bf16, fp16, int8, fp8).")
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
               help="Calibration set from `osx calibrate`, for --precision int8/fp8.")
+@click.option("--allow-quality-loss", is_flag=True, help="Keep an int8/fp8 bundle that fails the quality gate.")
+@click.option("--gate-min-cosine", type=float, default=0.99, show_default=True,
+              help="Quality gate: least cosine similarity of a quantized component's output vs full precision, per step.")
+@click.option("--gate-min-psnr", type=float, default=30.0, show_default=True,
+              help="Quality gate: least PSNR (dB) of any decoded frame vs the full-precision video, same seed.")
 @click.option("--opset", type=click.IntRange(18, 20), default=18, show_default=True, help="ONNX opset (18-20).")
 @click.option("--with-vae-encoder", is_flag=True, help="Also export the VAE encoder (image-to-video; unused by text-to-video).")
 def export(model_name, random_weights, checkpoint, denoiser, vae, t5, gpu, out, force, dtype, precision, calibration,
-           opset, with_vae_encoder):
+           allow_quality_loss, gate_min_cosine, gate_min_psnr, opset, with_vae_encoder):
     """Export a model to a bundle: every component to ONNX, validated against PyTorch with onnxruntime
     at two shapes; the manifest, tokenizer and null caption beside them. Written atomically."""
     from osx.models import get_model_config
@@ -47,9 +52,19 @@ def export(model_name, random_weights, checkpoint, denoiser, vae, t5, gpu, out, 
     signal.signal(signal.SIGTERM, _terminated)
     manifest = export_bundle(
         model_name, out, gpu=gpu, checkpoint=checkpoint, t5=t5, vae=vae, denoiser=denoiser,
-        random_weights=random_weights, dtype=dtype, precision=precision, calibration=calibration, force=force,
+        random_weights=random_weights, dtype=dtype, precision=precision, calibration=calibration,
+        allow_quality_loss=allow_quality_loss, quality_thresholds=_thresholds(gate_min_cosine, gate_min_psnr), force=force,
         opset=opset, with_vae_encoder=with_vae_encoder, progress=lambda m: click.echo(m, err=True),
     )
     worst = max(r["max_rel"] for c in manifest["components"].values() for r in c["validation"]["rows"])
     click.echo(f"{out}: {', '.join(manifest['components'])} validated (worst relative error {worst:.1e}); "
                f"run `osx bundle verify {out}`")
+    if q := manifest.get("quantization"):
+        click.echo(f"{out}: quality gate {'passed' if q['passed'] else 'FAILED (kept by --allow-quality-loss)'}; "
+                   f"report: {out}/{q['files'][0]}")
+
+
+def _thresholds(min_cosine: float, min_psnr: float):
+    from osx.calibration.gate import Thresholds
+
+    return Thresholds(min_cosine=min_cosine, min_psnr=min_psnr)
