@@ -98,6 +98,16 @@ def test_dry_run_json_rtx4070():
     assert "fits" in text and "fp8*" in text and "one at a time" in text
 
 
+def test_cli_export_dry_run_json(capsys):
+    from osx.cli import main
+
+    main(["export", "--gpu", "rtx4070", "--model", "opensora-v1.2", "--dry-run", "--json"])
+    d = json.loads(capsys.readouterr().out)
+    assert d["components"]["denoiser"]["precision"] == "fp8" and d["load_one_at_a_time"] and d["memory"]["fits"]
+    main(["export", "--gpu", "rtx4070", "--model", "opensora-v1.2", "--dry-run"])
+    assert "budget 11.00 GiB: fits" in capsys.readouterr().out
+
+
 def test_cpu_plan_is_onnxruntime_fp32_full_ranges():
     plan = make_plan(load_profile("cpu"), TINY)
     specs = component_specs(TINY)

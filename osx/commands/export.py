@@ -25,7 +25,7 @@ def _terminated(signum, frame):
               help="T5 folder with weights and spiece.model (overrides --checkpoint).")
 @click.option("--gpu", default="cpu", show_default=True,
               help="GPU profile the bundle is planned for: a shipped name (rtx4090, ...), a .toml path, auto, or cpu.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Bundle folder to write (not needed with --dry-run).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Float type of the ONNX graphs (the T5 encoder stays fp32: it overflows in fp16).")
@@ -40,13 +40,24 @@ def _terminated(signum, frame):
               help="Quality gate: least PSNR (dB) of any decoded frame vs the full-precision video, same seed.")
 @click.option("--opset", type=click.IntRange(18, 20), default=18, show_default=True, help="ONNX opset (18-20).")
 @click.option("--with-vae-encoder", is_flag=True, help="Also export the VAE encoder (image-to-video; unused by text-to-video).")
+@click.option("--portable", is_flag=True, help="TensorRT engines for every Ampere-or-newer GPU, version-compatible "
+              "(slower; end users need only TensorRT's dispatch/lean runtime).")
+@click.option("--dry-run", is_flag=True, help="Print the plan for --gpu (precision, shapes, memory, fit) and exit; no GPU needed.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
 def export(model_name, random_weights, checkpoint, denoiser, vae, t5, gpu, out, force, dtype, precision, calibration,
-           allow_quality_loss, gate_min_cosine, gate_min_psnr, opset, with_vae_encoder):
+           allow_quality_loss, gate_min_cosine, gate_min_psnr, opset, with_vae_encoder, portable, dry_run, as_json):
     """Export a model to a bundle: every component to ONNX, validated against PyTorch with onnxruntime
     at two shapes; the manifest, tokenizer and null caption beside them. Written atomically."""
     from osx.models import get_model_config
 
     get_model_config(model_name)  # an unknown name fails before torch is imported
+    if dry_run:
+        from osx.profiles import dry_run as plan_text
+
+        click.echo(plan_text(gpu, model_name, precision, as_json=as_json))
+        return
+    if as_json or out is None:
+        raise click.UsageError("--json needs --dry-run" if as_json else "--out is required (except with --dry-run)")
     from osx.export.exporter import export_bundle
 
     signal.signal(signal.SIGTERM, _terminated)
@@ -54,7 +65,7 @@ def export(model_name, random_weights, checkpoint, denoiser, vae, t5, gpu, out, 
         model_name, out, gpu=gpu, checkpoint=checkpoint, t5=t5, vae=vae, denoiser=denoiser,
         random_weights=random_weights, dtype=dtype, precision=precision, calibration=calibration,
         allow_quality_loss=allow_quality_loss, quality_thresholds=_thresholds(gate_min_cosine, gate_min_psnr), force=force,
-        opset=opset, with_vae_encoder=with_vae_encoder, progress=lambda m: click.echo(m, err=True),
+        opset=opset, with_vae_encoder=with_vae_encoder, portable=portable, progress=lambda m: click.echo(m, err=True),
     )
     worst = max(r["max_rel"] for c in manifest["components"].values() for r in c["validation"]["rows"])
     click.echo(f"{out}: {', '.join(manifest['components'])} validated (worst relative error {worst:.1e}); "
