@@ -70,12 +70,14 @@ def onnx_source(entry: dict, precision: str) -> str:
     graph (fp32 or fp16); INT8/FP8 from the calibrated QDQ graph. `entry` is the component's manifest entry:
     "file" with its "precision", and optionally "onnx_files": {precision: file} for further variants."""
     files = {**entry.get("onnx_files", {}), entry["precision"]: entry["file"]}
+    floats = [p for p in files if p not in QUANTIZED]
     if precision in QUANTIZED:
         if precision in files:
             return files[precision]
+        instead = "pass --precision fp16 or bf16" if floats else f"re-export it with --precision {precision}"
         raise OsxError(f"{entry.get('io', {}).get('name', 'component')}: the plan wants {precision}, but the bundle has "
                        f"no calibrated {precision} QDQ graph (it has {', '.join(sorted(files))})",
-                       hint=f"run `osx calibrate` and export with --precision {precision}, or pass --precision fp16 / bf16")
+                       hint=f"{instead} (`osx calibrate`, then `osx export --precision {precision} --calibration ...`)")
     for candidate in ("fp32", precision, "fp16", "bf16"):
         if candidate in files and candidate not in QUANTIZED:
             return files[candidate]
