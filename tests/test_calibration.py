@@ -5,6 +5,8 @@ the tiny text encoder and denoiser serve every test. Component outputs are compa
 full-precision ONNX graph on held-out inputs; the thresholds are the gate's defaults unless stated.
 """
 
+import importlib.resources
+import json
 import shutil
 
 import numpy as np
@@ -24,6 +26,7 @@ from osx.models import OPENSORA_V1_2_TINY as TINY
 from osx.runtime.scheduler import round_bf16
 
 SIZE = {"height": 32, "width": 32, "num_frames": 17}
+CPU_PROFILE = importlib.resources.files("osx.profiles") / "cpu.toml"
 
 
 def _recipe(samples=2, heldout=1, seed=0, shard_mb=0.05):
@@ -44,14 +47,24 @@ def calib(reference, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def onnx_fp32(reference, tmp_path_factory):
-    from osx.export.onnx_export import export_component
+def onnx_fp32(tiny_bundle):
+    """The fp32 graphs of the session's tiny bundle: the same seeded weights as `reference`."""
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    return {c: tiny_bundle / manifest["components"][c]["file"] for c in ("text_encoder", "denoiser")}
 
-    out = tmp_path_factory.mktemp("fp32")
-    specs = component_specs(TINY)
-    for name, module in (("text_encoder", reference.text_encoder), ("denoiser", reference.denoiser)):
-        export_component(module, specs[name], out / f"{name}.onnx")
-    return {name: out / f"{name}.onnx" for name in ("text_encoder", "denoiser")}
+
+@pytest.fixture(scope="session")
+def int8_bundle(calib, tmp_path_factory):
+    """`osx export` with a CPU profile that plans the text encoder and the denoiser at int8. The PSNR
+    threshold is lowered so the gate passes at once (random tiny weights drift over 10 steps at
+    guidance 7; the search is tested on its own below): this fixture is about the plumbing."""
+    out = tmp_path_factory.mktemp("int8")
+    profile = out / "cpu-int8.toml"  # a custom profile, as a user would write one
+    profile.write_text(CPU_PROFILE.read_text().replace('name = "cpu"', 'name = "cpu-int8"')
+                       .replace('text_encoder = "fp32"', 'text_encoder = "int8"').replace('denoiser = "fp32"', 'denoiser = "int8"'))
+    main(["export", "--model", "opensora-v1.2-tiny", "--random-weights", "--gpu", str(profile), "--calibration", str(calib.root),
+          "--gate-min-psnr", "12", "--out", str(out / "bundle")])
+    return out / "bundle"
 
 
 @pytest.fixture(scope="session")
@@ -200,6 +213,89 @@ def _quantized_nodes(path):
     model = onnx.load(str(path))
     dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     return {n.name for n in model.graph.node if n.op_type in quantize.OP_TYPES and all(i in dq for i in n.input[:2])}
+
+
+def test_layer_groups_are_the_torch_modules(onnx_fp32, reference):
+    groups = quantize.layer_groups(onnx_fp32["denoiser"])
+    modules = {name for name, _ in reference.denoiser.named_modules()}
+    assert set(groups) <= modules, set(groups) - modules
+    assert {"x_embedder", "t_embedder", "final_layer", "spatial_blocks.0.attn", "spatial_blocks.1.cross_attn",
+            "temporal_blocks.1.mlp"} <= set(groups)
+    nodes = [n.name for n in quantize.quantizable_nodes(onnx_fp32["denoiser"])]
+    assert sorted(n for g in groups.values() for n in g) == sorted(nodes)
+    text = quantize.layer_groups(onnx_fp32["text_encoder"])  # T5: nested lists, block.N.layer.M.<module>
+    text_modules = {name for name, _ in reference.text_encoder.named_modules()}
+    assert {"block.0.layer.0.SelfAttention", "block.1.layer.1.DenseReluDense"} <= set(text)
+    assert all(f"encoder.{k}" in text_modules for k in text)
+
+
+# --- bundles ----------------------------------------------------------------------------------------
+
+
+def test_int8_bundle_runs_in_osx_generate(int8_bundle, calib, tmp_path):
+    from osx.runtime.video import read_video_info
+
+    manifest = json.loads((int8_bundle / "manifest.json").read_text())
+    for comp in ("text_encoder", "denoiser"):
+        entry = manifest["components"][comp]
+        assert entry["precision"] == "int8" and entry["calibration_hash"] == calib.hash
+        assert entry["file"] == f"{comp}.int8.onnx" and not (int8_bundle / f"{comp}.onnx").exists()  # fp32 not shipped
+        assert quantize.count_qdq(int8_bundle / entry["file"])["quantized_ops"]["MatMul"] > 0
+    assert manifest["components"]["vae_decoder"]["precision"] == "fp32"
+    report = json.loads((int8_bundle / "quantization" / "report.json").read_text())
+    assert report["passed"] and report["calibration"]["hash"] == calib.hash
+    assert len(report["components"]["denoiser"]["gate"]["per_step"]) == TINY.scheduler.num_sampling_steps
+    for name in ("report.png", "frames.png"):
+        assert (int8_bundle / "quantization" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = tmp_path / "fox.mp4"
+    main(["generate", str(int8_bundle), "--prompt", "a red fox in the snow", "--out", str(out), "--frames", "17",
+          "--resolution", "32x32", "--steps", "3"])
+    assert read_video_info(out) == (17, 32, 32)
+
+
+def test_report_video_figures_match_an_independent_run(int8_bundle, tiny_bundle, calib):
+    """Regenerate the first held-out prompt with the fp32 and the int8 bundle through the runtime and
+    compute PSNR with scikit-image: the report must say the same."""
+    skm = pytest.importorskip("skimage.metrics", reason="scikit-image is the independent PSNR")
+    from osx.runtime.pipeline import Pipeline
+
+    held = calib.recipe["heldout"]
+    prompt, seed = held["prompts"][0], held["seeds"][0]
+    ref = Pipeline.load(tiny_bundle).generate(prompt, seed=seed, **SIZE)
+    quant = Pipeline.load(int8_bundle).generate(prompt, seed=seed, **SIZE)
+    want = [skm.peak_signal_noise_ratio(r, q, data_range=255) for r, q in zip(ref, quant)]
+    report = json.loads((int8_bundle / "quantization" / "report.json").read_text())
+    got = [float("inf") if v is None else v for v in report["video"]["prompts"][0]["psnr_per_frame"]]  # JSON: inf -> null
+    assert got == pytest.approx(want, abs=1e-6)
+    assert min(want) < 60  # the quantized video does differ
+
+
+def test_a_failed_gate_stops_the_export_unless_allowed(tiny_bundle, calib, tmp_path):
+    work = tmp_path / "b"
+    shutil.copytree(tiny_bundle, work)
+    manifest = json.loads((work / "manifest.json").read_text())
+    (work / "manifest.json").unlink()
+    strict = gate.Thresholds(min_psnr=99.0)
+    with pytest.raises(gate.QualityGateError, match=r"int8 quantization failed the quality gate: video: PSNR"):
+        apply.quantize_bundle(work, manifest, {"denoiser": "int8"}, calib.root, strict, search=False)
+    kept = apply.quantize_bundle(work, manifest, {"denoiser": "int8"}, calib.root, strict, search=False,
+                                 allow_quality_loss=True)
+    assert kept["quantization"]["passed"] is False and kept["components"]["denoiser"]["precision"] == "int8"
+    report = json.loads((work / "quantization" / "report.json").read_text())
+    assert report["allow_quality_loss"] and "video: PSNR" in report["failures"][0]
+
+
+def test_export_checks_the_request_before_any_work(calib):
+    ok = ({"denoiser": "int8"}, calib.root, TINY.name, "random:seed=0")
+    apply.check_request(*ok)
+    with pytest.raises(OsxError, match="needs a calibration set"):
+        apply.check_request({"denoiser": "int8"}, None, TINY.name, "random:seed=0")
+    with pytest.raises(OsxError, match="no component is planned at int8 or fp8"):
+        apply.check_request({"denoiser": "fp32"}, calib.root, TINY.name, "random:seed=0")
+    with pytest.raises(OsxError, match="captured from"):  # other weights
+        apply.check_request({"denoiser": "int8"}, calib.root, TINY.name, "random:seed=5")
+    with pytest.raises(OsxError, match="cannot quantize vae_decoder"):
+        apply.check_request({"vae_decoder": "int8"}, calib.root, TINY.name, "random:seed=0")
 
 
 # --- FP8 ------------------------------------------------------------------------------------------
