@@ -34,7 +34,9 @@ from osx.bundle import BundleWriter
 from osx.components import DimRange, component_specs
 from osx.errors import CheckpointError, OsxError
 from osx.export.onnx_export import DTYPES, OPSETS, TWO_GB, export_component
-from osx.export.validate import compare_onnx, format_table, torch_reference, validation_shapes
+from osx.export.validate import (
+    compare_onnx, format_table, fp16_noise, fp16_tolerance, torch_reference, validation_shapes,
+)
 from osx.models import ModelConfig, get_model_config
 
 # Export order; the torch module each component comes from (the VAE serves both chunk graphs).
@@ -109,17 +111,24 @@ def export_bundle(
                 np.save(writer.dir / NULL_TEXT_FILE, module.null_text(1)[0].float().numpy())
                 extra["null_text_file"] = NULL_TEXT_FILE
 
+            shapes = validation_shapes(io)
+            validation: dict = {}
+            if comp_dtype == "fp16":  # fp32 outputs first (the module is cast in place by the export)
+                fp32_cases = torch_reference(module, io, shapes, "fp32")
+
             info = export_component(module, specs[name], writer.dir / f"{name}.onnx", dtype=comp_dtype, opset=opset,
                                     external_data_threshold=external_data_threshold,
                                     progress=lambda m, n=name: say(f"{n}: {m}"))
-            shapes = validation_shapes(io)
             say(f"{name}: validating against PyTorch at {len(shapes)} shapes (onnxruntime CPU)")
             cases = torch_reference(module, io, shapes, comp_dtype)
             del module
             if all(SOURCE[n] != SOURCE[name] for n in names[i + 1:]):  # last use: free its weights first
                 setattr(ref, SOURCE[name], None)
                 gc.collect()
-            rows = compare_onnx(writer.dir / info.file, io, cases, comp_dtype)
+            if comp_dtype == "fp16":
+                validation["torch_fp16_vs_fp32"] = fp16_noise(fp32_cases, cases)
+            tolerance = fp16_tolerance(validation["torch_fp16_vs_fp32"]) if validation else None
+            rows = compare_onnx(writer.dir / info.file, io, cases, comp_dtype, tolerance)
             progress(format_table(rows))
 
             entry = {
@@ -131,7 +140,7 @@ def export_bundle(
                 "io": io.to_dict(),
                 "onnx_dims": {d: dataclasses.asdict(r) for d, r in specs[name].dims.items()},
                 "shape_ranges": [{d: dataclasses.asdict(r) for d, r in p.items()} for p in cplan.profiles] if cplan else [],
-                "validation": {"tolerance": rows[0]["tolerance"], "rows": rows},
+                "validation": {"tolerance": rows[0]["tolerance"], **validation, "rows": rows},
                 "op_counts": info.op_counts,
                 "nodes": info.nodes,
                 "opset": info.opset,

@@ -8,8 +8,14 @@ Tolerances: fp32 1e-4, fp16 1e-2 of the scale; beyond it a ValidationError names
 shape and error.
 
 Torch runs the module as exported (same dtype), so the check measures the export, not fp16 rounding
-against fp32. `torch_reference` and `compare_onnx` are the two halves of `validate_component`, so an
-exporter can drop the torch weights before onnxruntime loads the graph (peak = one copy of the weights).
+against fp32. But two fp16 implementations differ by more than 1e-2 on a deep model: measured on the
+real-size STDiT3 (56 blocks, random weights), PyTorch's own fp16 run is 1.3-2.2e-2 of the scale off its
+fp32 run, and onnxruntime's fp16 run 1.6e-2 off PyTorch's. So where the fp32 outputs are known
+(`fp16_noise`), the fp16 tolerance is max(1e-2, 2 x PyTorch's fp16-vs-fp32 error): the graph may differ
+from PyTorch-fp16 by twice PyTorch-fp16's own distance from fp32; an export bug is far beyond that.
+
+`torch_reference` and `compare_onnx` are the two halves of `validate_component`, so an exporter can
+drop the torch weights before onnxruntime loads the graph (peak = one copy of the weights).
 """
 
 from __future__ import annotations
@@ -61,6 +67,20 @@ def torch_reference(module: torch.nn.Module, spec: ComponentSpec, shapes: list[d
         expected = {t.name: o.detach().float().numpy() for t, o in zip(spec.outputs, out)}
         cases.append(Case(dict(sizes), inputs, expected))
     return cases
+
+
+def fp16_noise(fp32_cases: list[Case], fp16_cases: list[Case]) -> float:
+    """PyTorch's own fp16 error: max over shapes and outputs of max|fp16 - fp32| / max|fp32|."""
+    worst = 0.0
+    for c32, c16 in zip(fp32_cases, fp16_cases):
+        for name, ref in c32.expected.items():
+            scale = float(np.abs(ref).max()) or 1.0
+            worst = max(worst, float(np.abs(c16.expected[name].astype(np.float64) - ref).max()) / scale)
+    return worst
+
+
+def fp16_tolerance(noise: float) -> float:
+    return max(TOLERANCE["fp16"], 2 * noise)
 
 
 def compare_onnx(onnx_path: str | os.PathLike, spec: ComponentSpec, cases: list[Case], dtype: str,

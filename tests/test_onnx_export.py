@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from osx.components import ComponentSpec, DimRange, TensorSpec
 from osx.errors import ValidationError
 from osx.export.onnx_export import export_component
-from osx.export.validate import TOLERANCE, format_table, validate_component, validation_shapes
+from osx.export.validate import (
+    TOLERANCE, Case, format_table, fp16_noise, fp16_tolerance, validate_component, validation_shapes,
+)
 
 SPEC = ComponentSpec(
     name="toy",
@@ -154,3 +156,11 @@ def test_failed_export_leaves_no_files(tmp_path):
     with pytest.raises(Exception, match="boom"):
         export_component(Raises(), SPEC, tmp_path / "r.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fp16_tolerance_follows_pytorchs_own_fp16_error():
+    fp32 = [Case({}, {}, {"out": np.array([1.0, -4.0])}), Case({}, {}, {"out": np.array([2.0, 0.0])})]
+    fp16 = [Case({}, {}, {"out": np.array([1.0, -4.02])}), Case({}, {}, {"out": np.array([2.06, 0.0])})]
+    assert fp16_noise(fp32, fp16) == pytest.approx(0.03)  # 0.06 / 2 on the second shape (0.02 / 4 on the first)
+    assert fp16_tolerance(0.03) == pytest.approx(0.06)
+    assert fp16_tolerance(0.001) == TOLERANCE["fp16"]  # never tighter than 1e-2
