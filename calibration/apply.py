@@ -15,7 +15,7 @@ from typing import Callable
 
 from osx.calibration import gate as gate_mod
 from osx.calibration.calibset import CalibrationSet
-from osx.calibration.quantize import OP_TYPES, layer_groups, quantize
+from osx.calibration.quantize import OP_TYPES, Quantizer, choose_quantizer, layer_groups, quantize, source_dtype
 from osx.calibration.shards import ShardReader
 
 QUANTIZABLE = ("text_encoder", "denoiser")  # the VAE decoder stays in full precision
@@ -26,19 +26,22 @@ VideoCheck = Callable[[Path], "dict | None"]
 
 
 def quantize_component(component: str, src: Path, dst: Path, precision: str, calib: CalibrationSet,
-                       thresholds: gate_mod.Thresholds, *, video_check: VideoCheck | None = None,
-                       search: bool = True, heldout_limit: int | None = None,
+                       thresholds: gate_mod.Thresholds, *, backend: str = "onnxruntime",
+                       video_check: VideoCheck | None = None, search: bool = True, heldout_limit: int | None = None,
                        say: Callable[[str], None] = lambda m: None) -> tuple[gate_mod.GateResult, dict]:
-    """Quantize `src` to `dst`; returns the final gate result and the component's report entry."""
+    """Quantize `src` to `dst` for `backend` (which picks the quantizer); returns the final gate result
+    and the component's report entry."""
     calib_files = calib.shards("calibration", component)
     heldout = calib.shards("heldout", component)
+    quantizer = choose_quantizer(precision, component, backend, source_dtype(src))
     with tempfile.TemporaryDirectory(prefix=f"osx-{component}-quant-") as tmp:
         tmp = Path(tmp)
-        cache = tmp / "ranges.json" if precision == "int8" else None  # calibrate once, reuse in the search
+        # onnxruntime: calibrate once, reuse the ranges in the search
+        cache = tmp / "ranges.json" if quantizer.tool == "onnxruntime" else None
 
         def attempt(exclude: list[str]):
             start = time.perf_counter()
-            result = quantize(src, dst, precision, calib_files, exclude=exclude, cache=cache)
+            result = quantize(src, dst, precision, calib_files, exclude=exclude, cache=cache, quantizer=quantizer)
             m = gate_mod.compare_component(component, src, dst, ShardReader(heldout), heldout_limit)
             video = video_check(dst) if video_check else None
             g = gate_mod.judge({component: m}, video, thresholds)
@@ -55,7 +58,7 @@ def quantize_component(component: str, src: Path, dst: Path, precision: str, cal
             say(f"{component}: gate failed ({g.summary()}); measuring per-layer sensitivity")
             groups = layer_groups(src, OP_TYPES)
             sensitivity = measure_sensitivity(component, src, precision, calib_files, heldout, groups, cache, tmp,
-                                              heldout_limit)
+                                              heldout_limit, quantizer)
             ranked = sorted((l for l in groups if sensitivity[l]["quantized_ops"]),
                             key=lambda l: sensitivity[l]["rel_l2"], reverse=True)
             for layer in ranked:
@@ -73,8 +76,7 @@ def quantize_component(component: str, src: Path, dst: Path, precision: str, cal
                     break
     entry = {
         "precision": precision,
-        "quantizer": "onnxruntime quantize_static (QDQ, symmetric, per-channel weights)" if precision == "int8"
-        else "NVIDIA ModelOpt ONNX PTQ (FP8 E4M3, max calibration)",
+        "quantizer": quantizer.describe(precision),
         "op_types": list(OP_TYPES),
         "qdq": result.qdq,
         "excluded": list(excluded.values()),
@@ -91,12 +93,12 @@ def quantize_component(component: str, src: Path, dst: Path, precision: str, cal
 
 def measure_sensitivity(component: str, src: Path, precision: str, calib_files: list[Path], heldout: list[Path],
                         groups: dict[str, list[str]], cache: Path | None, tmp: Path,
-                        heldout_limit: int | None) -> dict[str, dict]:
+                        heldout_limit: int | None, quantizer: Quantizer) -> dict[str, dict]:
     """Output error on the held-out inputs with only one layer quantized, for each layer."""
     out = {}
     probe = tmp / "probe.onnx"
     for layer, nodes in groups.items():
-        r = quantize(src, probe, precision, calib_files, only=nodes, cache=cache)
+        r = quantize(src, probe, precision, calib_files, only=nodes, cache=cache, quantizer=quantizer)
         m = gate_mod.compare_component(component, src, probe, ShardReader(heldout), heldout_limit)
         out[layer] = {"cosine": m["min_cosine"], "rel_l2": m["max_rel_l2"], "quantized_ops": sum(r.qdq["quantized_ops"].values())}
     return out
@@ -151,7 +153,11 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
     calib = CalibrationSet.open(calibration)
     calib.check_model(manifest["model"]["name"])
     bundle_dir = Path(bundle_dir)
-    reference = Bundle(bundle_dir, manifest)
+    # The gate runs the graphs on onnxruntime over the ranges they were exported with, so calibrating
+    # below the sizes a GPU plan narrowed the bundle to still works.
+    full_range = {**manifest, "components": {c: {**m, "io": {**m["io"], "dims": m.get("onnx_dims", m["io"]["dims"])}}
+                                             for c, m in manifest["components"].items()}}
+    reference = Bundle(bundle_dir, full_range)
     recipe = calib.recipe
     held = recipe["heldout"]
     size = {"height": recipe["height"], "width": recipe["width"], "num_frames": recipe["num_frames"]}
@@ -175,8 +181,8 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
 
         def check(candidate: Path) -> dict:
             files = {**quantized, component: candidate}
-            trial = {**manifest, "components": {c: ({**m, "file": _rel(files[c], bundle_dir)} if c in files else m)
-                                                for c, m in manifest["components"].items()}}
+            trial = {**full_range, "components": {c: ({**m, "file": _rel(files[c], bundle_dir)} if c in files else m)
+                                                  for c, m in full_range["components"].items()}}
             videos = generate(Bundle(bundle_dir, trial))
             last_videos[:] = videos
             per_prompt = [{"prompt": p, **metrics.video_metrics(q, r)} for p, q, r in zip(held["prompts"], videos, ref_videos)]
@@ -193,8 +199,10 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
             continue
         src = bundle_dir / manifest["components"][component]["file"]
         dst = bundle_dir / f"{component}.{targets[component]}.onnx"
+        backend = manifest["components"][component].get("backend", "onnxruntime")
         final, entries[component] = quantize_component(component, src, dst, targets[component], calib, thresholds,
-                                                       video_check=video_check_for(component), search=search, say=say)
+                                                       backend=backend, video_check=video_check_for(component),
+                                                       search=search, say=say)
         quantized[component] = dst
 
     video = entries[list(entries)[-1]].get("video")
@@ -218,11 +226,11 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
     components = dict(manifest["components"])
     for component, dst in quantized.items():
         old = components[component]
-        for key in ("file", "data_file"):  # the full-precision graph is not shipped
-            if old.get(key):
-                (bundle_dir / old[key]).unlink(missing_ok=True)
         data = dst.with_name(dst.name + ".data")
         entry = {k: v for k, v in old.items() if k != "data_file"}
+        # The floating-point graph stays (its external data too, beside it): `osx build` can re-plan the
+        # bundle for a GPU without int8/fp8 (export.engines.onnx_source reads "onnx_files").
+        entry["onnx_files"] = {**old.get("onnx_files", {}), old["precision"]: old["file"]}
         entry.update(file=dst.name, precision=targets[component], calibration_hash=calib.hash,
                      quantization={"quantizer": entries[component]["quantizer"],
                                    "excluded_layers": [e["layer"] for e in entries[component]["excluded"]],

@@ -64,13 +64,15 @@ def compare_component(component: str, reference: Path, quantized: Path, samples:
 
     Returns {"samples": [{"timestep"?, "cosine", "rel_l2"}...], "per_step"?: [...], "min_cosine", "max_rel_l2"}.
     """
+    from osx.calibration.quantize import graph_inputs
+
     ref_sess, q_sess = session(reference), session(quantized)
-    names = [i.name for i in ref_sess.get_inputs()]
+    dtypes = graph_inputs(reference)
     rows = []
     for i, sample in enumerate(samples):
         if limit is not None and i >= limit:
             break
-        feed = {k: sample[k] for k in names}
+        feed = {k: sample[k].astype(dtype, copy=False) for k, dtype in dtypes.items()}
         want = ref_sess.run(None, feed)[0]
         got = q_sess.run(None, feed)[0]
         row = {}

@@ -5,9 +5,9 @@ nor plain onnxruntime (ModelOpt pins onnx and pulls onnxruntime-gpu), so this fi
 numpy and ModelOpt, and reads the calibration shards itself: `.npz` files whose arrays carry a
 leading sample axis (osx.calibration.shards).
 
-job.json: {model, output, mode: "fp8"|"int8", shards: [paths], inputs: [graph input names],
+job.json: {model, output, mode: "fp8"|"int8", shards: [paths], inputs: {graph input name: numpy dtype},
            op_types: [...], nodes_to_exclude: [regexes], nodes_to_quantize: [regexes] | null,
-           external_data: bool}
+           high_precision: "fp32"|"fp16", external_data: bool}
 """
 
 import json
@@ -26,9 +26,9 @@ class ShardSamples:
 
     def _samples(self):
         for path in self.shards:
-            with np.load(path) as shard:
-                arrays = {k: shard[k] for k in self.inputs}
-            for i in range(len(arrays[self.inputs[0]])):
+            with np.load(path) as shard:  # cast: an fp16 graph takes the float32 activations as float16
+                arrays = {k: shard[k].astype(dtype, copy=False) for k, dtype in self.inputs.items()}
+            for i in range(len(next(iter(arrays.values())))):
                 yield {k: a[i] for k, a in arrays.items()}
 
     def get_next(self):
@@ -54,9 +54,8 @@ def main(job_path):
         op_types_to_quantize=job["op_types"],
         nodes_to_exclude=job["nodes_to_exclude"] or None,
         nodes_to_quantize=job["nodes_to_quantize"],
-        # Keep unquantized layers fp32 in the graph: it runs on onnxruntime CPU (for the quality gate)
-        # and TensorRT still picks fp16 kernels for them when the engine is built with fp16 enabled.
-        high_precision_dtype="fp32",
+        # The type of everything outside the Q/DQ pairs; TensorRT's strongly typed build keeps it.
+        high_precision_dtype=job["high_precision"],
         use_external_data_format=job["external_data"],
         output_path=job["output"],
         log_level="WARNING",

@@ -1,13 +1,19 @@
 """Insert Q/DQ nodes into an exported ONNX graph from captured activations.
 
-INT8: onnxruntime's static quantization (QDQ format, symmetric int8 activations and per-channel
-int8 weights, the layout TensorRT's explicit quantization and onnxruntime's CPU kernels both take).
-FP8 (float8e4m3fn): NVIDIA ModelOpt's ONNX PTQ. ModelOpt pins onnx and pulls onnxruntime-gpu, which
-clash with the plain onnxruntime osx uses, so it lives in its own Python environment and runs as a
-subprocess (`modelopt_worker.py`); see `modelopt_python` for how that environment is found.
+Two quantizers, picked by where the graph will run (`choose_quantizer`):
+  * onnxruntime's static quantization for INT8 graphs that run on onnxruntime (the CPU path): QDQ
+    format, symmetric int8 activations, per-channel int8 weights; everything else stays fp32.
+  * NVIDIA ModelOpt's ONNX PTQ (the tool TensorRT's own diffusion demo uses) for FP8 (float8e4m3fn),
+    for INT8 bound for TensorRT, and for fp16 graphs. Outside the Q/DQ pairs the graph is cast to the
+    `high_precision` type (fp16 for a TensorRT denoiser: its strongly typed engine keeps the graph's
+    types; fp32 for T5, which overflows in fp16). ModelOpt pins onnx and pulls onnxruntime-gpu, which
+    clash with the plain onnxruntime osx uses, so it lives in its own Python environment and runs as a
+    subprocess (`modelopt_worker.py`); `modelopt_python` finds that environment.
 onnxruntime's own FP8 mode is not used: measured here it gave a relative error of 1.46.
 
 Both quantize the op types a transformer spends its time in (MatMul, Gemm, Conv), not just Conv.
+ModelOpt itself leaves out GEMMs with K or N < 16 and convolutions with < 16 channels (TensorRT has no
+faster 8-bit kernels for them).
 """
 
 from __future__ import annotations
@@ -37,22 +43,45 @@ WORKER = Path(__file__).with_name("modelopt_worker.py")
 EXTERNAL_DATA_BYTES = 1 << 30
 
 
+@dataclass(frozen=True)
+class Quantizer:
+    tool: str  # "onnxruntime" | "modelopt"
+    high_precision: str  # "fp32" | "fp16": the type outside the Q/DQ pairs
+
+    def describe(self, precision: str) -> str:
+        if self.tool == "onnxruntime":
+            return "onnxruntime quantize_static (QDQ, symmetric int8, per-channel weights, MinMax ranges)"
+        kind = "FP8 E4M3" if precision == "fp8" else "INT8"
+        return f"NVIDIA ModelOpt ONNX PTQ ({kind}, max calibration, {self.high_precision} outside Q/DQ)"
+
+
+def choose_quantizer(precision: str, component: str, backend: str, source_dtype: str) -> Quantizer:
+    """onnxruntime for INT8 run by onnxruntime from an fp32 graph; ModelOpt otherwise. TensorRT keeps a
+    strongly typed graph's types, so its denoiser gets fp16 outside the Q/DQ pairs; T5 never (overflow)."""
+    fp16 = source_dtype == "float16" or (backend == "tensorrt" and component != "text_encoder")
+    if precision == "int8" and backend != "tensorrt" and not fp16:
+        return Quantizer("onnxruntime", "fp32")
+    return Quantizer("modelopt", "fp16" if fp16 else "fp32")
+
+
 @dataclass
 class QuantResult:
     path: Path
     precision: str
+    quantizer: Quantizer
     excluded: list[str] = field(default_factory=list)
     qdq: dict = field(default_factory=dict)  # count_qdq of the output
 
 
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, precision: str, shards: list[Path],
              exclude: list[str] = (), only: list[str] | None = None, op_types: tuple[str, ...] = OP_TYPES,
-             cache: Path | None = None) -> QuantResult:
+             cache: Path | None = None, quantizer: Quantizer | None = None) -> QuantResult:
     """Quantize `src` into `dst` with activation ranges from `shards` (ShardWriter files of its inputs).
 
     `exclude`: node names kept in full precision; `only`: if given, quantize just these nodes (the
-    sensitivity search measures one layer at a time). `cache` (INT8 only): a JSON file of calibrated
-    ranges, written on first use and reused after, so a sensitivity search calibrates once.
+    sensitivity search measures one layer at a time). `cache` (onnxruntime only): a JSON file of
+    calibrated ranges, written on first use and reused after, so a sensitivity search calibrates once.
+    `quantizer`: default, as for onnxruntime CPU (`choose_quantizer(precision, "", "onnxruntime", ...)`).
     """
     if precision not in PRECISIONS:
         raise OsxError(f"cannot quantize to {precision!r}", hint=f"choose one of {', '.join(PRECISIONS)}")
@@ -60,22 +89,29 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, precision: str, sha
     if not shards:
         raise OsxError(f"no calibration samples for {src.name}", hint="run `osx calibrate` first and pass --calibration")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if precision == "int8":
-        _quantize_int8(src, dst, shards, list(exclude), only, op_types, cache)
+    if quantizer is None:
+        quantizer = choose_quantizer(precision, "", "onnxruntime", source_dtype(src))
+    if quantizer.tool == "onnxruntime":
+        _quantize_onnxruntime(src, dst, shards, list(exclude), only, op_types, cache)
     else:
-        _quantize_modelopt(src, dst, "fp8", shards, list(exclude), only, op_types)
-    return QuantResult(dst, precision, sorted(exclude), count_qdq(dst))
+        _quantize_modelopt(src, dst, precision, shards, list(exclude), only, op_types, quantizer.high_precision)
+    return QuantResult(dst, precision, quantizer, sorted(exclude), count_qdq(dst))
 
 
-def _quantize_int8(src: Path, dst: Path, shards: list[Path], exclude: list[str], only: list[str] | None, op_types,
+def source_dtype(path: Path) -> str:
+    """The graph's float type ("float32" / "float16"), read off its float inputs."""
+    floats = [d for d in graph_inputs(path).values() if d.startswith("float")]
+    return "float16" if "float16" in floats else "float32"
+
+
+def _quantize_onnxruntime(src: Path, dst: Path, shards: list[Path], exclude: list[str], only: list[str] | None, op_types,
                    cache: Path | None) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    names = graph_input_names(src)
     # quantize_static warns about pre-processing on every call; shape inference is all it would add.
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
     quantize_static(
-        str(src), str(dst), ShardReader(shards, names),
+        str(src), str(dst), ShardReader(shards, graph_inputs(src)),
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=list(op_types),
         per_channel=True,
@@ -92,17 +128,18 @@ def _quantize_int8(src: Path, dst: Path, shards: list[Path], exclude: list[str],
 
 
 def _quantize_modelopt(src: Path, dst: Path, mode: str, shards: list[Path], exclude: list[str],
-                       only: list[str] | None, op_types) -> None:
+                       only: list[str] | None, op_types, high_precision: str) -> None:
     python = modelopt_python()
     with tempfile.TemporaryDirectory(prefix="osx-modelopt-") as tmp:
         job = Path(tmp) / "job.json"
         job.write_text(json.dumps({
             "model": str(src), "output": str(dst), "mode": mode,
-            "shards": [str(s) for s in shards], "inputs": graph_input_names(src),
+            "shards": [str(s) for s in shards], "inputs": graph_inputs(src),
             "op_types": list(op_types),
             # ModelOpt takes regexes (re.match); anchor and escape exact node names
             "nodes_to_exclude": [f"{re.escape(n)}$" for n in exclude],
             "nodes_to_quantize": None if only is None else [f"{re.escape(n)}$" for n in only],
+            "high_precision": high_precision,
             "external_data": _is_large(src),
         }))
         proc = subprocess.run([python, str(WORKER), str(job)], capture_output=True, text=True)
@@ -146,10 +183,13 @@ def modelopt_available() -> str | None:
 # --- graph inspection -------------------------------------------------------------------------------
 
 
-def graph_input_names(path: Path) -> list[str]:
+def graph_inputs(path: Path) -> dict[str, str]:
+    """The graph's inputs and their numpy dtype names. Shards hold float32 activations; an fp16 graph
+    is fed them cast to float16."""
     model = onnx.load(str(path), load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
-    return [i.name for i in model.graph.input if i.name not in inits]
+    return {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name
+            for i in model.graph.input if i.name not in inits}
 
 
 def count_qdq(path: Path) -> dict:

@@ -88,22 +88,23 @@ def iter_samples(files: list[Path], names: list[str] | None = None) -> Iterator[
 class ShardReader:
     """onnxruntime `CalibrationDataReader` protocol (get_next / rewind) over shard files.
 
-    `names` selects the graph's inputs: an exported graph may drop an input the spec lists.
-    modelopt also calls `get_first`.
+    `inputs` {name: numpy dtype name} selects and casts the graph's inputs (an fp16 graph takes the
+    float32 activations as float16); None yields every array as stored. ModelOpt also calls `get_first`.
     """
 
-    def __init__(self, files: list[Path], names: list[str] | None = None, limit: int | None = None):
-        self.files, self.names, self.limit = list(files), names, limit
+    def __init__(self, files: list[Path], inputs: dict[str, str] | None = None, limit: int | None = None):
+        self.files, self.inputs, self.limit = list(files), inputs, limit
         self.rewind()
 
     def rewind(self) -> None:
         self._it = iter(self._samples())
 
     def _samples(self):
-        for i, s in enumerate(iter_samples(self.files, self.names)):
+        names = list(self.inputs) if self.inputs is not None else None
+        for i, s in enumerate(iter_samples(self.files, names)):
             if self.limit is not None and i >= self.limit:
                 return
-            yield s
+            yield s if self.inputs is None else {k: v.astype(self.inputs[k], copy=False) for k, v in s.items()}
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._it, None)

@@ -239,7 +239,10 @@ def test_int8_bundle_runs_in_osx_generate(int8_bundle, calib, tmp_path):
     for comp in ("text_encoder", "denoiser"):
         entry = manifest["components"][comp]
         assert entry["precision"] == "int8" and entry["calibration_hash"] == calib.hash
-        assert entry["file"] == f"{comp}.int8.onnx" and not (int8_bundle / f"{comp}.onnx").exists()  # fp32 not shipped
+        assert entry["file"] == f"{comp}.int8.onnx"
+        assert entry["onnx_files"] == {"fp32": f"{comp}.onnx"}  # kept, so `osx build` can re-plan for fp16
+        assert (int8_bundle / entry["onnx_files"]["fp32"]).is_file()
+        assert "onnxruntime quantize_static" in entry["quantization"]["quantizer"]
         assert quantize.count_qdq(int8_bundle / entry["file"])["quantized_ops"]["MatMul"] > 0
     assert manifest["components"]["vae_decoder"]["precision"] == "fp32"
     report = json.loads((int8_bundle / "quantization" / "report.json").read_text())
@@ -302,6 +305,31 @@ def test_export_checks_the_request_before_any_work(calib):
 
 needs_modelopt = pytest.mark.skipif(quantize.modelopt_available() is not None,
                                     reason=f"FP8 needs NVIDIA ModelOpt: {quantize.modelopt_available()}")
+
+
+def test_quantizer_choice():
+    ort, mo = quantize.Quantizer("onnxruntime", "fp32"), quantize.Quantizer("modelopt", "fp32")
+    assert quantize.choose_quantizer("int8", "denoiser", "onnxruntime", "float32") == ort
+    assert quantize.choose_quantizer("int8", "text_encoder", "onnxruntime", "float32") == ort
+    # TensorRT keeps the graph's types: fp16 outside Q/DQ for the denoiser, never for T5
+    assert quantize.choose_quantizer("int8", "denoiser", "tensorrt", "float32") == quantize.Quantizer("modelopt", "fp16")
+    assert quantize.choose_quantizer("fp8", "text_encoder", "tensorrt", "float32") == mo
+    assert quantize.choose_quantizer("fp8", "denoiser", "onnxruntime", "float32") == mo
+    assert quantize.choose_quantizer("int8", "denoiser", "onnxruntime", "float16") == quantize.Quantizer("modelopt", "fp16")
+
+
+@needs_modelopt
+def test_modelopt_int8_for_tensorrt_has_fp16_outside_qdq(calib, onnx_fp32, tmp_path):
+    g, entry = apply.quantize_component("denoiser", onnx_fp32["denoiser"], tmp_path / "d.onnx", "int8", calib,
+                                        gate.Thresholds(), backend="tensorrt", search=False)
+    assert "ModelOpt" in entry["quantizer"] and set(entry["qdq"]["QuantizeLinear"]) == {"INT8"}
+    assert entry["qdq"]["quantized_ops"]["MatMul"] > 0
+    model = onnx.load(str(tmp_path / "d.onnx"))
+    float_inits = {onnx.TensorProto.DataType.Name(i.data_type) for i in model.graph.initializer
+                   if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
+    assert "FLOAT16" in float_inits
+    assert [i.type.tensor_type.elem_type for i in model.graph.input if i.name == "x"] == [onnx.TensorProto.FLOAT]  # I/O as exported
+    assert entry["gate"]["min_cosine"] > 0.98, entry["gate"]["min_cosine"]  # fp16 + int8 on the tiny model: measured 0.995
 
 
 @needs_modelopt

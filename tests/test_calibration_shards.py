@@ -51,11 +51,14 @@ def test_a_sample_larger_than_the_cap_is_refused(tmp_path):
         w.add({"x": np.zeros(1000, np.float32)})
 
 
-def test_reader_selects_inputs_rewinds_and_limits(tmp_path):
-    records = _write(tmp_path, _samples(5), 4000)
-    reader = ShardReader([tmp_path / r["file"] for r in records], names=["x", "t"], limit=4)
+def test_reader_selects_and_casts_inputs_rewinds_and_limits(tmp_path):
+    samples = _samples(5)
+    records = _write(tmp_path, samples, 4000)
+    reader = ShardReader([tmp_path / r["file"] for r in records], inputs={"x": "float16", "t": "float32"}, limit=4)
     first = [reader.get_next() for _ in range(5)]
     assert first[-1] is None and all(set(s) == {"x", "t"} for s in first[:4])
+    assert first[0]["x"].dtype == np.float16  # an fp16 graph's input
+    np.testing.assert_array_equal(first[0]["x"], samples[0]["x"].astype(np.float16))
     reader.rewind()
     np.testing.assert_array_equal(reader.get_next()["t"], first[0]["t"])
     np.testing.assert_array_equal(reader.get_first()["x"], first[0]["x"])
