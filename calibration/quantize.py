@@ -146,7 +146,8 @@ def _quantize_modelopt(src: Path, dst: Path, mode: str, shards: list[Path], excl
     if proc.returncode != 0 or not dst.is_file():
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise OsxError(f"ModelOpt {mode} quantization of {src.name} failed (exit {proc.returncode}):\n{tail}",
-                       hint=f"check the ModelOpt environment ({python}); run with --precision int8 to use onnxruntime instead")
+                       hint=f"the lines above are ModelOpt's; check its environment ({python}: "
+                       "python -c 'import modelopt.onnx.quantization')")
 
 
 def modelopt_python() -> str:
