@@ -70,8 +70,8 @@ def test_weights_arguments(capsys, tmp_path, monkeypatch, args, message):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--precision", "int8"], "calibrated INT8/FP8 export is not available in `osx export` yet (denoiser int8)"),
-    (["--calibration", "calib"], "not available in `osx export` yet (--calibration calib)"),
+    (["--precision", "int8"], "denoiser int8 needs a calibration set"),
+    (["--calibration", "calib"], "--calibration calib was given, but no component is planned at int8 or fp8"),
     (["--gpu", "no-such-gpu"], "unknown GPU profile 'no-such-gpu'"),
     (["--opset", "23"], "Invalid value for '--opset'"),
     (["--dtype", "bf16"], "Invalid value for '--dtype'"),
