@@ -123,7 +123,9 @@ def _quantize_onnxruntime(src: Path, dst: Path, shards: list[Path], exclude: lis
         use_external_data_format=_is_large(src),
         calibration_cache_path=cache,
         # Symmetric activations (zero point 0): what TensorRT's explicit quantization requires.
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        # QuantizeBias False: biases stay float. Quantized (INT32) biases add DequantizeLinear nodes on
+        # int32 inputs, which TensorRT's parser rejects (onnx-tensorrt#850); export/lint.py flags them.
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
     )
 
 
