@@ -8,6 +8,8 @@ float16.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 from transformers import T5Config, T5EncoderModel
@@ -16,19 +18,10 @@ from osx.models import TextEncoderConfig
 
 
 def t5_config(cfg: TextEncoderConfig) -> T5Config:
+    # TextEncoderConfig uses T5Config's field names; max_length is the tokenizer's, not the model's.
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "max_length"}
     return T5Config(
-        vocab_size=cfg.vocab_size,
-        d_model=cfg.d_model,
-        d_kv=cfg.d_kv,
-        d_ff=cfg.d_ff,
-        num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads,
-        relative_attention_num_buckets=cfg.relative_attention_num_buckets,
-        relative_attention_max_distance=cfg.relative_attention_max_distance,
-        layer_norm_epsilon=cfg.layer_norm_epsilon,
-        feed_forward_proj=cfg.feed_forward_proj,
-        pad_token_id=cfg.pad_token_id,
-        eos_token_id=cfg.eos_token_id,
+        **fields,
         dropout_rate=0.0,
         is_encoder_decoder=False,
         use_cache=False,
