@@ -173,7 +173,9 @@ def test_interrupted_export_leaves_nothing(tmp_path, sig):
         time.sleep(0.05)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    # 130 when osx's handler reports the interrupt; -SIGINT when Python itself re-raises it at exit (seen once
+    # under heavy load, interrupted inside torch.export). Either way it failed and must have cleaned up.
+    assert proc.returncode in (130, -signal.SIGINT), err
     assert _leftovers(tmp_path, "b") == []
 
 
