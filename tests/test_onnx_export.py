@@ -164,3 +164,17 @@ def test_fp16_tolerance_follows_pytorchs_own_fp16_error():
     assert fp16_noise(fp32, fp16) == pytest.approx(0.03)  # 0.06 / 2 on the second shape (0.02 / 4 on the first)
     assert fp16_tolerance(0.03) == pytest.approx(0.06)
     assert fp16_tolerance(0.001) == TOLERANCE["fp16"]  # never tighter than 1e-2
+
+
+def test_weights_are_freed_after_export(tmp_path):
+    """Nothing the export leaves behind holds the module's weights (so an exporter can drop a large
+    component before onnxruntime loads its graph)."""
+    import gc
+    import weakref
+
+    module = Toy()
+    export_component(module, SPEC, tmp_path / "toy.onnx")
+    weight = weakref.ref(module.out.weight)
+    del module
+    gc.collect()
+    assert weight() is None
