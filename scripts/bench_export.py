@@ -99,8 +99,9 @@ def _child(args) -> dict:
 
     start = time.perf_counter()
     cfg, spec, module = _build(args)
-    params = sum(p.numel() for p in module.state_dict().values())
-    weight_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    unique = {t.untyped_storage().data_ptr(): t for t in module.state_dict().values()}  # T5 ties two names
+    params = sum(t.numel() for t in unique.values())
+    weight_bytes = sum(t.numel() * t.element_size() for t in unique.values())
     built = time.perf_counter() - start
     rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     dtype = args.dtype
