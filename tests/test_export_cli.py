@@ -142,3 +142,39 @@ def test_key_mismatch_is_the_checkpoint_error(capsys, checkpoint_dir, tmp_path):
     assert "2 missing keys: t_block.1.bias, final_layer.linear.weight" in text
     assert "1 unexpected keys: final_layer.linear.wieght" in text
     assert [p.name for p in tmp_path.iterdir()] == ["bad-denoiser.safetensors"]  # no bundle, no temp folder
+
+
+@pytest.mark.slow
+def test_export_from_a_checkpoint_folder(capsys, checkpoint_dir, tmp_path):
+    """The real-checkpoint path on the tiny model: parts found in the folder, weights loaded (not the
+    random ones), the tokenizer converted from the T5 folder's sentencepiece model, every graph validated."""
+    import json
+    import shutil
+
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    spm = pytest.importorskip("sentencepiece")
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoint_dir, ckpt)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"a {c} {a} walks through the {p} at {t}" for c in ("red", "small", "old", "happy")
+                                for a in ("fox", "dog", "cat", "robot") for p in ("snow", "city", "forest", "rain")
+                                for t in ("night", "dawn", "noon")))
+    spm.SentencePieceTrainer.train(  # T5's layout: pad 0, eos 1, unk 2, no bos
+        input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=60, model_type="unigram", pad_id=0, eos_id=1,
+        unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", hard_vocab_limit=False,
+        minloglevel=2)
+    shutil.copy(tmp_path / "sp.model", ckpt / "t5-v1_1-xxl" / "spiece.model")
+
+    out = tmp_path / "b"
+    code, text = osx(capsys, "--model", "opensora-v1.2-tiny", "--checkpoint", ckpt, "--out", out)
+    assert code == 0, text
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["export"]["weights"]["vae"] == str(ckpt / "vae-v1.2.safetensors")
+    assert all(r["ok"] for c in m["components"].values() for r in c["validation"]["rows"])
+    saved = _state(STDiT3(TINY.denoiser))["y_embedder.y_embedding"].numpy()  # the checkpoint's (seed 1) null caption
+    np.testing.assert_array_equal(np.load(out / "null_text.npy"), saved)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert tok.encode("a red fox walks through the snow").ids == sp.encode("a red fox walks through the snow") + [1]
