@@ -2,7 +2,6 @@
 checkpoint folder's parts are recognised."""
 
 import pytest
-import torch
 
 from osx.cli import main
 from osx.errors import CheckpointError

@@ -4,7 +4,6 @@ not validate, the bundle's integrity checks, and that failed or interrupted expo
 
 import dataclasses
 import json
-import os
 import shutil
 import signal
 import subprocess
