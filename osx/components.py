@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from osx.errors import InputError
-from osx.models import ModelConfig
+from osx.models import ModelConfig, latent_frames
 
 FLOAT = "float"  # placeholder dtype: the component's float precision (float32 / float16 / bfloat16)
 
@@ -207,8 +207,6 @@ def component_specs(model: ModelConfig) -> dict[str, ComponentSpec]:
     ds = vae.spatial_downsample
     lat_h = DimRange(max(1, model.min_side // ds), model.defaults.height // ds, model.max_height // ds)
     lat_w = DimRange(max(1, model.min_side // ds), model.defaults.width // ds, model.max_width // ds)
-    from osx.models import latent_frames
-
     t_max = latent_frames(model.max_frames, vae)
     batch = DimRange(1, 2, 2)  # 2 = cond + uncond in one call (classifier-free guidance)
     lat = ("batch", vae.temporal.latent_embed_dim, "latent_frames", "latent_height", "latent_width")
