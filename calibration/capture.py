@@ -16,10 +16,10 @@ recipe records what was used.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +29,7 @@ from osx import __version__
 from osx.calibration.calibset import FORMAT, FORMAT_VERSION, MANIFEST, CalibrationSet, recipe_hash
 from osx.calibration.shards import ShardWriter
 from osx.errors import OsxError
+from osx.files import check_replaceable, make_temp_dir, replace_folder
 from osx.models import ModelConfig
 
 DEFAULT_SHARD_MB = 256.0
@@ -86,6 +87,13 @@ def make_recipe(model_cfg: ModelConfig, weights: str, *, prompts: list[str], hel
     }
 
 
+def _is_calibration_set(path: Path) -> bool:
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def capture(model, out: str | os.PathLike, recipe: dict, *, force: bool = False,
             say: Callable[[str], None] = lambda m: None) -> CalibrationSet:
     """Run `model` (export.reference.ReferenceModel) per the recipe and write the calibration set to
@@ -93,10 +101,9 @@ def capture(model, out: str | os.PathLike, recipe: dict, *, force: bool = False,
     from osx.export.pipeline import reference_generate
 
     out = Path(out).absolute()
-    if out.exists() and not force:
-        raise OsxError(f"{out} already exists", hint="pass --force to replace it, or choose another --out")
+    check_replaceable(out, force, ours=_is_calibration_set, what="an osx calibration set", option="--out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = make_temp_dir(f".{out.name}.tmp-", out.parent)
     try:
         cap = int(recipe["shard_mb"] * 2**20)
         shards: dict[str, dict[str, list]] = {}
@@ -114,9 +121,7 @@ def capture(model, out: str | os.PathLike, recipe: dict, *, force: bool = False,
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"osx {__version__}",
                     "hash": recipe_hash(recipe), "recipe": recipe, "shards": shards}
         (tmp / MANIFEST).write_text(_json(manifest))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

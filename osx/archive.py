@@ -24,12 +24,12 @@ import os
 import posixpath
 import shutil
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from osx.bundle import MANIFEST, Bundle, _check_schema, _referenced_files
+from osx.bundle import MANIFEST, Bundle, _check_schema, _referenced_files, is_bundle
 from osx.errors import BundleError, OsxError
+from osx.files import check_replaceable, make_temp_dir, make_temp_file, replace_folder
 
 ARCHIVE_SUFFIX = ".osx.tar"
 MAX_MANIFEST_BYTES = 16 << 20
@@ -83,12 +83,11 @@ def pack(bundle_dir: str | os.PathLike, out_tar: str | os.PathLike, force: bool 
     bundle = Bundle.open(bundle_dir, verify=False)
     bundle.verify(checksums=False)  # sizes, extras, references; checksums are taken while packing below
     out = Path(out_tar).absolute()
-    if out.exists() and not force:
-        raise OsxError(f"{out} already exists", hint="pass --force to replace it, or choose another -o")
     if out.is_dir():
         raise OsxError(f"{out} is a folder", hint="give the archive's file name, e.g. -o model.osx.tar")
+    check_replaceable(out, force, ours=is_archive, what="a tar archive", option="-o")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    fd, tmp = make_temp_file(f".{out.name}.tmp-", out.parent)
     try:
         with os.fdopen(fd, "wb") as raw:
             with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -223,10 +222,9 @@ def unpack(archive: str | os.PathLike, out_dir: str | os.PathLike, force: bool =
     """Extract a bundle archive to `out_dir`, atomically, with every checksum verified. Returns the Bundle."""
     archive = Path(archive)
     out = Path(out_dir).absolute()
-    if out.exists() and not force:
-        raise OsxError(f"{out} already exists", hint="pass --force to replace it, or choose another folder")
-    if out.exists() and not out.is_dir():
-        raise OsxError(f"{out} exists and is not a folder", hint="remove it or choose another folder")
+    check_replaceable(out, force, ours=is_bundle, what="an osx bundle", option="folder")
+    if out.is_file():
+        raise OsxError(f"{out} is a file", hint="choose a folder to unpack into")
     with _open_tar(archive) as tar:
         try:
             manifest, members = _read_index(archive, tar, max_member_bytes, max_total_bytes)
@@ -236,7 +234,7 @@ def unpack(archive: str | os.PathLike, out_dir: str | os.PathLike, force: bool =
             if needed > free:
                 raise BundleError(f"unpacking {archive} needs {needed} bytes, {out.parent} has {free} free",
                                   hint="free some space or unpack elsewhere")
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.unpack-", dir=out.parent))
+            tmp = make_temp_dir(f".{out.name}.unpack-", out.parent)
             try:
                 for rel, member in sorted(members.items()):
                     dest = tmp / rel
@@ -251,23 +249,13 @@ def unpack(archive: str | os.PathLike, out_dir: str | os.PathLike, force: bool =
                             _copy_checked(archive, tar, rel, member, sha, sink=f.write)
                 bundle = Bundle.open(tmp, verify=False)
                 bundle.verify(checksums=False)  # checksums were taken while copying; this checks the structure
-                _move_into_place(tmp, out)
+                replace_folder(tmp, out)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
         except tarfile.TarError as e:
             raise BundleError(f"{archive} is a damaged tar archive: {e}") from None
     return Bundle(out, manifest)
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():  # --force: move the old folder aside first, so a crash never mixes the two
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "b")
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def open_manifest(path: str | os.PathLike) -> tuple[dict[str, Any], str]:

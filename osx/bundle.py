@@ -23,13 +23,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 from osx import __version__
 from osx.components import ComponentSpec
 from osx.errors import BundleError, OsxError
+from osx.files import check_replaceable, make_temp_dir, replace_folder
 
 FORMAT = "osx-bundle"
 FORMAT_VERSION = 1
@@ -64,16 +64,15 @@ class BundleWriter:
     def __init__(self, out: str | os.PathLike, force: bool = False):
         self.out = Path(out).absolute()
         self.force = force
-        if self.out.exists() and not force:
-            raise OsxError(f"{self.out} already exists", hint="pass --force to replace it, or choose another --out")
-        if self.out.exists() and not self.out.is_dir():
-            raise OsxError(f"{self.out} exists and is not a folder", hint="remove it or choose another --out")
+        check_replaceable(self.out, force, ours=is_bundle, what="an osx bundle", option="--out")
+        if self.out.is_file():
+            raise OsxError(f"{self.out} is a file", hint="choose a folder name for --out")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.dir: Path | None = None
         self.committed = False
 
     def __enter__(self) -> "BundleWriter":
-        self.dir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self.dir = make_temp_dir(f".{self.out.name}.tmp-", self.out.parent)
         return self
 
     def commit(self, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -90,19 +89,21 @@ class BundleWriter:
         tmp_manifest = self.dir / (MANIFEST + ".tmp")
         tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
         os.replace(tmp_manifest, self.dir / MANIFEST)
-        if self.out.exists():  # --force: move the old bundle aside first, so a crash never mixes the two
-            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
-            os.replace(self.out, old / "b")
-            os.replace(self.dir, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.dir, self.out)
+        replace_folder(self.dir, self.out)
         self.committed = True
         return manifest
 
     def __exit__(self, *exc) -> None:
         if not self.committed and self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def is_bundle(path: Path) -> bool:
+    """`path` is a folder with an osx manifest (what `--force` may replace)."""
+    try:
+        return json.loads((Path(path) / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _referenced_files(manifest: dict, part: str) -> list[str]:

@@ -88,6 +88,11 @@ def test_pack_refuses_existing_archive_without_force(fake_bundle, tmp_path):
     with pytest.raises(OsxError, match="already exists"):
         archive.pack(fake_bundle, out)
     assert out.read_bytes() == b"keep me"
+    with pytest.raises(OsxError, match="not a tar archive"):  # --force replaces only an archive
+        archive.pack(fake_bundle, out, force=True)
+    assert out.read_bytes() == b"keep me"
+    out.unlink()
+    archive.pack(fake_bundle, out)
     archive.pack(fake_bundle, out, force=True)
     archive.verify_archive(out)
 
@@ -95,8 +100,8 @@ def test_pack_refuses_existing_archive_without_force(fake_bundle, tmp_path):
 def test_unpack_refuses_existing_folder_without_force(fake_bundle, tmp_path, dest):
     tar_path = tmp_path / "b.osx.tar"
     archive.pack(fake_bundle, tar_path)
-    (dest / "b").mkdir()
-    (dest / "b" / "old.txt").write_text("old")
+    archive.unpack(tar_path, dest / "b")
+    (dest / "b" / "old.txt").write_text("old")  # an old bundle, with a stray file
     with pytest.raises(OsxError, match="already exists"):
         archive.unpack(tar_path, dest / "b")
     archive.unpack(tar_path, dest / "b", force=True)
