@@ -8,18 +8,8 @@ import pytest
 
 from osx import archive
 from osx.bundle import BundleWriter
-from osx.cli import main
 from osx.errors import OsxError
-
-
-def run(capsys, *args):
-    try:
-        main(list(map(str, args)))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+from test_bundle_cli import run
 
 
 @pytest.fixture
