@@ -1,0 +1,279 @@
+"""The HunyuanVideo causal 3D VAE (Open-Sora v2.0): building blocks against explicit formulas, the real
+state dict on the meta device, shapes, causality, tiling and strict checkpoint loading. Tiny config, seeded
+weights, float32. Facts: design/opensora-v2.0.md section 4."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from osx.errors import CheckpointError, InputError
+from osx.export.checkpoint import save_safetensors
+from osx.export.hunyuan_vae import (
+    CausalConv3d,
+    Downsample,
+    HunyuanVideoVAE,
+    MidAttention,
+    ResnetBlock,
+    Upsample,
+    frame_causal_mask,
+    load_hunyuan_vae,
+)
+from osx.export.init import seeded_init_
+from osx.models_v2 import HUNYUAN_VAE, HUNYUAN_VAE_TINY
+
+TOL = dict(rtol=1e-5, atol=1e-5)  # float32 re-derivations: same maths, different summation order
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return seeded_init_(HunyuanVideoVAE(HUNYUAN_VAE_TINY), seed=0).eval()
+
+
+def video(frames, h=32, w=32, batch=1, seed=0):
+    return torch.rand(batch, 3, frames, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+# --- building blocks against plain re-derivations --------------------------------------------------------
+
+
+def edge_pad_time_front(x, n):
+    return torch.cat([x[:, :, :1]] * n + [x], dim=2)
+
+
+def edge_pad_space(x, p):
+    """Replicate padding of H and W by index clamping (no F.pad)."""
+    h, w = x.shape[-2:]
+    rows = torch.arange(-p, h + p).clamp(0, h - 1)
+    cols = torch.arange(-p, w + p).clamp(0, w - 1)
+    return x[..., rows, :][..., cols]
+
+
+@pytest.mark.parametrize("stride", [(1, 1, 1), (1, 2, 2), (2, 2, 2)])
+@torch.no_grad()
+def test_causal_conv_is_edge_padding_then_plain_conv(stride):
+    conv = seeded_init_(CausalConv3d(4, 6, 3, stride=stride), seed=1)
+    x = rand(2, 4, 5, 6, 8)
+    padded = edge_pad_space(edge_pad_time_front(x, 2), 1)  # two copies of frame 0 in front, edges repeated
+    expected = F.conv3d(padded, conv.conv.weight, conv.conv.bias, stride=stride)
+    torch.testing.assert_close(conv(x), expected, **TOL)
+    t = x.shape[2]
+    assert expected.shape[2] == (t - 1) // stride[0] + 1  # 5 frames -> 3 at stride 2: frame 0 stays alone
+    # Causal: output j sees input frames j*s-2 .. j*s. Changing frame 3 leaves the outputs that see only
+    # frames <= 2 bit-identical (3 of them at stride 1, 2 at stride 2) and changes the next one.
+    x2 = x.clone()
+    x2[:, :, 3] += 1
+    n = 3 if stride[0] == 1 else 2
+    a, b = conv(x), conv(x2)
+    assert torch.equal(a[:, :, :n], b[:, :, :n]) and not torch.allclose(a[:, :, n], b[:, :, n])
+
+
+@torch.no_grad()
+def test_pointwise_causal_conv_has_no_padding():
+    conv = seeded_init_(CausalConv3d(4, 6, 1), seed=1)
+    x = rand(1, 4, 3, 5, 5)
+    expected = torch.einsum("oi,bithw->bothw", conv.conv.weight[:, :, 0, 0, 0], x) + conv.conv.bias.view(1, -1, 1, 1, 1)
+    torch.testing.assert_close(conv(x), expected, **TOL)
+
+
+def group_norm(x, groups, weight, bias, eps=1e-6):
+    """GroupNorm by its formula: statistics over (channels of the group, T, H, W), biased variance."""
+    b, c = x.shape[:2]
+    g = x.reshape(b, groups, -1)
+    mean = g.mean(-1, keepdim=True)
+    var = ((g - mean) ** 2).mean(-1, keepdim=True)
+    y = ((g - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    return y * weight.view(shape) + bias.view(shape)
+
+
+@torch.no_grad()
+def test_resnet_block_matches_formula():
+    block = seeded_init_(ResnetBlock(8, 12, groups=4, eps=1e-6), seed=2)
+    x = rand(2, 8, 3, 4, 5)
+    silu = lambda h: h * torch.sigmoid(h)
+    # The causal convs are checked above; here GroupNorm, SiLU and the wiring are.
+    h = block.conv1(silu(group_norm(x, 4, block.norm1.weight, block.norm1.bias)))
+    h = block.conv2(silu(group_norm(h, 4, block.norm2.weight, block.norm2.bias)))
+    expected = h + block.conv_shortcut(x)
+    torch.testing.assert_close(block(x), expected, **TOL)
+    assert ResnetBlock(8, 8, 4, 1e-6).conv_shortcut is None  # same width: identity shortcut
+
+
+@torch.no_grad()
+def test_mid_attention_matches_explicit_frame_causal_softmax():
+    c, t, h, w = 16, 3, 2, 3
+    attn = seeded_init_(MidAttention(c, groups=4, eps=1e-6), seed=3)
+    x = rand(2, c, t, h, w)
+    tokens = group_norm(x, 4, attn.group_norm.weight, attn.group_norm.bias).permute(0, 2, 3, 4, 1).reshape(2, t * h * w, c)
+    q, k, v = (tokens @ m.weight.T + m.bias for m in (attn.to_q, attn.to_k, attn.to_v))
+    scores = q @ k.transpose(1, 2) / math.sqrt(c)
+    frame = [i // (h * w) for i in range(t * h * w)]  # token i = (f, y, x) in row-major order
+    allowed = torch.tensor([[frame[j] <= frame[i] for j in range(len(frame))] for i in range(len(frame))])
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    out = (probs @ v) @ attn.to_out[0].weight.T + attn.to_out[0].bias
+    expected = x + out.reshape(2, t, h, w, c).permute(0, 4, 1, 2, 3)
+    torch.testing.assert_close(attn(x), expected, **TOL)
+    assert torch.equal(frame_causal_mask(t, h * w, "cpu"), allowed)
+
+
+@torch.no_grad()
+def test_downsample_shapes():
+    x = rand(1, 4, 9, 16, 24)
+    assert Downsample(4, (1, 2, 2))(x).shape == (1, 4, 9, 8, 12)
+    assert Downsample(4, (2, 2, 2))(x).shape == (1, 4, 5, 8, 12)  # (9-1)/2 + 1
+    assert Downsample(4, (2, 2, 2))(x[:, :, :1]).shape == (1, 4, 1, 8, 12)
+
+
+@pytest.mark.parametrize("time", [False, True])
+@torch.no_grad()
+def test_upsample_is_nearest_with_first_frame_spatial_only(time):
+    up = seeded_init_(Upsample(4, time), seed=4)
+    x = rand(1, 4, 3, 4, 5)
+    first = F.interpolate(x[:, :, :1], scale_factor=(1, 2, 2), mode="nearest")
+    rest = F.interpolate(x[:, :, 1:], scale_factor=(2 if time else 1, 2, 2), mode="nearest")
+    expected = up.conv(torch.cat([first, rest], dim=2))
+    out = up(x)
+    assert out.shape == (1, 4, 5 if time else 3, 8, 10)  # T -> 2T-1 in time
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert up(x[:, :, :1]).shape == (1, 4, 1, 8, 10)  # an image stays one frame
+
+
+# --- the real configuration on the meta device ---------------------------------------------------------
+
+
+def released_keys():
+    """hunyuan_vae.safetensors' tensors, re-derived from the notes (section 4.2), not from the module."""
+    keys = {}
+
+    def conv(p, o, i, k, causal=True):
+        p = p + ".conv" if causal else p
+        keys[p + ".weight"], keys[p + ".bias"] = (o, i, k, k, k), (o,)
+
+    def norm(p, c):
+        keys[p + ".weight"], keys[p + ".bias"] = (c,), (c,)
+
+    def resnet(p, i, o):
+        norm(p + ".norm1", i), conv(p + ".conv1", o, i, 3), norm(p + ".norm2", o), conv(p + ".conv2", o, o, 3)
+        if i != o:
+            conv(p + ".conv_shortcut", o, i, 1)
+
+    def mid(p, c):
+        resnet(p + ".resnets.0", c, c), resnet(p + ".resnets.1", c, c)
+        norm(p + ".attentions.0.group_norm", c)
+        for name in ("to_q", "to_k", "to_v", "to_out.0"):
+            keys[f"{p}.attentions.0.{name}.weight"], keys[f"{p}.attentions.0.{name}.bias"] = (c, c), (c,)
+
+    conv("encoder.conv_in", 128, 3, 3)
+    prev = 128
+    for n, c in enumerate((128, 256, 512, 512)):
+        for m in range(2):
+            resnet(f"encoder.down_blocks.{n}.resnets.{m}", prev if m == 0 else c, c)
+        prev = c
+        if n < 3:
+            conv(f"encoder.down_blocks.{n}.downsamplers.0.conv", c, c, 3)
+    mid("encoder.mid_block", 512)
+    norm("encoder.conv_norm_out", 512), conv("encoder.conv_out", 32, 512, 3)
+    conv("decoder.conv_in", 512, 16, 3)
+    mid("decoder.mid_block", 512)
+    prev = 512
+    for n, c in enumerate((512, 512, 256, 128)):
+        for m in range(3):
+            resnet(f"decoder.up_blocks.{n}.resnets.{m}", prev if m == 0 else c, c)
+        prev = c
+        if n < 3:
+            conv(f"decoder.up_blocks.{n}.upsamplers.0.conv", c, c, 3)
+    norm("decoder.conv_norm_out", 128), conv("decoder.conv_out", 3, 128, 3)
+    conv("quant_conv", 32, 32, 1, causal=False), conv("post_quant_conv", 16, 16, 1, causal=False)
+    return keys
+
+
+def test_real_config_keys_and_parameter_count_on_meta():
+    with torch.device("meta"):
+        model = HunyuanVideoVAE(HUNYUAN_VAE)
+    sd = model.state_dict()
+    assert {k: tuple(v.shape) for k, v in sd.items()} == released_keys()
+    assert len(sd) == 248
+    count = lambda prefix: sum(v.numel() for k, v in sd.items() if k.startswith(prefix))
+    assert sum(v.numel() for v in sd.values()) == 246_478_803
+    assert (count("encoder."), count("decoder."), count("quant_conv.") + count("post_quant_conv.")) == (100_341_408, 146_136_067, 1_328)
+    assert list(sd) == list(dict(model.named_parameters()))  # no buffers: nothing recomputed, nothing hidden
+
+
+# --- shapes, normalisation, posterior ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frames", [1, 5, 9])
+@torch.no_grad()
+def test_latent_shapes_and_round_trip(vae, frames):
+    z = vae.encode(video(frames, 32, 48))
+    assert z.shape == (1, 16, (frames - 1) // 4 + 1, 4, 6)
+    assert vae.decode(z).shape == (1, 3, frames, 32, 48)
+
+
+@torch.no_grad()
+def test_latents_are_scaled_posterior_mean_and_seeded_samples(vae):
+    x = video(5)
+    moments = F.conv3d(vae.encoder(x), vae.quant_conv.weight, vae.quant_conv.bias)  # 32 px: one tile
+    mean, logvar = moments[:, :16], moments[:, 16:]
+    s = HUNYUAN_VAE_TINY.scale_factor
+    torch.testing.assert_close(vae.encode(x), s * mean, **TOL)  # shift 0, no noise without a generator
+    a = vae.encode(x, generator=torch.Generator().manual_seed(7))
+    b = vae.encode(x, generator=torch.Generator().manual_seed(7))
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(a, s * (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * noise), **TOL)
+    assert torch.equal(a, b)
+    # Decoding divides the scale back out before the post-quant conv.
+    z = rand(1, 16, 2, 4, 4)
+    torch.testing.assert_close(vae.decode(z), vae.decoder(vae.post_quant_conv(z / s)), **TOL)
+
+
+def test_bad_shapes_are_refused(vae):
+    with pytest.raises(InputError, match="4k\\+1"):
+        vae.encode(video(4))
+    with pytest.raises(InputError, match="multiples of 8"):
+        vae.encode(video(5, 36, 32))
+    with pytest.raises(InputError, match="16, T, H, W"):
+        vae.decode(rand(1, 4, 2, 4, 4))
+    with pytest.raises(InputError, match="torch.Generator"):
+        vae.encode(video(1), generator=7)
+
+
+# --- strict loading of the released file layout ---------------------------------------------------------
+
+
+@pytest.fixture
+def checkpoint(vae, tmp_path):
+    return dict(vae.state_dict()), tmp_path / "hunyuan_vae.safetensors"
+
+
+@torch.no_grad()
+def test_strict_load_success(vae, checkpoint):
+    sd, path = checkpoint
+    save_safetensors(sd, path)
+    loaded = load_hunyuan_vae(path, HUNYUAN_VAE_TINY)
+    z = rand(1, 16, 2, 4, 4)
+    assert torch.equal(loaded.decode(z), vae.decode(z))
+
+
+@pytest.mark.parametrize(
+    "break_it, listed",
+    [
+        (lambda sd: sd.pop("decoder.mid_block.attentions.0.to_k.bias"), "1 missing keys: decoder.mid_block.attentions.0.to_k.bias"),
+        (lambda sd: sd.update({"encoder.mid_block.attentions.0.to_out.1.weight": torch.zeros(1)}), "1 unexpected keys: encoder.mid_block.attentions.0.to_out.1.weight"),
+        (lambda sd: sd.update({"post_quant_conv.weight": torch.zeros(16, 16, 3, 3, 3)}), "1 wrong-shape keys: post_quant_conv.weight (checkpoint [16, 16, 3, 3, 3], model [16, 16, 1, 1, 1])"),
+    ],
+    ids=["missing", "unexpected", "wrong-shape"],
+)
+def test_strict_load_refuses_with_the_key_listed(checkpoint, break_it, listed):
+    sd, path = checkpoint
+    break_it(sd)
+    save_safetensors(sd, path)
+    with pytest.raises(CheckpointError) as err:
+        load_hunyuan_vae(path, HUNYUAN_VAE_TINY)
+    assert listed in err.value.message and err.value.exit_code == 2
