@@ -296,49 +296,37 @@ class HunyuanVideoVAE(nn.Module):
         self._check(latents, self.cfg.latent_channels, "latents", None)
         return self._decode_tiled(latents)
 
-    def _encode_tiled(self, x):
+    def _tile_time(self, fn, x, size_in: int, size_out: int):
+        """Open-Sora's temporal tiling: tiles of size_in + 1 frames every size_in * (1 - overlap), each after
+        the first without its first (shared) output frame, cross-faded over size_out * overlap frames."""
+        overlap = self.cfg.tile_overlap_factor
+        if not (self.use_temporal_tiling and x.shape[2] > size_in):
+            return fn(x)
+        tiles = [fn(x[:, :, i : i + size_in + 1]) for i in tile_starts(x.shape[2], int(size_in * (1 - overlap)))]
+        tiles = tiles[:1] + [t[:, :, 1:] for t in tiles[1:]]
+        extent = int(size_out * overlap)
+        return stitch_temporal(tiles, extent, size_out - extent)
+
+    def _tile_space(self, fn, x, size_in: int, size_out: int):
+        """Open-Sora's spatial tiling: square tiles of size_in every size_in * (1 - overlap) when H or W is
+        larger than one tile, outputs cross-faded over size_out * overlap and cropped to the rest."""
+        overlap = self.cfg.tile_overlap_factor
+        if not (self.use_spatial_tiling and max(x.shape[-2:]) > size_in):
+            return fn(x)
+        starts = lambda n: tile_starts(n, int(size_in * (1 - overlap)))
+        grid = [[fn(x[..., i : i + size_in, j : j + size_in]) for j in starts(x.shape[-1])] for i in starts(x.shape[-2])]
+        extent = int(size_out * overlap)
+        return stitch_spatial(grid, extent, size_out - extent)
+
+    def _encode_tiled(self, video):
         c = self.cfg
-        if self.use_temporal_tiling and x.shape[2] > c.sample_tsize:
-            stride = int(c.sample_tsize * (1 - c.tile_overlap_factor))
-            tiles = [self._encode_spatial(x[:, :, i : i + c.sample_tsize + 1]) for i in tile_starts(x.shape[2], stride)]
-            tiles = tiles[:1] + [t[:, :, 1:] for t in tiles[1:]]
-            extent = int(c.tile_latent_tsize * c.tile_overlap_factor)
-            return stitch_temporal(tiles, extent, c.tile_latent_tsize - extent)
-        return self._encode_spatial(x)
+        per_tile = lambda v: self._tile_space(self.encode_moments, v, c.sample_size, c.tile_latent_size)
+        return self._tile_time(per_tile, video, c.sample_tsize, c.tile_latent_tsize)
 
-    def _encode_spatial(self, x):
-        c, size = self.cfg, self.cfg.sample_size
-        if not (self.use_spatial_tiling and max(x.shape[-2:]) > size):
-            return self.encode_moments(x)
-        stride = int(size * (1 - c.tile_overlap_factor))
-        grid = [
-            [self.encode_moments(x[..., i : i + size, j : j + size]) for j in tile_starts(x.shape[-1], stride)]
-            for i in tile_starts(x.shape[-2], stride)
-        ]
-        extent = int(c.tile_latent_size * c.tile_overlap_factor)
-        return stitch_spatial(grid, extent, c.tile_latent_size - extent)
-
-    def _decode_tiled(self, z):
+    def _decode_tiled(self, latents):
         c = self.cfg
-        if self.use_temporal_tiling and z.shape[2] > c.tile_latent_tsize:
-            stride = int(c.tile_latent_tsize * (1 - c.tile_overlap_factor))
-            tiles = [self._decode_spatial(z[:, :, i : i + c.tile_latent_tsize + 1]) for i in tile_starts(z.shape[2], stride)]
-            tiles = tiles[:1] + [t[:, :, 1:] for t in tiles[1:]]
-            extent = int(c.sample_tsize * c.tile_overlap_factor)
-            return stitch_temporal(tiles, extent, c.sample_tsize - extent)
-        return self._decode_spatial(z)
-
-    def _decode_spatial(self, z):
-        c, size = self.cfg, self.cfg.tile_latent_size
-        if not (self.use_spatial_tiling and max(z.shape[-2:]) > size):
-            return self.decode_tile(z)
-        stride = int(size * (1 - c.tile_overlap_factor))
-        grid = [
-            [self.decode_tile(z[..., i : i + size, j : j + size]) for j in tile_starts(z.shape[-1], stride)]
-            for i in tile_starts(z.shape[-2], stride)
-        ]
-        extent = int(c.sample_size * c.tile_overlap_factor)
-        return stitch_spatial(grid, extent, c.sample_size - extent)
+        per_tile = lambda z: self._tile_space(self.decode_tile, z, c.tile_latent_size, c.sample_size)
+        return self._tile_time(per_tile, latents, c.tile_latent_tsize, c.sample_tsize)
 
     def _check(self, x: torch.Tensor, channels: int, what: str, frames_rule: str | None) -> None:
         c = self.cfg

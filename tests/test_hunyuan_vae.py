@@ -169,25 +169,22 @@ def released_keys():
         for name in ("to_q", "to_k", "to_v", "to_out.0"):
             keys[f"{p}.attentions.0.{name}.weight"], keys[f"{p}.attentions.0.{name}.bias"] = (c, c), (c,)
 
+    def levels(p, widths, resnets, sampler):  # level n: resnets, then a resampling conv at levels 0-2
+        prev = widths[0]
+        for n, c in enumerate(widths):
+            for m in range(resnets):
+                resnet(f"{p}.{n}.resnets.{m}", prev if m == 0 else c, c)
+            prev = c
+            if n < 3:
+                conv(f"{p}.{n}.{sampler}.0.conv", c, c, 3)
+
     conv("encoder.conv_in", 128, 3, 3)
-    prev = 128
-    for n, c in enumerate((128, 256, 512, 512)):
-        for m in range(2):
-            resnet(f"encoder.down_blocks.{n}.resnets.{m}", prev if m == 0 else c, c)
-        prev = c
-        if n < 3:
-            conv(f"encoder.down_blocks.{n}.downsamplers.0.conv", c, c, 3)
+    levels("encoder.down_blocks", (128, 256, 512, 512), 2, "downsamplers")
     mid("encoder.mid_block", 512)
     norm("encoder.conv_norm_out", 512), conv("encoder.conv_out", 32, 512, 3)
     conv("decoder.conv_in", 512, 16, 3)
     mid("decoder.mid_block", 512)
-    prev = 512
-    for n, c in enumerate((512, 512, 256, 128)):
-        for m in range(3):
-            resnet(f"decoder.up_blocks.{n}.resnets.{m}", prev if m == 0 else c, c)
-        prev = c
-        if n < 3:
-            conv(f"decoder.up_blocks.{n}.upsamplers.0.conv", c, c, 3)
+    levels("decoder.up_blocks", (512, 512, 256, 128), 3, "upsamplers")
     norm("decoder.conv_norm_out", 128), conv("decoder.conv_out", 3, 128, 3)
     conv("quant_conv", 32, 32, 1, causal=False), conv("post_quant_conv", 16, 16, 1, causal=False)
     return keys
