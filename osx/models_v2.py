@@ -6,9 +6,205 @@ from them, the manifest records them. Facts: shared/design/opensora-v2.0.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from osx.errors import InputError
+from osx.models import TextEncoderConfig
 
 # --- MMDiT denoiser, T5 + CLIP text encoders, sampler ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MMDiTConfig:
+    """Open-Sora v2.0's Flux-style MMDiT (`opensora/models/mmdit`, configs/diffusion/inference/256px.py).
+
+    Fixed in v2.0 and so not options here: q/k/v biases, separate q/k/v projections (`fused_qkv=False`),
+    rotate-half RoPE (`use_liger_rope=True`), the `cond_in` embedder, no guidance embedder.
+    """
+
+    in_channels: int = 64  # 16 latent channels x 2x2 patch
+    vec_in_dim: int = 768  # CLIP pooled output
+    context_in_dim: int = 4096  # T5 hidden states
+    hidden_size: int = 3072
+    mlp_ratio: float = 4.0
+    num_heads: int = 24
+    depth: int = 19  # double-stream blocks
+    depth_single_blocks: int = 38
+    axes_dim: tuple[int, ...] = (16, 56, 56)  # RoPE dims over (t, h, w); sums to head_dim
+    theta: float = 10000.0
+    patch_size: int = 2
+    time_factor: float = 1000.0
+    timestep_dim: int = 256
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def cond_channels(self) -> int:
+        """`cond_in` input: the mask (one channel, 2x2 patch) + the reference latent (in_channels)."""
+        return self.in_channels + self.patch_size**2
+
+    @property
+    def latent_channels(self) -> int:
+        return self.in_channels // self.patch_size**2
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    """CLIP ViT-L/14 text tower (transformers' CLIPTextConfig names); Open-Sora uses its pooled output."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    bos_token_id: int = 49406
+    # The pooled token is the first EOS. The released config says eos_token_id=2, which makes transformers
+    # take argmax(input_ids) instead; with pad = EOS = the largest id (49407) both pick the same token.
+    eos_token_id: int = 49407
+    pad_token_id: int = 49407
+    max_length: int = 77  # tokens; pad/truncate to exactly this
+
+
+@dataclass(frozen=True)
+class SamplerV2Config:
+    """The v2.0 sampler (`opensora/utils/sampling.py` I2VDenoiser + get_schedule) at 256px.py's settings."""
+
+    num_steps: int = 50
+    guidance: float = 7.5  # text scale
+    guidance_img: float = 3.0  # image (reference) scale
+    text_osci: bool = True  # odd steps from `osci_start` on use scale 1
+    image_osci: bool = True
+    scale_temporal_osci: bool = True  # image-scale ramps over steps and latent frames (i2v only)
+    osci_start: int = 10
+    shift: bool = True
+    flow_shift: float | None = None  # fixed alpha; None: from the token count and latent frames
+    base_seq: int = 256  # alpha = 1 at 256 tokens per latent frame ...
+    max_seq: int = 4096  # ... and 3 at 4096 (then times sqrt(T_lat))
+    base_shift: float = 1.0
+    max_shift: float = 3.0
+    fps: int = 24  # prompt suffix " 24 FPS." and the saved video's rate
+    motion_score: str = "4"  # prompt suffix " 4 motion score."
+
+
+COND_TYPES = ("t2v", "i2v_head", "i2v_tail", "i2v_loop", "v2v_head", "v2v_tail", "v2v_head_easy", "v2v_tail_easy")
+ASPECT_RATIOS = ("16:9", "9:16", "1:1", "2.39:1", "1:2.39", "4:3", "3:4", "3:2", "2:3", "2:1", "1:2")
+
+
+@dataclass(frozen=True)
+class GenerationDefaultsV2:
+    resolution: str = "256px"
+    aspect_ratio: str = "16:9"
+    num_frames: int = 129
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class OpenSoraV2Config:
+    name: str
+    t5: TextEncoderConfig
+    clip: CLIPTextConfig
+    mmdit: MMDiTConfig
+    sampler: SamplerV2Config
+    defaults: GenerationDefaultsV2
+    family: str = "opensora-v2.0"
+    # Resolution buckets: name -> side of the square whose area the bucket keeps.
+    resolutions: dict[str, int] = field(default_factory=lambda: {"256px": 256, "768px": 768})
+    max_frames: int = 129  # frames are 4k+1 (causal VAE: first frame alone, then 4 per latent frame)
+    spatial_downsample: int = 8  # VAE
+    temporal_downsample: int = 4
+    random_init_seed: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+OPENSORA_V2_0 = OpenSoraV2Config(
+    name="opensora-v2.0",
+    t5=TextEncoderConfig(max_length=512),  # google/t5-v1_1-xxl: the same network as v1.2's T5, 512 tokens
+    clip=CLIPTextConfig(),
+    mmdit=MMDiTConfig(),
+    sampler=SamplerV2Config(),
+    defaults=GenerationDefaultsV2(),
+)
+
+# Same structure, tiny widths and depths. Kept: 2x2 patches over 16 latent channels (so the 68-channel
+# cond input and the packing are the real ones), three RoPE axes summing to the head dim, both block kinds.
+OPENSORA_V2_0_TINY = OpenSoraV2Config(
+    name="opensora-v2.0-tiny",
+    t5=TextEncoderConfig(vocab_size=1024, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, max_length=32),
+    clip=CLIPTextConfig(
+        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=32, bos_token_id=510, eos_token_id=511, pad_token_id=511, max_length=32,
+    ),
+    mmdit=MMDiTConfig(
+        vec_in_dim=32, context_in_dim=32, hidden_size=64, num_heads=4, depth=2, depth_single_blocks=2,
+        axes_dim=(4, 6, 6),
+    ),
+    sampler=SamplerV2Config(num_steps=12),  # > osci_start, so oscillation is exercised
+    defaults=GenerationDefaultsV2(resolution="64px", aspect_ratio="1:1", num_frames=9),
+    resolutions={"64px": 64},
+    max_frames=33,
+)
+
+MODELS_V2: dict[str, OpenSoraV2Config] = {m.name: m for m in (OPENSORA_V2_0, OPENSORA_V2_0_TINY)}
+
+
+# --- shape arithmetic ----------------------------------------------------------------------------------
+
+
+def image_size(cfg: OpenSoraV2Config, resolution: str, aspect_ratio: str) -> tuple[int, int]:
+    """(height, width) in pixels of a resolution bucket and aspect ratio "W:H", as Open-Sora's inference.
+
+    With P = side^2 and r = long/short side: long = floor(sqrt(P*r)/16)*16, short = floor(P/long/16)*16;
+    portrait ratios swap the two (the design doc's table: 256px 16:9 -> 192x336, 9:16 -> 336x192,
+    1:2.39 -> 384x160). Both are multiples of 16, so Open-Sora's round-up to 16 changes nothing.
+    """
+    if resolution not in cfg.resolutions:
+        raise InputError(f"unknown resolution {resolution!r} for {cfg.name}", hint=f"use one of {', '.join(cfg.resolutions)}")
+    try:
+        w, h = (float(v) for v in aspect_ratio.split(":"))
+        assert w > 0 and h > 0
+    except (ValueError, AssertionError):
+        raise InputError(f"aspect ratio {aspect_ratio!r} is not W:H", hint=f"e.g. {', '.join(ASPECT_RATIOS[:4])}") from None
+    area = cfg.resolutions[resolution] ** 2
+    long = int(math.sqrt(area * max(w, h) / min(w, h)) / 16) * 16
+    short = int(area / long / 16) * 16
+    if short < 16:
+        raise InputError(f"aspect ratio {aspect_ratio} leaves a side under 16 px at {resolution}", hint="use a milder ratio")
+    return (short, long) if w >= h else (long, short)
+
+
+def check_frames(cfg: OpenSoraV2Config, num_frames: int) -> None:
+    if not (1 <= num_frames <= cfg.max_frames and (num_frames - 1) % cfg.temporal_downsample == 0):
+        raise InputError(
+            f"num_frames={num_frames}: {cfg.name} takes 4k+1 frames from 1 to {cfg.max_frames}",
+            hint=f"e.g. 1, 33, 65, {cfg.max_frames}" if cfg.max_frames >= 65 else f"e.g. 1, 5, 9, {cfg.max_frames}",
+        )
+
+
+def latent_frames_v2(num_frames: int, temporal_downsample: int = 4) -> int:
+    """Causal VAE: the first frame alone, then one latent frame per 4: T_lat = (F-1)/4 + 1."""
+    return 1 if num_frames == 1 else (num_frames - 1) // temporal_downsample + 1
+
+
+def latent_shape(cfg: OpenSoraV2Config, height: int, width: int, num_frames: int) -> tuple[int, int, int, int]:
+    """[C, T_lat, h, w] of the noise: h, w = 2*ceil(H/16), 2*ceil(W/16) (whole 2x2 patches)."""
+    block = cfg.spatial_downsample * cfg.mmdit.patch_size
+    p = cfg.mmdit.patch_size
+    return (cfg.mmdit.latent_channels, latent_frames_v2(num_frames, cfg.temporal_downsample),
+            p * -(-height // block), p * -(-width // block))
+
 
 # --- HunyuanVideo causal 3D VAE ---------------------------------------------------------------------------
 
