@@ -65,3 +65,15 @@ def tiny_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     export_bundle("opensora-v1.2-tiny", out, gpu="cpu", random_weights=True, progress=lambda msg: None)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny torch models run 10-50x faster on one thread than with torch's busy-waiting thread pool on
+    shared cores. Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
