@@ -23,7 +23,7 @@ class PromptTruncatedWarning(UserWarning):
 
 
 class TextTokenizer:
-    def __init__(self, tokenizer: str | os.PathLike | Tokenizer, max_length: int):
+    def __init__(self, tokenizer: str | os.PathLike | Tokenizer, max_length: int, pad_token: str = "<pad>"):
         if isinstance(tokenizer, Tokenizer):
             base = tokenizer
         else:
@@ -33,14 +33,14 @@ class TextTokenizer:
                 raise BundleError(f"cannot load tokenizer {Path(tokenizer)}: {e}",
                                   hint="the bundle's tokenizer.json is missing or corrupt; re-export the bundle") from None
         self.max_length = int(max_length)
-        self.pad_id = _special_id(base, "<pad>")
+        self.pad_id = _special_id(base, pad_token)  # CLIP pads with its EOS, "<|endoftext|>"
         # Two configured copies: one counts the full length, one truncates and pads like Open-Sora.
         self._full = Tokenizer.from_str(base.to_str())
         self._full.no_truncation()
         self._full.no_padding()
         self._fixed = Tokenizer.from_str(base.to_str())
         self._fixed.enable_truncation(self.max_length)  # keeps room for the appended </s>
-        self._fixed.enable_padding(length=self.max_length, pad_id=self.pad_id, pad_token="<pad>")
+        self._fixed.enable_padding(length=self.max_length, pad_id=self.pad_id, pad_token=pad_token)
 
     def count(self, prompt: str) -> int:
         """Tokens of `prompt` including `</s>`, before truncation."""
