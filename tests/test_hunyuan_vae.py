@@ -2,6 +2,7 @@
 state dict on the meta device, shapes, causality, tiling and strict checkpoint loading. Tiny config, seeded
 weights, float32. Facts: design/opensora-v2.0.md section 4."""
 
+import copy
 import math
 
 import pytest
@@ -274,3 +275,198 @@ def test_strict_load_refuses_with_the_key_listed(checkpoint, break_it, listed):
     with pytest.raises(CheckpointError) as err:
         load_hunyuan_vae(path, HUNYUAN_VAE_TINY)
     assert listed in err.value.message and err.value.exit_code == 2
+
+
+# --- causality: the first frame is encoded and decoded alone --------------------------------------------
+
+
+def first_frame_statistics(model):
+    """A copy of `model` whose GroupNorms take their statistics from frame 0 only (applied to all frames).
+    GroupNorm is the one non-causal part of the VAE; with it pinned, every output frame 0 must depend on
+    input frame 0 alone."""
+    model = copy.deepcopy(model)
+
+    def forward(self, x):  # x: [B, C, T, H, W]
+        g = x.reshape(x.shape[0], self.num_groups, -1, *x.shape[2:])  # [B, G, C/G, T, H, W]
+        first, dims = g[:, :, :, :1], (2, 3, 4, 5)
+        mean, var = first.mean(dims, keepdim=True), first.var(dims, unbiased=False, keepdim=True)
+        y = ((g - mean) / torch.sqrt(var + self.eps)).reshape(x.shape)
+        return y * self.weight.view(1, -1, 1, 1, 1) + self.bias.view(1, -1, 1, 1, 1)
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.GroupNorm):
+            m.forward = forward.__get__(m)
+    return model
+
+
+@torch.no_grad()
+def test_everything_but_groupnorm_is_causal(vae):
+    """Independent frames everywhere: with GroupNorm statistics pinned to frame 0, frame 0 of the whole
+    equals the first frame alone (convs, strided convs, upsampling and attention mask all causal)."""
+    pinned = first_frame_statistics(vae)
+    z = rand(1, 16, 3, 4, 4, seed=1)
+    torch.testing.assert_close(pinned.decode(z[:, :, :1])[:, :, 0], pinned.decode(z)[:, :, 0], **TOL)
+    x = video(9, seed=2)
+    torch.testing.assert_close(pinned.encode(x[:, :, :1]), pinned.encode(x)[:, :, :1], **TOL)
+    # Without the pin the same frames differ: the test above is not vacuous.
+    assert (vae.decode(z[:, :, :1])[:, :, 0] - vae.decode(z)[:, :, 0]).abs().max() > 1e-2
+
+
+@torch.no_grad()
+def test_static_video_is_its_first_frame(vae):
+    """A still video (every frame equal) has frame 0's GroupNorm statistics, so here the real VAE is exactly
+    causal: every latent frame is the image's latent, and every decoded frame the image decoded alone."""
+    image = video(1, seed=3)
+    z_image = vae.encode(image)
+    torch.testing.assert_close(vae.encode(image.expand(-1, -1, 9, -1, -1)), z_image.expand(-1, -1, 3, -1, -1), **TOL)
+    frame = vae.decode(z_image)
+    assert frame.shape[2] == 1
+    torch.testing.assert_close(vae.decode(z_image.expand(-1, -1, 3, -1, -1)), frame.expand(-1, -1, 9, -1, -1), **TOL)
+
+
+@torch.no_grad()
+def test_first_frame_decodes_alone_within_groupnorm_leak(vae):
+    """Latents that vary over time like a video (frame-to-frame change 0.1 of their scale): the first frame
+    decoded alone vs the first frame of the whole differ only through the GroupNorm statistics. Measured 1.0%
+    (decode) and 0.5% (encode) relative L2 on the tiny seeded model; tolerance 3%."""
+    z = rand(1, 16, 1, 4, 4, seed=4) + 0.1 * rand(1, 16, 3, 4, 4, seed=5).cumsum(2)
+    alone, whole = vae.decode(z[:, :, :1])[:, :, 0], vae.decode(z)[:, :, 0]
+    assert (alone - whole).norm() / whole.norm() < 0.03
+    x = (video(1, seed=6) + 0.05 * video(9, seed=7).cumsum(2)).clamp(-1, 1)
+    alone, whole = vae.encode(x[:, :, :1]), vae.encode(x)[:, :, :1]
+    assert (alone - whole).norm() / whole.norm() < 0.03
+
+
+# --- tiling ----------------------------------------------------------------------------------------------------
+
+
+def test_tile_grids_at_the_real_sizes():
+    """Open-Sora's counts (notes 4.3): 256px 16:9 decodes as 1x2 latent tiles of widths 32 and 18, 768px 16:9
+    as 3x6; a 768px reference image encodes as 3x6 pixel tiles of 256. Traced on the meta device."""
+    with torch.device("meta"):
+        model = HunyuanVideoVAE(HUNYUAN_VAE)
+    seen = []
+
+    def decode_tile(z):
+        seen.append(tuple(z.shape[-2:]))
+        b, _, t, h, w = z.shape
+        return torch.zeros(b, 3, 4 * (t - 1) + 1, 8 * h, 8 * w, device="meta")
+
+    def encode_moments(x):
+        seen.append(tuple(x.shape[-2:]))
+        b, _, f, h, w = x.shape
+        return torch.zeros(b, 32, (f - 1) // 4 + 1, h // 8, w // 8, device="meta")
+
+    model.decode_tile, model.encode_moments = decode_tile, encode_moments
+    assert model.decode(torch.zeros(1, 16, 33, 24, 42, device="meta")).shape == (1, 3, 129, 192, 336)
+    assert seen == [(24, 32), (24, 18)]
+    seen.clear()
+    assert model.decode(torch.zeros(1, 16, 33, 72, 128, device="meta")).shape == (1, 3, 129, 576, 1024)
+    assert len(seen) == 18 and seen[0] == (32, 32)
+    seen.clear()
+    assert model.encode(torch.zeros(1, 3, 1, 576, 1024, device="meta")).shape == (1, 16, 1, 72, 128)
+    assert len(seen) == 18 and seen[0] == (256, 256)
+    seen.clear()
+    model.decode(torch.zeros(1, 16, 33, 32, 32, device="meta"))  # 256x256 px: one tile, no tiling
+    assert seen == [(32, 32)]
+
+
+def local_decode(z):
+    """A stand-in decoder with a known, small receptive field: a 3x3 latent box filter (edges replicated, like
+    the VAE's convs), then 8x nearest upsampling. Pixels more than one latent from a tile's inner border are
+    exactly what the untiled filter gives."""
+    blurred = F.avg_pool3d(F.pad(z[:, :3], (1, 1, 1, 1, 0, 0), mode="replicate"), (1, 3, 3), stride=1)
+    return blurred.repeat_interleave(8, dim=3).repeat_interleave(8, dim=4)
+
+
+def seam_cells(n, tile=8, stride=6):
+    """Latent cells next to an inner tile border along an axis of n cells (tiny config: 8-cell tiles every 6)."""
+    cells = torch.zeros(n, dtype=torch.bool)
+    for s in range(0, n, stride):
+        e = min(s + tile, n)
+        cells[s] |= s > 0
+        cells[e - 1] |= e < n
+    return cells.repeat_interleave(8)
+
+
+@torch.no_grad()
+def test_tiled_decode_equals_untiled_away_from_seams(vae, monkeypatch):
+    model = copy.copy(vae)  # same weights; only decode_tile is replaced
+    monkeypatch.setattr(model, "decode_tile", local_decode)
+    z = rand(1, 16, 2, 20, 14, seed=8)  # 4 x 3 tiles of 8x8 latents every 6 (the last ones short)
+    tiled = model.decode(z)
+    model.use_spatial_tiling = False
+    untiled = model.decode(z)
+    away = ~seam_cells(20)[:, None] & ~seam_cells(14)[None, :]
+    diff = (tiled - untiled).abs()
+    assert diff[..., away].max() < 1e-6  # blending two equal values: float32 rounding only
+    assert diff[..., ~away].max() > 1e-3  # the stand-in does see tile borders
+
+
+@torch.no_grad()
+def test_blend_weights_are_a_linear_ramp(vae, monkeypatch):
+    model = copy.copy(vae)
+    calls = []
+
+    def constant_tile(z):  # tile k decodes to the constant k
+        calls.append(None)
+        return torch.full((1, 3, z.shape[2], 8 * z.shape[3], 8 * z.shape[4]), float(len(calls) - 1))
+
+    monkeypatch.setattr(model, "decode_tile", constant_tile)
+    # One row (6 latent rows: one tile start) of 2 tiles: latent columns 0-8 and 6-12.
+    out = model.decode(torch.zeros(1, 16, 1, 6, 12))
+    assert out.shape == (1, 3, 1, 48, 96) and len(calls) == 2
+    e = int(64 * 0.25)  # blend extent: 16 px; tile 0 keeps 64 - 16 = 48 columns
+    expected = torch.cat([torch.zeros(48), torch.arange(e) / e, torch.ones(96 - 48 - e)])
+    torch.testing.assert_close(out[0, 0, 0], expected.expand(48, -1), rtol=0, atol=1e-7)
+
+
+def opensora_tiling(fn, x, tile_in, tile_out, overlap=0.25):
+    """Open-Sora's spatial tiling loop written out (autoencoder_kl_causal_3d.py): blend row by row in place,
+    the tile above first, then the tile to the left, crop, concatenate."""
+    stride, extent = int(tile_in * (1 - overlap)), int(tile_out * overlap)
+    limit = tile_out - extent
+    rows = [[fn(x[..., i : i + tile_in, j : j + tile_in]) for j in range(0, x.shape[-1], stride)] for i in range(0, x.shape[-2], stride)]
+    out_rows = []
+    for i, row in enumerate(rows):
+        out_row = []
+        for j, tile in enumerate(row):
+            if i > 0:
+                above, e = rows[i - 1][j], min(rows[i - 1][j].shape[-2], tile.shape[-2], extent)
+                for y in range(e):
+                    tile[..., y, :] = above[..., -e + y, :] * (1 - y / e) + tile[..., y, :] * (y / e)
+            if j > 0:
+                left, e = row[j - 1], min(row[j - 1].shape[-1], tile.shape[-1], extent)
+                for x_ in range(e):
+                    tile[..., x_] = left[..., -e + x_] * (1 - x_ / e) + tile[..., x_] * (x_ / e)
+            out_row.append(tile[..., :limit, :limit])
+        out_rows.append(torch.cat(out_row, dim=-1))
+    return torch.cat(out_rows, dim=-2)
+
+
+@torch.no_grad()
+def test_spatial_tiling_matches_opensoras_loop(vae):
+    z = rand(1, 16, 2, 14, 20, seed=9)  # 2 x 3 tiles of the real tiny decoder
+    torch.testing.assert_close(vae.decode(z), opensora_tiling(vae.decode_tile, z, 8, 64), rtol=0, atol=1e-6)
+    x = video(1, 112, 80, seed=10)  # an i2v reference image: 3 x 2 pixel tiles of 64 every 48
+    expected = HUNYUAN_VAE_TINY.scale_factor * opensora_tiling(vae.encode_moments, x, 64, 8)[:, :16]
+    torch.testing.assert_close(vae.encode(x), expected, rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_temporal_tiling_matches_opensoras_loop(vae):
+    """Off in Open-Sora v2.0's configs, kept switchable: latent tiles of 4+1 frames every 3, the first
+    decoded frame of each later tile dropped, frames cross-faded over int(16 * 0.25) = 4 frames."""
+    z = rand(1, 16, 9, 4, 4, seed=11)
+    tiles = [vae.decode_tile(z[:, :, i : i + 5]) for i in range(0, 9, 3)]
+    tiles = tiles[:1] + [t[:, :, 1:] for t in tiles[1:]]
+    for prev, cur in zip(tiles, tiles[1:]):
+        e = min(prev.shape[2], cur.shape[2], 4)
+        for f in range(e):
+            cur[:, :, f] = prev[:, :, -e + f] * (1 - f / e) + cur[:, :, f] * (f / e)
+    expected = torch.cat([tiles[0][:, :, :13], *(t[:, :, :12] for t in tiles[1:])], dim=2)
+    model = copy.copy(vae)
+    model.use_temporal_tiling = True
+    out = model.decode(z)
+    assert out.shape == (1, 3, 33, 32, 32)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
