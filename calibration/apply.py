@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from osx.calibration import gate as gate_mod
-from osx.calibration.calibset import CalibrationSet
+from osx.calibration.calibset import CalibrationSet, weights_identity
 from osx.calibration.quantize import OP_TYPES, Quantizer, choose_quantizer, layer_groups, quantize, source_dtype
 from osx.calibration.shards import ShardReader
+from osx.components import QUANTIZABLE
 
-QUANTIZABLE = ("text_encoder", "denoiser")  # the VAE decoder stays in full precision
 
 # Called with the quantized graph of the component being searched; returns video_metrics of the
 # decoded video against full precision (or None to skip the end-to-end part of the gate).
@@ -129,6 +130,26 @@ def check_request(precisions: dict[str, str], calibration: str | Path | None, mo
         modelopt_python()  # no ModelOpt: say how to install it now, not after the export
 
 REPORT_DIR = "quantization"  # in the bundle: report.json, report.png, frames.png
+
+
+@dataclass(frozen=True)
+class QuantizeStep:
+    """Where calibrated Q/DQ graphs join an export (the command layer hands it to the exporter):
+    `check` runs before any export work; `apply` once every float graph, the tokenizer and the null
+    caption are written (the quality gate generates videos with the bundle) and before engines are built."""
+
+    calibration: str | Path | None = None
+    thresholds: gate_mod.Thresholds = field(default_factory=gate_mod.Thresholds)
+    allow_quality_loss: bool = False
+
+    def check(self, precisions: dict[str, str], model_name: str, random_seed: int, checkpoint: dict | None) -> None:
+        check_request(precisions, self.calibration, model_name, weights_identity(random_seed, checkpoint))
+
+    def apply(self, bundle_dir: Path, manifest: dict, precisions: dict[str, str], say: Callable[[str], None]) -> dict:
+        if self.calibration is None:
+            return manifest
+        return quantize_bundle(bundle_dir, manifest, precisions, self.calibration, self.thresholds,
+                               allow_quality_loss=self.allow_quality_loss, say=say)
 
 
 def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str], calibration: str | Path,

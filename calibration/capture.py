@@ -132,7 +132,7 @@ def denoiser_inputs(r, step: int, recipe: dict) -> dict[str, np.ndarray]:
     """The denoiser call of step `step` of reference run `r`, cond and uncond batched (ComponentSpec
     names). timestep / fps / height / width are rounded to bfloat16 as the runtime passes them (the
     graph rounds them again, idempotently)."""
-    from osx.runtime.scheduler import round_bf16
+    from osx.numeric import round_bf16
 
     z = r.noise if step == 0 else r.latents[step - 1]
     two = lambda v: round_bf16(np.full((2,), v, np.float32))  # noqa: E731

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import onnx
 
+from osx.bundle import EXTERNAL_DATA_BYTES
+from osx.components import NEVER_FP16
 from osx.calibration.shards import ShardReader
 from osx.errors import OsxError
 
@@ -39,8 +41,6 @@ PRECISIONS = ("int8", "fp8")
 OP_TYPES = ("MatMul", "Gemm", "Conv")
 MODELOPT_ENV = "OSX_MODELOPT_PYTHON"
 WORKER = Path(__file__).with_name("modelopt_worker.py")
-# Graphs above protobuf's 2 GB limit keep their weights in an external data file.
-EXTERNAL_DATA_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class Quantizer:
 def choose_quantizer(precision: str, component: str, backend: str, source_dtype: str) -> Quantizer:
     """onnxruntime for INT8 run by onnxruntime from an fp32 graph; ModelOpt otherwise. TensorRT keeps a
     strongly typed graph's types, so its denoiser gets fp16 outside the Q/DQ pairs; T5 never (overflow)."""
-    fp16 = source_dtype == "float16" or (backend == "tensorrt" and component != "text_encoder")
+    fp16 = source_dtype == "float16" or (backend == "tensorrt" and component not in NEVER_FP16)
     if precision == "int8" and backend != "tensorrt" and not fp16:
         return Quantizer("onnxruntime", "fp32")
     return Quantizer("modelopt", "fp16" if fp16 else "fp32")

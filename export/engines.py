@@ -20,7 +20,7 @@ from pathlib import Path
 from osx.bundle import sha256_file
 from osx.components import ComponentSpec, DimRange
 from osx.errors import OsxError
-from osx.profiles.compat import Machine, check_engine_compat, engine_key, required_runtime, this_machine
+from osx.engine_key import Machine, check_engine_compat, engine_key, required_runtime, this_machine
 from osx.profiles.planner import ComponentPlan, Plan
 from osx.profiles.profile import GIB, MIN_COMPUTE_CAPABILITY, QUANTIZED
 

@@ -30,20 +30,18 @@ from typing import Callable
 import numpy as np
 
 from osx import __version__
-from osx.bundle import BundleWriter
-from osx.components import DimRange, component_specs
+from osx.bundle import EXTERNAL_DATA_BYTES, BundleWriter
+from osx.components import COMPONENTS, NEVER_FP16, DimRange, component_specs
 from osx.errors import CheckpointError, OsxError
-from osx.export.onnx_export import DTYPES, OPSETS, TWO_GB, export_component
+from osx.export.onnx_export import DTYPES, OPSETS, export_component
 from osx.export.validate import (
     compare_onnx, format_table, fp16_noise, fp16_tolerance, torch_reference, validation_shapes,
 )
 from osx.models import ModelConfig, get_model_config
+from osx.numeric import format_bytes
 
-# Export order; the torch module each component comes from (the VAE serves both chunk graphs).
-EXPORT_ORDER = ("text_encoder", "denoiser", "vae_decoder", "vae_encoder")
+# The torch module each component comes from (the VAE serves both chunk graphs).
 SOURCE = {"text_encoder": "text_encoder", "denoiser": "denoiser", "vae_decoder": "vae", "vae_encoder": "vae"}
-# T5 v1.1 overflows in fp16 (its feed-forward activations exceed 65504), so it is always exported fp32.
-FP32_ONLY = {"text_encoder": "T5 v1.1 overflows in float16; the text encoder is exported in float32"}
 TOKENIZER_FILE = "tokenizer.json"
 NULL_TEXT_FILE = "null_text.npy"
 CHECKPOINT_PARTS = ("denoiser", "vae", "t5")
@@ -62,20 +60,20 @@ def export_bundle(
     random_weights: bool = False,
     dtype: str = "fp32",
     precision: str = "auto",
-    calibration: str | os.PathLike | None = None,
-    allow_quality_loss: bool = False,
-    quality_thresholds=None,
+    quantize=None,
     force: bool = False,
     opset: int = 18,
     portable: bool = False,
     with_vae_encoder: bool = False,
-    external_data_threshold: int = TWO_GB,
+    external_data_threshold: int = EXTERNAL_DATA_BYTES,
     progress: Callable[[str], None] = print,
 ) -> dict:
     """Export `model_name` to a bundle at `out`; returns the manifest. See `osx export --help`.
 
     Components: those of the plan (text_encoder, denoiser, vae_decoder for the shipped profiles), plus
-    vae_encoder with `with_vae_encoder` (image-to-video; text-to-video does not use it)."""
+    vae_encoder with `with_vae_encoder` (image-to-video; text-to-video does not use it). `quantize`
+    (osx.calibration.apply.QuantizeStep, from the command layer) turns int8/fp8-planned components into
+    calibrated Q/DQ graphs; without it such a plan is refused."""
     start = time.perf_counter()
 
     def say(msg: str) -> None:
@@ -89,7 +87,12 @@ def export_bundle(
                        "(onnxruntime and TensorRT 10 parse these; from 23 on, attention becomes an op onnxruntime rejects)")
     parts = resolve_checkpoint(checkpoint, t5=t5, vae=vae, denoiser=denoiser, random_weights=random_weights)
     plan = _plan(gpu, model_cfg, precision)
-    check_quantization(plan, calibration, model_cfg, parts)
+    precisions = {n: c.precision for n, c in plan.components.items()}
+    if quantize is not None:
+        quantize.check(precisions, model_cfg.name, model_cfg.random_init_seed, parts)
+    elif any(c.needs_calibration for c in plan.components.values()):
+        raise OsxError(f"{', '.join(n for n, c in plan.components.items() if c.needs_calibration)} planned at int8/fp8 "
+                       "needs calibrated graphs", hint="export with `osx export --calibration DIR` (from `osx calibrate`)")
 
     from osx.export.reference import build_reference
 
@@ -98,11 +101,11 @@ def export_bundle(
             + ("seeded random weights" if parts is None else ", ".join(f"{k}={v}" for k, v in parts.items())))
         ref = build_reference(model_cfg, checkpoint=parts)
         specs = component_specs(model_cfg)
-        names = [n for n in EXPORT_ORDER if n in plan.components or (n == "vae_encoder" and with_vae_encoder)]
+        names = [n for n in COMPONENTS if n in plan.components or (n == "vae_encoder" and with_vae_encoder)]
         components: dict[str, dict] = {}
         for i, name in enumerate(names):
             cplan = plan.components.get(name)
-            comp_dtype = "fp32" if name in FP32_ONLY else dtype
+            comp_dtype = "fp32" if name in NEVER_FP16 else dtype
             io = specs[name].with_dims(**span(cplan.profiles)) if cplan else specs[name]
             io = io.with_precision(DTYPES[comp_dtype][0])
             module = getattr(ref, SOURCE[name])
@@ -146,7 +149,7 @@ def export_bundle(
                 "exporter": info.exporter,
                 "cleanup": info.cleanup,
                 "export_seconds": info.seconds,
-                "notes": ([FP32_ONLY[name]] if name in FP32_ONLY and dtype != "fp32" else []) + info.notes,
+                "notes": ([f"{NEVER_FP16[name]}: exported in float32"] if name in NEVER_FP16 and dtype != "fp32" else []) + info.notes,
                 **extra,
             }
             components[name] = entry
@@ -161,8 +164,8 @@ def export_bundle(
             "scheduler": dataclasses.asdict(model_cfg.scheduler),
             "profile": plan.to_dict(),
         }
-        if calibration is not None:  # before engines: TensorRT builds from the Q/DQ graphs
-            body = quantize(writer.dir, body, plan, calibration, allow_quality_loss, quality_thresholds, say)
+        if quantize is not None:  # before engines: TensorRT builds from the Q/DQ graphs
+            body = quantize.apply(writer.dir, body, precisions, say)
             components = body["components"]
 
         if any(c.backend == "tensorrt" for c in plan.components.values()):
@@ -182,7 +185,7 @@ def export_bundle(
                 "seconds": round(time.perf_counter() - start, 1),
             },
         })
-    say(f"wrote {Path(out)} ({sum(f['bytes'] for f in manifest['files'].values()) / 2**20:.1f} MiB, "
+    say(f"wrote {Path(out)} ({format_bytes(sum(f['bytes'] for f in manifest['files'].values()))}, "
         f"{len(manifest['files'])} files)")
     return manifest
 
@@ -197,10 +200,10 @@ def span(profiles: list[dict[str, DimRange]]) -> dict[str, DimRange]:
 
 
 def _plan(gpu: str, model_cfg: ModelConfig, precision: str):
-    from osx.profiles import detect_profile, load_profile, make_plan
+    from osx.profiles import detect_profile, load_profile, plan_that_fits
 
     profile = detect_profile()[0] if gpu == "auto" else load_profile(gpu)
-    return make_plan(profile, model_cfg, precision)
+    return plan_that_fits(profile, model_cfg, precision)
 
 
 def versions() -> dict[str, str]:
@@ -213,30 +216,6 @@ def versions() -> dict[str, str]:
     return {"osx": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "onnxscript": onnxscript.__version__,
             "onnxslim": onnxslim.__version__, "python": sys.version.split()[0], "platform": platform.platform()}
-
-
-# --- quantization hook (INT8 / FP8) -------------------------------------------------------------------
-# Where calibrated Q/DQ graphs join the bundle (osx.calibration): `check_quantization` runs before any
-# work; `quantize` runs once every floating-point graph, the tokenizer and the null caption are written,
-# because its quality gate generates videos with the bundle, and before TensorRT engines are built.
-
-
-def check_quantization(plan, calibration: str | os.PathLike | None, model_cfg: ModelConfig, parts) -> None:
-    from osx.calibration.apply import check_request
-    from osx.calibration.calibset import weights_identity
-
-    check_request({n: c.precision for n, c in plan.components.items()}, calibration, model_cfg.name,
-                  weights_identity(model_cfg.random_init_seed, parts))
-
-
-def quantize(bundle_dir: Path, body: dict, plan, calibration, allow_quality_loss: bool, thresholds, say) -> dict:
-    """Replace the int8/fp8-planned components' graphs by calibrated Q/DQ graphs (quality-gated; report
-    in `quantization/`); returns the manifest body with their entries updated."""
-    from osx.calibration.apply import quantize_bundle
-    from osx.calibration.gate import Thresholds
-
-    return quantize_bundle(bundle_dir, body, {n: c.precision for n, c in plan.components.items()}, calibration,
-                           thresholds or Thresholds(), allow_quality_loss=allow_quality_loss, say=say)
 
 
 # --- checkpoint folders ---------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ Memory (README "Exporting a real checkpoint"): the module is cast in place to th
 second copy); the raw export streams weights into `<name>.onnx.data`; clean-up (onnxslim: constant
 folding, shape inference, dead-node elimination, fusions) runs with the external weights left on disk
 (`_slim_without_loading_weights`); the checker reads the file from disk. Weights at most
-`external_data_threshold` (2 GB) are then written into one self-contained `.onnx`.
+`external_data_threshold` (osx.bundle.EXTERNAL_DATA_BYTES) are then written into one self-contained `.onnx`.
 """
 
 from __future__ import annotations
@@ -43,11 +43,12 @@ import onnx
 import onnxslim
 import torch
 
+from osx.bundle import EXTERNAL_DATA_BYTES
 from osx.components import ComponentSpec
+from osx.numeric import format_bytes
 
 OPSETS = (18, 19, 20)
 DTYPES = {"fp32": ("float32", torch.float32), "fp16": ("float16", torch.float16)}
-TWO_GB = 2**31  # protobuf's hard limit for one message; above it weights must be external data
 EXPORTER = f"torch.export + torch.onnx.export(dynamo=True), torch {torch.__version__}"
 
 
@@ -180,7 +181,7 @@ def export_component(
     dtype: str = "fp32",
     opset: int = 18,
     sample_sizes: dict[str, int] | None = None,
-    external_data_threshold: int = TWO_GB,
+    external_data_threshold: int = EXTERNAL_DATA_BYTES,
     progress: Callable[[str], None] | None = None,
 ) -> ExportInfo:
     """Export `module` as `spec` to `path` (an .onnx file; `<path>.data` beside it if the weights are
@@ -225,7 +226,7 @@ def export_component(
         weight_bytes = raw_data.stat().st_size if raw_data.exists() else 0
         external = weight_bytes > external_data_threshold
 
-        say(f"cleaning {spec.name} graph with onnxslim ({_fmt_bytes(weight_bytes)} of weights"
+        say(f"cleaning {spec.name} graph with onnxslim ({format_bytes(weight_bytes)} of weights"
             f"{', kept as external data' if external else ''})")
         model = onnx.load(raw, load_external_data=False)
         _name_nodes_by_module(model)
@@ -265,7 +266,7 @@ def export_component(
         seconds=round(time.perf_counter() - start, 2),
         notes=[f"torch.export shape assertion not kept in the graph (validation covers it): {a}" for a in dropped],
     )
-    say(f"wrote {path.name}{' + ' + data_file if data_file else ''} ({_fmt_bytes(size)}, {info.nodes} nodes, "
+    say(f"wrote {path.name}{' + ' + data_file if data_file else ''} ({format_bytes(size)}, {info.nodes} nodes, "
         f"checker ok) in {info.seconds:.1f}s")
     return info
 
@@ -357,11 +358,3 @@ def _quiet():
 
 def _fmt_sizes(sizes: dict[str, int]) -> str:
     return " ".join(f"{k}={v}" for k, v in sizes.items())
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"

@@ -26,13 +26,12 @@ import torch
 from osx.errors import InputError
 from osx.export.reference import ReferenceModel
 from osx.export.sampler import sample, timesteps
-from osx.models import latent_frames, latent_size
+from osx.models import IMAGE_FPS, latent_frames, latent_size
 from osx.runtime.prompt import prepare_prompt
 from osx.runtime.scheduler import initial_noise
 from osx.runtime.tokenizer import TextTokenizer
 from osx.runtime.video import to_uint8_frames
 
-IMAGE_FPS = 120  # Open-Sora conditions single images (num_frames == 1) on fps 120
 
 
 @dataclass

@@ -34,6 +34,9 @@ from osx.files import check_replaceable, make_temp_dir, replace_folder
 FORMAT = "osx-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# An ONNX file whose weights exceed this keeps them in one external-data file beside it: protobuf caps a
+# message at 2 GiB, and the margin leaves room for the graph itself and the Q/DQ scales calibration adds.
+EXTERNAL_DATA_BYTES = 1 << 30
 REQUIRED_KEYS = ("format", "format_version", "model", "components", "tokenizer", "scheduler", "files")
 
 

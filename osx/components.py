@@ -22,8 +22,12 @@ from osx.models import ModelConfig, latent_frames
 
 FLOAT = "float"  # placeholder dtype: the component's float precision (float32 / float16 / bfloat16)
 
-COMPONENTS = ("text_encoder", "denoiser", "vae_decoder", "vae_encoder")
+COMPONENTS = ("text_encoder", "denoiser", "vae_decoder", "vae_encoder")  # export order
 PIPELINE_COMPONENTS = ("text_encoder", "denoiser", "vae_decoder")  # what text-to-video needs
+# Components that never run in float16, and why: export keeps them fp32, the planner refuses fp16 for them,
+# quantization keeps them fp32 outside the Q/DQ pairs.
+NEVER_FP16 = {"text_encoder": "T5 v1.1 overflows in float16 (its feed-forward activations exceed 65504)"}
+QUANTIZABLE = ("text_encoder", "denoiser")  # INT8/FP8 from calibrated Q/DQ graphs; the VAE stays in full precision
 
 
 @dataclass(frozen=True)

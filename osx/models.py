@@ -109,6 +109,9 @@ class SchedulerConfig:
     fps: int = 24
 
 
+IMAGE_FPS = 120  # Open-Sora conditions single images (num_frames == 1) on fps 120
+
+
 @dataclass(frozen=True)
 class GenerationDefaults:
     height: int = 240

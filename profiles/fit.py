@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from osx.errors import OsxError
 from osx.models import ModelConfig
+from osx.numeric import format_bytes
 from osx.profiles.planner import Plan, make_plan, resolve_precisions
 from osx.profiles.profile import BYTES_PER_VALUE, Bucket, Profile, allowed_precisions
 
@@ -34,7 +36,7 @@ class Suggestion:
 
 
 def _plan(profile: Profile, precision: str, model: ModelConfig) -> Plan:
-    return make_plan(profile, model, precision, check_fit=False)
+    return make_plan(profile, model, precision)
 
 
 def _smaller_resolutions(height: int, width: int) -> list[tuple[int, int]]:
@@ -156,3 +158,34 @@ def suggest_fits(profile: Profile, model: ModelConfig, precision: str = "auto") 
         if s is not None and all(s.changes != o.changes for o in out):
             out.append(s)
     return out
+
+
+def plan_that_fits(profile: Profile, model: ModelConfig, precision: str = "auto") -> Plan:
+    """make_plan, refused with the numbers and the nearest settings that fit when the plan does not fit."""
+    plan = make_plan(profile, model, precision)
+    if not plan.fits:
+        raise OsxError(_refusal(plan, precision), hint=_suggestion_hint(plan, precision))
+    return plan
+
+
+def _refusal(plan: Plan, precision: str) -> str:
+    p = plan.profile
+    worst = max((c for c in plan.components.values() if c.device == "gpu"), key=lambda c: c.build_bytes)
+    return (f"{plan.model.name} does not fit {p.name} ({p.display_name}): peak {format_bytes(plan.run_peak_bytes, 2)} to run, "
+            f"{format_bytes(plan.build_peak_bytes, 2)} to build, budget {format_bytes(plan.budget_bytes, 2)} "
+            f"({p.vram_gib:g} GiB less {p.reserve_gib:g} GiB reserved); largest: {worst.name} at {worst.precision} = "
+            f"{format_bytes(worst.weight_bytes, 2)} weights + {format_bytes(worst.activation_bytes, 2)} activations + "
+            f"{format_bytes(worst.workspace_bytes, 2)} workspace")
+
+
+def _suggestion_hint(plan: Plan, precision: str) -> str:
+    suggestions = suggest_fits(plan.profile, plan.model, precision)
+    if not suggestions:
+        return "no smaller setting fits this card; use a GPU with more memory or --gpu cpu"
+    lines = ["nearest settings that fit:"]
+    for s in suggestions:
+        lines.append(f"  - {'; '.join(s.changes)} (peak {format_bytes(s.plan.run_peak_bytes, 2)} run / "
+                     f"{format_bytes(s.plan.build_peak_bytes, 2)} build)")
+    lines.append("    write them into a copy of the profile TOML and pass --gpu that.toml" +
+                 (", or pass the --precision shown" if any(s.precision != precision for s in suggestions) else ""))
+    return "\n".join(lines)

@@ -116,13 +116,6 @@ class Plan:
     def fits(self) -> bool:
         return self.budget_bytes == 0 or max(self.run_peak_bytes, self.build_peak_bytes) <= self.budget_bytes
 
-    def bucket_for(self, height: int, width: int, frames: int) -> Bucket | None:
-        """The bucket a request runs in (static buckets match exactly); None if no bucket covers it."""
-        for b in self.buckets:
-            if (b.height, b.width, b.frames) == (height, width, frames):
-                return b
-        return None
-
     def to_dict(self) -> dict:
         p = self.profile
         return {
@@ -261,9 +254,9 @@ def resolve_precisions(profile: Profile, precision: str = "auto") -> dict[str, s
     return out
 
 
-def make_plan(profile: Profile, model: ModelConfig, precision: str = "auto", *, check_fit: bool = True) -> Plan:
-    """The plan for `model` on `profile`. Raises OsxError with the numbers and settings that fit if the
-    plan does not fit the card (unless check_fit=False)."""
+def make_plan(profile: Profile, model: ModelConfig, precision: str = "auto") -> Plan:
+    """The plan for `model` on `profile`, whether or not it fits (`plan.fits`); osx.profiles.fit.plan_that_fits
+    refuses one that does not, with the settings that would."""
     precisions = resolve_precisions(profile, precision)
     specs = component_specs(model)
     names = [c for c in (*PIPELINE_COMPONENTS, "vae_encoder") if c in precisions]
@@ -314,35 +307,4 @@ def make_plan(profile: Profile, model: ModelConfig, precision: str = "auto", *, 
             plan.notes.append(f"{name} at {c.precision} needs a calibrated QDQ graph (osx calibrate)")
         if c.device == "cpu" and not profile.is_cpu:
             plan.notes.append(f"{name} runs on the CPU (onnxruntime, {c.precision}): it does not fit beside the GPU work")
-    if check_fit and not plan.fits:
-        raise OsxError(_refusal(plan, precision), hint=_suggestion_hint(plan, precision))
     return plan
-
-
-def gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB // 100 or n == 0 else f"{n / (1 << 20):.2f} MiB"
-
-
-def _refusal(plan: Plan, precision: str) -> str:
-    p = plan.profile
-    worst = max((c for c in plan.components.values() if c.device == "gpu"), key=lambda c: c.build_bytes)
-    return (f"{plan.model.name} does not fit {p.name} ({p.display_name}): peak {gib(plan.run_peak_bytes)} to run, "
-            f"{gib(plan.build_peak_bytes)} to build, budget {gib(plan.budget_bytes)} "
-            f"({p.vram_gib:g} GiB less {p.reserve_gib:g} GiB reserved); largest: {worst.name} at {worst.precision} = "
-            f"{gib(worst.weight_bytes)} weights + {gib(worst.activation_bytes)} activations + {gib(worst.workspace_bytes)} workspace")
-
-
-def _suggestion_hint(plan: Plan, precision: str) -> str:
-    from osx.profiles.fit import suggest_fits
-
-    suggestions = suggest_fits(plan.profile, plan.model, precision)
-    if not suggestions:
-        return "no smaller setting fits this card; use a GPU with more memory or --gpu cpu"
-    lines = ["nearest settings that fit:"]
-    for s in suggestions:
-        lines.append(f"  - {'; '.join(s.changes)} (peak {gib(s.plan.run_peak_bytes)} run / {gib(s.plan.build_peak_bytes)} build)")
-    lines.append("    write them into a copy of the profile TOML and pass --gpu that.toml" +
-                 (", or pass the --precision shown" if any(s.precision != precision for s in suggestions) else ""))
-    return "\n".join(lines)
-
-

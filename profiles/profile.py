@@ -19,6 +19,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from osx.components import COMPONENTS, NEVER_FP16, QUANTIZABLE
 from osx.errors import OsxError
 
 HERE = Path(__file__).parent
@@ -29,14 +30,12 @@ BYTES_PER_VALUE = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "fp8": 1}
 QUANTIZED = ("int8", "fp8")  # explicit quantization: QDQ graphs from `osx calibrate`
 # The lowest compute capability each precision has tensor-core kernels for in TensorRT.
 MIN_COMPUTE_CAPABILITY = {"fp32": (0, 0), "fp16": (0, 0), "int8": (7, 5), "bf16": (8, 0), "fp8": (8, 9)}
-# Which precisions each component may use at all. T5 overflows in fp16 (Open-Sora runs it in fp32), so
-# the text encoder is never fp16; it and the denoiser can be calibrated for INT8/FP8 (`osx calibrate`,
-# behind the quality gate). No shipped profile quantizes the text encoder; a custom profile may.
+# Which precisions each component may use at all: never fp16 where NEVER_FP16 says so; INT8/FP8 for the
+# QUANTIZABLE ones (`osx calibrate`, behind the quality gate). No shipped profile quantizes the text
+# encoder; a custom profile may.
 COMPONENT_PRECISIONS = {
-    "text_encoder": ("fp32", "bf16", "int8", "fp8"),
-    "denoiser": PRECISIONS,
-    "vae_decoder": ("fp32", "bf16", "fp16"),
-    "vae_encoder": ("fp32", "bf16", "fp16"),
+    c: tuple(p for p in PRECISIONS if (p != "fp16" or c not in NEVER_FP16) and (p not in QUANTIZED or c in QUANTIZABLE))
+    for c in COMPONENTS
 }
 CPU_PRECISIONS = ("fp32", "int8")  # onnxruntime on the CPU: fp32, or the INT8 QDQ graph
 
@@ -136,8 +135,7 @@ def check_precision(component: str, precision: str, profile: Profile) -> None:
     if precision in allowed:
         return
     if precision not in COMPONENT_PRECISIONS[component]:
-        why = {"text_encoder": "T5 overflows in fp16"}.get(
-            component, "only the text encoder and the denoiser are calibrated for INT8/FP8")
+        why = NEVER_FP16.get(component, "only the text encoder and the denoiser are calibrated for INT8/FP8")
         raise OsxError(f"{component} cannot run at {precision}: {why}", hint=f"{component} supports {', '.join(allowed)} on {profile.name}")
     if profile.is_cpu:
         raise OsxError(f"{precision} is not available on the CPU profile", hint=f"the CPU runs {', '.join(allowed)}")

@@ -1,11 +1,14 @@
-"""The plan as a table (`osx export --dry-run`) or JSON (`--json`), with the lint result when ONNX is given."""
+"""The plan as a table (`osx export --dry-run`) or JSON (`--json`)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from osx.profiles.planner import Plan, gib, make_plan
+from osx.numeric import format_bytes
+from osx.profiles.detect import detect_profile
+from osx.profiles.fit import plan_that_fits
+from osx.profiles.planner import Plan
+from osx.profiles.profile import load_profile
 
 
 def _dims(profile: dict) -> str:
@@ -22,7 +25,7 @@ def _count(n: int) -> str:
 
 def render_plan(plan: Plan) -> str:
     p = plan.profile
-    budget = f"{gib(plan.budget_bytes)} usable of {p.vram_gib:g} GiB" if plan.budget_bytes else "host RAM (not planned)"
+    budget = f"{format_bytes(plan.budget_bytes, 2)} usable of {p.vram_gib:g} GiB" if plan.budget_bytes else "host RAM (not planned)"
     head = [
         f"plan: {plan.model.name} on {p.name} ({p.display_name}, compute capability {p.cc_text}, {budget})",
         f"backend {plan.backend}; " + ("components loaded one at a time" if plan.load_one_at_a_time else "all components resident")
@@ -35,8 +38,8 @@ def render_plan(plan: Plan) -> str:
     rows = [("component", "precision", "runs on", "params", "weights", "activations", "workspace", "run", "build", "optimisation profiles")]
     for c in plan.components.values():
         rows.append((c.name, c.precision + ("*" if c.needs_calibration else ""), f"{c.backend} ({c.device})",
-                     _count(c.params), gib(c.weight_bytes), gib(c.activation_bytes),
-                     gib(c.workspace_bytes), gib(c.run_bytes), gib(c.build_bytes),
+                     _count(c.params), format_bytes(c.weight_bytes, 2), format_bytes(c.activation_bytes, 2),
+                     format_bytes(c.workspace_bytes, 2), format_bytes(c.run_bytes, 2), format_bytes(c.build_bytes, 2),
                      f"{len(c.profiles)}: " + " | ".join(_dims(x) for x in c.profiles[:3]) + (" | ..." if len(c.profiles) > 3 else "")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     table = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
@@ -44,44 +47,29 @@ def render_plan(plan: Plan) -> str:
     tail = [""]
     if plan.budget_bytes:
         verdict = "fits" if plan.fits else "DOES NOT FIT"
-        tail.append(f"GPU peak: {gib(plan.run_peak_bytes)} to run, {gib(plan.build_peak_bytes)} to build, "
-                    f"budget {gib(plan.budget_bytes)}: {verdict}")
+        tail.append(f"GPU peak: {format_bytes(plan.run_peak_bytes, 2)} to run, {format_bytes(plan.build_peak_bytes, 2)} to build, "
+                    f"budget {format_bytes(plan.budget_bytes, 2)}: {verdict}")
     if plan.host_peak_bytes:
-        tail.append(f"host RAM for CPU components: {gib(plan.host_peak_bytes)}")
+        tail.append(f"host RAM for CPU components: {format_bytes(plan.host_peak_bytes, 2)}")
     tail += [f"note: {n}" for n in plan.notes]
     if any(c.needs_calibration for c in plan.components.values()):
         tail.append("* INT8/FP8: explicit quantization (QDQ) from `osx calibrate`, built strongly typed")
     return "\n".join(head + table + tail)
 
 
-def dry_run(gpu: str, model_name: str, precision: str = "auto", as_json: bool = False,
-            onnx: dict[str, str | Path] | None = None, trt_version: str | None = None) -> str:
-    """What `osx export --gpu GPU --model MODEL --dry-run [--json]` prints: the plan, and the TensorRT
-    lint of each ONNX graph in `onnx` ({component: path}) when given. Raises OsxError if it does not fit."""
+def dry_run(gpu: str, model_name: str, precision: str = "auto", as_json: bool = False) -> str:
+    """What `osx export --gpu GPU --model MODEL --dry-run [--json]` prints. Raises OsxError if it does not fit."""
     from osx.models import get_model_config
-    from osx.profiles import detect_profile, load_profile
 
     explanation = None
     if gpu == "auto":
         profile, explanation = detect_profile()
     else:
         profile = load_profile(gpu)
-    plan = make_plan(profile, get_model_config(model_name), precision)
-    lint = {}
-    for comp, path in (onnx or {}).items():
-        from osx.export.lint import lint_onnx  # needs onnx (the export extra)
-
-        lint[comp] = lint_onnx(path, trt_version)
+    plan = plan_that_fits(profile, get_model_config(model_name), precision)
     if as_json:
         d = plan.to_dict()
         if explanation:
             d["detected"] = explanation
-        if onnx:
-            d["lint"] = {c: [i.to_dict() for i in issues] for c, issues in lint.items()}
         return json.dumps(d, indent=2)
-    out = ([explanation, ""] if explanation else []) + [render_plan(plan)]
-    for comp, issues in lint.items():
-        errors = [i for i in issues if i.severity == "error"]
-        out.append(f"lint {comp}: " + ("ok" if not issues else f"{len(errors)} errors, {len(issues) - len(errors)} warnings"))
-        out += [f"  {i}" for i in issues[:20]] + ([f"  ... {len(issues) - 20} more"] if len(issues) > 20 else [])
-    return "\n".join(out)
+    return "\n".join(([explanation, ""] if explanation else []) + [render_plan(plan)])

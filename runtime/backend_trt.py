@@ -18,28 +18,14 @@ import numpy as np
 from osx.bundle import Bundle
 from osx.components import ComponentSpec
 from osx.errors import BundleError, InputError, OsxError
-from osx.profiles.compat import (
+from osx.numeric import from_bfloat16_bits, to_bfloat16_bits
+from osx.engine_key import (
     engine_key, key_profiles, pick_profile, rebuild_command, runtimes_that_load, select_engine, this_machine,
 )
 
 # TensorRT DataType name -> NumPy dtype used on the host (bf16 travels as its raw 16 bits)
 HOST_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "BF16": np.uint16, "INT32": np.int32, "INT64": np.int64,
                "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}
-
-
-def to_bfloat16_bits(a: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), round to nearest even; NaN stays NaN."""
-    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
-    rounded = bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))
-    out = (rounded >> 16).astype(np.uint16)
-    nan = np.isnan(a)
-    if nan.any():
-        out[nan] = 0x7FC0
-    return out
-
-
-def from_bfloat16_bits(u: np.ndarray) -> np.ndarray:
-    return (np.ascontiguousarray(u, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 def check_key(entry: dict, manifest: dict, component: str, bundle: str) -> None:

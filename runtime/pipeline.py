@@ -35,15 +35,14 @@ import numpy as np
 
 from osx.bundle import Bundle
 from osx.errors import BundleError, InputError
-from osx.models import ModelConfig, SchedulerConfig, latent_frames, latent_size
+from osx.components import PIPELINE_COMPONENTS as COMPONENTS
+from osx.models import IMAGE_FPS, ModelConfig, SchedulerConfig, latent_frames, latent_size
 from osx.runtime import scheduler as rf
 from osx.runtime.backends import Backend, create_backend
 from osx.runtime.prompt import prepare_prompt
 from osx.runtime.tokenizer import TextTokenizer
 from osx.runtime.video import to_uint8_frames
 
-IMAGE_FPS = 120  # Open-Sora conditions single images (num_frames == 1) on fps 120
-COMPONENTS = ("text_encoder", "denoiser", "vae_decoder")
 Progress = Callable[[dict], "bool | None"]
 
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from osx.numeric import round_bf16
+
 F32 = np.float32
 
 
@@ -31,19 +33,6 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
     """THE initial latent noise of osx (runtime and torch reference alike): N(0, 1) float32 from
     NumPy's PCG64. Open-Sora draws bf16 noise from the CUDA generator, which NumPy cannot reproduce."""
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
-
-
-def round_bf16(x) -> np.ndarray:
-    """Round float32 values to the nearest bfloat16 (ties to even), returned as float32.
-
-    bf16 is the top 16 bits of a float32: add 0x7FFF plus the lowest kept bit, then clear the low 16
-    bits (torch's c10::BFloat16 round_to_nearest_even). NaN stays NaN.
-    """
-    x = np.asarray(x, dtype=F32)
-    bits = x.view(np.uint32).astype(np.uint64)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    out = bits.astype(np.uint32).view(F32)
-    return np.where(np.isnan(x), x, out)
 
 
 def _bf(x) -> np.ndarray:

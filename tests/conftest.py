@@ -31,7 +31,7 @@ def fake_bundle(tmp_path):
     from osx.bundle import BundleWriter
     from osx.components import PIPELINE_COMPONENTS, component_specs
     from osx.models import get_model_config
-    from osx.profiles.compat import engine_key
+    from osx.engine_key import engine_key
 
     cfg = get_model_config("opensora-v1.2-tiny")
     specs = component_specs(cfg)

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from osx.commands.doctor import gather_facts, report
-from osx.profiles.compat import engine_key
+from osx.engine_key import engine_key
 
 GIB = 1 << 30
 

@@ -14,7 +14,7 @@ from osx.export.engines import (
 )
 from osx.models import get_model_config
 from osx.profiles import load_profile, make_plan
-from osx.profiles.compat import Machine, check_engine_compat, engine_key, pick_profile, select_engine
+from osx.engine_key import Machine, check_engine_compat, engine_key, pick_profile, select_engine
 from osx.runtime.backend_trt import check_key, from_bfloat16_bits, to_bfloat16_bits
 
 TINY = get_model_config("opensora-v1.2-tiny")

@@ -3,15 +3,15 @@ and --gpu auto (GPU detection, nearest profile, and the clear error without a GP
 
 import pytest
 
-import osx.profiles.detect as detect
+import osx.gpu as detect
 from osx.cli import main
 from osx.errors import OsxError
 from osx.models import get_model_config
 from osx.profiles import (
     Bucket, allowed_precisions, check_precision, detect_profile, dry_run, load_profile, make_plan, nearest_profile,
-    shipped_profiles,
+    plan_that_fits, shipped_profiles,
 )
-from osx.profiles.detect import GpuInfo, parse_nvidia_smi
+from osx.gpu import GpuInfo, parse_nvidia_smi
 
 REQUIRED = {"cpu", "rtx3060", "rtx3080", "rtx3090", "rtx4060", "rtx4060ti-16g", "rtx4070", "rtx4070ti-super", "rtx4080",
             "rtx4090", "rtx5080", "rtx5090", "l4", "l40s", "a10g", "a100-40g", "a100-80g", "h100", "h200"}
@@ -35,7 +35,7 @@ def test_shipped_profile_validates_and_plans_the_real_model(name):
         best = "fp8" if cc >= (8, 9) else "int8" if cc >= (7, 5) else "fp16"
         assert p.precision["denoiser"] == best, "the denoiser runs at the fastest precision the card has"
         assert p.buckets and p.reserve_gib > 0
-    plan = make_plan(p, get_model_config("opensora-v1.2"))  # raises if a shipped profile does not fit its card
+    plan = plan_that_fits(p, get_model_config("opensora-v1.2"))  # raises if a shipped profile does not fit its card
     assert plan.fits
 
 
@@ -58,7 +58,7 @@ def test_precision_refusals_say_why():
     rtx3060 = load_profile("rtx3060")
     with pytest.raises(OsxError, match=r"fp8 needs compute capability >= 8.9; rtx3060 has 8.6"):
         check_precision("denoiser", "fp8", rtx3060)
-    with pytest.raises(OsxError, match="T5 overflows"):
+    with pytest.raises(OsxError, match="T5 v1.1 overflows in float16"):
         check_precision("text_encoder", "fp16", rtx3060)
     with pytest.raises(OsxError, match="fp8 needs"):
         make_plan(rtx3060, get_model_config("opensora-v1.2"), "fp8")

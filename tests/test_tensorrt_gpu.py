@@ -14,7 +14,7 @@ import pytest
 from osx.bundle import Bundle
 from osx.cli import main
 from osx.errors import BundleError
-from osx.profiles.compat import Machine, this_machine
+from osx.engine_key import Machine, this_machine
 
 pytestmark = pytest.mark.gpu
 

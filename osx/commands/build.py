@@ -53,7 +53,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def build(bundle_dir: Path, gpu: str, precision: str, portable: bool, timing_cache: Path | None, dry_run: bool):
     """Build (or rebuild) TensorRT engines for this machine's GPU from the bundle's ONNX graphs."""
     from osx.bundle import MANIFEST, Bundle, BundleWriter
-    from osx.profiles import detect_profile, load_profile, make_plan, render_plan
+    from osx.profiles import detect_profile, load_profile, plan_that_fits, render_plan
 
     bundle = Bundle.open(bundle_dir)
     if gpu == "auto":
@@ -63,7 +63,7 @@ def build(bundle_dir: Path, gpu: str, precision: str, portable: bool, timing_cac
         profile = load_profile(gpu)
     if profile.is_cpu:
         raise OsxError("the cpu profile has no engines to build", hint="pass --gpu auto or a GPU profile")
-    plan = make_plan(profile, bundle.model_config(), precision)
+    plan = plan_that_fits(profile, bundle.model_config(), precision)
     click.echo(render_plan(plan))
     missing = [n for n, c in plan.components.items() if c.backend == "tensorrt" and n not in bundle.components]
     if missing:
@@ -83,7 +83,7 @@ def build(bundle_dir: Path, gpu: str, precision: str, portable: bool, timing_cac
         return
 
     from osx.export.engines import build_engines, check_build_machine
-    from osx.profiles.compat import this_machine
+    from osx.engine_key import this_machine
 
     check_build_machine(plan, this_machine(), portable)  # before linking or copying anything
     with BundleWriter(bundle_dir, force=True) as w:

@@ -10,6 +10,7 @@ import click
 from osx import archive
 from osx.bundle import _referenced_files
 from osx.errors import BundleError
+from osx.numeric import format_bytes
 
 _PATH = click.Path(exists=True, path_type=Path)
 
@@ -20,14 +21,6 @@ def bundle():
 
 
 # --- info ---------------------------------------------------------------------------------------------
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> None:
@@ -58,7 +51,7 @@ def _tensor_row(direction: str, t: dict) -> list[str]:
 
 def _engine_needs(entry: dict, profile: dict, build: dict) -> list[str]:
     """[precision, built on, needs GPU, needs TensorRT] of one engine entry. The build records the
-    engine's key under `key` (osx.profiles.compat.engine_key); fields it lacks fall back to the
+    engine's key under `key` (osx.engine_key.engine_key); fields it lacks fall back to the
     bundle's profile / build, so older or hand-written manifests still print."""
     key = {**entry, **entry.get("key", {})}
     cc = _first(key, "compute_capability", default=_first(profile, "compute_capability"))
@@ -92,7 +85,7 @@ def info(path: Path):
     click.echo("\ncomponents")
     comps = manifest["components"]
     _table(["name", "backend", "precision", "file", "size"],
-           [[name, c.get("backend", "onnxruntime"), c["precision"], c["file"], _human_bytes(size_of(_component_files(c)))]
+           [[name, c.get("backend", "onnxruntime"), c["precision"], c["file"], format_bytes(size_of(_component_files(c)))]
             for name, c in comps.items()])
 
     click.echo("\nshapes")
@@ -106,7 +99,7 @@ def info(path: Path):
     if engines:
         click.echo("\nTensorRT engines (each runs only on the GPU and TensorRT version it needs)")
         _table(["component", "file", "precision", "built on", "needs GPU", "needs TensorRT", "size"],
-               [[name, e.get("file", "-"), *_engine_needs(e, profile, build), _human_bytes(size_of([e["file"]])) if e.get("file") else "-"]
+               [[name, e.get("file", "-"), *_engine_needs(e, profile, build), format_bytes(size_of([e["file"]])) if e.get("file") else "-"]
                 for name, e in engines])
 
     tok = manifest["tokenizer"]
@@ -114,7 +107,7 @@ def info(path: Path):
     sched = manifest["scheduler"]
     if sched:
         click.echo("scheduler " + ", ".join(f"{k} {v}" for k, v in sched.items() if isinstance(v, (str, int, float))))
-    click.echo(f"files     {len(files)}, {_human_bytes(size_of(files))} (+ {archive.MANIFEST})")
+    click.echo(f"files     {len(files)}, {format_bytes(size_of(files))} (+ {archive.MANIFEST})")
 
 
 # --- verify / pack / unpack -----------------------------------------------------------------------------
@@ -133,7 +126,7 @@ def verify(path: Path):
             click.echo(f"  hint: {e.hint}", err=True)
         sys.exit(1)
     total = sum(m["bytes"] for m in manifest["files"].values())
-    click.echo(f"OK: {path}: {len(manifest['files'])} files, {_human_bytes(total)}, all sha256 match")
+    click.echo(f"OK: {path}: {len(manifest['files'])} files, {format_bytes(total)}, all sha256 match")
 
 
 @bundle.command("pack")
@@ -143,7 +136,7 @@ def verify(path: Path):
 def pack(bundle_dir: Path, out: Path, force: bool):
     """Pack a bundle folder into one deterministic .osx.tar (same bundle, same bytes)."""
     manifest = archive.pack(bundle_dir, out, force=force)
-    click.echo(f"packed {bundle_dir} -> {out}: {len(manifest['files']) + 1} files, {_human_bytes(out.stat().st_size)}")
+    click.echo(f"packed {bundle_dir} -> {out}: {len(manifest['files']) + 1} files, {format_bytes(out.stat().st_size)}")
 
 
 @bundle.command("unpack")

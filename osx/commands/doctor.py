@@ -25,8 +25,8 @@ def _version(dist: str) -> str | None:
 
 def gather_facts() -> dict:
     """Probe this machine. Every probe that fails says why instead of raising."""
-    from osx.profiles.compat import installed_runtimes
-    from osx.profiles.detect import detect_gpus
+    from osx.engine_key import installed_runtimes
+    from osx.gpu import detect_gpus
 
     gpus, problems = detect_gpus()
     facts = {
@@ -62,7 +62,7 @@ def gather_facts() -> dict:
 
 
 def _machine(facts: dict):
-    from osx.profiles.compat import Machine
+    from osx.engine_key import Machine
 
     g = facts["gpus"][0] if facts["gpus"] else None
     cc = tuple(int(x) for x in g["compute_capability"].split(".")) if g else None
@@ -73,15 +73,15 @@ def report(facts: dict, model: str = "opensora-v1.2", manifest: dict | None = No
     """Lines to print, and whether everything asked about (the bundle, if given) can run here."""
     from osx.models import get_model_config
     from osx.profiles import allowed_precisions, load_profile, make_plan, nearest_profile, shipped_profiles
-    from osx.profiles.compat import select_engine
-    from osx.profiles.detect import GpuInfo
-    from osx.profiles.planner import gib
+    from osx.engine_key import select_engine
+    from osx.gpu import GpuInfo
+    from osx.numeric import format_bytes
 
     lines = [f"osx {facts['osx']} on Python {facts['python']} ({facts['platform']})", ""]
     gpus = facts["gpus"]
     if gpus:
         for i, g in enumerate(gpus):
-            lines.append(f"GPU {i}: {g['name']}, compute capability {g['compute_capability']}, {g['memory_bytes'] / (1 << 30):.1f} GiB, "
+            lines.append(f"GPU {i}: {g['name']}, compute capability {g['compute_capability']}, {format_bytes(g['memory_bytes'])}, "
                          f"driver {g['driver'] or '?'}" + (f" (CUDA {g['cuda_driver']})" if g["cuda_driver"] else ""))
     else:
         lines.append("GPU: none found (" + "; ".join(facts["gpu_problems"]) + ")")
@@ -114,9 +114,9 @@ def report(facts: dict, model: str = "opensora-v1.2", manifest: dict | None = No
             info = GpuInfo(g["name"], cc, g["memory_bytes"])
             profile, why = nearest_profile(info, [load_profile(n) for n in shipped_profiles()])
             lines.append(f"  - profile: {why}")
-            plan = make_plan(profile, get_model_config(model), check_fit=False)
-            lines.append(f"  - {model} with --gpu {profile.name}: peak {gib(plan.run_peak_bytes)} to run, "
-                         f"{gib(plan.build_peak_bytes)} to build, budget {gib(plan.budget_bytes)}: "
+            plan = make_plan(profile, get_model_config(model))
+            lines.append(f"  - {model} with --gpu {profile.name}: peak {format_bytes(plan.run_peak_bytes, 2)} to run, "
+                         f"{format_bytes(plan.build_peak_bytes, 2)} to build, budget {format_bytes(plan.budget_bytes, 2)}: "
                          + ("fits" if plan.fits else "does not fit (see osx export --dry-run)"))
         except OsxError as e:
             lines.append(f"  - profile: {e.message}")

@@ -61,10 +61,13 @@ def export(model_name, random_weights, checkpoint, denoiser, vae, t5, gpu, out, 
     from osx.export.exporter import export_bundle
 
     signal.signal(signal.SIGTERM, _terminated)
+    from osx.calibration.apply import QuantizeStep
+    from osx.calibration.gate import Thresholds
+
+    quantize = QuantizeStep(calibration, Thresholds(min_cosine=gate_min_cosine, min_psnr=gate_min_psnr), allow_quality_loss)
     manifest = export_bundle(
         model_name, out, gpu=gpu, checkpoint=checkpoint, t5=t5, vae=vae, denoiser=denoiser,
-        random_weights=random_weights, dtype=dtype, precision=precision, calibration=calibration,
-        allow_quality_loss=allow_quality_loss, quality_thresholds=_thresholds(gate_min_cosine, gate_min_psnr), force=force,
+        random_weights=random_weights, dtype=dtype, precision=precision, quantize=quantize, force=force,
         opset=opset, with_vae_encoder=with_vae_encoder, portable=portable, progress=lambda m: click.echo(m, err=True),
     )
     worst = max(r["max_rel"] for c in manifest["components"].values() for r in c["validation"]["rows"])
@@ -73,9 +76,3 @@ def export(model_name, random_weights, checkpoint, denoiser, vae, t5, gpu, out, 
     if q := manifest.get("quantization"):
         click.echo(f"{out}: quality gate {'passed' if q['passed'] else 'FAILED (kept by --allow-quality-loss)'}; "
                    f"report: {out}/{q['files'][0]}")
-
-
-def _thresholds(min_cosine: float, min_psnr: float):
-    from osx.calibration.gate import Thresholds
-
-    return Thresholds(min_cosine=min_cosine, min_psnr=min_psnr)

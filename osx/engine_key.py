@@ -3,7 +3,8 @@
 A TensorRT engine is tied to the TensorRT version that built it (unless built version-compatible) and
 to the GPU architecture (unless built with a hardware-compatibility level). The manifest records the
 complete key of every engine; `check_engine_compat` compares it with the machine and says exactly which
-`osx build` command makes an engine that fits. Shared by export (build) and runtime (load): stdlib only.
+`osx build` command makes an engine that fits. Part of the bundle contract: export (build) and runtime
+(load) share it; stdlib only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import shlex
 from dataclasses import dataclass, field
 
 from osx.components import DimRange
+from osx.gpu import detect_gpus
 
 KEY_VERSION = 1
 HARDWARE_LEVELS = ("none", "same_compute_capability", "ampere_plus")
@@ -92,8 +94,6 @@ def installed_runtimes() -> dict[str, str]:
 
 
 def this_machine() -> Machine:
-    from osx.profiles.detect import detect_gpus
-
     gpus, _ = detect_gpus()
     gpu = gpus[0] if gpus else None
     return Machine(gpu.name if gpu else None, gpu.compute_capability if gpu else None, installed_runtimes())

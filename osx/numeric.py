@@ -1,0 +1,39 @@
+"""Small numeric helpers every stage shares: bfloat16 rounding and byte counts for messages (NumPy only)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+GIB = 1 << 30
+
+
+def to_bfloat16_bits(a) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), round to nearest even; NaN stays NaN.
+
+    bf16 is the top 16 bits of a float32: add 0x7FFF plus the lowest kept bit, then keep the top 16 bits
+    (torch's c10::BFloat16 round_to_nearest_even)."""
+    a = np.asarray(a, dtype=np.float32)
+    bits = np.ascontiguousarray(a).view(np.uint32).astype(np.uint64)
+    out = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(a)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def from_bfloat16_bits(u) -> np.ndarray:
+    return (np.ascontiguousarray(u, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def round_bf16(x) -> np.ndarray:
+    """Round float32 values to the nearest bfloat16 (ties to even), returned as float32; NaN stays NaN."""
+    x = np.asarray(x, dtype=np.float32)
+    return np.where(np.isnan(x), x, from_bfloat16_bits(to_bfloat16_bits(x)))
+
+
+def format_bytes(n: float, digits: int = 1) -> str:
+    """1536 -> "1.5 KiB": binary units, `digits` decimals (whole bytes below 1 KiB)."""
+    units, k = ("B", "KiB", "MiB", "GiB"), 0
+    while abs(n) >= 1024 and k < len(units) - 1:
+        n, k = n / 1024, k + 1
+    return f"{int(n)} B" if k == 0 else f"{n:.{digits}f} {units[k]}"
