@@ -78,8 +78,8 @@ class MidAttention(nn.Module):
     def forward(self, x):
         b, c, t, h, w = x.shape
         tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, T*H*W, C], same statistics as GN on [B,C,L]
-        mask = frame_causal_mask(t, h * w, x.device)
-        out = F.scaled_dot_product_attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), attn_mask=mask)
+        q, k, v = (proj(tokens).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # one head: 4D for ONNX
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=frame_causal_mask(t, h * w, x.device)).squeeze(1)
         return x + self.to_out[0](out).transpose(1, 2).reshape(b, c, t, h, w)
 
 
@@ -279,7 +279,8 @@ class HunyuanVideoVAE(nn.Module):
 
     # Open-Sora's encode / decode with its tiling (eager only).
     def encode(self, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The posterior mean, or with a seeded `generator` a posterior sample (mean + std * noise), normalised."""
+        """The posterior mean, or with a seeded `generator` a posterior sample (mean + std * noise), normalised.
+        Open-Sora samples by default, from the unseeded global RNG; the mean is the deterministic choice."""
         self._check(video, self.cfg.in_channels, "video", "frames must be 4k+1 (1, 5, ..., 129)")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise InputError(f"generator must be a torch.Generator, got {type(generator).__name__}", hint="pass torch.Generator().manual_seed(seed)")
