@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "bundle": ("osx.commands.bundle", "bundle", "Inspect, verify, pack and unpack bundles."),
     "build": ("osx.commands.build", "build", "Build (or rebuild) TensorRT engines for this machine's GPU from a bundle's ONNX."),
     "calibrate": ("osx.commands.calibrate", "calibrate", "Capture calibration activations for INT8/FP8 quantization."),
+    "serve": ("osx.commands.serve", "serve", "Serve bundles over HTTP on Ray Serve (JSON API + web page)."),
     "doctor": ("osx.commands.doctor", "doctor", "Report GPU, driver, CUDA, TensorRT and onnxruntime providers."),
 }
 

@@ -99,16 +99,24 @@ class Pipeline:
     # --- request ---------------------------------------------------------------------------------
     def supported(self) -> str:
         """What this bundle can generate, in pixels and frames."""
+        lim = self.limits()
+        if "buckets" in lim:
+            return "the shapes its engines were built for: " + ", ".join(f"{b['width']}x{b['height']} (WxH) with {b['frames']} frames" for b in lim["buckets"])
+        (w0, w1), (h0, h1) = lim["width"], lim["height"]
+        runs = ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in lim["frames"])
+        return f"width {w0}..{w1} px, height {h0}..{h1} px (each used rounded down to a multiple of 8), frames {runs}"
+
+    def limits(self) -> dict:
+        """`supported()` as data: {"width": [lo, hi], "height": [lo, hi], "frames": [[first, last], ...]}
+        in pixels (each used rounded down to a multiple of 8), or {"buckets": [{"height", "width", "frames"}]}."""
         if self.buckets:
-            return "the shapes its engines were built for: " + ", ".join(f"{w}x{h} (WxH) with {f} frames" for h, w, f in self.buckets)
+            return {"buckets": [{"height": h, "width": w, "frames": f} for h, w, f in self.buckets]}
         den, vae = self.specs["denoiser"].dims, self.specs["vae_decoder"].dims
         lh = _intersect(den["latent_height"], vae["latent_height"])
         lw = _intersect(den["latent_width"], vae["latent_width"])
         chunk = self.model.vae.micro_frame_size
         frames = [f for f in range(1, chunk * (den["latent_frames"].max + 1)) if self._frames_ok(f)]
-        runs = _runs(frames)
-        return (f"width {8 * lw[0]}..{8 * lw[1] + 7} px, height {8 * lh[0]}..{8 * lh[1] + 7} px (each used rounded down to "
-                f"a multiple of 8), frames {', '.join(runs)}")
+        return {"width": [8 * lw[0], 8 * lw[1] + 7], "height": [8 * lh[0], 8 * lh[1] + 7], "frames": _runs(frames)}
 
     def _frames_ok(self, f: int) -> bool:
         # Open-Sora's timestep transform takes floor(F / 17) * 5 latent frames: 0 for 2..16 frames
@@ -320,12 +328,12 @@ def _intersect(a, b) -> tuple[int, int]:
     return max(a.min, b.min), min(a.max, b.max)
 
 
-def _runs(values: list[int]) -> list[str]:
-    """[1, 17, 18, 19] -> ["1", "17..19"]."""
+def _runs(values: list[int]) -> list[list[int]]:
+    """[1, 17, 18, 19] -> [[1, 1], [17, 19]]."""
     out, start = [], None
     for i, v in enumerate(values):
         start = v if start is None else start
         if i + 1 == len(values) or values[i + 1] != v + 1:
-            out.append(str(v) if v == start else f"{start}..{v}")
+            out.append([start, v])
             start = None
     return out

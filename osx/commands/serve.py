@@ -1,0 +1,94 @@
+"""`osx serve BUNDLE [BUNDLE...]`: an HTTP video service on Ray Serve (README "Serving").
+
+Order of work: options and bundles are checked first (exit 2 with a message), then Ray is joined or
+started, then every bundle's replicas and the ingress are deployed; Ctrl-C shuts them down.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from osx.errors import OsxError
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(ctx, param, value: str) -> float:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", value or "")
+    if not m or float(m.group(1)) <= 0:
+        raise click.BadParameter(f"{value!r} is not a duration like 90s, 30m, 1h or 2d")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _autoscale(ctx, param, value: str | None):
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", value)
+    if not m or not 0 <= int(m.group(1)) <= int(m.group(2)) or int(m.group(2)) < 1:
+        raise click.BadParameter(f"{value!r} is not MIN:MAX with 0 <= MIN <= MAX and MAX >= 1, e.g. 1:4")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _address(ctx, param, value: str | None):
+    if value is not None and value != "auto" and not re.fullmatch(r"ray://[^\s/:]+:\d{1,5}", value):
+        raise click.BadParameter(f"{value!r}: use auto (the cluster this machine belongs to) or ray://HOST:PORT")
+    return value
+
+
+@click.command("serve")
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--replicas", type=click.IntRange(1, 4096), default=1, show_default=True, help="Replicas per bundle (each holds one pipeline).")
+@click.option("--autoscale", callback=_autoscale, metavar="MIN:MAX", default=None, help="Let Ray Serve scale each bundle between MIN and MAX replicas instead.")
+@click.option("--address", callback=_address, default=None, help="Join a Ray cluster: auto or ray://HOST:PORT (default: start a local one).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="HTTP address (0.0.0.0 to listen on every interface).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--store", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for jobs and videos, readable by every replica (shared storage on a cluster; required with --address).")
+@click.option("--keep", callback=_duration, default="1h", show_default=True, help="How long finished videos are kept (90s, 30m, 1h, 2d).")
+@click.option("--queue", type=click.IntRange(0, 10000), default=2, show_default=True,
+              help="Requests waiting per replica beyond the one it runs; past replicas x (1 + queue) open jobs: 429.")
+@click.option("--max-steps", type=click.IntRange(1, 100000), default=200, show_default=True, help="Most denoising steps a request may ask for.")
+@click.option("--replica-cpus", type=click.FloatRange(0.01, 1024), default=1.0, show_default=True, help="CPUs each replica reserves (onnxruntime bundles; TensorRT ones take one GPU).")
+@click.option("--num-cpus", type=click.IntRange(1, 4096), default=None, help="CPUs of the local Ray instance (default: all).")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundles' files in each replica.")
+def serve(bundles, replicas, autoscale, address, host, port, store, keep, queue, max_steps, replica_cpus, num_cpus, no_verify):
+    """Serve BUNDLE(s) over HTTP on Ray Serve: a JSON API under /v1 and a web page at /."""
+    from osx.bundle import Bundle
+
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("fastapi") is None:
+        raise OsxError("osx serve needs Ray Serve, which is not installed", hint="pip install 'osx[serve]'")
+    if autoscale and replicas != 1:
+        raise OsxError("--replicas and --autoscale exclude each other", hint="give one of them")
+    if address and store is None:
+        raise OsxError("--address needs --store", hint="give a folder on storage that every machine of the cluster mounts")
+    for path in bundles:
+        Bundle.open(path, verify=False).verify(checksums=False)
+    store = store or Path(tempfile.gettempdir()) / "osx-serve"
+
+    import ray
+    from ray import serve as ray_serve
+
+    from osx.runtime.serving.app import deploy
+
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        models = deploy(list(bundles), store=str(store), keep_s=keep, replicas=replicas, autoscale=autoscale, queue=queue,
+                        max_steps=max_steps, replica_cpus=replica_cpus, verify=not no_verify, host=host, port=port)
+        shown = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
+        click.echo(f"serving {', '.join(models)} at http://{shown}:{port}/ (jobs in {store}); Ctrl-C stops")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        click.echo("stopping", err=True)
+    finally:
+        ray_serve.shutdown()
+        ray.shutdown()

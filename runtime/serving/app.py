@@ -1,0 +1,285 @@
+"""`osx serve` on Ray Serve: one application per bundle (its `Generator` replicas) and one HTTP ingress.
+
+    client --HTTP--> Ingress (FastAPI, 1 replica) --DeploymentHandle--> Generator replicas of bundle A
+                          |                                        \--> Generator replicas of bundle B
+                          +---- job store (osx.runtime.serving.jobs) ----+   (every replica reads/writes)
+
+The ingress checks a request with the bundle's own `Pipeline.prepare_request` (so a 400 carries the
+message `osx generate` prints), bounds the queue (429 past `replicas x (1 + queue)` open jobs per
+bundle), writes the job as `queued` and answers 202; a background task hands it to the bundle's
+replicas through Ray (which routes, queues and autoscales) and waits. A replica holds one `Pipeline`
+(one generation at a time: max_ongoing_requests=1), claims the job, reports progress into the store
+at every step, stops between steps when the job's cancel file appears, and writes the mp4 before the
+state says `succeeded`. If a replica dies mid-generation, Ray restarts it and the ingress retries the
+job once (on whichever replica Ray picks), then fails it with the reason: an accepted job always ends
+in succeeded, failed or cancelled.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route methods' annotations at runtime.
+import asyncio
+import logging
+import math
+import re
+import time
+import traceback
+from pathlib import Path
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from ray import serve
+
+from osx.errors import OsxError
+from osx.runtime.serving.jobs import FINAL, JobStore
+from osx.runtime.shim import _GENERATE_OPTIONS, _parse_options, _ShimError
+
+log = logging.getLogger("osx.serve")
+MAX_BODY = 64 * 1024  # bytes; a request is a prompt and a few numbers
+_REQUEST_FIELDS = {"prompt": str, "model": (str, type(None)), **_GENERATE_OPTIONS}
+app = FastAPI(title="osx serve", docs_url=None, redoc_url=None)
+
+
+def gpu_bundle(bundle) -> bool:
+    """True when any component runs on a GPU backend (a replica then takes one GPU, else CPUs)."""
+    return any(c.get("backend", "onnxruntime") != "onnxruntime" for c in bundle.components.values())
+
+
+@serve.deployment(max_ongoing_requests=1)
+class Generator:
+    """One replica: one Pipeline, one generation at a time."""
+
+    def __init__(self, bundle: str, store: str, keep_s: float, verify: bool = True):
+        from osx.runtime.pipeline import Pipeline
+
+        self.pipeline = Pipeline.load(bundle, verify=verify)
+        self.pipeline.preload()
+        self.store = JobStore(store, keep_s)
+        self.replica = ray.get_runtime_context().get_actor_name()
+
+    def generate(self, job_id: str, attempt: int, fields: dict) -> str:
+        """Run one attempt of a job; returns its final state ("skipped" if someone else claimed it)."""
+        if not self.store.claim(job_id, attempt):
+            return "skipped"
+        status = self.store.read(job_id)
+        if self.store.cancel_requested(job_id):
+            return self.store.write({**status, "state": "cancelled", "error": "cancelled before it started"})["state"]
+        status.update(state="running", attempt=attempt, replica=self.replica, started=time.time())
+        self.store.write(status)
+        try:
+            request = self.pipeline.prepare_request(**fields)
+            frames = self.pipeline.run(request, progress=self._progress(status, request))
+            self._write_video(status, request, frames)
+        except Exception as e:  # noqa: BLE001 - every outcome ends the job in a final state
+            from osx.runtime.pipeline import GenerationCancelled
+
+            if isinstance(e, GenerationCancelled):
+                status.update(state="cancelled", error=str(e))
+            elif isinstance(e, OsxError):
+                status.update(state="failed", error=e.message + (f" ({e.hint})" if e.hint else ""))
+            else:
+                log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+                status.update(state="failed", error=f"internal error: {e!r}")
+            self.store.write(status)
+        return status["state"]
+
+    def _progress(self, status: dict, request):
+        """The pipeline's progress callback: progress into the store; False (stop) once cancelled.
+        Work units: the text encoder, each step, each VAE chunk, and writing the file."""
+        chunks = -(-self.pipeline.latent_shape(request)[2] // self.pipeline.model.vae.micro_z_frame_size)
+        total = 2 + request.steps + chunks
+        before = {"text_encoder": 0, "denoise": 1, "vae_decode": 1 + request.steps}
+        t0 = time.perf_counter()
+
+        def progress(event: dict) -> bool:
+            fraction = (before[event["phase"]] + event["step"]) / total
+            elapsed = time.perf_counter() - t0
+            status["progress"] = {"phase": event["phase"], "step": event["step"], "total": event["total"],
+                                  "fraction": round(fraction, 4), "eta": round(elapsed * (1 - fraction) / fraction, 2)}
+            self.store.write(status)
+            return not self.store.cancel_requested(status["id"])
+
+        return progress
+
+    def _write_video(self, status: dict, request, frames) -> None:
+        from osx.runtime.video import resolve_codec, write_video
+
+        path = self.store.video(status["id"])
+        codec = resolve_codec(path)
+        write_video(frames, path, request.fps, codec)  # temp name + rename
+        h, w = frames.shape[1:3]
+        status.update(state="succeeded", progress={**status["progress"], "phase": "done", "fraction": 1.0, "eta": 0.0},
+                      result={"frames": len(frames), "width": w, "height": h, "fps": request.fps, "codec": codec,
+                              "seed": request.seed, "seconds": round(time.time() - status["started"], 3),
+                              "url": f"/v1/videos/{status['id']}/content"})
+        self.store.write(status)
+
+
+def _error(code: int, message: str, hint: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "hint": hint}, status_code=code, headers=headers)
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, models: dict[str, dict], store: str, keep_s: float):
+        """models: name -> {"bundle": path, "capacity": open jobs allowed, "max_steps": int, "replicas": str}."""
+        from osx.runtime.pipeline import Pipeline
+
+        self.models = models
+        self.store = JobStore(store, keep_s).check()
+        # For checking requests only: components are loaded lazily, so these load nothing heavy.
+        self.pipelines = {name: Pipeline.load(m["bundle"], verify=False) for name, m in models.items()}
+        self.handles = {name: serve.get_deployment_handle("Generator", app_name=name) for name in models}
+        self.open: dict[str, dict[str, int]] = {name: {} for name in models}  # model -> job id -> attempt
+        self.seconds: list[float] = []  # recent job durations, for Retry-After
+        self.last_sweep = 0.0
+
+    # --- pages -----------------------------------------------------------------------------------
+    @app.get("/")
+    def page(self):
+        return HTMLResponse(Path(__file__).with_name("index.html").read_text())
+
+    @app.get("/healthz")
+    def healthz(self):
+        return {"status": "ok", "models": list(self.models), "open_jobs": {n: len(j) for n, j in self.open.items()}}
+
+    @app.get("/v1/models")
+    def list_models(self):
+        out = []
+        for name, m in self.models.items():
+            pipe = self.pipelines[name]
+            d, s = pipe.model.defaults, pipe.scheduler
+            out.append({"name": name, "model": pipe.model.name, "replicas": m["replicas"], "queue_limit": m["capacity"],
+                        "limits": {**pipe.limits(), "steps": [1, m["max_steps"]]}, "supported": pipe.supported(),
+                        "defaults": {"num_frames": d.num_frames, "height": d.height, "width": d.width, "fps": s.fps,
+                                     "steps": s.num_sampling_steps, "guidance_scale": s.guidance_scale, "seed": d.seed}})
+        return {"models": out}
+
+    # --- jobs ------------------------------------------------------------------------------------
+    @app.post("/v1/videos")
+    async def submit(self, http: Request):
+        await self._sweep()
+        body = await http.body()
+        if len(body) > MAX_BODY:
+            return _error(413, f"request body is {len(body)} bytes; at most {MAX_BODY} allowed")
+        try:
+            fields = _parse_options(body.decode("utf-8", "replace") or "{}", _REQUEST_FIELDS)
+        except _ShimError as e:
+            return _error(400, str(e).replace("options", "fields").replace("option ", "field "))
+        except RecursionError:
+            return _error(400, "request JSON is nested too deeply")
+        name = fields.pop("model", None) or (next(iter(self.models)) if len(self.models) == 1 else None)
+        if name not in self.models:
+            return _error(400, f"unknown model {name!r}" if name else "no model given", hint=f"choose one of {', '.join(self.models)} (GET /v1/models)")
+        if "prompt" not in fields:
+            return _error(400, "prompt is required", hint='send {"prompt": "..."}; an empty string is allowed')
+        max_steps = self.models[name]["max_steps"]
+        try:
+            request = self.pipelines[name].prepare_request(**fields)
+        except OsxError as e:
+            return _error(400, e.message, e.hint)
+        if request.steps > max_steps:
+            return _error(400, f"steps={request.steps}: this service allows at most {max_steps}", hint="ask for fewer steps (osx serve --max-steps)")
+        limit = self.models[name]["capacity"]
+        if len(self.open[name]) >= limit:
+            wait = max(1, math.ceil(sorted(self.seconds)[len(self.seconds) // 2])) if self.seconds else 5
+            return _error(429, f"queue full: {limit} requests for {name} are already running or queued",
+                          hint=f"retry after {wait} s", headers={"Retry-After": str(wait)})
+        status = self.store.create(name, fields)
+        self.open[name][status["id"]] = 1
+        asyncio.get_running_loop().create_task(self._drive(name, status["id"], fields))
+        return JSONResponse(status, status_code=202, headers={"Location": f"/v1/videos/{status['id']}"})
+
+    async def _drive(self, name: str, job_id: str, fields: dict) -> None:
+        """Hand the job to the bundle's replicas; retry once if its replica dies; always end it."""
+        t0 = time.monotonic()
+        try:
+            for attempt in (1, 2):
+                self.open[name][job_id] = attempt
+                try:
+                    await self.handles[name].generate.remote(job_id, attempt, fields)
+                    break
+                except Exception as e:  # noqa: BLE001 - the replica died or Ray could not run the call
+                    reason = f"its replica stopped during generation ({type(e).__name__})"
+                    log.warning("job %s attempt %d: %s", job_id, attempt, e)
+                    status = self.store.read(job_id)
+                    if status is None or status["state"] in FINAL:
+                        break
+                    if attempt == 1 and not self.store.cancel_requested(job_id):
+                        self.store.write({**status, "state": "queued", "attempt": 2, "progress": None, "error": f"retrying: {reason}"})
+                    elif self.store.claim(job_id, attempt + 1):  # no replica will write to it any more
+                        final = "cancelled" if self.store.cancel_requested(job_id) else "failed"
+                        self.store.write({**status, "state": final, "error": f"{reason}; tried {attempt} time(s)"})
+                        break
+        finally:
+            self.open[name].pop(job_id, None)
+            self.seconds = (self.seconds + [time.monotonic() - t0])[-50:]
+
+    @app.get("/v1/videos/{job_id}")
+    def status(self, job_id: str):
+        status = self.store.read(job_id)
+        return status if status is not None else _error(404, f"no video job {job_id!r}", hint="it never existed or has expired")
+
+    @app.get("/v1/videos/{job_id}/content")
+    def content(self, job_id: str):
+        status = self.store.read(job_id)
+        if status is None:
+            return _error(404, f"no video job {job_id!r}", hint="it never existed or has expired")
+        if status["state"] != "succeeded":
+            return _error(409, f"job {job_id} is {status['state']}, there is no video", hint="wait until its state is succeeded")
+        return FileResponse(self.store.video(job_id), media_type="video/mp4", filename=f"{job_id}.mp4")
+
+    @app.delete("/v1/videos/{job_id}")
+    def cancel_or_delete(self, job_id: str):
+        """A running or queued job is cancelled (between two steps); a finished one is deleted."""
+        status = self.store.read(job_id)
+        if status is None:
+            return _error(404, f"no video job {job_id!r}", hint="it never existed or has expired")
+        if status["state"] in FINAL:
+            self.store.delete(job_id)
+            return {"id": job_id, "deleted": True}
+        self.store.request_cancel(job_id)
+        attempt = self.open.get(status["model"], {}).get(job_id, status["attempt"])
+        if self.store.claim(job_id, attempt):  # no replica has started it: it ends here
+            status = self.store.write({**self.store.read(job_id), "state": "cancelled", "error": "cancelled before it started"})
+        return JSONResponse({**status, "cancel_requested": True}, status_code=202)
+
+    async def _sweep(self) -> None:
+        """Remove expired jobs, at most once a minute (and never more often than --keep)."""
+        if time.monotonic() - self.last_sweep > min(60.0, self.store.keep_s):
+            self.last_sweep = time.monotonic()
+            await asyncio.to_thread(self.store.expire)
+
+
+def app_name(bundle: Path, taken: set[str]) -> str:
+    """A bundle's name in the API and in Ray: its folder name, made unique."""
+    base = re.sub(r"[^A-Za-z0-9._-]", "-", Path(bundle).resolve().name) or "bundle"
+    name, n = base, 2
+    while name in taken or name == "osx":
+        name, n = f"{base}-{n}", n + 1
+    return name
+
+
+def deploy(bundles: list[Path], *, store: str, keep_s: float = 3600.0, replicas: int = 1, autoscale: tuple[int, int] | None = None,
+           queue: int = 2, max_steps: int = 200, replica_cpus: float = 1.0, verify: bool = True,
+           host: str = "127.0.0.1", port: int = 8000) -> dict[str, dict]:
+    """Start Serve's HTTP proxy on host:port and deploy every bundle plus the ingress (Ray must be
+    initialised). Returns the models as the ingress sees them. Blocks until every replica is up."""
+    from osx.bundle import Bundle
+
+    JobStore(store, keep_s).check()
+    serve.start(http_options={"host": host, "port": port})
+    models: dict[str, dict] = {}
+    for path in bundles:
+        bundle = Bundle.open(path, verify=False)
+        name = app_name(path, set(models))
+        scaling = {"autoscaling_config": {"min_replicas": autoscale[0], "max_replicas": autoscale[1], "target_ongoing_requests": 1}} \
+            if autoscale else {"num_replicas": replicas}
+        actor = {"num_gpus": 1} if gpu_bundle(bundle) else {"num_cpus": replica_cpus}
+        most = autoscale[1] if autoscale else replicas
+        models[name] = {"bundle": str(Path(path).resolve()), "capacity": most * (1 + queue), "max_steps": max_steps,
+                        "replicas": f"{autoscale[0]}..{autoscale[1]}" if autoscale else str(replicas)}
+        generator = Generator.options(ray_actor_options=actor, **scaling).bind(models[name]["bundle"], str(store), keep_s, verify)
+        serve.run(generator, name=name, route_prefix=None)
+    serve.run(Ingress.bind(models, str(store), keep_s), name="osx", route_prefix="/")
+    return models
