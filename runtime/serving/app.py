@@ -1,7 +1,7 @@
 """`osx serve` on Ray Serve: one application per bundle (its `Generator` replicas) and one HTTP ingress.
 
     client --HTTP--> Ingress (FastAPI, 1 replica) --DeploymentHandle--> Generator replicas of bundle A
-                          |                                        \--> Generator replicas of bundle B
+                          |                                         +-> Generator replicas of bundle B
                           +---- job store (osx.runtime.serving.jobs) ----+   (every replica reads/writes)
 
 The ingress checks a request with the bundle's own `Pipeline.prepare_request` (so a 400 carries the

@@ -1,0 +1,69 @@
+"""The job store of `osx serve` and the command's checks before it starts Ray (no Ray needed)."""
+
+import time
+
+import pytest
+
+from osx.cli import main
+from osx.runtime.serving.jobs import JobStore
+
+
+def test_job_lifecycle_is_atomic_and_claims_are_exclusive(tmp_path):
+    store = JobStore(tmp_path / "store", keep_s=60).check()
+    job = store.create("tiny", {"prompt": "x"})
+    assert store.read(job["id"])["state"] == "queued"
+    assert store.claim(job["id"], 1) and not store.claim(job["id"], 1) and store.claim(job["id"], 2)
+    store.update(job["id"], state="running", progress={"step": 1})
+    assert not store.cancel_requested(job["id"])
+    store.request_cancel(job["id"])
+    assert store.cancel_requested(job["id"])
+    done = store.update(job["id"], state="cancelled")
+    assert done["finished"] == done["updated"]
+    # only the status and the markers: no temporary file left behind
+    assert sorted(p.name for p in (tmp_path / "store" / job["id"]).iterdir()) == ["cancel", "claim.1", "claim.2", "status.json"]
+
+
+def test_ids_never_leave_the_store(tmp_path):
+    store = JobStore(tmp_path / "store").check()
+    for bad in ("../x", "vid_../../etc", "/etc/passwd", "vid_" + "0" * 23, "", None, 7):
+        assert store.folder(bad) is None and store.read(bad) is None
+
+
+def test_finished_jobs_expire_after_keep_others_stay(tmp_path):
+    store = JobStore(tmp_path / "store", keep_s=10).check()
+    old, fresh, running = (store.create("tiny", {"prompt": str(i)}) for i in range(3))
+    store.update(old["id"], state="succeeded")
+    store.update(fresh["id"], state="failed")
+    store.update(running["id"], state="running")
+    now = time.time()
+    store.update(old["id"], finished=now - 11)
+    assert store.expire(now) == [old["id"]]
+    assert store.read(old["id"]) is None and not (tmp_path / "store" / old["id"]).exists()
+    assert store.read(fresh["id"])["state"] == "failed" and store.read(running["id"])["state"] == "running"
+    assert store.expire(now + 11) == [fresh["id"]]  # a running job never expires
+
+
+def test_unwritable_store_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(Exception, match="cannot use .* as the job store"):
+        JobStore(tmp_path / "file" / "store").check()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--autoscale", "3:1"], "is not MIN:MAX"),
+    (["--autoscale", "1:2", "--replicas", "2"], "--replicas and --autoscale exclude each other"),
+    (["--keep", "soon"], "is not a duration"),
+    (["--address", "10.0.0.1:6379"], "use auto (the cluster this machine belongs to) or ray://HOST:PORT"),
+    (["--address", "auto"], "--address needs --store"),
+])
+def test_serve_refuses_bad_options_before_starting_ray(fake_bundle, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", str(fake_bundle), *args])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_serve_refuses_a_missing_bundle(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", str(tmp_path / "nope")])
+    assert exit_.value.code == 2 and "does not exist" in capsys.readouterr().err
