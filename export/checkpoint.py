@@ -53,6 +53,26 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return _strip_prefixes(state)
 
 
+def tensor_names(path: str | os.PathLike) -> list[str]:
+    """The tensor names of a `.safetensors` file (its header) or a shard index, without reading any
+    tensor; [] for a pickle (its names need the whole file) or a file that cannot be read."""
+    path = Path(path)
+    if path.name.endswith(".index.json"):
+        try:
+            return list(json.loads(path.read_text())["weight_map"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        except Exception:  # a damaged file: loading it later names the problem
+            return []
+    return []
+
+
 def load_into(
     module: torch.nn.Module,
     state_dict: dict[str, torch.Tensor],

@@ -309,17 +309,8 @@ def _peek_keys(entry: Path) -> list[str] | None:
         for p in inner:
             keys += _peek_keys(p) or []
         return keys
-    if entry.name.endswith(".index.json"):
-        try:
-            return list(json.loads(entry.read_text())["weight_map"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return []
-    if entry.suffix == ".safetensors":
-        from safetensors import safe_open
+    if entry.name.endswith(".index.json") or entry.suffix == ".safetensors":
+        from osx.export.checkpoint import tensor_names
 
-        try:
-            with safe_open(str(entry), framework="pt") as f:
-                return list(f.keys())
-        except Exception:  # a damaged file: loading it later names the problem
-            return []
+        return tensor_names(entry)
     return [] if entry.suffix in WEIGHT_SUFFIXES else None
