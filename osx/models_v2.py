@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 from osx.errors import InputError
@@ -117,47 +118,23 @@ class OpenSoraV2Config:
     mmdit: MMDiTConfig
     sampler: SamplerV2Config
     defaults: GenerationDefaultsV2
+    vae: HunyuanVAEConfig
     family: str = "opensora-v2.0"
     # Resolution buckets: name -> side of the square whose area the bucket keeps.
     resolutions: dict[str, int] = field(default_factory=lambda: {"256px": 256, "768px": 768})
     max_frames: int = 129  # frames are 4k+1 (causal VAE: first frame alone, then 4 per latent frame)
-    spatial_downsample: int = 8  # VAE
-    temporal_downsample: int = 4
     random_init_seed: int = 0
+
+    @property
+    def spatial_downsample(self) -> int:
+        return self.vae.spatial_compression_ratio
+
+    @property
+    def temporal_downsample(self) -> int:
+        return self.vae.time_compression_ratio
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-OPENSORA_V2_0 = OpenSoraV2Config(
-    name="opensora-v2.0",
-    t5=TextEncoderConfig(max_length=512),  # google/t5-v1_1-xxl: the same network as v1.2's T5, 512 tokens
-    clip=CLIPTextConfig(),
-    mmdit=MMDiTConfig(),
-    sampler=SamplerV2Config(),
-    defaults=GenerationDefaultsV2(),
-)
-
-# Same structure, tiny widths and depths. Kept: 2x2 patches over 16 latent channels (so the 68-channel
-# cond input and the packing are the real ones), three RoPE axes summing to the head dim, both block kinds.
-OPENSORA_V2_0_TINY = OpenSoraV2Config(
-    name="opensora-v2.0-tiny",
-    t5=TextEncoderConfig(vocab_size=1024, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, max_length=32),
-    clip=CLIPTextConfig(
-        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=32, bos_token_id=510, eos_token_id=511, pad_token_id=511, max_length=32,
-    ),
-    mmdit=MMDiTConfig(
-        vec_in_dim=32, context_in_dim=32, hidden_size=64, num_heads=4, depth=2, depth_single_blocks=2,
-        axes_dim=(4, 6, 6),
-    ),
-    sampler=SamplerV2Config(num_steps=12),  # > osci_start, so oscillation is exercised
-    defaults=GenerationDefaultsV2(resolution="64px", aspect_ratio="1:1", num_frames=9),
-    resolutions={"64px": 64},
-    max_frames=33,
-)
-
-MODELS_V2: dict[str, OpenSoraV2Config] = {m.name: m for m in (OPENSORA_V2_0, OPENSORA_V2_0_TINY)}
 
 
 # --- shape arithmetic ----------------------------------------------------------------------------------
@@ -204,6 +181,31 @@ def latent_shape(cfg: OpenSoraV2Config, height: int, width: int, num_frames: int
     p = cfg.mmdit.patch_size
     return (cfg.mmdit.latent_channels, latent_frames_v2(num_frames, cfg.temporal_downsample),
             p * -(-height // block), p * -(-width // block))
+
+
+# --- prompts -------------------------------------------------------------------------------------------
+
+
+def prepare_prompt_v2(prompt: str, fps: int = 24, motion_score: str = "4") -> str:
+    """The text Open-Sora v2.0 encodes for a prompt (scripts/diffusion/inference.py):
+    strip, end with ".", append " {fps} FPS." unless it already ends with "<digits> FPS.", then append
+    " {motion_score} motion score.". "raining, sea" -> "raining, sea. 24 FPS. 4 motion score.".
+    Negative prompts get no suffix (see `negative_prompt_v2`)."""
+    if str(motion_score) == "dynamic":
+        raise InputError("motion score 'dynamic' asks an OpenAI model in Open-Sora; osx does not",
+                         hint="give a number, e.g. 4 (Open-Sora's default)")
+    text = prompt.strip()
+    if not text.endswith("."):
+        text += "."
+    if not re.search(r"\d+ FPS\.$", text):
+        text += f" {fps} FPS."
+    return f"{text} {motion_score} motion score."
+
+
+def negative_prompt_v2(negative: str | None) -> str:
+    """Open-Sora's negative prompt: the given text unchanged, or "" (encoded like any prompt: T5 gets
+    `</s>` and pads, CLIP BOS, EOS and pads; no learned null embedding)."""
+    return "" if negative is None else negative
 
 
 # --- HunyuanVideo causal 3D VAE ---------------------------------------------------------------------------
@@ -259,3 +261,38 @@ HUNYUAN_VAE_TINY = HunyuanVAEConfig(
     sample_size=64,
     sample_tsize=16,
 )
+
+
+# --- the named models (after both sections: they hold a VAE config) -------------------------------------
+
+OPENSORA_V2_0 = OpenSoraV2Config(
+    name="opensora-v2.0",
+    t5=TextEncoderConfig(max_length=512),  # google/t5-v1_1-xxl: the same network as v1.2's T5, 512 tokens
+    clip=CLIPTextConfig(),
+    mmdit=MMDiTConfig(),
+    sampler=SamplerV2Config(),
+    defaults=GenerationDefaultsV2(),
+    vae=HUNYUAN_VAE,
+)
+
+# Same structure, tiny widths and depths. Kept: 2x2 patches over 16 latent channels (so the 68-channel
+# cond input and the packing are the real ones), three RoPE axes summing to the head dim, both block kinds.
+OPENSORA_V2_0_TINY = OpenSoraV2Config(
+    name="opensora-v2.0-tiny",
+    t5=TextEncoderConfig(vocab_size=1024, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, max_length=32),
+    clip=CLIPTextConfig(
+        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=32, bos_token_id=510, eos_token_id=511, pad_token_id=511, max_length=32,
+    ),
+    mmdit=MMDiTConfig(
+        vec_in_dim=32, context_in_dim=32, hidden_size=64, num_heads=4, depth=2, depth_single_blocks=2,
+        axes_dim=(4, 6, 6),
+    ),
+    sampler=SamplerV2Config(num_steps=12),  # > osci_start, so oscillation is exercised
+    defaults=GenerationDefaultsV2(resolution="64px", aspect_ratio="1:1", num_frames=9),
+    vae=HUNYUAN_VAE_TINY,
+    resolutions={"64px": 64, "96px": 96},  # 96 px: larger than the tiny VAE's 64 px tiles
+    max_frames=33,
+)
+
+MODELS_V2: dict[str, OpenSoraV2Config] = {m.name: m for m in (OPENSORA_V2_0, OPENSORA_V2_0_TINY)}
