@@ -203,6 +203,14 @@ def test_real_config_keys_and_parameter_count_on_meta():
     assert list(sd) == list(dict(model.named_parameters()))  # no buffers: nothing recomputed, nothing hidden
 
 
+def test_real_config_tile_shapes_on_meta():
+    """One 256 px tile of 129 frames through the real-width encoder and decoder (shapes only, no memory)."""
+    with torch.device("meta"):
+        model = HunyuanVideoVAE(HUNYUAN_VAE)
+        assert model.encode_moments(torch.zeros(1, 3, 129, 256, 256)).shape == (1, 32, 33, 32, 32)
+        assert model.decode_tile(torch.zeros(1, 16, 33, 32, 32)).shape == (1, 3, 129, 256, 256)
+
+
 # --- shapes, normalisation, posterior ----------------------------------------------------------------------
 
 
