@@ -7,13 +7,16 @@ containers, so a checkpoint can never run code. Every failure is a CheckpointErr
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import struct
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from osx.errors import CheckpointError
@@ -86,19 +89,27 @@ def load_into(
     `encoder.embed_tokens.weight` = `shared.weight`). Otherwise any missing, unexpected or wrong-shape
     key raises CheckpointError listing them and naming `source`. Values are cast to the module's dtypes.
     """
+    check_fit(module, {k: tuple(v.shape) for k, v in state_dict.items()}, source, recomputable)
+    with torch.no_grad():
+        module.load_state_dict(state_dict, strict=False)
+
+
+def check_fit(module: torch.nn.Module, shapes: dict[str, tuple[int, ...]], source: str,
+              recomputable: tuple[str, ...] = ("rope.freqs",)) -> None:
+    """Raise CheckpointError unless the checkpoint's {key: shape} fits `module` exactly (see `load_into`)."""
     expected = module.state_dict(keep_vars=True)
-    aliases = _tied_names(module)
+    aliases = tied_names(module)
     optional = {
         k
         for k in expected
-        if any(k == r or k.endswith("." + r) for r in recomputable) or any(a in state_dict for a in aliases.get(k, ()))
+        if any(k == r or k.endswith("." + r) for r in recomputable) or any(a in shapes for a in aliases.get(k, ()))
     }
-    missing = [k for k in expected if k not in state_dict and k not in optional]
-    unexpected = [k for k in state_dict if k not in expected]
+    missing = [k for k in expected if k not in shapes and k not in optional]
+    unexpected = [k for k in shapes if k not in expected]
     wrong = [
-        f"{k} (checkpoint {list(v.shape)}, model {list(expected[k].shape)})"
-        for k, v in state_dict.items()
-        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+        f"{k} (checkpoint {list(v)}, model {list(expected[k].shape)})"
+        for k, v in shapes.items()
+        if k in expected and tuple(v) != tuple(expected[k].shape)
     ]
     if missing or unexpected or wrong:
         problems = [
@@ -110,8 +121,6 @@ def load_into(
             f"checkpoint {source} does not fit {type(module).__name__}: " + "; ".join(problems),
             hint="check that the checkpoint belongs to this model and model config (--model)",
         )
-    with torch.no_grad():
-        module.load_state_dict(state_dict, strict=False)
 
 
 def save_safetensors(
@@ -204,9 +213,9 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot read safetensors file ({e})", hint="the file may be truncated; download it again") from None
 
 
-def _read_pickle(path: Path):
+def _read_pickle(path: Path, mmap: bool = False):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # UnpicklingError for disallowed objects, RuntimeError/EOFError for damaged files
         raise CheckpointError(
             f"{path}: refused to load: it is not a plain tensor checkpoint readable with weights_only=True "
@@ -242,7 +251,7 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-def _tied_names(module: torch.nn.Module) -> dict[str, list[str]]:
+def tied_names(module: torch.nn.Module) -> dict[str, list[str]]:
     """For each parameter name, the other names of the same tensor (weight tying)."""
     names: dict[int, list[str]] = {}
     for name, p in module.named_parameters(remove_duplicate=False):
@@ -293,3 +302,120 @@ def _atomic_write_text(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+# --- streaming: one tensor at a time ----------------------------------------------------------------
+
+
+class CheckpointReader:
+    """The tensors of a checkpoint (any layout `read_state_dict` takes), read one at a time.
+
+    Names and shapes come from the safetensors headers (or, for pickles, a memory-mapped
+    `torch.load(mmap=True, weights_only=True)` that touches no tensor data). `get(key)` copies one tensor
+    out of a fresh mapping that is closed again before it returns, so the pages read do not stay in
+    this process's resident set: reading a 19 GB checkpoint tensor by tensor costs one tensor of RAM.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        if not path.exists():
+            raise CheckpointError(f"checkpoint {path} does not exist", hint="check the path")
+        self.source = str(path)
+        path = _weights_in_dir(path) if path.is_dir() else path
+        if path.name.endswith(".index.json"):
+            try:
+                weight_map = json.loads(path.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{path}: not a shard index ({e})", hint="expected JSON with a 'weight_map'") from None
+            files = [path.parent / s for s in sorted(set(weight_map.values()))]
+        elif path.suffix in (".safetensors", *PICKLE_SUFFIXES):
+            files = [path]
+        else:
+            raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r}",
+                                  hint="use .safetensors, a *.index.json of shards, or a .pth/.bin pickle")
+        self._where: dict[str, tuple[Path, str]] = {}  # key -> (file, key inside the file)
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{path}: shard {f.name} is missing", hint=f"put {f.name} next to the index")
+            for inner, (shape, dtype) in _tensor_meta(f).items():
+                self._where[inner] = (f, inner)
+                self._meta[inner] = (shape, dtype)
+        stripped = _strip_prefixes(dict.fromkeys(self._where))  # same prefix rules as read_state_dict
+        if list(stripped) != list(self._where):
+            renamed = dict(zip(stripped, self._where.values()))
+            self._meta = dict(zip(stripped, self._meta.values()))
+            self._where = renamed
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._meta[key][0]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._meta[key][1]
+
+    def get(self, key: str) -> torch.Tensor:
+        """One tensor, copied into memory owned by the caller."""
+        if key not in self._where:
+            raise CheckpointError(f"checkpoint {self.source} has no tensor {key!r}",
+                                  hint="check that the checkpoint belongs to this model and model config (--model)")
+        file, inner = self._where[key]
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt") as f:
+                    return f.get_tensor(inner)
+            return _unwrap(_read_pickle(file, mmap=True), file)[inner].clone()
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: cannot read tensor {key!r} ({e})", hint="the file may be truncated; download it again") from None
+
+
+def _tensor_meta(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    if file.suffix == ".safetensors":
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return {k: (tuple(f.get_slice(k).get_shape()), _ST_DTYPES[f.get_slice(k).get_dtype()]) for k in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: cannot read safetensors file ({e})", hint="the file may be truncated; download it again") from None
+    state = _unwrap(_read_pickle(file, mmap=True), file)
+    return {k: (tuple(t.shape), t.dtype) for k, t in state.items()}
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def write_safetensors_streamed(path: str | os.PathLike, tensors: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                               make: Callable[[str], torch.Tensor]) -> Path:
+    """Write a safetensors file whose tensors are made one at a time by `make(name)` (shape and dtype
+    declared up front in `tensors`), so a file larger than RAM can be written. Atomic (temp + rename).
+
+    The layout is safetensors' own: an 8-byte little-endian header length, the JSON header (dtype,
+    shape, data_offsets per tensor, 8-byte aligned), then each tensor's bytes in header order."""
+    path = Path(path)
+    names = {v: k for k, v in _ST_DTYPES.items()}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, (shape, dtype) in tensors.items():
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)) + blob)
+            for name, (shape, dtype) in tensors.items():
+                t = make(name).to(dtype).contiguous()
+                if tuple(t.shape) != tuple(shape):
+                    raise ValueError(f"{name}: made shape {tuple(t.shape)}, declared {tuple(shape)}")
+                f.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path

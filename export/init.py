@@ -27,6 +27,26 @@ def tensor_generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
+def seeded_targets(module: torch.nn.Module, learned_buffers: tuple[str, ...] = LEARNED_BUFFERS) -> list[tuple[str, torch.Tensor]]:
+    """The tensors random weights fill: trainable parameters (each tied tensor once, under its first
+    name) and learned buffers. Frozen parameters and other buffers are constants of the architecture."""
+    targets = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    return targets + [(n, b) for n, b in module.named_buffers() if n.rpartition(".")[2] in learned_buffers]
+
+
+def seeded_value(module: torch.nn.Module, name: str, shape: tuple[int, ...], seed: int, std: float | None = None) -> torch.Tensor:
+    """The float32 random value of tensor `name` (see `seeded_init_`); needs only the module's structure,
+    so it works on a module whose parameters are on the meta device."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    values = torch.randn(shape, generator=tensor_generator(seed, name))
+    if leaf in ("weight", "scale") and "Norm" in type(owner).__name__:
+        return 1.0 + SMALL_STD * values
+    if len(shape) < 2:  # biases
+        return SMALL_STD * values
+    return values * (std if std is not None else (values.numel() // shape[0]) ** -0.5)
+
+
 @torch.no_grad()
 def seeded_init_(module: torch.nn.Module, seed: int, std: float | None = None, learned_buffers: tuple[str, ...] = LEARNED_BUFFERS):
     """Fill `module`'s trainable parameters and learned buffers in place; returns `module`.
@@ -38,17 +58,6 @@ def seeded_init_(module: torch.nn.Module, seed: int, std: float | None = None, l
     of the architecture and keep their values. Parameters named `weight` (or `scale`) of a module whose
     class name contains "Norm" are scales and are drawn around 1. Tied parameters are filled once.
     """
-    targets = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    targets += [(n, b) for n, b in module.named_buffers() if n.rpartition(".")[2] in learned_buffers]
-    for name, tensor in targets:
-        owner_name, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(owner_name)
-        values = torch.randn(tensor.shape, generator=tensor_generator(seed, name))
-        if leaf in ("weight", "scale") and "Norm" in type(owner).__name__:
-            values = 1.0 + SMALL_STD * values
-        elif tensor.dim() < 2:  # biases
-            values = SMALL_STD * values
-        else:
-            values = values * (std if std is not None else (tensor.numel() // tensor.shape[0]) ** -0.5)
-        tensor.copy_(values)
+    for name, tensor in seeded_targets(module, learned_buffers):
+        tensor.copy_(seeded_value(module, name, tuple(tensor.shape), seed, std))
     return module

@@ -48,7 +48,7 @@ from osx.components import ComponentSpec
 from osx.numeric import format_bytes
 
 OPSETS = (18, 19, 20)
-DTYPES = {"fp32": ("float32", torch.float32), "fp16": ("float16", torch.float16)}
+DTYPES = {"fp32": ("float32", torch.float32), "fp16": ("float16", torch.float16), "bf16": ("bfloat16", torch.bfloat16)}
 EXPORTER = f"torch.export + torch.onnx.export(dynamo=True), torch {torch.__version__}"
 
 
@@ -69,6 +69,7 @@ class ExportInfo:
     bytes: int  # .onnx + .data
     seconds: float
     notes: list[str] = field(default_factory=list)
+    weights_check: dict | None = None  # streamed exports: initializers checked against the checkpoint
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,9 +132,9 @@ def _dim_name(d: str) -> str:
     return d if "*" not in d else "{1}_x{0}".format(*d.split("*"))
 
 
-def torch_inputs(spec: ComponentSpec, sizes: dict[str, int], seed: int = 0) -> tuple[torch.Tensor, ...]:
+def torch_inputs(spec: ComponentSpec, sizes: dict[str, int], seed: int = 0, device: str = "cpu") -> tuple[torch.Tensor, ...]:
     arrays = spec.sample_inputs(sizes, seed=seed)
-    return tuple(torch.from_numpy(arrays[t.name]) for t in spec.inputs)
+    return tuple(torch.from_numpy(arrays[t.name]).to(device) for t in spec.inputs)
 
 
 def trace(wrapper: SpecModule, spec: ComponentSpec, sizes: dict[str, int]) -> tuple[torch.export.ExportedProgram, list[str]]:
@@ -153,7 +154,7 @@ def trace(wrapper: SpecModule, spec: ComponentSpec, sizes: dict[str, int]) -> tu
     with torch.fx.experimental._config.patch(backed_size_oblivious=True):
         program = torch.export.export(
             wrapper,
-            torch_inputs(spec, sizes),
+            torch_inputs(spec, sizes, device=next(wrapper.parameters()).device.type),
             dynamic_shapes=(dynamic_shapes(spec),),  # one entry: SpecModule.forward(*inputs)
             strict=False,
             prefer_deferred_runtime_asserts_over_guards=True,
@@ -190,36 +191,77 @@ def export_component(
     Runs torch.onnx.export with the spec's names and dynamic ranges, cleans the graph with onnxslim,
     names the graph's symbolic dims as the spec does, and checks the file with
     onnx.checker.check_model(full_check=True). Returns what was written (op counts included).
+    `export_streamed` does the same from a checkpoint without the weights in memory.
     """
+    _check_args(dtype, opset)
+    module.to(DTYPES[dtype][1]).eval()
+    return _export(module, spec, path, dtype, opset, sample_sizes, external_data_threshold, progress)[0]
+
+
+def export_streamed(
+    weights,
+    spec: ComponentSpec,
+    path: str | os.PathLike,
+    *,
+    dtype: str = "fp32",
+    opset: int = 18,
+    sample_sizes: dict[str, int] | None = None,
+    external_data_threshold: int = EXTERNAL_DATA_BYTES,
+    progress: Callable[[str], None] | None = None,
+) -> ExportInfo:
+    """`export_component` for an `osx.export.stream.Weights` (a module on the meta device + its
+    checkpoint): traced without weights, each initializer streamed from the checkpoint and cast to
+    `dtype` as it is written, then every one checked against its checkpoint tensor (sha256)."""
+    from osx.export.stream import check_initializers
+
+    _check_args(dtype, opset)
+    weights.module.to(DTYPES[dtype][1])
+    info, sources = _export(weights.module, spec, path, dtype, opset, sample_sizes, external_data_threshold, progress, weights)
+    (progress or (lambda m: None))(f"checking {info.file}'s initializers against the checkpoint (sha256, one at a time)")
+    info.weights_check = check_initializers(path, sources, weights)
+    return info
+
+
+def _check_args(dtype: str, opset: int) -> None:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if opset not in OPSETS:
         raise ValueError(f"opset must be one of {OPSETS} (onnxruntime and TensorRT both parse these), got {opset}")
+
+
+def _export(module, spec, path, dtype, opset, sample_sizes, external_data_threshold, progress,
+            weights=None) -> tuple[ExportInfo, dict | None]:
+    """The export steps both entry points share; with `weights`, initializers are streamed (and the
+    map of initializer -> checkpoint key is returned beside the info)."""
     say = progress or (lambda msg: None)
     path = Path(path)
     start = time.perf_counter()
-    float_dtype, torch_dtype = DTYPES[dtype]
-    spec = spec.with_precision(float_dtype)
-    module.to(torch_dtype).eval()
+    spec = spec.with_precision(DTYPES[dtype][0])
     sizes = {**default_trace_sizes(spec), **(sample_sizes or {})}
+    sources = None
 
     scratch = Path(tempfile.mkdtemp(prefix=f".{path.stem}-raw-", dir=path.parent))
     try:
         raw = scratch / path.name  # same file name, so the external data locations stay valid
-        say(f"tracing {spec.name} ({dtype}, opset {opset}) at {_fmt_sizes(sizes)}")
+        say(f"tracing {spec.name} ({dtype}, opset {opset}{', weights streamed from the checkpoint' if weights else ''}) "
+            f"at {_fmt_sizes(sizes)}")
         with torch.no_grad(), _quiet():
             program, dropped = trace(SpecModule(module, spec), spec, sizes)
-            torch.onnx.export(
-                program,
-                (),
-                raw,
-                opset_version=opset,
-                input_names=[t.name for t in spec.inputs],
-                output_names=[t.name for t in spec.outputs],
-                external_data=True,  # stream weights to <raw>.data; the final layout is decided below
-                optimize=True,  # constant folding (weight transposes as views) and onnxscript's rewrites
-                verbose=False,
-            )
+            names = dict(input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs])
+            if weights is None:
+                torch.onnx.export(program, (), raw, opset_version=opset, **names,
+                                  external_data=True,  # stream weights to <raw>.data; the final layout is decided below
+                                  optimize=True,  # constant folding (weight transposes as views) and onnxscript's rewrites
+                                  verbose=False)
+            else:
+                from osx.export.stream import stream_initializers
+
+                onnx_program = torch.onnx.export(program, (), None, opset_version=opset, **names, optimize=False, verbose=False)
+                sources = stream_initializers(onnx_program.model, weights)
+                onnx_program.optimize()  # what optimize=True runs, now over lazy initializers
+                say(f"writing {spec.name}'s initializers from the checkpoint")
+                onnx_program.save(raw, external_data=True)
+                del onnx_program
             del program
             _forget_exported_graph()
         raw_data = Path(f"{raw}.data")
@@ -268,7 +310,7 @@ def export_component(
     )
     say(f"wrote {path.name}{' + ' + data_file if data_file else ''} ({format_bytes(size)}, {info.nodes} nodes, "
         f"checker ok) in {info.seconds:.1f}s")
-    return info
+    return info, sources
 
 
 def _name_nodes_by_module(model: onnx.ModelProto) -> None:
