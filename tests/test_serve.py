@@ -218,3 +218,65 @@ def test_killed_replica_ends_the_job_and_service_goes_on(service):
         assert "replica stopped" in final["error"]
     code, body = service.json("POST", "/v1/videos", {"prompt": "next one", "steps": 2})
     assert code == 202 and service.wait(body["id"], timeout=180)["state"] == "succeeded"
+
+
+def _browser():
+    """Debian's chromium, headless, driven through its own chromedriver (nothing downloaded)."""
+    import shutil
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (apt-get install -y chromium chromium-driver; .ci/run does)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium comes with the `test` extra")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--mute-audio",
+                "--autoplay-policy=no-user-gesture-required"):
+        options.add_argument(arg)
+    browser = webdriver.Chrome(service=Service(driver), options=options)
+    browser.set_page_load_timeout(30)
+    browser.set_script_timeout(30)
+    return browser
+
+
+def test_web_page_generates_and_plays_the_video(service):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = _browser()
+    try:
+        browser.get(service.base + "/")
+        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "steps").get_attribute("value") == "10")
+        assert browser.find_element(By.ID, "num_frames").get_attribute("max") == "51"
+        assert "frames 1, 17..51" in browser.find_element(By.ID, "supported").text
+        # a bad request shows the server's words
+        frames = browser.find_element(By.ID, "num_frames")
+        frames.clear()
+        frames.send_keys("5")
+        browser.find_element(By.ID, "submit").click()
+        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "error").text)
+        assert "5 frames: outside what this bundle supports" in browser.find_element(By.ID, "error").text
+        # a good one: progress to 100 %, then the video plays
+        frames.clear()
+        frames.send_keys("34")
+        steps = browser.find_element(By.ID, "steps")
+        steps.clear()
+        steps.send_keys("40")
+        browser.find_element(By.ID, "prompt").send_keys("a fox in a browser")
+        browser.find_element(By.ID, "submit").click()
+        seen, deadline = set(), time.monotonic() + 120
+        while time.monotonic() < deadline and 100 not in seen:
+            seen.add(int(browser.find_element(By.ID, "bar").get_attribute("value")))
+            time.sleep(0.05)
+        assert 100 in seen and len(seen) >= 3, seen  # it moved through values on its way
+        assert browser.find_element(By.ID, "state").text == "succeeded" and browser.find_element(By.ID, "error").text == ""
+        played = browser.execute_async_script("""
+            const done = arguments[arguments.length - 1], v = document.getElementById('video');
+            const report = () => done({duration: v.duration, time: v.currentTime, error: v.error && v.error.code});
+            const go = () => v.play().then(() => setTimeout(report, 400), (e) => done({error: String(e)}));
+            v.readyState >= 1 ? go() : v.addEventListener('loadedmetadata', go, {once: true});""")
+        assert played.get("error") is None and played["duration"] > 1.0 and played["time"] > 0, played
+    finally:
+        browser.quit()
