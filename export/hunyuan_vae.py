@@ -7,9 +7,9 @@ first, and the mid-block attention only looks at the same or earlier frames. So 
 an image is one latent frame. (GroupNorm statistics still span all frames of a tile: not causal there.)
 
 `encode_moments` and `decode_tile` are the fixed per-tile computations (no data-dependent Python: what gets
-exported); `encode` / `decode` add Open-Sora's tiling loops: overlapping spatial tiles blended linearly, and
-optionally overlapping temporal tiles. Module names are the keys of the released `hunyuan_vae.safetensors`,
-which Open-Sora loads with strict=True.
+exported); `encode` / `decode` add Open-Sora's tiling loops (osx/vae_tiling.py, torch-free, shared with the
+runtime): overlapping spatial tiles blended linearly, and optionally overlapping temporal tiles. Module
+names are the keys of the released `hunyuan_vae.safetensors`, which Open-Sora loads with strict=True.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from osx.errors import InputError
 from osx.export.checkpoint import load_into, read_state_dict
 from osx.models_v2 import HunyuanVAEConfig
+from osx.vae_tiling import tiled_decode, tiled_encode
 
 # --- building blocks ----------------------------------------------------------------------------------------
 
@@ -209,48 +210,6 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
-# --- tiling (host loops over the per-tile modules) ----------------------------------------------------------
-
-
-def tile_starts(size: int, stride: int) -> list[int]:
-    """Open-Sora's tile origins along one axis: every `stride` from 0 while inside (the last tile may be short,
-    even one that a previous tile already covers: it is kept, as Open-Sora keeps it)."""
-    return list(range(0, size, stride))
-
-
-def blend_into(prev: torch.Tensor, cur: torch.Tensor, extent: int, dim: int) -> None:
-    """Cross-fade, in place, the first `extent` slices of `cur` along `dim` with the last ones of `prev`:
-    cur[y] = prev[-e + y] * (1 - y/e) + cur[y] * y/e for y < e = min(extent, both sizes)."""
-    e = min(prev.shape[dim], cur.shape[dim], extent)
-    if e == 0:
-        return
-    shape = [1] * cur.dim()
-    shape[dim] = e
-    w = (torch.arange(e, dtype=torch.float64) / e).to(cur.dtype).to(cur.device).view(shape)
-    head = cur.narrow(dim, 0, e)
-    head.copy_(prev.narrow(dim, prev.shape[dim] - e, e) * (1 - w) + head * w)
-
-
-def stitch_spatial(grid: list[list[torch.Tensor]], extent: int, keep: int) -> torch.Tensor:
-    """Blend every tile with the one above, then the one to its left (both already blended: Open-Sora's
-    in-place order), crop each to its first `keep` rows and columns, and concatenate."""
-    for i, row in enumerate(grid):
-        for j, tile in enumerate(row):
-            if i > 0:
-                blend_into(grid[i - 1][j], tile, extent, dim=-2)
-            if j > 0:
-                blend_into(row[j - 1], tile, extent, dim=-1)
-    return torch.cat([torch.cat([t[..., :keep, :keep] for t in row], dim=-1) for row in grid], dim=-2)
-
-
-def stitch_temporal(tiles: list[torch.Tensor], extent: int, keep: int) -> torch.Tensor:
-    """Blend consecutive temporal tiles (each without its first, shared frame except the first tile) and
-    keep `keep` frames of each (`keep` + 1 of the first)."""
-    for prev, cur in zip(tiles, tiles[1:]):
-        blend_into(prev, cur, extent, dim=2)
-    return torch.cat([tiles[0][:, :, : keep + 1], *(t[:, :, :keep] for t in tiles[1:])], dim=2)
-
-
 # --- the VAE ----------------------------------------------------------------------------------------------------
 
 
@@ -285,7 +244,7 @@ class HunyuanVideoVAE(nn.Module):
         self._check(video, self.cfg.in_channels, "video", "frames must be 4k+1 (1, 5, ..., 129)")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise InputError(f"generator must be a torch.Generator, got {type(generator).__name__}", hint="pass torch.Generator().manual_seed(seed)")
-        moments = self._encode_tiled(video)
+        moments = tiled_encode(self.encode_moments, video, self.cfg, self.use_spatial_tiling, self.use_temporal_tiling, torch.cat)
         mean, logvar = moments.chunk(2, dim=1)
         z = mean
         if generator is not None:
@@ -296,39 +255,7 @@ class HunyuanVideoVAE(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents [B,16,T,h,w] -> pixels [B,3,4(T-1)+1,8h,8w] (not clamped)."""
         self._check(latents, self.cfg.latent_channels, "latents", None)
-        return self._decode_tiled(latents)
-
-    def _tile_time(self, fn, x, size_in: int, size_out: int):
-        """Open-Sora's temporal tiling: tiles of size_in + 1 frames every size_in * (1 - overlap), each after
-        the first without its first (shared) output frame, cross-faded over size_out * overlap frames."""
-        overlap = self.cfg.tile_overlap_factor
-        if not (self.use_temporal_tiling and x.shape[2] > size_in):
-            return fn(x)
-        tiles = [fn(x[:, :, i : i + size_in + 1]) for i in tile_starts(x.shape[2], int(size_in * (1 - overlap)))]
-        tiles = tiles[:1] + [t[:, :, 1:] for t in tiles[1:]]
-        extent = int(size_out * overlap)
-        return stitch_temporal(tiles, extent, size_out - extent)
-
-    def _tile_space(self, fn, x, size_in: int, size_out: int):
-        """Open-Sora's spatial tiling: square tiles of size_in every size_in * (1 - overlap) when H or W is
-        larger than one tile, outputs cross-faded over size_out * overlap and cropped to the rest."""
-        overlap = self.cfg.tile_overlap_factor
-        if not (self.use_spatial_tiling and max(x.shape[-2:]) > size_in):
-            return fn(x)
-        starts = lambda n: tile_starts(n, int(size_in * (1 - overlap)))
-        grid = [[fn(x[..., i : i + size_in, j : j + size_in]) for j in starts(x.shape[-1])] for i in starts(x.shape[-2])]
-        extent = int(size_out * overlap)
-        return stitch_spatial(grid, extent, size_out - extent)
-
-    def _encode_tiled(self, video):
-        c = self.cfg
-        per_tile = lambda v: self._tile_space(self.encode_moments, v, c.sample_size, c.tile_latent_size)
-        return self._tile_time(per_tile, video, c.sample_tsize, c.tile_latent_tsize)
-
-    def _decode_tiled(self, latents):
-        c = self.cfg
-        per_tile = lambda z: self._tile_space(self.decode_tile, z, c.tile_latent_size, c.sample_size)
-        return self._tile_time(per_tile, latents, c.tile_latent_tsize, c.sample_tsize)
+        return tiled_decode(self.decode_tile, latents, self.cfg, self.use_spatial_tiling, self.use_temporal_tiling, torch.cat)
 
     def _check(self, x: torch.Tensor, channels: int, what: str, frames_rule: str | None) -> None:
         c = self.cfg

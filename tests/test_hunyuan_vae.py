@@ -5,6 +5,7 @@ weights, float32. Facts: design/opensora-v2.0.md section 4."""
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from osx.export.hunyuan_vae import (
 )
 from osx.export.init import seeded_init_
 from osx.models_v2 import HUNYUAN_VAE, HUNYUAN_VAE_TINY
+from osx.vae_tiling import tiled_decode
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # float32 re-derivations: same maths, different summation order
 
@@ -478,6 +480,19 @@ def test_temporal_tiling_matches_opensoras_loop(vae):
     out = model.decode(z)
     assert out.shape == (1, 3, 33, 32, 32)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_numpy_stitching_equals_torch(vae):
+    """The runtime's path: the torch-free tiling over NumPy arrays, around the same per-tile decoder (what an
+    exported graph computes), gives the torch result: 1 x 2 spatial tiles inside each of 2 temporal tiles."""
+    model = copy.copy(vae)
+    model.use_temporal_tiling = True
+    z = rand(1, 16, 6, 6, 12, seed=18)
+    decode_tile = lambda t: vae.decode_tile(torch.from_numpy(t)).numpy()
+    out = tiled_decode(decode_tile, z.numpy(), HUNYUAN_VAE_TINY, spatial=True, temporal=True)
+    assert isinstance(out, np.ndarray) and out.shape == (1, 3, 21, 48, 96)
+    torch.testing.assert_close(torch.from_numpy(out), model.decode(z), rtol=0, atol=1e-6)
 
 
 # --- export: the per-tile encoder and decoder trace to ONNX with dynamic T, H, W ------------------------
