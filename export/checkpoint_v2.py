@@ -94,7 +94,8 @@ def resolve_parts(folder: str | os.PathLike | None = None, **paths) -> dict[str,
 
 
 def load_part(module: torch.nn.Module, path: str | os.PathLike, part: str) -> None:
-    """Load `path` into `module` strictly (after dropping the part's known unused keys)."""
+    """Load `path` into `module` strictly (after dropping the part's known unused keys). A module built on
+    the meta device takes the checkpoint's tensors as they are (one copy of the weights in memory)."""
     state = read_state_dict(path)
     kind = identify(list(state))
     if kind == "flux":
@@ -104,7 +105,11 @@ def load_part(module: torch.nn.Module, path: str | os.PathLike, part: str) -> No
         raise CheckpointError(f"{path} holds {PART_NAMES[kind]}, not {PART_NAMES[part]}",
                               hint=f"pass it as the {kind} part")
     state = {k: v for k, v in state.items() if not k.startswith(UNUSED_PREFIXES[part])}
-    load_into(module, state, source=str(path), recomputable=())
+    on_meta = any(p.is_meta for p in module.parameters())
+    load_into(module, state, source=str(path), recomputable=(), assign=on_meta)
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:  # a non-persistent buffer has no value in any checkpoint: such modules must not be built on meta
+        raise CheckpointError(f"{path}: {', '.join(left[:5])} still unset after loading", hint="an osx bug: please report it")
 
 
 def _weight_entries(folder: Path, depth: int):

@@ -73,15 +73,17 @@ def build_reference_v2(
     mismatch), with the tokenizers of the T5 (spiece.model) and CLIP (tokenizer.json) folders."""
     if seed is not None and (checkpoint is not None or parts):
         raise OsxError("give either a seed (random weights) or a checkpoint, not both")
-    modules = {"t5": T5TextEncoder(cfg.t5), "clip": CLIPTextEncoder(cfg.clip), "mmdit": MMDiT(cfg.mmdit),
-               "vae": HunyuanVideoVAE(cfg.vae)}
     if checkpoint is None and not parts:
+        modules = build_modules(cfg)
         seed = cfg.random_init_seed if seed is None else seed
         for module in modules.values():
             seeded_init_(module, seed)
         t5_tok, clip_tok = build_tiny_tokenizer(cfg.t5), build_tiny_clip_tokenizer(cfg.clip)
     else:
         paths = resolve_parts(checkpoint, **(parts or {}))
+        # The large parts are built without memory and take the checkpoint's tensors (one copy in memory,
+        # not two); CLIP has a computed buffer (position ids) and stays a normal module, as does the VAE.
+        modules = build_modules(cfg, meta=("mmdit", "t5"))
         for part, module in modules.items():
             load_part(module, paths[part], part)
         t5_tok = convert_t5_sentencepiece(_required(paths["t5"], "spiece.model", "T5"))
@@ -89,6 +91,17 @@ def build_reference_v2(
     for module in modules.values():
         module.to(dtype).eval().requires_grad_(False)
     return ReferenceV2(cfg, modules["t5"], modules["clip"], modules["mmdit"], modules["vae"], t5_tok, clip_tok)
+
+
+def build_modules(cfg: OpenSoraV2Config, meta: tuple[str, ...] = ()) -> dict[str, torch.nn.Module]:
+    """The four parts, float32; those named in `meta` on the meta device (shapes only, no memory)."""
+    makers = {"t5": lambda: T5TextEncoder(cfg.t5), "clip": lambda: CLIPTextEncoder(cfg.clip),
+              "mmdit": lambda: MMDiT(cfg.mmdit), "vae": lambda: HunyuanVideoVAE(cfg.vae)}
+    modules = {}
+    for part, make in makers.items():
+        with torch.device("meta" if part in meta else "cpu"):
+            modules[part] = make()
+    return modules
 
 
 def _required(folder: os.PathLike, name: str, what: str):

@@ -125,3 +125,14 @@ def test_float32_build_follows_bf16(model):
     r32 = reference_generate_v2(build_reference_v2(TINY, dtype=torch.float32), "a red car", num_steps=4)
     err = np.abs(r32.latent - r16.latent).max() / np.abs(r16.latent).max()
     assert err < 0.1, err  # same weights; bf16 compute drifts a few bf16 steps per block and step
+
+
+def test_real_model_builds_on_meta():
+    """opensora-v2.0's four parts at the released sizes (shared/design/opensora-v2.0.md, table at the top)."""
+    from osx.export.pipeline_v2 import build_modules
+    from osx.models_v2 import OPENSORA_V2_0
+
+    modules = build_modules(OPENSORA_V2_0, meta=("mmdit", "t5", "clip", "vae"))
+    counts = {k: sum(p.numel() for p in m.parameters()) for k, m in modules.items()}
+    assert counts == {"mmdit": 11_891_390_528, "t5": 4_762_310_656, "clip": 123_060_480, "vae": 246_478_803}
+    assert len(modules["mmdit"].state_dict()) == 1082 and len(modules["vae"].state_dict()) == 248
