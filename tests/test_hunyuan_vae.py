@@ -463,23 +463,34 @@ def test_spatial_tiling_matches_opensoras_loop(vae):
     torch.testing.assert_close(vae.encode(x), expected, rtol=0, atol=1e-6)
 
 
-@torch.no_grad()
-def test_temporal_tiling_matches_opensoras_loop(vae):
-    """Off in Open-Sora v2.0's configs, kept switchable: latent tiles of 4+1 frames every 3, the first
-    decoded frame of each later tile dropped, frames cross-faded over int(16 * 0.25) = 4 frames."""
-    z = rand(1, 16, 9, 4, 4, seed=11)
-    tiles = [vae.decode_tile(z[:, :, i : i + 5]) for i in range(0, 9, 3)]
+def opensora_temporal(fn, x, tile_in, tile_out, overlap=0.25):
+    """Open-Sora's temporal tiling loop written out: tiles of tile_in + 1 frames, the first output frame of
+    each later tile dropped, each blended in place with the one before, cropped, concatenated."""
+    stride, extent = int(tile_in * (1 - overlap)), int(tile_out * overlap)
+    tiles = [fn(x[:, :, i : i + tile_in + 1]) for i in range(0, x.shape[2], stride)]
     tiles = tiles[:1] + [t[:, :, 1:] for t in tiles[1:]]
     for prev, cur in zip(tiles, tiles[1:]):
-        e = min(prev.shape[2], cur.shape[2], 4)
+        e = min(prev.shape[2], cur.shape[2], extent)
         for f in range(e):
             cur[:, :, f] = prev[:, :, -e + f] * (1 - f / e) + cur[:, :, f] * (f / e)
-    expected = torch.cat([tiles[0][:, :, :13], *(t[:, :, :12] for t in tiles[1:])], dim=2)
+    return torch.cat([tiles[0][:, :, : tile_out - extent + 1], *(t[:, :, : tile_out - extent] for t in tiles[1:])], dim=2)
+
+
+@torch.no_grad()
+def test_temporal_tiling_matches_opensoras_loop(vae):
+    """Off in Open-Sora v2.0's configs, kept switchable. Decode: latent tiles of 4+1 frames every 3, cross-faded
+    over int(16 * 0.25) = 4 frames; encode: pixel tiles of 16+1 frames every 12, cross-faded over 1 latent frame."""
     model = copy.copy(vae)
     model.use_temporal_tiling = True
+    z = rand(1, 16, 9, 4, 4, seed=11)
     out = model.decode(z)
     assert out.shape == (1, 3, 33, 32, 32)
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out, opensora_temporal(vae.decode_tile, z, 4, 16), rtol=0, atol=1e-6)
+    x = video(33, 16, 16, seed=19)
+    z = model.encode(x)
+    assert z.shape == (1, 16, 9, 2, 2)
+    expected = HUNYUAN_VAE_TINY.scale_factor * opensora_temporal(vae.encode_moments, x, 16, 4)[:, :16]
+    torch.testing.assert_close(z, expected, rtol=0, atol=1e-6)
 
 
 @torch.no_grad()
