@@ -197,9 +197,10 @@ def reference_generate_v2(
                          cfg=sampler, num_steps=steps, guidance=guidance, guidance_img=guidance_img,
                          return_intermediates=True)
     x = x.clone()
-    if cond_type in ("i2v_head", "i2v_loop") and shape[2] > 1:  # Open-Sora writes the reference back
+    # Open-Sora writes the reference frame(s) back into batch row 0, also for a one-frame image
+    if cond_type in ("i2v_head", "i2v_loop"):
         x[0, :, :1] = refs[0][0, :, :1].to(x.dtype)
-    if cond_type in ("i2v_tail", "i2v_loop") and shape[2] > 1:
+    if cond_type in ("i2v_tail", "i2v_loop"):
         x[0, :, -1:] = refs[-1][0, :, -1:].to(x.dtype)
     video = model.vae.decode(x.to(model.vae.post_quant_conv.weight.dtype))[:, :, :num_frames].float()
 

@@ -136,3 +136,12 @@ def test_real_model_builds_on_meta():
     counts = {k: sum(p.numel() for p in m.parameters()) for k, m in modules.items()}
     assert counts == {"mmdit": 11_891_390_528, "t5": 4_762_310_656, "clip": 123_060_480, "vae": 246_478_803}
     assert len(modules["mmdit"].state_dict()) == 1082 and len(modules["vae"].state_dict()) == 248
+
+
+def test_one_frame_i2v_is_unconditioned_then_overwritten(model):
+    """As Open-Sora: an image (one latent frame) gets no conditioning, but the reference is still written back."""
+    r = reference_generate_v2(model, "a red car", cond_type="i2v_head", references=[image(4)], num_frames=1, num_steps=2)
+    assert r.masks.sum() == 0 and r.frames.shape == (1, 64, 64, 3)
+    with torch.no_grad():
+        ref = model.vae.encode(resize_crop(image(4), 64, 64)[None].to(torch.bfloat16)).float().numpy()
+    assert np.array_equal(r.latent, ref)
