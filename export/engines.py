@@ -1,14 +1,16 @@
-"""TensorRT engines from a bundle's ONNX graphs, through polygraphy's loaders (as NVIDIA's diffusion demo).
+"""TensorRT engines from a bundle's ONNX graphs.
 
 One engine per component, with one optimisation profile per shape bucket of the plan (weights stored
-once; the runtime selects the profile of a request's bucket). Precision comes from the plan: FP16/BF16
-as builder flags on the floating-point graph; INT8/FP8 as strongly-typed networks from the calibrated
-QDQ graph, so TensorRT takes the quantization exactly as calibrated. A timing cache beside the bundle
-makes rebuilds fast. `portable=True` builds for every Ampere-or-newer GPU (hardware compatibility
-AMPERE_PLUS) and version-compatible, so an end user needs only TensorRT's small dispatch/lean runtime.
+once; the runtime selects the profile of a request's bucket). Every engine is built **strongly typed**
+from a graph whose types are the engine's: fp16 / bf16 engines from an fp16 / bf16 graph (the bundle's,
+or its fp32 graph cast by `osx.export.typed_graph`), INT8 / FP8 from the calibrated Q/DQ graph (16-bit
+outside Q/DQ). No precision builder flag is set, so one code path serves TensorRT 10.8+ and 11 (which
+removed BuilderFlag.FP16 / BF16). A timing cache beside the bundle makes rebuilds fast. `portable=True`
+builds for every Ampere-or-newer GPU (hardware compatibility AMPERE_PLUS) and version-compatible, so an
+end user needs only TensorRT's small dispatch runtime.
 
-Every decision (flags, shapes, keys, file names) is a plain function tested without a GPU; only
-`build_engines` imports TensorRT.
+Every decision (settings, shapes, keys, file names, sources) is a plain function tested without a GPU;
+`osx.export.trt_build` makes the TensorRT calls.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from osx.engine_key import Machine, check_engine_compat, engine_key, required_ru
 from osx.profiles.planner import ComponentPlan, Plan
 from osx.profiles.profile import GIB, MIN_COMPUTE_CAPABILITY, QUANTIZED
 
+TARGET_TYPES = ("fp16", "bf16")  # float engines whose graph can be cast from fp32 (osx.export.typed_graph)
+
 ENGINE_DIR = "engines"
 __all__ = ["build_engines", "build_settings", "check_build_machine", "check_engine_compat", "engine_file", "engine_key",
            "onnx_source", "profile_shapes", "timing_cache_path"]
@@ -37,12 +41,9 @@ def build_settings(cplan: ComponentPlan, *, portable: bool = False) -> dict:
     if portable and cplan.precision == "fp8":
         raise OsxError(f"{cplan.name}: a --portable engine must run on every Ampere-or-newer GPU, and FP8 needs "
                        "compute capability >= 8.9", hint="build portable engines with --precision int8, fp16 or bf16")
-    quantized = cplan.precision in QUANTIZED
     return {
         "precision": cplan.precision,
-        "strongly_typed": quantized,  # QDQ graphs: types as calibrated; precision flags are not allowed then
-        "fp16": cplan.precision == "fp16",
-        "bf16": cplan.precision == "bf16",
+        "strongly_typed": True,  # the graph's types are the engine's (the only mode TensorRT 11 has)
         "tf32": False,  # fp32 components stay exact fp32 (T5 on pre-Ampere cards)
         "hardware_compatibility": "ampere_plus" if portable else "none",
         "version_compatible": portable,
@@ -65,24 +66,29 @@ def profile_shapes(spec: ComponentSpec, dims: dict[str, DimRange]) -> dict[str, 
     return out
 
 
-def onnx_source(entry: dict, precision: str) -> str:
-    """The bundle file an engine at `precision` is built from. Float engines build from the floating-point
-    graph (fp32 or fp16); INT8/FP8 from the calibrated QDQ graph. `entry` is the component's manifest entry:
+def onnx_source(entry: dict, precision: str) -> tuple[str, str | None]:
+    """(the bundle file an engine at `precision` is built from, the fp32 file to cast it from first or None).
+
+    Strongly typed engines take the graph's types: INT8/FP8 build from the calibrated Q/DQ graph, fp16 /
+    bf16 from a graph of that type, fp32 from the fp32 graph. A missing fp16 / bf16 graph is made from the
+    fp32 one (`<stem>.<precision>.onnx`, added to the bundle). `entry` is the component's manifest entry:
     "file" with its "precision", and optionally "onnx_files": {precision: file} for further variants."""
     files = {**entry.get("onnx_files", {}), entry["precision"]: entry["file"]}
-    floats = [p for p in files if p not in QUANTIZED]
+    name = entry.get("io", {}).get("name", "component")
+    if precision in files:
+        return files[precision], None
     if precision in QUANTIZED:
-        if precision in files:
-            return files[precision]
+        floats = [p for p in files if p not in QUANTIZED]
         instead = "pass --precision fp16 or bf16" if floats else f"re-export it with --precision {precision}"
-        raise OsxError(f"{entry.get('io', {}).get('name', 'component')}: the plan wants {precision}, but the bundle has "
+        raise OsxError(f"{name}: the plan wants {precision}, but the bundle has "
                        f"no calibrated {precision} QDQ graph (it has {', '.join(sorted(files))})",
                        hint=f"{instead} (`osx calibrate`, then `osx export --precision {precision} --calibration ...`)")
-    for candidate in ("fp32", precision, "fp16", "bf16"):
-        if candidate in files and candidate not in QUANTIZED:
-            return files[candidate]
-    raise OsxError(f"no floating-point ONNX graph in the bundle for a {precision} engine (it has {', '.join(sorted(files))})",
-                   hint="re-export the bundle without --precision int8/fp8 for this component")
+    if precision in TARGET_TYPES and "fp32" in files:
+        stem = files["fp32"].removesuffix(".onnx")
+        return f"{stem}.{precision}.onnx", files["fp32"]
+    raise OsxError(f"{name}: no {precision} ONNX graph in the bundle for a strongly typed {precision} engine, and "
+                   f"no fp32 graph to cast one from (it has {', '.join(sorted(files))})",
+                   hint=f"re-export the bundle with --dtype fp32 (osx build casts it to {precision})")
 
 
 def check_build_machine(plan: Plan, machine: Machine, portable: bool) -> None:
@@ -113,63 +119,26 @@ def timing_cache_path(bundle_dir: str | os.PathLike, tensorrt_version: str, comp
     return b.parent / f".{b.name}.trt{tensorrt_version}-sm{compute_capability.replace('.', '')}.timing-cache"
 
 
-# --- the build (TensorRT) ------------------------------------------------------------------------------
+# --- the build ----------------------------------------------------------------------------------------
 
 
-def _progress_monitor(label: str):
-    """A TensorRT IProgressMonitor drawing one tqdm bar per build phase."""
-    import tensorrt as trt
-    from tqdm import tqdm
-
-    class Bars(trt.IProgressMonitor):
-        def __init__(self):
-            trt.IProgressMonitor.__init__(self)
-            self.bars, self.depth = {}, {}
-
-        def phase_start(self, phase_name, parent_phase, num_steps):
-            depth = 0 if parent_phase is None else self.depth.get(parent_phase, 0) + 1
-            self.depth[phase_name] = depth
-            self.bars[phase_name] = tqdm(total=num_steps, desc=f"{label}: {phase_name}", position=depth, leave=depth == 0,
-                                         unit="step", dynamic_ncols=True)
-
-        def step_complete(self, phase_name, step):
-            bar = self.bars.get(phase_name)
-            if bar is not None:
-                bar.n = step + 1
-                bar.refresh()
-            return True  # False would cancel the build
-
-        def phase_finish(self, phase_name):
-            bar = self.bars.pop(phase_name, None)
-            if bar is not None:
-                bar.close()
-
-    return Bars()
+def record_engine(component: dict, engine: dict) -> dict:
+    """`component` (a manifest component entry) with `engine` appended and the typed graph it was built
+    from listed in its "onnx_files" (so later builds reuse it and the runtime can check it)."""
+    out = {**component, "engines": [*component.get("engines", []), engine]}
+    source = engine["onnx_file"]
+    if source != component.get("file") and source not in component.get("onnx_files", {}).values():
+        out["onnx_files"] = {**component.get("onnx_files", {}), engine["key"]["precision"]: source}
+    return out
 
 
-def _trt_config(settings: dict, spec: ComponentSpec, profiles: list[dict[str, DimRange]], timing_cache: Path | None, progress: str | None):
-    import tensorrt as trt
-    from polygraphy.backend.trt import CreateConfig, Profile
-
-    trt_profiles = []
-    for dims in profiles:
-        p = Profile()
-        for name, (lo, opt, hi) in profile_shapes(spec, dims).items():
-            p.add(name, min=lo, opt=opt, max=hi)
-        trt_profiles.append(p)
-    portable = settings["hardware_compatibility"] == "ampere_plus"
-    return CreateConfig(
-        fp16=settings["fp16"],
-        bf16=settings["bf16"],
-        tf32=settings["tf32"],
-        profiles=trt_profiles,
-        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: settings["workspace_bytes"]} if settings["workspace_bytes"] else None,
-        load_timing_cache=str(timing_cache) if timing_cache else None,
-        hardware_compatibility_level=trt.HardwareCompatibilityLevel.AMPERE_PLUS if portable else None,
-        version_compatible=settings["version_compatible"] or None,
-        exclude_lean_runtime=settings["exclude_lean_runtime"] if settings["version_compatible"] else None,
-        progress_monitor=_progress_monitor(progress) if progress else None,
-    )
+def _import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise OsxError("building TensorRT engines needs the tensorrt package",
+                       hint="pip install 'osx[tensorrt-cu12]' (driver >= 525) or 'osx[tensorrt-cu13]' (driver >= 580)") from None
+    return trt
 
 
 def build_engines(bundle_dir: str | os.PathLike, components: dict[str, dict], plan: Plan, *, portable: bool = False,
@@ -178,30 +147,38 @@ def build_engines(bundle_dir: str | os.PathLike, components: dict[str, dict], pl
     """Build the TensorRT engine of every component the plan runs on TensorRT.
 
     `components`: {name: manifest component entry} ("file", "precision", "io", optional "onnx_files",
-    "calibration_hash"), files relative to `bundle_dir`. Engines are written to `bundle_dir/engines/`.
-    `bundle_path`: where the bundle will live when `bundle_dir` is BundleWriter's temporary folder; the
-    timing cache (unless `timing_cache` names one) is kept beside it, so the next build reuses it.
-    Returns {name: engine manifest entry} to append to that component's "engines" list.
+    "calibration_hash"), files relative to `bundle_dir`. Engines are written to `bundle_dir/engines/`,
+    typed graphs cast from fp32 beside the fp32 graph. `bundle_path`: where the bundle will live when
+    `bundle_dir` is BundleWriter's temporary folder; the timing cache (unless `timing_cache` names one)
+    is kept beside it, so the next build reuses it. Returns {name: engine manifest entry}; add each to
+    its component with `record_engine`.
     """
-    from polygraphy.backend.trt import EngineBytesFromNetwork, NetworkFromOnnxPath
-    from polygraphy.logger import G_LOGGER
-
     from osx.export.lint import lint_onnx
+    from osx.export.trt_build import BuildRequest, build_engine
+    from osx.export.typed_graph import cast_onnx_file
+    from osx.runtime import cuda
 
     bundle_dir = Path(bundle_dir)
     machine = this_machine()
     check_build_machine(plan, machine, portable)
+    trt = _import_tensorrt()
+    rt = cuda.cudart()
+    cuda.check_driver(rt)
+    cuda.select_device(rt, machine.pci_bus_id)  # TensorRT builds for the current device: the profiled one
     trt_version = machine.runtimes["tensorrt"]
     cache = Path(timing_cache) if timing_cache else timing_cache_path(bundle_path or bundle_dir, trt_version, machine.cc_text)
-    G_LOGGER.module_severity = G_LOGGER.WARNING
     out = {}
     for name, entry in components.items():
         cplan = plan.components.get(name)
         if cplan is None or cplan.backend != "tensorrt":
             continue
         settings = build_settings(cplan, portable=portable)
-        source = onnx_source(entry, cplan.precision)
+        source, cast_from = onnx_source(entry, cplan.precision)
         onnx_path = bundle_dir / source
+        if cast_from is not None and not onnx_path.exists():
+            if progress:
+                print(f"{name}: casting {cast_from} to {cplan.precision} ({source}) for a strongly typed engine")
+            cast_onnx_file(bundle_dir / cast_from, onnx_path, cplan.precision)
         errors = [i for i in lint_onnx(onnx_path, trt_version) if i.severity == "error"]
         if errors:
             raise OsxError(f"{source}: TensorRT {trt_version} cannot build it: " + "; ".join(map(str, errors[:5]))
@@ -219,14 +196,12 @@ def build_engines(bundle_dir: str | os.PathLike, components: dict[str, dict], pl
         target = bundle_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
-        network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=settings["strongly_typed"])
-        config = _trt_config(settings, spec, cplan.profiles, cache if cache.exists() else None, name if progress else None)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        engine_bytes = EngineBytesFromNetwork(network, config, save_timing_cache=str(cache))()
-        tmp = target.with_suffix(".plan.tmp")
-        with open(tmp, "wb") as f:
-            f.write(engine_bytes)
-        os.replace(tmp, target)
+        request = BuildRequest(name, onnx_path, [profile_shapes(spec, dims) for dims in cplan.profiles],
+                               settings["workspace_bytes"], portable, cache, progress)
+        engine_bytes, cache_bytes = build_engine(trt, request)
+        _write_atomic(target, engine_bytes)
+        if cache_bytes:
+            _write_atomic(cache, cache_bytes)
         out[name] = {
             "file": rel,
             "key": key,
@@ -234,7 +209,16 @@ def build_engines(bundle_dir: str | os.PathLike, components: dict[str, dict], pl
             "onnx_file": source,
             "build_seconds": round(time.monotonic() - start, 1),
             "bytes": target.stat().st_size,
+            **({"notes": request.notes} if request.notes else {}),
         }
         if progress:
             print(f"{name}: {rel} ({target.stat().st_size / GIB:.2f} GiB, {out[name]['build_seconds']:.0f} s)")
     return out
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)

@@ -169,11 +169,11 @@ def export_bundle(
             components = body["components"]
 
         if any(c.backend == "tensorrt" for c in plan.components.values()):
-            from osx.export.engines import build_engines
+            from osx.export.engines import build_engines, record_engine
 
             say(f"building TensorRT engines for {plan.profile.name}")
             for name, engine in build_engines(writer.dir, components, plan, portable=portable).items():
-                components[name].setdefault("engines", []).append(engine)
+                components[name] = record_engine(components[name], engine)
 
         manifest = writer.commit({
             **body,

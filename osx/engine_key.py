@@ -75,6 +75,7 @@ class Machine:
     gpu_name: str | None
     compute_capability: tuple[int, int] | None
     runtimes: dict[str, str] = field(default_factory=dict)  # installed TensorRT runtime package -> version
+    pci_bus_id: str | None = None  # the profiled GPU (NVML's numbering need not be CUDA's)
 
     @property
     def cc_text(self) -> str:
@@ -96,7 +97,8 @@ def installed_runtimes() -> dict[str, str]:
 def this_machine() -> Machine:
     gpus, _ = detect_gpus()
     gpu = gpus[0] if gpus else None
-    return Machine(gpu.name if gpu else None, gpu.compute_capability if gpu else None, installed_runtimes())
+    return Machine(gpu.name if gpu else None, gpu.compute_capability if gpu else None, installed_runtimes(),
+                   gpu.pci_bus_id or None if gpu else None)
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -128,13 +130,28 @@ def check_engine_compat(entry: dict, machine: Machine, bundle: str = "BUNDLE") -
         need = required_runtime(key)
         return (f"{entry['file']}: needs the TensorRT runtime package {need!r}, which is not installed; "
                 f"pip install {need.replace('_', '-')}=={key['tensorrt_version']}" + ("" if key["version_compatible"] else " (or later, with a rebuild)"))
-    have = machine.runtimes[loaders[0]]
-    if key["version_compatible"]:
-        if _version(have) < _version(key["tensorrt_version"]):
-            return (f"{entry['file']}: {built} (version-compatible: runs on TensorRT >= {key['tensorrt_version']}); "
-                    f"this machine has {loaders[0]} {have}; upgrade it, or{fix[1:]}")
-    elif _version(have) != _version(key["tensorrt_version"]):
-        return f"{entry['file']}: {built}; this machine has TensorRT {have}, and engines run only on the version that built them{fix}"
+    if loader_for(key, machine) is None:
+        have = ", ".join(f"{r} {machine.runtimes[r]}" for r in loaders)
+        if not key["version_compatible"]:
+            return f"{entry['file']}: {built}; this machine has TensorRT {have}, and engines run only on the version that built them{fix}"
+        return (f"{entry['file']}: {built} (version-compatible: runs on TensorRT >= {key['tensorrt_version']} through "
+                f"tensorrt_dispatch or the full runtime, or on tensorrt_lean of exactly that version); this machine has "
+                f"{have}; pip install tensorrt-dispatch>={key['tensorrt_version']}, or{fix[1:]}")
+    return None
+
+
+def loader_for(key: dict, machine: Machine) -> str | None:
+    """The installed runtime package that loads this engine, or None. A native plan needs the full runtime
+    of its exact version; a version-compatible plan loads on the dispatch or full runtime of that version or
+    later (they run the lean runtime the plan embeds), but the lean runtime only runs plans of its own version."""
+    built = _version(key["tensorrt_version"])
+    for module in runtimes_that_load(key):
+        have = machine.runtimes.get(module)
+        if have is None:
+            continue
+        exact = not key["version_compatible"] or module == "tensorrt_lean"
+        if _version(have) == built if exact else _version(have) >= built:
+            return module
     return None
 
 

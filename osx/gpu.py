@@ -16,6 +16,7 @@ class GpuInfo:
     driver: str = ""
     cuda_driver: str = ""  # highest CUDA version the driver supports, e.g. "12.8"
     source: str = ""  # "nvml" | "nvidia-smi"
+    pci_bus_id: str = ""  # e.g. "00000000:01:00.0": how CUDA finds this GPU (its index may differ from NVML's)
 
     @property
     def cc_text(self) -> str:
@@ -33,6 +34,7 @@ def _nvml() -> list[GpuInfo]:
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             name = pynvml.nvmlDeviceGetName(h)
+            bus = pynvml.nvmlDeviceGetPciInfo(h).busId
             out.append(GpuInfo(
                 name=name.decode() if isinstance(name, bytes) else name,
                 compute_capability=tuple(pynvml.nvmlDeviceGetCudaComputeCapability(h)),
@@ -40,6 +42,7 @@ def _nvml() -> list[GpuInfo]:
                 driver=driver.decode() if isinstance(driver, bytes) else driver,
                 cuda_driver=f"{cuda // 1000}.{cuda % 1000 // 10}",
                 source="nvml",
+                pci_bus_id=bus.decode() if isinstance(bus, bytes) else bus,
             ))
         return out
     finally:
@@ -50,7 +53,7 @@ def _nvidia_smi() -> list[GpuInfo]:
     exe = shutil.which("nvidia-smi")
     if exe is None:
         raise FileNotFoundError("nvidia-smi is not on PATH")
-    text = subprocess.run([exe, "--query-gpu=name,compute_cap,memory.total,driver_version", "--format=csv,noheader,nounits"],
+    text = subprocess.run([exe, "--query-gpu=name,compute_cap,memory.total,driver_version,pci.bus_id", "--format=csv,noheader,nounits"],
                           capture_output=True, text=True, check=True, timeout=30).stdout
     return parse_nvidia_smi(text)
 
@@ -58,9 +61,10 @@ def _nvidia_smi() -> list[GpuInfo]:
 def parse_nvidia_smi(text: str) -> list[GpuInfo]:
     out = []
     for line in text.strip().splitlines():
-        name, cc, mem_mib, driver = (x.strip() for x in line.split(","))
+        name, cc, mem_mib, driver, *bus = (x.strip() for x in line.split(","))
         major, minor = cc.split(".")
-        out.append(GpuInfo(name, (int(major), int(minor)), int(float(mem_mib)) << 20, driver, source="nvidia-smi"))
+        out.append(GpuInfo(name, (int(major), int(minor)), int(float(mem_mib)) << 20, driver, source="nvidia-smi",
+                           pci_bus_id=bus[0] if bus else ""))
     return out
 
 

@@ -1,10 +1,13 @@
 """TensorRT backend: deserialize a bundle's engine, NumPy in and out.
 
 Load checks, each with a message that says how to fix it: an engine exists for this GPU's compute
-capability (or is portable and the GPU is Ampere+), the installed TensorRT runtime can load it (the exact
-version for native engines, that version or later for version-compatible ones), the manifest key is
-intact and still names the ONNX graph the bundle carries. Device buffers and the stream go through
-cuda-python; `release()` frees them and the engine's device memory.
+capability (or is portable and the GPU is Ampere+), an installed TensorRT runtime can load it (the exact
+version for native engines and for the lean runtime; that version or later through the dispatch or full
+runtime for version-compatible ones), the manifest key is intact and still names the ONNX graph the
+bundle carries, and the driver runs cuda-python's CUDA. The engine runs on the GPU that was profiled
+(by PCI bus id). The plan file is memory-mapped, not read into a second copy. Host staging buffers are
+pinned; device buffers and the stream go through cuda-python (runtime/cuda.py); `release()` frees them
+and the engine's device memory.
 
 Imports only numpy, tensorrt (or its lean / dispatch runtime), cuda-python and osx's torch-free modules.
 """
@@ -12,6 +15,7 @@ Imports only numpy, tensorrt (or its lean / dispatch runtime), cuda-python and o
 from __future__ import annotations
 
 import importlib
+import mmap
 
 import numpy as np
 
@@ -20,8 +24,9 @@ from osx.components import ComponentSpec
 from osx.errors import BundleError, InputError, OsxError
 from osx.numeric import from_bfloat16_bits, to_bfloat16_bits
 from osx.engine_key import (
-    engine_key, key_profiles, pick_profile, rebuild_command, runtimes_that_load, select_engine, this_machine,
+    engine_key, key_profiles, loader_for, pick_profile, rebuild_command, select_engine, this_machine,
 )
+from osx.runtime import cuda
 
 # TensorRT DataType name -> NumPy dtype used on the host (bf16 travels as its raw 16 bits)
 HOST_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "BF16": np.uint16, "INT32": np.int32, "INT64": np.int64,
@@ -44,49 +49,19 @@ def check_key(entry: dict, manifest: dict, component: str, bundle: str) -> None:
                           hint=f"rebuild the engines: {rebuild_command(bundle)}")
 
 
-def _cudart():
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except ImportError:
-        from cuda import cudart
-    return cudart
-
-
-def _cuda(result):
-    """cuda-python calls return (error, *values)."""
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise RuntimeError(f"CUDA error: {err}")
-    return values[0] if len(values) == 1 else values
-
-
-class _DeviceBuffer:
-    def __init__(self, cudart):
-        self.cudart, self.ptr, self.nbytes = cudart, 0, 0
-
-    def reserve(self, nbytes: int) -> int:
-        if nbytes > self.nbytes:
-            self.free()
-            self.ptr, self.nbytes = _cuda(self.cudart.cudaMalloc(max(nbytes, 1))), nbytes
-        return self.ptr
-
-    def free(self) -> None:
-        if self.ptr:
-            _cuda(self.cudart.cudaFree(self.ptr))
-        self.ptr, self.nbytes = 0, 0
-
-
 class TrtBackend:
     """One component's engine. `load()`, then `run({input: array}) -> {output: array}`, then `release()`."""
 
     name = "tensorrt"
 
-    def __init__(self, bundle: Bundle, component: str, device: int = 0):
-        self.bundle, self.component, self.device = bundle, component, device
+    def __init__(self, bundle: Bundle, component: str):
+        self.bundle, self.component = bundle, component
         self.spec: ComponentSpec = bundle.spec(component)
         self.entry: dict | None = None
         self.engine = self.context = self.runtime = self.stream = self.cudart = None
-        self.buffers: dict[str, _DeviceBuffer] = {}
+        self.device: int | None = None  # CUDA's index of the profiled GPU, once loaded
+        self.buffers: dict[str, cuda.DeviceBuffer] = {}
+        self.pinned: dict[str, cuda.PinnedBuffer] = {}
         self.active_profile: int | None = None
 
     @property
@@ -102,41 +77,43 @@ class TrtBackend:
         if not entries:
             raise BundleError(f"{self.component}: the bundle has no TensorRT engine",
                               hint=f"build them on this machine: {rebuild_command(bundle_path)}, or run with --backend onnxruntime")
-        entry, reasons = select_engine(entries, this_machine(), bundle_path)
+        machine = this_machine()
+        entry, reasons = select_engine(entries, machine, bundle_path)
         if entry is None:
             raise BundleError(f"{self.component}: no engine in the bundle runs on this machine:\n  " + "\n  ".join(reasons),
                               hint=f"rebuild the engines on this machine: {rebuild_command(bundle_path)}")
         check_key(entry, self.bundle.manifest, self.component, bundle_path)
-        trt = self._import_runtime(entry)
-        cudart = _cudart()
-        _cuda(cudart.cudaSetDevice(self.device))
-        logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(logger)
+        trt = self._import_runtime(entry, loader_for(entry["key"], machine))
+        cudart = cuda.cudart()
+        cuda.check_driver(cudart)
+        self.device = cuda.select_device(cudart, machine.pci_bus_id)
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         if entry["key"]["version_compatible"]:
             self.runtime.engine_host_code_allowed = True  # the plan carries its lean runtime; our own bundle
-        self.engine = self.runtime.deserialize_cuda_engine(self.bundle.path(entry["file"]).read_bytes())
+        with open(self.bundle.path(entry["file"]), "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as plan:
+            self.engine = self.runtime.deserialize_cuda_engine(plan)  # a buffer: no second copy of the plan
         if self.engine is None:
             raise BundleError(f"{self.component}: TensorRT could not deserialize {entry['file']} (see the log above)",
                               hint=f"rebuild the engines on this machine: {rebuild_command(bundle_path)}")
         self._check_io()
         self.context = self.engine.create_execution_context()
         if self.context is None:
-            raise OsxError(f"{self.component}: not enough GPU memory to run {entry['file']}",
+            need = self.engine.device_memory_size_v2
+            raise OsxError(f"{self.component}: not enough GPU memory to run {entry['file']} "
+                           f"(its execution context needs {need / 2**30:.2f} GiB besides the weights)",
                            hint="release other components first (load_one_at_a_time), or use a smaller bucket")
-        self.stream = _cuda(cudart.cudaStreamCreate())
+        self.stream = cuda.check(cudart.cudaStreamCreate(), "cudaStreamCreate")
         self.cudart, self.entry = cudart, entry
         self.profiles = key_profiles(entry["key"])
         self.active_profile = None
         return self
 
-    def _import_runtime(self, entry: dict):
-        for module in runtimes_that_load(entry["key"]):
-            try:
-                return importlib.import_module(module)
-            except ImportError:
-                continue
-        raise BundleError(f"{self.component}: no TensorRT runtime that loads {entry['file']} is installed",
-                          hint="pip install 'osx[tensorrt]' (or the runtime named in `osx doctor`)")
+    def _import_runtime(self, entry: dict, module: str | None):
+        try:
+            return importlib.import_module(module or "tensorrt")
+        except ImportError:
+            raise BundleError(f"{self.component}: no TensorRT runtime that loads {entry['file']} is installed",
+                              hint="pip install 'osx[tensorrt-cu12]' (or the runtime named in `osx doctor`)") from None
 
     def _check_io(self) -> None:
         names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
@@ -165,39 +142,47 @@ class TrtBackend:
                 raise RuntimeError(f"{self.component}: TensorRT refused optimisation profile {index}")
             self.active_profile = index
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        staged = []  # keep host arrays alive until the stream has copied them
         for name in self.inputs:
             arr = inputs[name]
-            host = (to_bfloat16_bits(arr) if self.host_dtypes[name] == np.uint16
-                    else np.ascontiguousarray(arr, dtype=self.host_dtypes[name]))
-            staged.append(host)
-            ctx.set_input_shape(name, host.shape)
-            ptr = self.buffers.setdefault(name, _DeviceBuffer(cudart)).reserve(host.nbytes)
-            _cuda(cudart.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes, h2d, self.stream))
-            ctx.set_tensor_address(name, ptr)
+            host = self.pinned.setdefault(name, cuda.PinnedBuffer(cudart)).array(arr.shape, self.host_dtypes[name])
+            host[...] = to_bfloat16_bits(arr) if self.host_dtypes[name] == np.uint16 else arr
+            if not ctx.set_input_shape(name, host.shape):
+                raise InputError(f"{self.component}: TensorRT refused shape {host.shape} for input {name!r}",
+                                 hint="request one of the sizes the engine was built for")
+            ptr = self.buffers.setdefault(name, cuda.DeviceBuffer(cudart)).reserve(host.nbytes)
+            cuda.check(cudart.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes, h2d, self.stream), "cudaMemcpyAsync")
+            self._bind(name, ptr)
         results = {}
         for name in self.outputs:
             shape = tuple(ctx.get_tensor_shape(name))
-            host = np.empty(shape, dtype=self.host_dtypes[name])
-            ptr = self.buffers.setdefault(name, _DeviceBuffer(cudart)).reserve(host.nbytes)
-            ctx.set_tensor_address(name, ptr)
+            if any(d < 0 for d in shape):
+                raise RuntimeError(f"{self.component}: TensorRT left output {name!r} unshaped {shape} (inputs incomplete)")
+            host = self.pinned.setdefault(name, cuda.PinnedBuffer(cudart)).array(shape, self.host_dtypes[name])
+            self._bind(name, self.buffers.setdefault(name, cuda.DeviceBuffer(cudart)).reserve(host.nbytes))
             results[name] = host
         if not ctx.execute_async_v3(int(self.stream)):
             raise RuntimeError(f"{self.component}: TensorRT execution failed (see the log above)")
         for name, host in results.items():
-            _cuda(cudart.cudaMemcpyAsync(host.ctypes.data, self.buffers[name].ptr, host.nbytes, d2h, self.stream))
-        _cuda(cudart.cudaStreamSynchronize(self.stream))
-        return {n: from_bfloat16_bits(a) if a.dtype == np.uint16 else
-                (a.astype(np.float32) if a.dtype == np.float16 else a) for n, a in results.items()}
+            cuda.check(cudart.cudaMemcpyAsync(host.ctypes.data, self.buffers[name].ptr, host.nbytes, d2h, self.stream),
+                       "cudaMemcpyAsync")
+        cuda.check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        # Copies out of the pinned buffers, which the next call reuses.
+        return {n: from_bfloat16_bits(a) if a.dtype == np.uint16 else a.astype(np.float32 if a.dtype == np.float16 else a.dtype)
+                for n, a in results.items()}
+
+    def _bind(self, name: str, ptr: int) -> None:
+        if not self.context.set_tensor_address(name, ptr):
+            raise RuntimeError(f"{self.component}: TensorRT refused the device address of {name!r}")
 
     # --- release ---------------------------------------------------------------------------------
     def release(self) -> None:
         """Free the device buffers, the execution context (activation memory) and the engine (weights)."""
-        for b in self.buffers.values():
+        for b in (*self.buffers.values(), *self.pinned.values()):
             b.free()
         self.buffers.clear()
+        self.pinned.clear()
         if self.stream is not None:
-            _cuda(self.cudart.cudaStreamDestroy(self.stream))
+            cuda.check(self.cudart.cudaStreamDestroy(self.stream), "cudaStreamDestroy")
         self.context = self.engine = self.runtime = self.stream = None
         self.active_profile = None
 

@@ -106,11 +106,13 @@ def test_check_key_catches_edits_and_stale_onnx():
 def test_build_settings():
     plan = make_plan(load_profile("rtx4070"), REAL)
     den = build_settings(plan.components["denoiser"])
-    assert den["strongly_typed"] and not den["fp16"] and not den["bf16"]  # QDQ: no precision flags
     assert den["hardware_compatibility"] == "none" and not den["version_compatible"]
     assert den["workspace_bytes"] == int(1.5 * (1 << 30))
-    te = build_settings(plan.components["text_encoder"])
-    assert te["bf16"] and not te["fp16"] and not te["strongly_typed"]
+    # Every engine strongly typed, with no precision flag (TensorRT 11 has none): the graph carries the types.
+    for c in plan.components.values():
+        settings = build_settings(c)
+        assert settings["strongly_typed"] and settings["precision"] == c.precision
+        assert not {"fp16", "bf16", "int8", "fp8"} & set(settings)
     with pytest.raises(OsxError, match="FP8 needs"):
         build_settings(plan.components["denoiser"], portable=True)
     int8 = make_plan(load_profile("rtx3090"), REAL).components["denoiser"]
@@ -133,11 +135,20 @@ def test_profile_shapes_follow_the_spec():
 
 
 def test_onnx_source():
+    """Strongly typed: the graph's types are the engine's; fp16/bf16 graphs are cast from fp32 if missing."""
     entry = {"file": "denoiser.onnx", "precision": "fp32", "onnx_files": {"fp8": "denoiser.fp8.onnx"}}
-    assert onnx_source(entry, "fp8") == "denoiser.fp8.onnx"
-    assert onnx_source(entry, "fp16") == "denoiser.onnx"  # FP16 engines build from the fp32 graph + flag
+    assert onnx_source(entry, "fp8") == ("denoiser.fp8.onnx", None)
+    assert onnx_source(entry, "fp32") == ("denoiser.onnx", None)
+    assert onnx_source(entry, "fp16") == ("denoiser.fp16.onnx", "denoiser.onnx")
+    assert onnx_source(entry, "bf16") == ("denoiser.bf16.onnx", "denoiser.onnx")
+    typed = {**entry, "onnx_files": {**entry["onnx_files"], "bf16": "denoiser.bf16.onnx"}}
+    assert onnx_source(typed, "bf16") == ("denoiser.bf16.onnx", None)  # already in the bundle: reused
     with pytest.raises(OsxError, match="no calibrated int8 QDQ graph"):
         onnx_source(entry, "int8")
+    fp16_only = {"file": "denoiser.onnx", "precision": "fp16", "io": {"name": "denoiser"}}
+    assert onnx_source(fp16_only, "fp16") == ("denoiser.onnx", None)
+    with pytest.raises(OsxError, match="no bf16 ONNX graph"):
+        onnx_source(fp16_only, "bf16")
 
 
 def test_build_machine_checks():

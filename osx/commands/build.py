@@ -25,11 +25,13 @@ def _same_target(a: dict, b: dict) -> bool:
 
 def merge_engines(manifest: dict, built: dict[str, dict]) -> dict:
     """The manifest with each component's new engine added (replacing one for the same target)."""
+    from osx.export.engines import record_engine
+
     manifest = {**manifest, "components": {n: dict(c) for n, c in manifest["components"].items()}}
     for name, entry in built.items():
         comp = manifest["components"][name]
-        comp["engines"] = [e for e in comp.get("engines", []) if not _same_target(e, entry)] + [entry]
-        comp["backend"] = "tensorrt"
+        comp["engines"] = [e for e in comp.get("engines", []) if not _same_target(e, entry)]
+        manifest["components"][name] = {**record_engine(comp, entry), "backend": "tensorrt"}
     return manifest
 
 
@@ -75,7 +77,10 @@ def build(bundle_dir: Path, gpu: str, precision: str, portable: bool, timing_cac
         from osx.export.lint import lint_onnx
 
         for name, entry in components.items():
-            source = onnx_source(entry, plan.components[name].precision)
+            source, cast_from = onnx_source(entry, plan.components[name].precision)
+            if cast_from is not None:  # what the build will cast: lint the graph it comes from
+                click.echo(f"{name}: the build casts {cast_from} to {plan.components[name].precision} ({source})")
+                source = cast_from
             issues = lint_onnx(bundle.path(source))
             click.echo(f"lint {name} ({source}): " + ("ok" if not issues else f"{len(issues)} issues"))
             for i in issues[:20]:

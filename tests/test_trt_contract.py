@@ -1,0 +1,182 @@
+"""Contract tests of the TensorRT calls osx makes, without TensorRT: stand-in `tensorrt` modules that expose
+only TensorRT 10's or only TensorRT 11's API surface (tests/trt_standin.py) drive `osx build` and the
+backend's load path. A removed API (BuilderFlag.FP16 / BF16 on 11, ICudaEngine.device_memory_size) fails
+as it would there; the recorded calls show every engine is built strongly typed from a graph typed as the
+plan says, on the profiled GPU, and that the backend's transport returns the graph's outputs exactly."""
+
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from osx.bundle import Bundle
+from osx.cli import main
+from osx.errors import OsxError
+from osx.engine_key import Machine
+from trt_standin import install, make_cudart, make_tensorrt, plan_of
+
+VERSIONS = ["10.8.0.43", "11.4.0.106"]
+PLANNED = {"text_encoder": "bf16", "denoiser": "fp16", "vae_decoder": "bf16"}  # a cc 8.9 card's plan
+ONNX_TYPE = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}
+BUS_ID = "00000000:01:00.0"  # NVML's form; CUDA is asked for 0000:01:00.0
+
+
+def _profile(path) -> str:
+    path.write_text("""
+name = "test-gpu"
+display_name = "NVIDIA GeForce RTX 4070"
+compute_capability = "8.9"
+vram_gib = 4
+reserve_gib = 0.5
+workspace_gib = 1
+load_one_at_a_time = true
+[precision]
+text_encoder = "bf16"
+denoiser = "fp16"
+vae_decoder = "bf16"
+[shapes]
+buckets = ["64x64x34", "32x32x17"]
+""")
+    return str(path)
+
+
+@pytest.fixture
+def standin(monkeypatch, tmp_path):
+    """Install the stand-ins for one TensorRT version and point osx at a machine that has it."""
+    import osx.export.engines as engines
+    import osx.engine_key as compat
+    import osx.runtime.backend_trt as backend_trt
+
+    def make(version: str, **cudart):
+        calls: list = []
+        trt, rt = make_tensorrt(version, calls), make_cudart(calls, **cudart)
+        install(monkeypatch, trt, rt)
+        machine = Machine("NVIDIA GeForce RTX 4070", (8, 9), {"tensorrt": version}, BUS_ID)
+        for module in (engines, compat, backend_trt):
+            monkeypatch.setattr(module, "this_machine", lambda: machine)
+        trt.bundle_dir = str(tmp_path / "tiny")
+        return calls, rt
+
+    return make
+
+
+@pytest.fixture
+def bundle(tiny_bundle, tmp_path):
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_bundle, out)
+    return out
+
+
+def _build(bundle, profile) -> None:
+    try:
+        main(["build", str(bundle), "--gpu", profile])
+    except SystemExit as e:  # main() exits only on errors
+        assert e.code in (None, 0)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_build_is_strongly_typed_from_typed_graphs(standin, bundle, tmp_path, version):
+    calls, _ = standin(version)
+    _build(bundle, _profile(tmp_path / "gpu.toml"))
+    b = Bundle.open(bundle)  # checksums: the cast graphs and engines are in the manifest
+    networks = [c[1] for c in calls if c[0] == "create_network"]
+    builds = [c for c in calls if c[0] == "build"]
+    assert len(builds) == len(PLANNED) == len(networks)
+    for _, _, flags, strongly_typed in builds:
+        assert strongly_typed and not {"FP16", "BF16", "INT8", "FP8"} & set(flags)
+    assert [c for c in calls if c[0] == "set_timing_cache"] == [("set_timing_cache", False)] * 3  # mismatch not ignored
+    for name, precision in PLANNED.items():
+        comp = b.components[name]
+        (engine,) = comp["engines"]
+        assert engine["onnx_file"] == f"{name}.{precision}.onnx" == comp["onnx_files"][precision]
+        assert engine["key"]["build_flags"]["strongly_typed"]
+        graph = onnx.load(b.path(engine["onnx_file"]), load_external_data=False).graph
+        floats = {t.data_type for t in graph.initializer} - {onnx.TensorProto.INT64, onnx.TensorProto.BOOL}
+        # Only the engine's type, plus float32 Resize scales (ONNX allows nothing else there).
+        assert ONNX_TYPE[precision] in floats and floats <= {ONNX_TYPE[precision], onnx.TensorProto.FLOAT}
+        plan = plan_of(b.path(engine["file"]))
+        assert plan["onnx"] == engine["onnx_file"]
+        assert len(plan["profiles"]) == (1 if name == "text_encoder" else 2)  # one per bucket (T5: bucket-free)
+    assert ("cudaDeviceGetByPCIBusId", b"0000:01:00.0") in calls and ("cudaSetDevice", 0) in calls
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_backend_load_path(standin, bundle, tmp_path, version):
+    """Load and run each engine through TrtBackend: outputs equal onnxruntime's on the fp32 graph (the
+    stand-in runs that graph), so shapes, profiles, pinned staging and dtypes are carried exactly."""
+    from osx.runtime.backend_trt import TrtBackend
+    from osx.runtime.backends import OrtBackend
+
+    calls, rt = standin(version)
+    _build(bundle, _profile(tmp_path / "gpu.toml"))
+    b = Bundle.open(bundle)
+    for name in PLANNED:
+        spec = b.spec(name)
+        trt_backend, ort_backend = TrtBackend(b, name), OrtBackend(b, name)
+        try:
+            for i, bucket in enumerate(b.manifest["profile"]["buckets"]):
+                sizes = {d: bucket[d] for d in ("latent_frames", "latent_height", "latent_width") if d in spec.dims}
+                if name == "vae_decoder":
+                    sizes["latent_frames"] = 5  # one chunk
+                inputs = spec.sample_inputs(sizes, seed=i)
+                got, want = trt_backend.run(inputs), ort_backend.run(inputs)
+                for out, ref in want.items():
+                    np.testing.assert_array_equal(got[out], ref)
+        finally:
+            trt_backend.release()
+            ort_backend.release()
+    assert ("deserialize_cuda_engine", "mmap") in calls  # the plan is mapped, not read into a copy
+    assert any(c[0] == "cudaMallocHost" for c in calls) and not rt.blocks  # pinned staging; everything freed
+
+
+def test_parser_failure_names_component_and_node(standin, bundle, tmp_path, monkeypatch):
+    import sys
+
+    from osx.export.engines import build_engines
+    from osx.profiles import load_profile, make_plan
+    from trt_standin import make_tensorrt
+
+    calls, _ = standin("11.4.0.106")
+    monkeypatch.setitem(sys.modules, "tensorrt", make_tensorrt("11.4.0.106", calls, reject_ops=("Softmax",)))
+    b = Bundle.open(bundle)
+    plan = make_plan(load_profile(_profile(tmp_path / "gpu.toml")), b.model_config())
+    with pytest.raises(OsxError) as e:
+        build_engines(bundle, {"denoiser": b.components["denoiser"]}, plan, progress=False)
+    assert "denoiser: TensorRT's ONNX parser rejected denoiser.fp16.onnx" in e.value.message
+    assert "(Softmax): unsupported" in e.value.message and "--dry-run" in e.value.hint
+
+
+def test_timing_cache_mismatch_is_reported(standin, bundle, tmp_path):
+    from osx.export.engines import build_engines
+    from osx.profiles import load_profile, make_plan
+
+    standin("11.4.0.106")
+    cache = tmp_path / "shared.timing-cache"
+    cache.write_bytes(b'{"tensorrt": "10.8.0.43"}')
+    b = Bundle.open(bundle)
+    plan = make_plan(load_profile(_profile(tmp_path / "gpu.toml")), b.model_config())
+    built = build_engines(bundle, {"text_encoder": b.components["text_encoder"]}, plan, timing_cache=cache, progress=False)
+    assert "written by another TensorRT version or GPU" in built["text_encoder"]["notes"][0]
+    assert b"11.4.0.106" in cache.read_bytes()  # replaced by this build's cache
+
+
+def test_old_driver_says_which_driver_or_package(standin, bundle):
+    from osx.runtime.backend_trt import TrtBackend
+
+    standin("11.4.0.106", driver=12080, runtime=13000)  # cuda-python 13 on a CUDA 12.8 driver
+    from osx.runtime import cuda
+
+    with pytest.raises(OsxError) as e:
+        cuda.check_driver()
+    assert "supports CUDA up to 12.8" in e.value.message
+    assert "driver >= 580" in e.value.hint and "osx[tensorrt-cu12]" in e.value.hint
+    assert TrtBackend  # the backend runs the same check before any allocation (test_backend_load_path)
+
+
+def test_profiled_gpu_not_visible_to_cuda(standin):
+    from osx.runtime import cuda
+
+    _, rt = standin("10.8.0.43", devices={})
+    with pytest.raises(OsxError, match="PCI bus id 00000000:01:00.0 is not visible to CUDA"):
+        cuda.select_device(rt, BUS_ID)
