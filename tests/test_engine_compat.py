@@ -191,3 +191,16 @@ def test_merge_engines_replaces_the_same_target_and_keeps_others():
     assert merged["components"]["denoiser"]["engines"] == [other_gpu, new]
     assert merged["components"]["denoiser"]["backend"] == "tensorrt"
     assert manifest["components"]["denoiser"]["engines"] == [old_native, other_gpu]  # input untouched
+
+
+def test_lean_runtime_loads_only_plans_of_its_own_version():
+    from osx.engine_key import loader_for
+
+    entry = _entry(hardware_compatibility="ampere_plus", version_compatible=True, precision="int8")  # built 10.8.0.43
+    a10g = lambda runtimes: Machine("NVIDIA A10G", (8, 6), runtimes)  # noqa: E731
+    assert loader_for(entry["key"], a10g({"tensorrt_lean": "10.8.0.43"})) == "tensorrt_lean"
+    why = check_engine_compat(entry, a10g({"tensorrt_lean": "10.9.0.34"}))
+    assert why is not None and "tensorrt_lean of exactly that version" in why and "tensorrt-dispatch>=10.8.0.43" in why
+    # the dispatch runtime of a later version loads it (through the lean runtime the plan embeds)
+    assert loader_for(entry["key"], a10g({"tensorrt_lean": "10.9.0.34", "tensorrt_dispatch": "10.9.0.34"})) == "tensorrt_dispatch"
+    assert loader_for(_entry()["key"], RTX4070) == "tensorrt"

@@ -123,6 +123,12 @@ def test_parse_nvidia_smi():
     gpus = parse_nvidia_smi(text)
     assert gpus[0] == GpuInfo("NVIDIA GeForce RTX 4070", (8, 9), 12282 << 20, "570.86.15", source="nvidia-smi")
     assert gpus[1].compute_capability == (8, 0) and gpus[1].memory_bytes == 81920 << 20
+    # with the PCI bus id (how CUDA finds the profiled GPU: its index may differ from NVML's)
+    (gpu,) = parse_nvidia_smi("NVIDIA GeForce RTX 4070, 8.9, 12282, 570.86.15, 00000000:65:00.0\n")
+    assert gpu.pci_bus_id == "00000000:65:00.0"
+    from osx.runtime.cuda import normalize_bus_id
+
+    assert normalize_bus_id(gpu.pci_bus_id) == "0000:65:00.0"
 
 
 @pytest.mark.parametrize("name,cc,mib,expected", [
