@@ -9,19 +9,17 @@ an image is one latent frame. (GroupNorm statistics still span all frames of a t
 `encode_moments` and `decode_tile` are the fixed per-tile computations (no data-dependent Python: what gets
 exported); `encode` / `decode` add Open-Sora's tiling loops (osx/vae_tiling.py, torch-free, shared with the
 runtime): overlapping spatial tiles blended linearly, and optionally overlapping temporal tiles. Module
-names are the keys of the released `hunyuan_vae.safetensors`, which Open-Sora loads with strict=True.
+names are the keys of the released `hunyuan_vae.safetensors`, which Open-Sora loads with strict=True (osx too:
+export/checkpoint_v2.py `load_part`).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from osx.errors import InputError
-from osx.export.checkpoint import load_into, read_state_dict
 from osx.models_v2 import HunyuanVAEConfig
 from osx.vae_tiling import tiled_decode, tiled_encode
 
@@ -268,11 +266,3 @@ class HunyuanVideoVAE(nn.Module):
                 f"{what} of shape {list(x.shape)} do not fit the HunyuanVideo VAE",
                 hint=f"expected [B, {channels}, T, H, W] with {rule}",
             )
-
-
-def load_hunyuan_vae(path: str | os.PathLike, cfg: HunyuanVAEConfig, dtype: torch.dtype = torch.float32) -> HunyuanVideoVAE:
-    """The VAE with the weights of `hunyuan_vae.safetensors` (or any checkpoint read_state_dict reads), strictly:
-    any missing, unexpected or wrong-shape key raises CheckpointError listing it."""
-    vae = HunyuanVideoVAE(cfg).to(dtype).eval()
-    load_into(vae, read_state_dict(path), str(path), recomputable=())
-    return vae
