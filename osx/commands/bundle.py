@@ -148,3 +148,18 @@ def unpack(archive_path: Path, out_dir: Path, force: bool):
     every checksum is verified before DIR appears."""
     b = archive.unpack(archive_path, out_dir, force=force)
     click.echo(f"unpacked {archive_path} -> {out_dir}: {len(b.manifest['files']) + 1} files, all sha256 match")
+
+
+# --- triton -------------------------------------------------------------------------------------------
+
+
+@bundle.command("triton")
+@click.argument("bundle_dir", type=_PATH)
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+def triton(bundle_dir: Path, out: Path):
+    """Write a Triton model repository to OUT (a new folder): one model per component and a Python-backend
+    pipeline model (README "Serving with Triton")."""
+    from osx.runtime.serving.triton import write_repository
+
+    models = write_repository(bundle_dir, out)
+    click.echo(f"wrote {out}: {', '.join(models)}; run: tritonserver --model-repository={out.resolve()}")
