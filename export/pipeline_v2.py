@@ -34,7 +34,8 @@ from osx.export.sampler_v2 import condition, denoise, schedule
 from osx.export.t5 import T5TextEncoder
 from osx.export.tokenizer import build_tiny_tokenizer, convert_t5_sentencepiece
 from osx.models_v2 import (
-    COND_TYPES, OpenSoraV2Config, check_frames, image_size, latent_shape, negative_prompt_v2, prepare_prompt_v2,
+    COND_TYPES, OpenSoraV2Config, check_frames, get_model_config_v2, image_size, latent_shape, negative_prompt_v2,
+    prepare_prompt_v2,
 )
 from osx.runtime.scheduler import initial_noise
 from osx.runtime.tokenizer import TextTokenizer
@@ -60,19 +61,22 @@ class ReferenceV2:
 
 
 def build_reference_v2(
-    cfg: OpenSoraV2Config,
+    cfg: OpenSoraV2Config | str,
     *,
     seed: int | None = None,
     checkpoint: str | os.PathLike | None = None,
     parts: dict[str, str | os.PathLike] | None = None,
     dtype: torch.dtype = BF16,
 ) -> ReferenceV2:
-    """Random weights from `seed` (default: the config's `random_init_seed`; N(0, 1/sqrt(fan_in)) per tensor,
+    """`cfg`: a config or a model name (`opensora-v2.0`, `opensora-v2.0-tiny`).
+
+    Random weights from `seed` (default: the config's `random_init_seed`; N(0, 1/sqrt(fan_in)) per tensor,
     see export/init.py) with the tiny deterministic tokenizers, or the released weights: a `checkpoint` folder
     and/or explicit `parts` {"mmdit", "vae", "t5", "clip": path}, each loaded strictly (exit 2 on any key
     mismatch), with the tokenizers of the T5 (spiece.model) and CLIP (tokenizer.json) folders."""
     if seed is not None and (checkpoint is not None or parts):
         raise OsxError("give either a seed (random weights) or a checkpoint, not both")
+    cfg = get_model_config_v2(cfg) if isinstance(cfg, str) else cfg
     if checkpoint is None and not parts:
         modules = build_modules(cfg)
         seed = cfg.random_init_seed if seed is None else seed

@@ -203,9 +203,17 @@ def get_model_config(name: str) -> ModelConfig:
     try:
         return MODELS[name]
     except KeyError:
+        from osx.models_v2 import MODELS_V2  # v2.0 configs: osx/models_v2.py
+
+        if name in MODELS_V2:
+            raise OsxError(
+                f"{name}: osx has Open-Sora v2.0's PyTorch reference, not yet its export, plans or bundles",
+                hint="run it with osx.export.pipeline_v2 (README 'Open-Sora v2.0'); the other stages take "
+                + ", ".join(sorted(MODELS)),
+            ) from None
         raise OsxError(
             f"unknown model {name!r}",
-            hint=f"known models: {', '.join(sorted(MODELS))}",
+            hint=f"known models: {', '.join(sorted(MODELS) + sorted(MODELS_V2))}",
         ) from None
 
 

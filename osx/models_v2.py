@@ -296,3 +296,10 @@ OPENSORA_V2_0_TINY = OpenSoraV2Config(
 )
 
 MODELS_V2: dict[str, OpenSoraV2Config] = {m.name: m for m in (OPENSORA_V2_0, OPENSORA_V2_0_TINY)}
+
+
+def get_model_config_v2(name: str) -> OpenSoraV2Config:
+    try:
+        return MODELS_V2[name]
+    except KeyError:
+        raise InputError(f"unknown Open-Sora v2.0 model {name!r}", hint=f"known: {', '.join(sorted(MODELS_V2))}") from None

@@ -59,3 +59,21 @@ def test_tiny_keeps_the_structure():
     assert real.vec_in_dim == OPENSORA_V2_0.clip.hidden_size and real.context_in_dim == OPENSORA_V2_0.t5.d_model
     assert set(MODELS_V2) == {"opensora-v2.0", "opensora-v2.0-tiny"}
     assert OPENSORA_V2_0_TINY.sampler.num_steps > OPENSORA_V2_0_TINY.sampler.osci_start
+
+
+def test_model_names():
+    from osx.errors import OsxError
+    from osx.models import get_model_config
+    from osx.models_v2 import get_model_config_v2
+
+    assert get_model_config_v2("opensora-v2.0") is OPENSORA_V2_0
+    assert get_model_config_v2("opensora-v2.0-tiny") is OPENSORA_V2_0_TINY
+    # the v1.2 stages (export, plans, calibration) know the names and say what exists
+    with pytest.raises(OsxError, match="PyTorch reference") as e:
+        get_model_config("opensora-v2.0")
+    assert e.value.exit_code == 2 and "pipeline_v2" in e.value.hint
+    with pytest.raises(OsxError, match="unknown model") as e:
+        get_model_config("opensora-v9")
+    assert "opensora-v2.0-tiny" in e.value.hint
+    with pytest.raises(InputError, match="unknown Open-Sora v2.0 model"):
+        get_model_config_v2("opensora-v1.2")
