@@ -63,8 +63,10 @@ def test_tiny_keeps_the_structure():
 
 def test_model_names():
     from osx.errors import OsxError
-    from osx.models import get_model_config
-    from osx.models_v2 import get_model_config_v2
+    from osx.models import REFERENCE_ONLY_MODELS, get_model_config
+    from osx.models_v2 import MODELS_V2, get_model_config_v2
+
+    assert set(REFERENCE_ONLY_MODELS) == set(MODELS_V2)
 
     assert get_model_config_v2("opensora-v2.0") is OPENSORA_V2_0
     assert get_model_config_v2("opensora-v2.0-tiny") is OPENSORA_V2_0_TINY
