@@ -133,6 +133,8 @@ class Upsample(nn.Module):
 def _level_plan(cfg: HunyuanVAEConfig) -> list[tuple[bool, bool]]:
     """(spatial, temporal) 2x resampling of each level, from the input side: spatial at the first log2(8)
     levels, temporal at the log2(4) levels before the last (Open-Sora's rule for time ratio 4)."""
+    if cfg.time_compression_ratio != 4:
+        raise ValueError(f"time_compression_ratio {cfg.time_compression_ratio}: only Open-Sora v2.0's 4 is built here")
     n = len(cfg.block_out_channels)
     n_space = cfg.spatial_compression_ratio.bit_length() - 1
     n_time = cfg.time_compression_ratio.bit_length() - 1
