@@ -158,12 +158,13 @@ def reference_generate_v2(
     seed: int | None = None,
     noise: np.ndarray | None = None,
     reference_seed: int | None = None,
+    progress: bool = False,
 ) -> ReferenceV2Result:
     """One video. Sizes: `height`/`width` (rounded up to multiples of 16, as Open-Sora), else the
     `resolution` bucket and `aspect_ratio` (defaults: the config's). `references` for i2v/v2v: images or
     videos as uint8 arrays [H, W, 3] / [F, H, W, 3] or float tensors [3, F, H, W] in [-1, 1]; i2v_head uses
     the first frame of the first, i2v_tail the last frame of the last, i2v_loop both, v2v the first one's
-    first/last 33 frames (65 for *_easy when it has them)."""
+    first/last 33 frames (65 for *_easy when it has them). `progress`: a bar over the denoising steps."""
     cfg = model.cfg
     sampler = cfg.sampler
     if cond_type not in COND_TYPES:
@@ -199,7 +200,7 @@ def reference_generate_v2(
 
     x, latents = denoise(model.mmdit, z, txt, y_vec, masks=masks, masked_ref=masked_ref, cond_type=cond_type,
                          cfg=sampler, num_steps=steps, guidance=guidance, guidance_img=guidance_img,
-                         return_intermediates=True)
+                         return_intermediates=True, progress=progress)
     x = x.clone()
     # Open-Sora writes the reference frame(s) back into batch row 0, also for a one-frame image
     if cond_type in ("i2v_head", "i2v_loop"):

@@ -121,13 +121,15 @@ def denoise(
     guidance_img: float | None = None,
     skip_redundant_pass: bool = False,
     return_intermediates: bool = False,
+    progress: bool = False,
 ):
     """Denoise `noise` [B, C, T, h, w] into a latent of the same shape (bf16).
 
     `txt` [3B, L, context] and `y_vec` [3B, vec] are the text rows in Open-Sora's order: B prompts, then
     B negative prompts twice. `masks`/`masked_ref` from `condition`. `skip_redundant_pass`: for t2v the
     second and third rows are the same input (negative prompt, zero conditioning), so u2 == u and the
-    third pass is skipped (exact; see tests/test_sampler_v2.py). Returns x (and the x after every step).
+    third pass is skipped (exact; see tests/test_sampler_v2.py). `progress`: a tqdm bar over the steps.
+    Returns x (and the x after every step).
     """
     mmdit = model.cfg
     B, C, T, h, w = noise.shape
@@ -143,7 +145,12 @@ def denoise(
     cond = torch.cat([cond, cond, torch.zeros_like(cond)][:rows])
     txt, y_vec = txt[: rows * B], y_vec[: rows * B]
     latents = []
-    for i, (t_cur, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+    steps_iter = enumerate(zip(timesteps[:-1], timesteps[1:]))
+    if progress:
+        from tqdm import tqdm
+
+        steps_iter = tqdm(steps_iter, total=steps, desc="denoising", unit="step")
+    for i, (t_cur, t_next) in steps_iter:
         t_vec = torch.full((rows * B,), t_cur, dtype=BF16)
         v = model(torch.cat([x] * rows), txt, t_vec, y_vec, cond, cos, sin).to(BF16)
         c, u = v[:B], v[B : 2 * B]
