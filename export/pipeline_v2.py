@@ -59,6 +59,10 @@ class ReferenceV2:
     def dtype(self) -> torch.dtype:
         return self.mmdit.img_in.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.mmdit.img_in.weight.device
+
 
 def build_reference_v2(
     cfg: OpenSoraV2Config | str,
@@ -67,13 +71,15 @@ def build_reference_v2(
     checkpoint: str | os.PathLike | None = None,
     parts: dict[str, str | os.PathLike] | None = None,
     dtype: torch.dtype = BF16,
+    device: str | torch.device = "cpu",
 ) -> ReferenceV2:
     """`cfg`: a config or a model name (`opensora-v2.0`, `opensora-v2.0-tiny`).
 
     Random weights from `seed` (default: the config's `random_init_seed`; N(0, 1/sqrt(fan_in)) per tensor,
     see export/init.py) with the tiny deterministic tokenizers, or the released weights: a `checkpoint` folder
     and/or explicit `parts` {"mmdit", "vae", "t5", "clip": path}, each loaded strictly (exit 2 on any key
-    mismatch), with the tokenizers of the T5 (spiece.model) and CLIP (tokenizer.json) folders."""
+    mismatch), with the tokenizers of the T5 (spiece.model) and CLIP (tokenizer.json) folders. The modules
+    end in `dtype` on `device`."""
     if seed is not None and (checkpoint is not None or parts):
         raise OsxError("give either a seed (random weights) or a checkpoint, not both")
     cfg = get_model_config_v2(cfg) if isinstance(cfg, str) else cfg
@@ -93,7 +99,7 @@ def build_reference_v2(
         t5_tok = convert_t5_sentencepiece(_required(paths["t5"], "spiece.model", "T5"))
         clip_tok = Tokenizer.from_file(str(_required(paths["clip"], "tokenizer.json", "CLIP")))
     for module in modules.values():
-        module.to(dtype).eval().requires_grad_(False)
+        module.to(device, dtype).eval().requires_grad_(False)
     return ReferenceV2(cfg, modules["t5"], modules["clip"], modules["mmdit"], modules["vae"], t5_tok, clip_tok)
 
 
@@ -184,7 +190,8 @@ def reference_generate_v2(
     texts = [text, negative, negative]
     t5_ids, _ = TextTokenizer(model.t5_tokenizer, cfg.t5.max_length).encode(texts)
     clip_ids, _ = TextTokenizer(model.clip_tokenizer, cfg.clip.max_length, pad_token=CLIP_PAD).encode(texts)
-    t5_ids, clip_ids = torch.from_numpy(t5_ids), torch.from_numpy(clip_ids)
+    dev = model.device
+    t5_ids, clip_ids = torch.from_numpy(t5_ids).to(dev), torch.from_numpy(clip_ids).to(dev)
     txt = model.t5(t5_ids, torch.ones_like(t5_ids))  # Open-Sora passes no attention mask: pads are attended
     y_vec = model.clip(clip_ids)
 
@@ -196,7 +203,7 @@ def reference_generate_v2(
         noise = initial_noise(seed, shape)
     elif tuple(noise.shape) != shape:
         raise InputError(f"noise has shape {tuple(noise.shape)}, expected {shape}", hint="or pass a seed instead")
-    z = torch.from_numpy(np.asarray(noise, dtype=np.float32)).to(BF16)
+    z = torch.from_numpy(np.asarray(noise, dtype=np.float32)).to(dev, BF16)
 
     x, latents = denoise(model.mmdit, z, txt, y_vec, masks=masks, masked_ref=masked_ref, cond_type=cond_type,
                          cfg=sampler, num_steps=steps, guidance=guidance, guidance_img=guidance_img,
@@ -209,14 +216,14 @@ def reference_generate_v2(
         x[0, :, -1:] = refs[-1][0, :, -1:].to(x.dtype)
     video = model.vae.decode(x.to(model.vae.post_quant_conv.weight.dtype))[:, :, :num_frames].float()
 
-    f32 = lambda t: t.float().numpy()  # noqa: E731
+    f32 = lambda t: t.float().cpu().numpy()  # noqa: E731
     return ReferenceV2Result(
         prompt=text, negative_prompt=negative, cond_type=cond_type, height=height, width=width,
         num_frames=num_frames, t5_ids=t5_ids.numpy(), clip_ids=clip_ids.numpy(), txt=f32(txt), y_vec=f32(y_vec),
         masks=f32(masks), masked_ref=f32(masked_ref), noise=f32(z),
         timesteps=schedule(sampler, steps, shape[3] * shape[4] // cfg.mmdit.patch_size**2, shape[2]),
-        latents=[f32(t) for t in latents], latent=f32(x), video=video.numpy(),
-        frames=to_uint8_frames(video[0].numpy()), seed=seed,
+        latents=[f32(t) for t in latents], latent=f32(x), video=f32(video),
+        frames=to_uint8_frames(f32(video[0])), seed=seed,
     )
 
 
@@ -242,9 +249,9 @@ def _encode_references(model: ReferenceV2, cond_type: str, references: list, hei
         clips = [videos[-1][:, -1:]]
     else:  # i2v_loop
         clips = [videos[0][:, :1], videos[-1][:, -1:]]
-    dtype = model.vae.post_quant_conv.weight.dtype
-    gen = None if seed is None else torch.Generator().manual_seed(seed)
-    return [model.vae.encode(c[None].to(dtype), generator=gen).float() for c in clips]
+    dtype = model.vae.post_quant_conv.weight.dtype  # Open-Sora encodes in the VAE's dtype (bf16)
+    gen = None if seed is None else torch.Generator(model.device).manual_seed(seed)
+    return [model.vae.encode(c[None].to(model.device, dtype), generator=gen).float() for c in clips]
 
 
 def resize_crop(reference, height: int, width: int) -> torch.Tensor:

@@ -138,9 +138,10 @@ def denoise(
     g_img0 = cfg.guidance_img if guidance_img is None else guidance_img
     timesteps = schedule(cfg, steps, h * w // mmdit.patch_size**2, T)
     p = mmdit.patch_size
-    cos, sin = video_rope(mmdit, txt.shape[1], T, h // p, w // p)
+    device = noise.device
+    cos, sin = (t.to(device) for t in video_rope(mmdit, txt.shape[1], T, h // p, w // p))
     x = pack(noise, p).to(BF16)
-    cond = pack(torch.cat([masks, masked_ref], dim=1), p).to(BF16)
+    cond = pack(torch.cat([masks, masked_ref], dim=1), p).to(device, BF16)
     rows = 2 if skip_redundant_pass and cond_type == "t2v" else 3
     cond = torch.cat([cond, cond, torch.zeros_like(cond)][:rows])
     txt, y_vec = txt[: rows * B], y_vec[: rows * B]
@@ -151,7 +152,7 @@ def denoise(
 
         steps_iter = tqdm(steps_iter, total=steps, desc="denoising", unit="step")
     for i, (t_cur, t_next) in steps_iter:
-        t_vec = torch.full((rows * B,), t_cur, dtype=BF16)
+        t_vec = torch.full((rows * B,), t_cur, dtype=BF16, device=device)
         v = model(torch.cat([x] * rows), txt, t_vec, y_vec, cond, cos, sin).to(BF16)
         c, u = v[:B], v[B : 2 * B]
         u2 = v[2 * B :] if rows == 3 else u
@@ -159,7 +160,7 @@ def denoise(
         g_img = oscillation(g_img0, i, cfg.osci_start) if cfg.image_osci else g_img0
         g_img = image_scale(cfg, g_img, i, steps, T, cond_type)
         if torch.is_tensor(g_img):  # the ramp over latent frames, broadcast and packed like the latent
-            g_img = pack(g_img[None, None, :, None, None].expand(B, C, T, h, w), p).to(BF16)
+            g_img = pack(g_img[None, None, :, None, None].expand(B, C, T, h, w), p).to(device, BF16)
         pred = u2 + g_img * (u - u2) + g_txt * (c - u)
         x = x + (t_next - t_cur) * pred
         if return_intermediates:
