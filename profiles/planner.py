@@ -4,8 +4,9 @@ Memory model (bytes; every term is printed in the plan so a user can check it):
   weights     = matrix values x bytes(precision) + other values x bytes(16-bit or fp32)
                 (INT8/FP8 engines keep biases, norms and tables in 16 bits)
   activations = the live tensors of the largest shape the component is built for (formulas below)
-  run         = weights + activations
-  build       = run + the builder workspace (TensorRT times tactics with scratch up to that limit)
+  run         = weights + the execution context's device memory: activations + tactic scratch (TensorRT
+                bounds a tactic's scratch by the builder workspace, so the workspace is counted whole)
+  build       = the same: the builder times tactics with scratch up to the workspace limit
   run peak    = max over components when they are loaded one at a time, else the sum
   build peak  = the largest single build (engines are built one after another)
 The budget is the card's VRAM less the profile's reserve (CUDA context, driver, display).
@@ -32,8 +33,10 @@ from osx.profiles.profile import (
 # Live activations per token of the denoiser, in units of hidden_size: the residual stream, the
 # modulated input, qkv (3), attention output and the 4x MLP hidden, less what TensorRT frees in between.
 DENOISER_LIVE_WIDTH = 12
-# Live full-resolution feature maps in the spatial VAE decoder, in units of the channels entering the
-# last up block (upsampled input, conv output, resnet temporary).
+# The spatial VAE decoder's widest point, read off the exported graph (tests/test_vae_memory.py): the first
+# resnet of the last up block holds its input, that input normalised and activated (VAE_LIVE_MAPS maps of the
+# width entering the block), and its first conv's output (one map of the block's own width), for every frame
+# of the chunk at full resolution: the exported chunk graph decodes all of them in one call.
 VAE_LIVE_MAPS = 3
 
 
@@ -61,11 +64,11 @@ class ComponentPlan:
 
     @property
     def run_bytes(self) -> int:
-        return self.weight_bytes + self.activation_bytes
+        return self.weight_bytes + self.activation_bytes + self.workspace_bytes
 
     @property
     def build_bytes(self) -> int:
-        return self.run_bytes + self.workspace_bytes
+        return self.run_bytes
 
     def to_dict(self) -> dict:
         return {
@@ -129,7 +132,7 @@ class Plan:
             "load_one_at_a_time": self.load_one_at_a_time,
             "cfg_batching": self.cfg_batching,
             "vae_chunk_latent_frames": self.vae_chunk_latent_frames,
-            "vae_spatial_frames_per_call": self.model.vae.spatial.micro_batch_size,
+            "vae_spatial_frames_per_call": self.model.vae.temporal_downsample * self.vae_chunk_latent_frames,
             "components": {n: c.to_dict() for n, c in self.components.items()},
             "memory": {"budget": self.budget_bytes, "run_peak": self.run_peak_bytes,
                        "build_peak": self.build_peak_bytes, "host_peak": self.host_peak_bytes, "fits": self.fits},
@@ -148,6 +151,13 @@ def weight_bytes(model: ModelConfig, component: str, precision: str) -> int:
     if precision in QUANTIZED:
         return p.matrix * BYTES_PER_VALUE[precision] + p.other * 2
     return p.total * BYTES_PER_VALUE[precision]
+
+
+def vae_spatial_peak_bytes(model: ModelConfig, frames: int, height: int, width: int, value_bytes: int) -> int:
+    """The spatial VAE decoder's widest point for `frames` frames of height x width pixels (VAE_LIVE_MAPS)."""
+    channels = model.vae.spatial.block_out_channels
+    entering, own = tuple(reversed(channels))[-2], channels[0]
+    return frames * height * width * (VAE_LIVE_MAPS * entering + own) * value_bytes
 
 
 def activation_bytes(model: ModelConfig, component: str, sizes: dict[str, int], precision: str, fused_attention: bool) -> int:
@@ -175,10 +185,8 @@ def activation_bytes(model: ModelConfig, component: str, sizes: dict[str, int], 
         H, W = sizes["latent_height"], sizes["latent_width"]
         frames = sizes.get("frames") or vae.temporal_downsample * sizes["latent_frames"]
         hp, wp = H * vae.spatial_downsample, W * vae.spatial_downsample
-        # The spatial VAE runs micro_batch_size frames at a time (Open-Sora's own micro-batching).
-        micro = min(frames, vae.spatial.micro_batch_size)
-        full_res_channels = tuple(reversed(vae.spatial.block_out_channels))[-2]
-        spatial = B * micro * hp * wp * VAE_LIVE_MAPS * full_res_channels * e
+        micro = frames  # every frame of the chunk in one call (Open-Sora's 4-frame micro-batch is not in the graph)
+        spatial = vae_spatial_peak_bytes(model, B * frames, hp, wp, e)
         temporal_width = vae.temporal.filters * vae.temporal.channel_multipliers[-1]
         temporal = B * frames * H * W * 3 * temporal_width * e
         mid_tokens = H * W  # single-head attention in the mid block at latent resolution
