@@ -81,20 +81,17 @@ def load_into(
     state_dict: dict[str, torch.Tensor],
     source: str,
     recomputable: tuple[str, ...] = ("rope.freqs",),
-    assign: bool = False,
 ) -> None:
     """Copy `state_dict` into `module`, requiring an exact match of keys and shapes.
 
     Keys in `recomputable` (exact, or a trailing `.name` match) are constants the module computes
     itself and may be absent; so may a key whose tensor is tied to another key that is present (T5's
     `encoder.embed_tokens.weight` = `shared.weight`). Otherwise any missing, unexpected or wrong-shape
-    key raises CheckpointError listing them and naming `source`. Values are cast to the module's dtypes;
-    with `assign`, the checkpoint's tensors become the parameters instead (no copy, their dtype kept): the
-    way to fill a module built on the meta device with one copy of the weights in memory.
+    key raises CheckpointError listing them and naming `source`. Values are cast to the module's dtypes.
     """
     check_fit(module, {k: tuple(v.shape) for k, v in state_dict.items()}, source, recomputable)
     with torch.no_grad():
-        module.load_state_dict(state_dict, strict=False, assign=assign)
+        module.load_state_dict(state_dict, strict=False)
 
 
 def check_fit(module: torch.nn.Module, shapes: dict[str, tuple[int, ...]], source: str,

@@ -91,11 +91,12 @@ def build_reference_v2(
         t5_tok, clip_tok = build_tiny_tokenizer(cfg.t5), build_tiny_clip_tokenizer(cfg.clip)
     else:
         paths = resolve_parts(checkpoint, **(parts or {}))
-        # The large parts are built without memory and take the checkpoint's tensors (one copy in memory,
-        # not two); CLIP has a computed buffer (position ids) and stays a normal module, as does the VAE.
+        # The large parts are built without memory and take the checkpoint's tensors, read one at a time and
+        # cast to `dtype` (the weights once in memory); CLIP has a computed buffer (position ids) and stays
+        # a normal module, as does the small VAE.
         modules = build_modules(cfg, meta=("mmdit", "t5"))
         for part, module in modules.items():
-            load_part(module, paths[part], part)
+            load_part(module, paths[part], part, dtype=dtype)
         t5_tok = convert_t5_sentencepiece(_required(paths["t5"], "spiece.model", "T5"))
         clip_tok = Tokenizer.from_file(str(_required(paths["clip"], "tokenizer.json", "CLIP")))
     for module in modules.values():

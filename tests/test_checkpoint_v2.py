@@ -156,3 +156,21 @@ def test_missing_part_lists_released_names(released, tmp_path):
     parts = resolve_parts(partial, vae=root / "hunyuan_vae.safetensors", t5=root / "google" / "t5-v1_1-xxl",
                           clip=root / "openai" / "clip-vit-large-patch14")
     assert set(parts) == {"mmdit", "vae", "t5", "clip"}
+
+
+def test_t5_as_a_float32_pickle(released, tmp_path):
+    """google/t5-v1_1-xxl ships pytorch_model.bin (float32, whole model): found by its folder name (a pickle's
+    names need the whole file), read with weights_only one tensor at a time, cast to bf16 on the way."""
+    root, src = released
+    ckpt = tmp_path / "ckpts"
+    shutil.copytree(root, ckpt)
+    t5_dir = ckpt / "google" / "t5-v1_1-xxl"
+    (t5_dir / "model.safetensors").unlink()
+    state = {k: v.float() for k, v in src.t5.state_dict().items()}
+    state["decoder.final_layer_norm.weight"] = torch.ones(TINY.t5.d_model)
+    torch.save(state, t5_dir / "pytorch_model.bin")
+    assert find_parts(ckpt)["t5"] == t5_dir
+    model = build_reference_v2(TINY, checkpoint=ckpt)
+    for k, want in src.t5.state_dict().items():
+        got = model.t5.state_dict()[k]
+        assert got.dtype == BF16 and torch.equal(got, want.to(BF16)), k
