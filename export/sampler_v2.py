@@ -1,6 +1,8 @@
 """Reference sampler of Open-Sora v2.0 (`opensora/utils/sampling.py`: get_schedule, I2VDenoiser), in torch.
 
-The runtime's NumPy sampler is checked against this. Formulas: shared/design/opensora-v2.0.md, section 5.
+The runtime's NumPy sampler (runtime/sampler_v2.py) is checked against this; the schedule, the guidance
+scales and the conditioning are torch-free and live there, one implementation both use. Formulas:
+shared/design/opensora-v2.0.md, section 5.
 
 * Schedule: t_i = linspace(1, 0, steps+1) in float32, shifted to alpha*t / (1 + (alpha-1)*t) with
   alpha = (1 + 2/3840 * (tokens_per_frame - 256)) * sqrt(T_lat) (no exp, no clamp), as Open-Sora's float32
@@ -16,93 +18,21 @@ The runtime's NumPy sampler is checked against this. Formulas: shared/design/ope
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
-from osx.errors import InputError
 from osx.export.mmdit import pack, unpack, video_rope
-from osx.models_v2 import COND_TYPES, SamplerV2Config
+from osx.models_v2 import SamplerV2Config
+from osx.runtime import sampler_v2 as shared
+from osx.runtime.sampler_v2 import guidance_scales, image_scale, oscillation, schedule, shift_alpha  # noqa: F401
 
 BF16 = torch.bfloat16
 
 
-def shift_alpha(cfg: SamplerV2Config, tokens_per_frame: int, latent_frames: int) -> float:
-    """alpha: linear in the tokens per latent frame through (256, 1) and (4096, 3), times sqrt(T_lat)."""
-    if cfg.flow_shift is not None:
-        return float(cfg.flow_shift)
-    slope = (cfg.max_shift - cfg.base_shift) / (cfg.max_seq - cfg.base_seq)
-    return (slope * tokens_per_frame + cfg.base_shift - slope * cfg.base_seq) * math.sqrt(latent_frames)
-
-
-def schedule(cfg: SamplerV2Config, num_steps: int, tokens_per_frame: int, latent_frames: int) -> list[float]:
-    """The steps+1 timesteps 1 = t'_0 > ... > t'_steps = 0 (float32 values as Python floats).
-
-    t = linspace(1, 0, steps+1) by the scalar rule of torch's kernels (start + i*step in the first half,
-    end - (steps-i)*step in the second, float32): Open-Sora calls torch.linspace on the CPU, whose SIMD
-    path may differ from that by one float32 step at a few entries depending on the CPU's vector width.
-    Then the shift in float32, alpha and alpha - 1 rounded to float32 as torch does with Python scalars.
-    """
-    f32 = np.float32
-    step = (f32(0) - f32(1)) / f32(num_steps)
-    half = (num_steps + 1) // 2
-    t = np.array([f32(1) + step * f32(i) if i < half else f32(0) - step * f32(num_steps - i) for i in range(num_steps + 1)], dtype=f32)
-    if cfg.shift:
-        alpha = shift_alpha(cfg, tokens_per_frame, latent_frames)
-        t = (f32(alpha) * t) / (f32(1) + f32(alpha - 1) * t)
-    return [float(v) for v in t]
-
-
-def oscillation(scale: float, step: int, start: int) -> float:
-    """Open-Sora's get_oscillation_gs: `scale` before `start` and on even steps, 1.0 on odd steps after."""
-    return scale if step < start or step % 2 == 0 else 1.0
-
-
-def image_scale(cfg: SamplerV2Config, g_img: float, step: int, num_steps: int, latent_frames: int, cond_type: str):
-    """The image guidance scale of one step: a float, or the i2v ramp as a [T_lat] float32 tensor."""
-    if not (g_img > 1.0 and cfg.scale_temporal_osci and "i2v" in cond_type):
-        return g_img
-    upper = torch.linspace(g_img, 1.0, num_steps + 1)[step]
-    return torch.linspace(1.0, upper.item(), latent_frames)
-
-
 def condition(cond_type: str, shape: tuple[int, ...], refs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """masks [B, 1, T, h, w] and masked_ref [B, C, T, h, w] of `prepare_inference_condition` (causal VAE).
-
-    `refs`: the VAE-encoded references [B, C, T_ref, h, w]: none for t2v; the image for i2v_head/i2v_tail;
-    the head and the tail image for i2v_loop; the video (at least k latent frames) for v2v. Conditioning
-    needs more than one latent frame, as in Open-Sora (an image is never conditioned).
-    """
-    if cond_type not in COND_TYPES:
-        raise InputError(f"unknown cond_type {cond_type!r}", hint=f"use one of {', '.join(COND_TYPES)}")
-    B, C, T, h, w = shape
-    masks = torch.zeros(B, 1, T, h, w)
-    masked = torch.zeros(B, C, T, h, w)
-    wanted = {"t2v": 0, "i2v_loop": 2}.get(cond_type, 1)
-    if len(refs) != wanted:
-        raise InputError(f"{cond_type} takes {wanted} reference(s), got {len(refs)}")
-    if cond_type == "t2v" or T == 1:
-        return masks, masked
-    if cond_type.startswith("v2v"):
-        k = (16 if cond_type.endswith("_easy") else 8) + 1  # 32 or 64 pixel frames + the causal first
-        ref = refs[0]
-        if k > T:
-            raise InputError(f"{cond_type} conditions {k} latent frames; the video has {T}",
-                             hint=f"generate at least {4 * (k - 1) + 1} frames")
-        if ref.shape[2] < k:
-            raise InputError(f"{cond_type} needs a reference of at least {k} latent frames ({4 * (k - 1) + 1} video frames)")
-        frames = slice(0, k) if "head" in cond_type else slice(T - k, T)
-        masks[:, :, frames] = 1
-        masked[:, :, frames] = (ref[:, :, :k] if "head" in cond_type else ref[:, :, -k:]).float()
-        return masks, masked
-    if cond_type in ("i2v_head", "i2v_loop"):
-        masks[:, :, 0] = 1
-        masked[:, :, 0] = refs[0][:, :, 0].float()
-    if cond_type in ("i2v_tail", "i2v_loop"):
-        masks[:, :, -1] = 1
-        masked[:, :, -1] = refs[-1][:, :, -1].float()
-    return masks, masked
+    """masks [B, 1, T, h, w] and masked_ref [B, C, T, h, w] (float32 tensors): the runtime's `condition`."""
+    masks, masked = shared.condition(cond_type, shape, [r.detach().float().cpu().numpy() for r in refs])
+    return torch.from_numpy(masks), torch.from_numpy(masked)
 
 
 @torch.no_grad()
@@ -156,11 +86,9 @@ def denoise(
         v = model(torch.cat([x] * rows), txt, t_vec, y_vec, cond, cos, sin).to(BF16)
         c, u = v[:B], v[B : 2 * B]
         u2 = v[2 * B :] if rows == 3 else u
-        g_txt = oscillation(g_txt0, i, cfg.osci_start) if cfg.text_osci else g_txt0
-        g_img = oscillation(g_img0, i, cfg.osci_start) if cfg.image_osci else g_img0
-        g_img = image_scale(cfg, g_img, i, steps, T, cond_type)
-        if torch.is_tensor(g_img):  # the ramp over latent frames, broadcast and packed like the latent
-            g_img = pack(g_img[None, None, :, None, None].expand(B, C, T, h, w), p).to(device, BF16)
+        g_txt, g_img = guidance_scales(cfg, i, steps, T, cond_type, g_txt0, g_img0)
+        if isinstance(g_img, np.ndarray):  # the ramp over latent frames, broadcast and packed like the latent
+            g_img = pack(torch.from_numpy(g_img)[None, None, :, None, None].expand(B, C, T, h, w), p).to(device, BF16)
         pred = u2 + g_img * (u - u2) + g_txt * (c - u)
         x = x + (t_next - t_cur) * pred
         if return_intermediates:

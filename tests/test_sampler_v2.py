@@ -93,7 +93,7 @@ def test_i2v_ramp(cond_type):
             continue
         upper = g - (g - 1) * i / steps  # falls over the steps ...
         want = [1 + (upper - 1) * k / (T - 1) for k in range(T)]  # ... and grows over the latent frames
-        np.testing.assert_allclose(ramp.numpy(), want, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(ramp, want, rtol=1e-6, atol=1e-6)
         assert ramp[0] == 1.0  # frame 0 gets 1 whichever end is conditioned
 
 

@@ -1,0 +1,220 @@
+"""Open-Sora v2.0 sampler in NumPy (`opensora/utils/sampling.py`: get_schedule, I2VDenoiser), torch-free.
+
+A small flow-match Euler scheduler in the manner of diffusers', with Open-Sora's rules; export/sampler_v2.py
+(the torch reference) takes its schedule, guidance scales and conditioning from here, so the two share one
+implementation of everything that is not model arithmetic. Formulas: shared/design/opensora-v2.0.md, 5.
+
+* Schedule: t = linspace(1, 0, steps+1) (float32, torch's scalar rule), shifted to alpha*t / (1 + (alpha-1)*t).
+* Each step runs the denoiser on three rows, (prompt, reference), (negative, reference), (negative, none),
+  giving c, u, u2; pred = u2 + g_img*(u - u2) + g_txt*(c - u); x += (t_next - t)*pred.
+* bf16 exactly where the reference is bf16: x, the denoiser output, the timestep fed, the conditioning, the
+  i2v ramp, and every operation of the combination and the update, each an float32 operation rounded to
+  bfloat16 (`round_bf16`), as torch computes bf16 tensor arithmetic; Python-float scales become float32.
+* Noise: osx's one generator, `osx.runtime.scheduler.initial_noise(seed, shape)` (NumPy PCG64), rounded to
+  bf16 here and in the reference alike (Open-Sora's CUDA Philox stream cannot be reproduced).
+
+Shortcuts. Exact, on by default: when the conditioning is all zeros (t2v, or a one-frame image) the second
+and third rows are the same input, so u2 is u and the third pass is not run; the combination is computed
+unchanged with u2 = u (tests/test_runtime_sampler_v2.py: whole runs equal the reference's three passes).
+Approximate, opt-in (`skip_unit_scale_passes`): on steps whose text scale is 1 (and image scale 1, or no
+conditioning) pred = c in real arithmetic, so only the conditional pass runs; in bf16 `u + (c - u)` is not
+always c, so the result drifts by a few bf16 roundings (measured in the test) and it is off by default.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+
+from osx.errors import InputError
+from osx.models_v2 import COND_TYPES, SamplerV2Config
+from osx.numeric import round_bf16
+
+F32 = np.float32
+# denoiser(img [R, N, C*p*p], txt [R, L, D], timesteps [R], y_vec [R, V], cond [R, N, 4 + C*p*p]) -> velocity
+Denoiser = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+# --- schedule and guidance scales -------------------------------------------------------------------------
+
+
+def linspace_f32(start: float, end: float, n: int) -> np.ndarray:
+    """torch.linspace(start, end, n) in float32 by its kernel's scalar rule: start + i*step in the first half,
+    end - (n-1-i)*step in the second, step = (end - start)/(n - 1). (torch's SIMD path may round a few
+    entries one float32 step apart depending on the CPU's vector width; osx uses this rule on both sides.)"""
+    start, end = F32(start), F32(end)
+    if n == 1:
+        return np.array([start], dtype=F32)
+    step = (end - start) / F32(n - 1)
+    half = n // 2
+    return np.array([start + step * F32(i) if i < half else end - step * F32(n - 1 - i) for i in range(n)], dtype=F32)
+
+
+def shift_alpha(cfg: SamplerV2Config, tokens_per_frame: int, latent_frames: int) -> float:
+    """alpha: linear in the tokens per latent frame through (256, 1) and (4096, 3), times sqrt(T_lat)."""
+    if cfg.flow_shift is not None:
+        return float(cfg.flow_shift)
+    slope = (cfg.max_shift - cfg.base_shift) / (cfg.max_seq - cfg.base_seq)
+    return (slope * tokens_per_frame + cfg.base_shift - slope * cfg.base_seq) * math.sqrt(latent_frames)
+
+
+def schedule(cfg: SamplerV2Config, num_steps: int, tokens_per_frame: int, latent_frames: int) -> list[float]:
+    """The steps+1 timesteps 1 = t'_0 > ... > t'_steps = 0 (float32 values as Python floats); the shift in
+    float32 with alpha and alpha - 1 rounded to float32, as torch does with Python scalars (no exp, no clamp)."""
+    t = linspace_f32(1.0, 0.0, num_steps + 1)
+    if cfg.shift:
+        alpha = shift_alpha(cfg, tokens_per_frame, latent_frames)
+        t = (F32(alpha) * t) / (F32(1) + F32(alpha - 1) * t)
+    return [float(v) for v in t]
+
+
+def oscillation(scale: float, step: int, start: int) -> float:
+    """Open-Sora's get_oscillation_gs: `scale` before `start` and on even steps, 1.0 on odd steps after."""
+    return scale if step < start or step % 2 == 0 else 1.0
+
+
+def image_scale(cfg: SamplerV2Config, g_img: float, step: int, num_steps: int, latent_frames: int, cond_type: str):
+    """The image guidance scale of one step: a float, or for i2v (when g_img > 1) the ramp over the latent
+    frames as a [T_lat] float32 array: from 1 at frame 0 to upper_i at the last, upper_i falling linearly
+    from g_img to 1 over the steps."""
+    if not (g_img > 1.0 and cfg.scale_temporal_osci and "i2v" in cond_type):
+        return g_img
+    upper = linspace_f32(g_img, 1.0, num_steps + 1)[step]
+    return linspace_f32(1.0, float(upper), latent_frames)
+
+
+def guidance_scales(cfg: SamplerV2Config, step: int, num_steps: int, latent_frames: int, cond_type: str,
+                    guidance: float, guidance_img: float):
+    """(text scale, image scale or ramp) of one step, after oscillation."""
+    g_txt = oscillation(guidance, step, cfg.osci_start) if cfg.text_osci else guidance
+    g_img = oscillation(guidance_img, step, cfg.osci_start) if cfg.image_osci else guidance_img
+    return g_txt, image_scale(cfg, g_img, step, num_steps, latent_frames, cond_type)
+
+
+# --- conditioning --------------------------------------------------------------------------------------
+
+
+def condition(cond_type: str, shape: tuple[int, ...], refs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """masks [B, 1, T, h, w] and masked_ref [B, C, T, h, w] (float32) of `prepare_inference_condition`.
+
+    `refs`: the VAE-encoded references [B, C, T_ref, h, w]: none for t2v; the image for i2v_head/i2v_tail;
+    the head and the tail image for i2v_loop; the video (at least k latent frames) for v2v. Conditioning
+    needs more than one latent frame, as in Open-Sora (an image is never conditioned).
+    """
+    if cond_type not in COND_TYPES:
+        raise InputError(f"unknown cond_type {cond_type!r}", hint=f"use one of {', '.join(COND_TYPES)}")
+    B, C, T, h, w = shape
+    masks = np.zeros((B, 1, T, h, w), dtype=F32)
+    masked = np.zeros((B, C, T, h, w), dtype=F32)
+    wanted = {"t2v": 0, "i2v_loop": 2}.get(cond_type, 1)
+    if len(refs) != wanted:
+        raise InputError(f"{cond_type} takes {wanted} reference(s), got {len(refs)}")
+    if cond_type == "t2v" or T == 1:
+        return masks, masked
+    refs = [np.asarray(r, dtype=F32) for r in refs]
+    if cond_type.startswith("v2v"):
+        k = (16 if cond_type.endswith("_easy") else 8) + 1  # 32 or 64 pixel frames + the causal first
+        ref = refs[0]
+        if k > T:
+            raise InputError(f"{cond_type} conditions {k} latent frames; the video has {T}",
+                             hint=f"generate at least {4 * (k - 1) + 1} frames")
+        if ref.shape[2] < k:
+            raise InputError(f"{cond_type} needs a reference of at least {k} latent frames ({4 * (k - 1) + 1} video frames)")
+        frames = slice(0, k) if "head" in cond_type else slice(T - k, T)
+        masks[:, :, frames] = 1
+        masked[:, :, frames] = ref[:, :, :k] if "head" in cond_type else ref[:, :, -k:]
+        return masks, masked
+    if cond_type in ("i2v_head", "i2v_loop"):
+        masks[:, :, 0] = 1
+        masked[:, :, 0] = refs[0][:, :, 0]
+    if cond_type in ("i2v_tail", "i2v_loop"):
+        masks[:, :, -1] = 1
+        masked[:, :, -1] = refs[-1][:, :, -1]
+    return masks, masked
+
+
+def pack(x: np.ndarray, patch: int = 2) -> np.ndarray:
+    """[B, C, T, H, W] -> [B, T*(H/p)*(W/p), C*p*p]: tokens in (t, h, w) order, channels (c, ph, pw)."""
+    B, C, T, H, W = x.shape
+    x = x.reshape(B, C, T, H // patch, patch, W // patch, patch)
+    return x.transpose(0, 2, 3, 5, 1, 4, 6).reshape(B, T * (H // patch) * (W // patch), C * patch * patch)
+
+
+def unpack(x: np.ndarray, T: int, h: int, w: int, patch: int = 2) -> np.ndarray:
+    """Inverse of `pack`: [B, T*h*w, C*p*p] -> [B, C, T, h*p, w*p] (h, w in patches)."""
+    x = x.reshape(x.shape[0], T, h, w, -1, patch, patch)
+    return x.transpose(0, 4, 1, 2, 5, 3, 6).reshape(x.shape[0], -1, T, h * patch, w * patch)
+
+
+# --- the loop --------------------------------------------------------------------------------------------
+
+
+def guided_velocity(c: np.ndarray, u: np.ndarray, u2: np.ndarray, g_txt: float, g_img) -> np.ndarray:
+    """u2 + g_img*(u - u2) + g_txt*(c - u), each operation in bf16 as torch evaluates it left to right."""
+    bf = round_bf16
+    g_img = F32(g_img) if np.isscalar(g_img) else g_img
+    return bf(bf(u2 + bf(g_img * bf(u - u2))) + bf(F32(g_txt) * bf(c - u)))
+
+
+def denoise(
+    model: Denoiser,
+    noise: np.ndarray,
+    txt: np.ndarray,
+    y_vec: np.ndarray,
+    *,
+    masks: np.ndarray,
+    masked_ref: np.ndarray,
+    cond_type: str,
+    cfg: SamplerV2Config,
+    patch_size: int = 2,
+    num_steps: int | None = None,
+    guidance: float | None = None,
+    guidance_img: float | None = None,
+    skip_redundant_pass: bool = True,
+    skip_unit_scale_passes: bool = False,
+    on_step: Callable[[int, np.ndarray], None] | None = None,
+) -> np.ndarray:
+    """Denoise `noise` [B, C, T, h, w] into a latent of that shape (float32 holding bf16 values).
+
+    `txt` [2B, L, D] and `y_vec` [2B, V]: the B prompts' text states, then the B negative prompts' (Open-Sora
+    feeds the negative twice; it is the same array, so it is encoded once). `masks`/`masked_ref` from
+    `condition`. `model` is called once per step on the rows that step needs (3B, 2B or B of them).
+    `on_step(i, x)` gets the latent [B, C, T, h, w] after step i (a view the caller may copy).
+    """
+    B, C, T, h, w = noise.shape
+    if txt.shape[0] != 2 * B or y_vec.shape[0] != 2 * B:
+        raise InputError(f"text rows {txt.shape[0]}/{y_vec.shape[0]} for a batch of {B}", hint="give [prompts; negatives]: 2B rows")
+    p = patch_size
+    steps = cfg.num_steps if num_steps is None else num_steps
+    g_txt0 = cfg.guidance if guidance is None else guidance
+    g_img0 = cfg.guidance_img if guidance_img is None else guidance_img
+    timesteps = schedule(cfg, steps, h * w // p**2, T)
+    x = round_bf16(pack(np.asarray(noise, dtype=F32), p))
+    cond = round_bf16(pack(np.concatenate([masks, masked_ref], axis=1).astype(F32), p))
+    uncond_is_u = skip_redundant_pass and not np.any(masks)  # rows 2 and 3 are then the same input
+    # the inputs of the three passes, concatenated once per set of passes a step runs
+    rows = {"c": (txt[:B], y_vec[:B], cond), "u": (txt[B:], y_vec[B:], cond), "u2": (txt[B:], y_vec[B:], np.zeros_like(cond))}
+    batches = {}
+    for i, (t_cur, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+        g_txt, g_img = guidance_scales(cfg, i, steps, T, cond_type, g_txt0, g_img0)
+        unit = g_txt == 1.0 and (uncond_is_u or np.isscalar(g_img) and g_img == 1.0)
+        passes = ("c",) if skip_unit_scale_passes and unit else ("c", "u") if uncond_is_u else ("c", "u", "u2")
+        if passes not in batches:
+            batches[passes] = [np.concatenate([rows[k][j] for k in passes]) for j in range(3)]
+        b_txt, b_y, b_cond = batches[passes]
+        t_vec = round_bf16(np.full(len(passes) * B, t_cur, dtype=F32))
+        v = round_bf16(model(np.concatenate([x] * len(passes)), b_txt, t_vec, b_y, b_cond))
+        if passes == ("c",):
+            pred = v
+        else:
+            c, u = v[:B], v[B : 2 * B]
+            u2 = v[2 * B :] if "u2" in passes else u
+            if not np.isscalar(g_img):  # the ramp over latent frames, broadcast and packed like the latent
+                g_img = round_bf16(pack(np.broadcast_to(g_img[None, None, :, None, None], (B, C, T, h, w)), p))
+            pred = guided_velocity(c, u, u2, g_txt, g_img)
+        x = round_bf16(x + round_bf16(F32(t_next - t_cur) * pred))
+        if on_step is not None:
+            on_step(i, unpack(x, T, h // p, w // p, p))
+    return unpack(x, T, h // p, w // p, p)
