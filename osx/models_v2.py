@@ -136,6 +136,18 @@ class OpenSoraV2Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "OpenSoraV2Config":
+        """Inverse of `to_dict` (after a JSON round trip: lists back to tuples)."""
+        parts = {"t5": TextEncoderConfig, "clip": CLIPTextConfig, "mmdit": MMDiTConfig, "sampler": SamplerV2Config,
+                 "defaults": GenerationDefaultsV2, "vae": HunyuanVAEConfig}
+        fields = {k: _tuples(parts[k], v) if k in parts else v for k, v in d.items()}
+        return cls(**fields)
+
+
+def _tuples(cls, d: dict):
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
 
 # --- shape arithmetic ----------------------------------------------------------------------------------
 

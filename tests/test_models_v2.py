@@ -79,3 +79,12 @@ def test_model_names():
     assert "opensora-v2.0-tiny" in e.value.hint
     with pytest.raises(InputError, match="unknown Open-Sora v2.0 model"):
         get_model_config_v2("opensora-v1.2")
+
+
+def test_config_round_trips_through_json():
+    import json
+
+    from osx.models_v2 import OpenSoraV2Config
+
+    for cfg in (OPENSORA_V2_0, OPENSORA_V2_0_TINY):
+        assert OpenSoraV2Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
