@@ -36,6 +36,19 @@ RESIZE_RULES = {
     "keep_aspect_ratio_policy": ("stretch",),
 }
 GEMMS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+# Quantize / dequantize ops of the "trt" domain (ModelOpt writes them for FP8 / INT4) that TensorRT's ONNX
+# parser imports as built-ins (onnx-tensorrt onnxOpImporters.cpp: TRT_FP8QuantizeLinear, ...): the standard
+# op each stands for, so the same explicit-quantization rules apply.
+TRT_DOMAIN = "trt"
+TRT_QDQ = {"TRT_FP8QuantizeLinear": "QuantizeLinear", "TRT_FP8DequantizeLinear": "DequantizeLinear",
+           "TRT_INT4QuantizeLinear": "QuantizeLinear", "TRT_INT4DequantizeLinear": "DequantizeLinear"}
+
+
+def qdq_kind(n: onnx.NodeProto) -> str | None:
+    """"QuantizeLinear" / "DequantizeLinear" for a standard or trt-domain Q/DQ node, else None."""
+    if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.domain in DEFAULT_DOMAINS:
+        return n.op_type
+    return TRT_QDQ.get(n.op_type) if n.domain == TRT_DOMAIN else None
 
 
 @dataclass(frozen=True)
@@ -186,7 +199,7 @@ def _check_restrictions(n: onnx.NodeProto, g: _Graph, issue) -> None:
 
 def _check_qdq(n: onnx.NodeProto, g: _Graph, issue) -> None:
     """TensorRT's explicit-quantization rules for one QuantizeLinear / DequantizeLinear node."""
-    is_q = n.op_type == "QuantizeLinear"
+    is_q = qdq_kind(n) == "QuantizeLinear"
     scale = n.input[1] if len(n.input) > 1 else ""
     if scale not in g.constants:
         issue(f"scale {scale!r} must be a constant (initializer or Constant)")
@@ -208,21 +221,22 @@ def _check_qdq(n: onnx.NodeProto, g: _Graph, issue) -> None:
         if per_channel and data not in g.constants:
             issue("per-channel scales on an activation: TensorRT quantizes activations per tensor, weights per channel")
         for c in g.consumers.get(n.output[0], []):
-            if c.op_type != "DequantizeLinear":
+            if qdq_kind(c) != "DequantizeLinear":
                 issue(f"output feeds {c.op_type} {c.name!r}: each QuantizeLinear must be followed by DequantizeLinear")
         if n.output[0] in g.graph_outputs:
             issue("a quantized tensor is a graph output: end the graph in floating point (add the DequantizeLinear)")
     else:
         src = g.producer.get(data)
-        if data not in g.constants and (src is None or src.op_type != "QuantizeLinear"):
+        from_q = src is not None and qdq_kind(src) == "QuantizeLinear"
+        if data not in g.constants and not from_q:
             where = "a graph input" if src is None else f"{src.op_type} {src.name!r}"
             issue(f"input comes from {where}: DequantizeLinear must follow a QuantizeLinear or read quantized constant weights")
-        if src is not None and src.op_type == "QuantizeLinear":
+        if from_q:
             q_scale = g.value(src.input[1])
             if q_scale is not None and scale_value is not None and (
                     q_scale.shape != scale_value.shape or not np.allclose(q_scale, scale_value)):
                 issue(f"scale differs from its QuantizeLinear {src.name!r}: the pair requantizes instead of fusing", "warning")
-        weight = data in g.constants or (src is not None and src.op_type == "QuantizeLinear" and src.input[0] in g.constants)
+        weight = data in g.constants or (from_q and src.input[0] in g.constants)
         if per_channel and not weight:
             issue("per-channel scales on an activation: TensorRT dequantizes activations per tensor")
 
@@ -230,7 +244,7 @@ def _check_qdq(n: onnx.NodeProto, g: _Graph, issue) -> None:
 def _check_gemm_inputs(n: onnx.NodeProto, g: _Graph, issue) -> None:
     """A GEMM with only one quantized input runs in floating point: the quantization is wasted."""
     fed = [i for i in n.input[:2] if i]
-    dq = [i for i in fed if (p := g.producer.get(i)) is not None and p.op_type == "DequantizeLinear"]
+    dq = [i for i in fed if (p := g.producer.get(i)) is not None and qdq_kind(p) == "DequantizeLinear"]
     if dq and len(dq) < len(fed):
         plain = next(i for i in fed if i not in dq)
         issue(f"input {plain!r} is not quantized while {dq[0]!r} is: TensorRT runs this {n.op_type} in floating point",
@@ -272,11 +286,13 @@ def lint_onnx(path_or_model: str | Path | onnx.ModelProto, trt_version: str | No
             if (n.domain, n.op_type) in functions:  # a model-local function: TensorRT inlines its body
                 walk(functions[(n.domain, n.op_type)].node, typed=False)
                 continue
-            if n.domain not in DEFAULT_DOMAINS:
+            kind = qdq_kind(n)
+            if n.domain not in DEFAULT_DOMAINS and kind is None:
                 issue(f"custom-domain op {n.domain}::{n.op_type}: TensorRT needs a plugin registered under that name")
                 continue
-            _check_op(n, g if typed else untyped, table, issue)
-            if n.op_type in ("QuantizeLinear", "DequantizeLinear") and typed:
+            if n.domain in DEFAULT_DOMAINS:  # trt-domain Q/DQ: built into the parser, not in the op table
+                _check_op(n, g if typed else untyped, table, issue)
+            if kind is not None and typed:
                 _check_qdq(n, g, issue)
             if n.op_type in GEMMS and typed:
                 _check_gemm_inputs(n, g, issue)

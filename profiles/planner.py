@@ -22,7 +22,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from osx.components import PIPELINE_COMPONENTS, ComponentSpec, DimRange, component_specs
+from osx.components import NEVER_FP16, PIPELINE_COMPONENTS, ComponentSpec, DimRange, component_specs
 from osx.errors import OsxError
 from osx.models import ModelConfig
 from osx.profiles.params import component_params
@@ -146,10 +146,16 @@ class Plan:
 # --- memory formulas ----------------------------------------------------------------------------------
 
 
+def outside_qdq_bytes(component: str) -> int:
+    """Bytes per value outside Q/DQ in a component's INT8/FP8 graph: 16-bit, but fp32 for the text encoder
+    (calibration keeps T5 fp32 outside Q/DQ: it overflows in fp16)."""
+    return 4 if component in NEVER_FP16 else 2
+
+
 def weight_bytes(model: ModelConfig, component: str, precision: str) -> int:
     p = component_params(model, component)
     if precision in QUANTIZED:
-        return p.matrix * BYTES_PER_VALUE[precision] + p.other * 2
+        return p.matrix * BYTES_PER_VALUE[precision] + p.other * outside_qdq_bytes(component)
     return p.total * BYTES_PER_VALUE[precision]
 
 
@@ -162,7 +168,8 @@ def vae_spatial_peak_bytes(model: ModelConfig, frames: int, height: int, width: 
 
 def activation_bytes(model: ModelConfig, component: str, sizes: dict[str, int], precision: str, fused_attention: bool) -> int:
     """Bytes of the widest set of live tensors at `sizes` (each dim at its max)."""
-    e = 4 if precision == "fp32" else 2  # INT8/FP8 engines keep activations between GEMMs in 16 bits
+    # INT8/FP8 engines keep activations between GEMMs in the graph's type outside Q/DQ
+    e = 4 if precision == "fp32" else outside_qdq_bytes(component) if precision in QUANTIZED else 2
     B = sizes["batch"]
     if component == "text_encoder":
         te = model.text_encoder

@@ -230,3 +230,23 @@ def test_every_exported_tiny_graph_passes(exported):
     assert {"text_encoder.fp32", "denoiser.fp32", "denoiser.fp16", "vae_decoder.fp32", "vae_decoder.fp16", "denoiser.int8"} <= set(exported)
     errors = {name: [str(i) for i in lint_onnx(path) if i.severity == "error"] for name, path in exported.items()}
     assert {name: e for name, e in errors.items() if e} == {}
+
+
+def _trt_domain(model):
+    """The same graph with TensorRT's own trt-domain Q/DQ ops (as ModelOpt writes them for FP8)."""
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            n.op_type, n.domain = f"TRT_FP8{n.op_type}", "trt"
+    model.opset_import.append(h.make_opsetid("trt", 1))
+    return model
+
+
+def test_trt_domain_qdq_ops_are_accepted_and_checked():
+    """TensorRT's parser imports trt::TRT_FP8QuantizeLinear / DequantizeLinear (and INT4) as built-ins."""
+    issues = lint_onnx(_trt_domain(_qdq()))
+    assert not [i for i in issues if i.severity == "error"], issues
+    bad = lint_onnx(_trt_domain(_qdq(q_consumer="Cast")))  # the Q/DQ rules still apply to them
+    assert any(i.node == "q_x" and "followed by DequantizeLinear" in i.problem for i in bad)
+    other = _trt_domain(_qdq())
+    other.graph.node[0].op_type = "TRT_SomethingElse"
+    assert any("custom-domain op trt::TRT_SomethingElse" in i.problem for i in lint_onnx(other))

@@ -180,3 +180,17 @@ def test_precision_override_applies_to_the_denoiser_only():
     assert cpu.components["denoiser"].precision == "int8"
     with pytest.raises(OsxError, match="not available on the CPU"):
         make_plan(load_profile("cpu"), TINY, "fp16")
+
+
+def test_quantized_t5_keeps_fp32_outside_qdq():
+    """Calibration keeps T5 fp32 outside Q/DQ (it overflows in fp16): its INT8 weights count the non-matrix
+    values and its activations at 4 bytes; the denoiser's at 2."""
+    from osx.profiles.params import component_params
+    from osx.profiles.planner import activation_bytes, weight_bytes
+
+    te = component_params(REAL, "text_encoder")
+    assert weight_bytes(REAL, "text_encoder", "int8") == te.matrix + 4 * te.other
+    sizes = {"batch": 2}
+    assert activation_bytes(REAL, "text_encoder", sizes, "int8", True) == activation_bytes(REAL, "text_encoder", sizes, "fp32", True)
+    den = component_params(REAL, "denoiser")
+    assert weight_bytes(REAL, "denoiser", "fp8") == den.matrix + 2 * den.other
