@@ -1,6 +1,8 @@
 """TensorRT on a real GPU (`pytest -m gpu`; skipped with the reason elsewhere): build the tiny bundle's
-engines with `osx build`, compare every engine with onnxruntime on the same inputs, generate a video
-with the tensorrt backend, refuse a load on a mismatched compute capability, and a portable build.
+engines with `osx build` (strongly typed: fp32 graphs cast to the plan's bf16/fp16), compare every engine
+with onnxruntime on the same inputs, generate a video with the tensorrt backend, refuse a load on a
+mismatched compute capability, a portable build, INT8/FP8 builds of calibrated Q/DQ graphs, fp16/bf16 I/O
+engines, a shipped profile's plan on the tiny model, and `--gpu auto`.
 
 The tiny model's shapes are far below the shipped profiles' buckets, so the test writes a profile for
 the GPU it runs on (its compute capability and memory) with two tiny buckets.
@@ -22,7 +24,7 @@ BUCKETS = ["64x64x34", "32x32x17"]
 COMPONENTS = ("text_encoder", "denoiser", "vae_decoder")
 
 
-def _profile_toml(path, machine: Machine) -> str:
+def _profile_toml(path, machine: Machine, denoiser: str = "fp16", buckets=BUCKETS) -> str:
     cc = machine.compute_capability
     float16 = "bf16" if cc >= (8, 0) else "fp16"
     path.write_text(f"""
@@ -35,10 +37,10 @@ workspace_gib = 1
 load_one_at_a_time = true
 [precision]
 text_encoder = "{'bf16' if cc >= (8, 0) else 'fp32'}"
-denoiser = "fp16"
+denoiser = "{denoiser}"
 vae_decoder = "{float16}"
 [shapes]
-buckets = {json.dumps(BUCKETS)}
+buckets = {json.dumps(list(buckets))}
 """)
     return str(path)
 
@@ -89,8 +91,9 @@ def test_build_writes_engines_with_complete_keys(built, machine):
 
 @pytest.mark.parametrize("component", COMPONENTS)
 def test_engine_matches_onnxruntime(built, component):
-    """Same inputs through the engine and the fp32 ONNX graph; fp16/bf16 engines are held to a
-    relative L2 error of 2e-2 (bf16 has 8 mantissa bits: ~4e-3 per value, accumulated over layers)."""
+    """Same inputs through the engine and the fp32 ONNX graph; fp16/bf16 engines are held to a relative
+    L2 error of 5e-2 (the plain fp16 cast of the tiny denoiser measured 2.7e-2 on onnxruntime's CPU; bf16
+    has 8 mantissa bits: ~4e-3 per value, accumulated over layers)."""
     from osx.runtime.backend_trt import TrtBackend
     from osx.runtime.backends import OrtBackend
 
@@ -108,7 +111,7 @@ def test_engine_matches_onnxruntime(built, component):
             for name, ref in want.items():
                 ref = ref.astype(np.float32)
                 err = np.linalg.norm(got[name] - ref) / max(np.linalg.norm(ref), 1e-6)
-                assert got[name].shape == ref.shape and err < 2e-2, f"{component}.{name} at {bucket['name']}: rel L2 {err:.2e}"
+                assert got[name].shape == ref.shape and err < 5e-2, f"{component}.{name} at {bucket['name']}: rel L2 {err:.2e}"
     finally:
         trt.release()
         ort.release()
@@ -185,3 +188,128 @@ def test_portable_build_loads(built, tmp_path, machine):
         assert np.isfinite(out["text_embeds"]).all()
     finally:
         backend.release()
+
+
+# --- strongly typed builds from typed graphs ------------------------------------------------------------
+
+
+def _rel_l2(got: dict, want: dict) -> float:
+    return max(float(np.linalg.norm(got[n] - want[n].astype(np.float32)) / max(np.linalg.norm(want[n]), 1e-6))
+               for n in want)
+
+
+def _run_both(bundle, component, reference_bundle=None, seed=3):
+    """The engine's outputs and onnxruntime's (on `reference_bundle`'s graph if given) at the first bucket."""
+    from osx.runtime.backend_trt import TrtBackend
+    from osx.runtime.backends import OrtBackend
+
+    b = Bundle.open(bundle)
+    ref = Bundle.open(reference_bundle) if reference_bundle else b
+    spec = b.spec(component)
+    bucket = b.manifest["profile"]["buckets"][0]
+    sizes = {d: bucket[d] for d in ("latent_frames", "latent_height", "latent_width") if d in spec.dims}
+    inputs = spec.sample_inputs(sizes, seed=seed)
+    trt, ort = TrtBackend(b, component), OrtBackend(ref, component)
+    try:
+        return trt.run(inputs), ort.run(inputs), trt
+    finally:
+        trt.release()
+        ort.release()
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_quantized_engine_from_the_calibrated_qdq_graph(precision, machine, tmp_path_factory):
+    """`osx export --calibration` for this GPU: the denoiser's engine is built strongly typed from the Q/DQ
+    graph (ModelOpt, fp16 outside Q/DQ) and agrees with onnxruntime on that graph within 5e-2 (same
+    quantization; TensorRT's kernels accumulate differently)."""
+    from osx.calibration import quantize
+
+    if precision == "fp8" and machine.compute_capability < (8, 9):
+        pytest.skip(f"FP8 needs compute capability >= 8.9; this GPU ({machine.gpu_name}) has {machine.cc_text}")
+    if quantize.modelopt_available() is not None:
+        pytest.skip(f"TensorRT INT8/FP8 graphs come from NVIDIA ModelOpt: {quantize.modelopt_available()}")
+    from osx.calibration.capture import capture
+    from osx.export.reference import build_reference
+    from osx.models import OPENSORA_V1_2_TINY as TINY
+    from test_calibration import _recipe
+
+    root = tmp_path_factory.mktemp(f"trt-{precision}")
+    calib = capture(build_reference(TINY, seed=0), root / "calib", _recipe())
+    profile = _profile_toml(root / "q.toml", machine, denoiser=precision, buckets=["32x32x17", "64x64x34"])
+    try:
+        main(["export", "--model", "opensora-v1.2-tiny", "--random-weights", "--gpu", profile, "--calibration",
+              str(calib.root), "--gate-min-psnr", "12", "--out", str(root / "bundle")])
+    except SystemExit as e:
+        assert e.code in (None, 0)
+    entry = Bundle.open(root / "bundle").components["denoiser"]
+    (engine,) = entry["engines"]
+    assert engine["key"]["precision"] == precision and engine["onnx_file"] == entry["file"]
+    assert engine["key"]["build_flags"]["strongly_typed"]
+    got, want, _ = _run_both(root / "bundle", "denoiser")
+    assert _rel_l2(got, want) < 5e-2
+
+
+@pytest.mark.parametrize("dtype,host", [("fp16", np.float16), ("bf16", np.uint16)])
+def test_engine_with_16_bit_io(dtype, host, machine, tiny_bundle, tmp_path_factory):
+    """A bundle exported in fp16 / bf16 builds engines whose I/O is 16-bit (bf16 travels as raw bits):
+    the denoiser agrees with the fp32 bundle's onnxruntime graph (same seeded weights) within 5e-2."""
+    from osx.export.exporter import export_bundle
+
+    if dtype == "bf16" and machine.compute_capability < (8, 0):
+        pytest.skip(f"bf16 needs compute capability >= 8.0; this GPU ({machine.gpu_name}) has {machine.cc_text}")
+    root = tmp_path_factory.mktemp(f"io-{dtype}")
+    try:
+        export_bundle("opensora-v1.2-tiny", root / "b", gpu="cpu", random_weights=True, dtype=dtype, progress=lambda m: None)
+    except Exception as e:  # the exporter's own limits (onnxruntime's CPU validation of bf16 graphs)
+        pytest.skip(f"exporting the tiny model in {dtype} is not available here: {type(e).__name__}: {e}")
+    profile = _profile_toml(root / "io.toml", machine, denoiser=dtype)
+    try:
+        main(["build", str(root / "b"), "--gpu", profile])
+    except SystemExit as e:
+        assert e.code in (None, 0)
+    got, want, backend = _run_both(root / "b", "denoiser", reference_bundle=tiny_bundle)
+    assert backend.host_dtypes["x"] == host
+    assert _rel_l2(got, want) < 5e-2
+
+
+def test_a_shipped_profiles_plan_on_the_tiny_model(machine, tiny_bundle, tmp_path):
+    """The shipped profile `--gpu auto` picks for this GPU, with its precisions, policies and CPU components
+    kept and only its buckets replaced by tiny ones: built, and a video generated on TensorRT."""
+    import shutil
+
+    from osx.profiles import detect_profile
+
+    shipped, _ = detect_profile()
+    lines = [f'name = "{shipped.name}-tiny"', f'display_name = "{shipped.display_name}"',
+             f'compute_capability = "{shipped.cc_text}"', f"vram_gib = {shipped.vram_gib}", f"reserve_gib = {shipped.reserve_gib}",
+             f"workspace_gib = {shipped.workspace_gib}", f"load_one_at_a_time = {str(shipped.load_one_at_a_time).lower()}",
+             f"cpu_components = {json.dumps(list(shipped.cpu_components))}", "[precision]"]
+    lines += [f'{c} = "{"fp16" if p in ("int8", "fp8") else p}"' for c, p in shipped.precision.items()
+              if c != "vae_encoder"]  # INT8/FP8 need a calibration run: covered above
+    lines += ["[shapes]", f"buckets = {json.dumps(BUCKETS)}", f"cfg_batching = {str(shipped.cfg_batching).lower()}"]
+    (tmp_path / "p.toml").write_text("\n".join(lines) + "\n")
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    for argv in (["build", str(bundle), "--gpu", str(tmp_path / "p.toml")],
+                 ["generate", str(bundle), "--prompt", "a red fox", "--out", str(tmp_path / "v.mp4"), "--backend",
+                  "tensorrt", "--resolution", "64x64", "--frames", "34", "--steps", "2", "--seed", "1"]):
+        try:
+            main(argv)
+        except SystemExit as e:
+            assert e.code in (None, 0), argv
+    assert (tmp_path / "v.mp4").stat().st_size > 0
+
+
+def test_gpu_auto(machine, tiny_bundle, tmp_path, capsys):
+    """--gpu auto names this GPU's profile; on the tiny bundle the shipped buckets are refused clearly."""
+    import shutil
+
+    try:
+        main(["export", "--model", "opensora-v1.2", "--gpu", "auto", "--dry-run"])
+    except SystemExit as e:
+        assert e.code in (None, 0)
+    assert machine.gpu_name in capsys.readouterr().out
+    shutil.copytree(tiny_bundle, tmp_path / "b")
+    with pytest.raises(SystemExit) as e:
+        main(["build", str(tmp_path / "b"), "--gpu", "auto"])
+    assert e.value.code == 2 and "outside the sizes" in capsys.readouterr().err
