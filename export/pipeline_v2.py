@@ -178,6 +178,8 @@ def reference_generate_v2(
         raise InputError(f"unknown cond_type {cond_type!r}", hint=f"use one of {', '.join(COND_TYPES)}")
     if height is None or width is None:
         height, width = image_size(cfg, resolution or cfg.defaults.resolution, aspect_ratio or cfg.defaults.aspect_ratio)
+    if min(height, width) < 16:
+        raise InputError(f"{height}x{width}: each side needs at least 16 pixels (one 2x2 patch of 8x latents)")
     height, width = -(-height // 16) * 16, -(-width // 16) * 16
     num_frames = cfg.defaults.num_frames if num_frames is None else num_frames
     check_frames(cfg, num_frames)
@@ -220,7 +222,7 @@ def reference_generate_v2(
     f32 = lambda t: t.float().cpu().numpy()  # noqa: E731
     return ReferenceV2Result(
         prompt=text, negative_prompt=negative, cond_type=cond_type, height=height, width=width,
-        num_frames=num_frames, t5_ids=t5_ids.numpy(), clip_ids=clip_ids.numpy(), txt=f32(txt), y_vec=f32(y_vec),
+        num_frames=num_frames, t5_ids=t5_ids.cpu().numpy(), clip_ids=clip_ids.cpu().numpy(), txt=f32(txt), y_vec=f32(y_vec),
         masks=f32(masks), masked_ref=f32(masked_ref), noise=f32(z),
         timesteps=schedule(sampler, steps, shape[3] * shape[4] // cfg.mmdit.patch_size**2, shape[2]),
         latents=[f32(t) for t in latents], latent=f32(x), video=f32(video),

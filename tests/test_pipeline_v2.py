@@ -116,6 +116,8 @@ def test_refusals(model):
         reference_generate_v2(model, "x", references=[image()])
     with pytest.raises(InputError, match="unknown cond_type"):
         reference_generate_v2(model, "x", cond_type="v2v_head_half")
+    with pytest.raises(InputError, match="at least 16 pixels"):
+        reference_generate_v2(model, "x", height=8, width=64)
     with pytest.raises(InputError, match="noise has shape"):
         reference_generate_v2(model, "x", noise=np.zeros((1, 16, 3, 4, 4), np.float32))
 
