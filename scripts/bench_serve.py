@@ -1,0 +1,124 @@
+"""`python scripts/bench.py serve [--bundle DIR] [--requests N] [--steps K] [--rounds R]`: osx serve on a
+local Ray (2 CPUs) with 1 and 2 replicas of a bundle (default: the tiny one, exported here first).
+
+Per replica count:
+  latency     R rounds, each one bare `Pipeline.generate` + write_video in this process, then the same
+              request through the service alone (POST, poll every 20 ms, GET the mp4): p50/p95 of both, and
+              the service's overhead at p50 (target < 5 %), also as the median of the per-round ratios.
+              Interleaved, so load on the machine hits both sides alike.
+  throughput  N requests posted at once: requests per minute until the last one succeeded, p50/p95 of
+              their latencies (queueing included).
+"""
+
+import argparse
+import json
+import socket
+import statistics
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+POLL_S = 0.02
+
+
+def _pct(values, q):
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(round(q * (len(values) - 1))))], 4)
+
+
+def _call(base, method, path, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base + path, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return r.read()
+
+
+def _through_service(base, body, timeout=600.0):
+    t0 = time.perf_counter()
+    job = json.loads(_call(base, "POST", "/v1/videos", body))["id"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = json.loads(_call(base, "GET", f"/v1/videos/{job}"))
+        if status["state"] in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(POLL_S)
+    assert status["state"] == "succeeded", status
+    _call(base, "GET", f"/v1/videos/{job}/content")
+    return time.perf_counter() - t0
+
+
+def _tiny_bundle(folder: Path) -> Path:
+    from osx.export.exporter import export_bundle
+
+    export_bundle("opensora-v1.2-tiny", folder / "tiny", gpu="cpu", random_weights=True, progress=lambda msg: None)
+    return folder / "tiny"
+
+
+def main(argv):
+    ap = argparse.ArgumentParser(prog="bench.py serve")
+    ap.add_argument("--bundle", type=Path, default=None)
+    ap.add_argument("--requests", type=int, default=12, help="posted at once for the throughput figure")
+    ap.add_argument("--rounds", type=int, default=16, help="interleaved bare / service rounds for latency")
+    ap.add_argument("--steps", type=int, default=None)
+    args = ap.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from osx.runtime.pipeline import Pipeline
+    from osx.runtime.serving.app import deploy
+    from osx.runtime.video import write_video
+
+    work = Path(tempfile.mkdtemp(prefix="osx-bench-serve-"))
+    bundle = args.bundle or _tiny_bundle(work)
+    body = {"prompt": "a red fox running through fresh snow", "seed": 1} | ({"steps": args.steps} if args.steps else {})
+    bare_pipe = Pipeline.load(bundle, verify=False)
+    bare_pipe.preload()
+
+    def bare():
+        t0 = time.perf_counter()
+        frames = bare_pipe.generate(body["prompt"], seed=1, steps=args.steps)
+        write_video(frames, work / "bare.mp4", 24)
+        return time.perf_counter() - t0
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    result = {"bundle": str(bundle), "steps": args.steps or bare_pipe.scheduler.num_sampling_steps, "poll_interval_s": POLL_S,
+              "cpus": 2, "by_replicas": {}}
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, object_store_memory=80 * 2**20)
+    try:
+        for replicas in (1, 2):
+            deploy([bundle], store=str(work / f"store{replicas}"), replicas=replicas, queue=args.requests, port=port, verify=False)
+            _through_service(base, body)  # warm: first request loads nothing new, but wakes every process
+            bare_s, served_s = [], []
+            for _ in range(args.rounds):
+                bare_s.append(bare())
+                served_s.append(_through_service(base, body))
+            latencies, threads = [], []
+            t0 = time.perf_counter()
+            for i in range(args.requests):
+                threads.append(threading.Thread(target=lambda i=i: latencies.append(_through_service(base, {**body, "seed": i}))))
+                threads[-1].start()
+            for t in threads:
+                t.join(900)
+            wall = time.perf_counter() - t0
+            p50_bare, p50_served = statistics.median(bare_s), statistics.median(served_s)
+            result["by_replicas"][replicas] = {
+                "latency_alone": {"bare_p50_s": round(p50_bare, 4), "bare_p95_s": _pct(bare_s, 0.95),
+                                  "service_p50_s": round(p50_served, 4), "service_p95_s": _pct(served_s, 0.95),
+                                  "overhead_p50_s": round(p50_served - p50_bare, 4),
+                                  "overhead_p50_pct": round(100 * (p50_served / p50_bare - 1), 1),
+                                  "overhead_paired_median_pct": round(100 * statistics.median(b / a - 1 for a, b in zip(bare_s, served_s)), 1),
+                                  "target_pct": 5.0},
+                "throughput": {"requests": len(latencies), "wall_s": round(wall, 2), "requests_per_minute": round(60 * len(latencies) / wall, 1),
+                               "p50_s": _pct(latencies, 0.5), "p95_s": _pct(latencies, 0.95)},
+            }
+            serve.shutdown()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return result
