@@ -34,12 +34,13 @@ from typing import Callable
 import numpy as np
 
 from osx.bundle import Bundle
-from osx.errors import BundleError, InputError
 from osx.components import PIPELINE_COMPONENTS as COMPONENTS
+from osx.errors import BundleError, InputError, OsxError
 from osx.models import IMAGE_FPS, ModelConfig, SchedulerConfig, latent_frames, latent_size
 from osx.runtime import scheduler as rf
 from osx.runtime.backends import Backend, create_backend
 from osx.runtime.prompt import prepare_prompt
+from osx.runtime.request import MAX_FPS, MAX_GUIDANCE_SCALE, MAX_SEED, as_float, as_int, as_size, check_int_range, check_prompt
 from osx.runtime.tokenizer import TextTokenizer
 from osx.runtime.video import to_uint8_frames
 
@@ -128,26 +129,21 @@ class Pipeline:
                         steps: int | None = None, guidance_scale: float | None = None, seed: int | None = None) -> Request:
         """Fill in defaults and check everything against the bundle. Raises InputError naming the
         problem and what is supported; nothing has been computed yet."""
-        if not isinstance(prompt, str) or not (negative_prompt is None or isinstance(negative_prompt, str)):
-            raise InputError("the prompt (and negative prompt) must be text")
+        check_prompt(prompt)
+        check_prompt(negative_prompt, "negative prompt")
         d, s = self.model.defaults, self.scheduler
         if self.buckets and num_frames is None and height is None and width is None:
             height, width, num_frames = self.buckets[0]
-        num_frames = d.num_frames if num_frames is None else int(num_frames)
-        height = d.height if height is None else int(height)
-        width = d.width if width is None else int(width)
-        fps = (IMAGE_FPS if num_frames == 1 else s.fps) if fps is None else float(fps)
-        steps = s.num_sampling_steps if steps is None else int(steps)
-        guidance_scale = s.guidance_scale if guidance_scale is None else float(guidance_scale)
-        seed = d.seed if seed is None else int(seed)
-        if steps < 1:
-            raise InputError(f"steps={steps}: need at least 1 sampling step")
-        if not np.isfinite(guidance_scale):
-            raise InputError(f"guidance scale {guidance_scale} is not a number")
-        if not 0 < fps <= 1000:
-            raise InputError(f"fps={fps}: must be in (0, 1000]")
-        if not 0 <= seed < 2**63:
-            raise InputError(f"seed={seed}: must be in 0..2**63-1")
+        num_frames = d.num_frames if num_frames is None else as_size("frames", num_frames)
+        height = d.height if height is None else as_size("height", height)
+        width = d.width if width is None else as_size("width", width)
+        fps = (IMAGE_FPS if num_frames == 1 else s.fps) if fps is None else as_float("fps", fps, 0, MAX_FPS, low_open=True)
+        steps = check_int_range("steps", s.num_sampling_steps if steps is None else as_int("steps", steps), 1, s.num_timesteps,
+                                hint=f"the bundle's default is {s.num_sampling_steps}; more than its {s.num_timesteps} "
+                                "training timesteps only repeat work")
+        guidance_scale = s.guidance_scale if guidance_scale is None else as_float(
+            "guidance scale", guidance_scale, 0, MAX_GUIDANCE_SCALE)
+        seed = check_int_range("seed", d.seed if seed is None else as_int("seed", seed), 0, MAX_SEED)
         request = Request(prompt, negative_prompt, num_frames, height, width, fps, steps, guidance_scale, seed)
         problem = self._shape_problem(request)
         if problem:
@@ -226,6 +222,7 @@ class Pipeline:
                 model_s += time.perf_counter() - t1
             v_cond, v_uncond = np.split(np.concatenate(v).astype(np.float32, copy=False), 2)
             z = rf.step(z, rf.guidance(v_cond, v_uncond, request.guidance_scale), dts[i])
+            _check_finite(z, f"the latent after denoising step {i + 1} of {request.steps}")
             steps.append({"total_s": time.perf_counter() - t0, "denoiser_s": model_s})
             done = time.perf_counter() - t_start
             self._report(progress, "denoise", i + 1, request.steps, done / (i + 1) * (request.steps - i - 1))
@@ -245,6 +242,7 @@ class Pipeline:
             frames = min(vae.micro_frame_size, num_frames - k * vae.micro_frame_size)
             front_padding = -frames % vae.temporal_downsample  # zero frames the causal VAE put in front
             chunks.append(video[0, :, front_padding:].astype(np.float32, copy=False))
+            _check_finite(chunks[-1], f"the frames of VAE chunk {k + 1} of {total}")
             done = time.perf_counter() - t_start
             self._report(progress, "vae_decode", k + 1, total, done / (k + 1) * (total - k - 1))
         self._done_with("vae_decoder")
@@ -322,6 +320,14 @@ def _load_null_text(bundle: Bundle, denoiser) -> np.ndarray:
     if null.ndim != 2 or tuple(null.shape) != tuple(y.shape[1:]):
         raise BundleError(f"{bundle.root}: null caption has shape {null.shape}, the denoiser takes {tuple(y.shape[1:])}")
     return null.astype(np.float32)
+
+
+def _check_finite(a: np.ndarray, what: str) -> None:
+    """NaN or inf would become a garbage video written with exit 0: stop, naming the stage."""
+    if not np.isfinite(a).all():
+        raise OsxError(f"{what} holds NaN or infinite values; no video was written",
+                       hint="lower --guidance-scale or --steps towards the bundle's defaults; if that does not help, "
+                       "the bundle's weights are broken (osx bundle verify, or re-export it)")
 
 
 def _intersect(a, b) -> tuple[int, int]:

@@ -33,8 +33,8 @@ refused (ERR_INVALID_ARGUMENT) rather than deadlocking.
 
 Progress: the callback receives one JSON line (str) per event: {"handle", "phase" ("text_encoder" |
 "denoise" | "vae_decode"), "step", "total", "elapsed" (s since the generation started), "eta" (s the
-phase still needs)}. It runs on the generating thread. If it raises, the generation stops with
-ERR_CALLBACK.
+phase still needs)}. It runs on the generating thread. If it raises anything (SystemExit and other
+BaseExceptions included), the generation stops with ERR_CALLBACK.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from typing import Any, Callable
 from osx.errors import BundleError, InputError, OsxError
 
 OK = 0
-ERR_INVALID_ARGUMENT = -1  # bad JSON, unknown option, wrong type, re-entrant call from a callback
+ERR_INVALID_ARGUMENT = -1  # bad JSON (too deep, too long), unknown option, wrong type, a path with NUL, re-entrant call
 ERR_BAD_HANDLE = -2        # never opened, or already closed
 ERR_BUNDLE = -3            # bundle missing, corrupt, or not runnable here (e.g. engine for another GPU)
 ERR_INPUT = -4             # request outside what the bundle supports (frames, size, steps, ...)
@@ -65,6 +65,7 @@ _OPEN_OPTIONS = {"backend": (str, type(None)), "verify": bool}
 _GENERATE_OPTIONS = {"negative_prompt": (str, type(None)), "num_frames": int, "height": int, "width": int, "fps": _NUMBER,
                      "steps": int, "guidance_scale": _NUMBER, "seed": int}
 _FILE_OPTIONS = {**_GENERATE_OPTIONS, "codec": str}
+MAX_OPTIONS_CHARS = 1 << 20  # options are a handful of scalars; the prompts inside have their own cap
 
 
 class _ShimError(Exception):
@@ -100,7 +101,7 @@ def _status_of(e: BaseException) -> int:
         return e.status
     if isinstance(e, (GenerationCancelled, KeyboardInterrupt)):
         return ERR_CANCELLED
-    for kind, status in ((BundleError, ERR_BUNDLE), (InputError, ERR_INPUT), (OsxError, ERR_FAILED)):
+    for kind, status in ((BundleError, ERR_BUNDLE), (InputError, ERR_INPUT), (OsxError, ERR_FAILED), (OSError, ERR_FAILED)):
         if isinstance(e, kind):
             return status
     return ERR_INTERNAL
@@ -116,7 +117,7 @@ def _shim_call(failure: Callable[[int], Any]):
             _errors.message = ""
             try:
                 return fn(*args, **kwargs)
-            except (Exception, KeyboardInterrupt) as e:
+            except BaseException as e:  # noqa: BLE001 - the promise: nothing leaves the shim, not even SystemExit
                 status = _status_of(e)
                 _errors.message = traceback.format_exc() if status == ERR_INTERNAL else _error_text(e)
                 return failure(status)
@@ -129,10 +130,12 @@ def _shim_call(failure: Callable[[int], Any]):
 def _parse_options(options_json: str, allowed: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
     if not isinstance(options_json, str):
         raise _ShimError(ERR_INVALID_ARGUMENT, f"options must be a JSON string, got {type(options_json).__name__}")
+    if len(options_json) > MAX_OPTIONS_CHARS:
+        raise _ShimError(ERR_INVALID_ARGUMENT, f"options are {len(options_json)} characters; at most {MAX_OPTIONS_CHARS} are accepted")
     try:
         options = json.loads(options_json or "{}")
-    except json.JSONDecodeError as e:
-        raise _ShimError(ERR_INVALID_ARGUMENT, f"options are not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # bad JSON, nesting too deep, an integer over Python's digit limit
+        raise _ShimError(ERR_INVALID_ARGUMENT, f"options are not valid JSON: {str(e)[:200]}") from None
     if not isinstance(options, dict):
         raise _ShimError(ERR_INVALID_ARGUMENT, f"options must be a JSON object, got {type(options).__name__}")
     unknown = sorted(set(options) - set(allowed))
@@ -159,6 +162,14 @@ def _check_text(**values: Any) -> None:
     for name, value in values.items():
         if not isinstance(value, str):
             raise _ShimError(ERR_INVALID_ARGUMENT, f"{name} must be a string, got {type(value).__name__}")
+
+
+def _check_path(**paths: Any) -> None:
+    """Strings the OS can take as a path: checked before any work, so a bad one costs no generation."""
+    _check_text(**paths)
+    for name, value in paths.items():
+        if "\0" in value or not value:
+            raise _ShimError(ERR_INVALID_ARGUMENT, f"{name} {value!r} " + ("contains a NUL byte" if value else "is empty"))
 
 
 class _Running:
@@ -195,7 +206,7 @@ def open_bundle(bundle_path: str, options_json: str = "{}") -> int:
     """Open a bundle folder. Returns a handle (>= 1) or a status (< 0)."""
     from osx.runtime.pipeline import Pipeline
 
-    _check_text(bundle_path=bundle_path)
+    _check_path(bundle_path=bundle_path)
     options = _parse_options(options_json, _OPEN_OPTIONS)
     pipeline = Pipeline.load(bundle_path, options.get("backend"), verify=bool(options.get("verify", True)))
     with _sessions_lock:
@@ -224,7 +235,7 @@ def _generate(session: _Session, prompt: str, options: dict[str, Any]):
             line = json.dumps({"handle": session.handle, **{k: round(v, 3) if isinstance(v, float) else v for k, v in event.items()}})
             try:
                 callback(line)
-            except Exception as e:  # noqa: BLE001 - whatever the host's callback raised, stop cleanly
+            except BaseException as e:  # noqa: BLE001 - whatever the host's callback raised (SystemExit too), stop cleanly
                 failed.append(e)
                 return False
         return not session.cancel_requested.is_set()
@@ -245,7 +256,8 @@ def generate_to_file(handle: int, prompt: str, out_path: str, options_json: str 
     """Generate one video into `out_path` (.mp4 / .webm). Returns (status, number of frames written)."""
     from osx.runtime.video import check_writable, write_video
 
-    _check_text(prompt=prompt, out_path=out_path)
+    _check_text(prompt=prompt)
+    _check_path(out_path=out_path)
     options = _parse_options(options_json, _FILE_OPTIONS)
     codec = options.pop("codec", "auto")
     check_writable(out_path, codec)  # fail before the compute, not after
@@ -295,4 +307,7 @@ def last_error() -> str:
 
 
 def status_name(status: int) -> str:
-    return STATUS_NAMES.get(status, f"UNKNOWN({status})")
+    """The name of a status code; "UNKNOWN(...)" for anything else (never raises)."""
+    if isinstance(status, int) and not isinstance(status, bool) and status in STATUS_NAMES:
+        return STATUS_NAMES[status]
+    return f"UNKNOWN({str(status)[:40] if isinstance(status, (int, float, str)) else type(status).__name__})"
