@@ -6,15 +6,7 @@ import json
 import pytest
 
 from osx.runtime import shim
-from test_shim import opts
-
-
-@pytest.fixture(scope="module")
-def handle(tiny_bundle):
-    h = shim.open_bundle(str(tiny_bundle), "{}")
-    assert h >= 1, shim.last_error()
-    yield h
-    shim.close(h)
+from test_shim import handle, opts  # noqa: F401 - handle is a fixture
 
 
 class HostBug(BaseException):
