@@ -10,7 +10,7 @@ import sys
 import click
 
 from osx import __version__
-from osx.errors import OsxError
+from osx.errors import OsxError, missing_module_error, os_error
 
 # name -> (module, attribute, one-line help). Keep the help here so `osx --help` imports nothing.
 SUBCOMMANDS = {
@@ -52,7 +52,12 @@ def cli():
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors (OsxError) print a clear message and exit with their code, no traceback."""
     try:
-        cli.main(args=argv, prog_name="osx", standalone_mode=False)
+        try:
+            cli.main(args=argv, prog_name="osx", standalone_mode=False)
+        except ModuleNotFoundError as e:  # an optional extra is not installed
+            raise missing_module_error(e) from None
+        except OSError as e:  # full disk, read-only folder, ...: a message, not a traceback
+            raise os_error(e) from None
     except OsxError as e:
         click.secho(f"error: {e.message}", fg="red", err=True)
         if e.hint:

@@ -47,7 +47,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from osx.errors import BundleError, InputError, OsxError
+from osx.errors import BundleError, InputError, OsxError, os_error
 
 OK = 0
 ERR_INVALID_ARGUMENT = -1  # bad JSON (too deep, too long), unknown option, wrong type, a path with NUL, re-entrant call
@@ -101,7 +101,7 @@ def _status_of(e: BaseException) -> int:
         return e.status
     if isinstance(e, (GenerationCancelled, KeyboardInterrupt)):
         return ERR_CANCELLED
-    for kind, status in ((BundleError, ERR_BUNDLE), (InputError, ERR_INPUT), (OsxError, ERR_FAILED), (OSError, ERR_FAILED)):
+    for kind, status in ((BundleError, ERR_BUNDLE), (InputError, ERR_INPUT), (OsxError, ERR_FAILED)):
         if isinstance(e, kind):
             return status
     return ERR_INTERNAL
@@ -118,6 +118,7 @@ def _shim_call(failure: Callable[[int], Any]):
             try:
                 return fn(*args, **kwargs)
             except BaseException as e:  # noqa: BLE001 - the promise: nothing leaves the shim, not even SystemExit
+                e = os_error(e) if isinstance(e, OSError) else e  # a full disk: ERR_FAILED with a hint
                 status = _status_of(e)
                 _errors.message = traceback.format_exc() if status == ERR_INTERNAL else _error_text(e)
                 return failure(status)
