@@ -16,6 +16,7 @@ from osx.errors import OsxError
 from osx.models import ModelConfig
 from osx.numeric import format_bytes
 from osx.profiles.planner import Plan, make_plan, resolve_precisions
+from osx.profiles.planner_v2 import make_plan_v2, suggest_fits_v2
 from osx.profiles.profile import BYTES_PER_VALUE, Bucket, Profile, allowed_precisions
 
 # Open-Sora v1.2's resolution buckets (shared notes 1.6), rows of one aspect ratio, largest first.
@@ -160,9 +161,21 @@ def suggest_fits(profile: Profile, model: ModelConfig, precision: str = "auto") 
     return out
 
 
+def _v2_suggestions(profile: Profile, model, precision: str = "auto") -> list[Suggestion]:
+    return [Suggestion(*s) for s in suggest_fits_v2(profile, model, precision)]
+
+
+# A model family's planner and fit search; Open-Sora v1.2's are this package's defaults.
+FAMILY_PLANNERS = {"opensora-v2.0": (make_plan_v2, _v2_suggestions)}
+
+
+def _planner(model):
+    return FAMILY_PLANNERS.get(getattr(model, "family", None), (make_plan, suggest_fits))
+
+
 def plan_that_fits(profile: Profile, model: ModelConfig, precision: str = "auto") -> Plan:
     """make_plan, refused with the numbers and the nearest settings that fit when the plan does not fit."""
-    plan = make_plan(profile, model, precision)
+    plan = _planner(model)[0](profile, model, precision)
     if not plan.fits:
         raise OsxError(_refusal(plan, precision), hint=_suggestion_hint(plan, precision))
     return plan
@@ -179,7 +192,7 @@ def _refusal(plan: Plan, precision: str) -> str:
 
 
 def _suggestion_hint(plan: Plan, precision: str) -> str:
-    suggestions = suggest_fits(plan.profile, plan.model, precision)
+    suggestions = _planner(plan.model)[1](plan.profile, plan.model, precision)
     if not suggestions:
         return "no smaller setting fits this card; use a GPU with more memory or --gpu cpu"
     lines = ["nearest settings that fit:"]

@@ -47,7 +47,11 @@ def norm(channels: int, bias: bool = True) -> Params:
 
 
 def text_encoder_params(model: ModelConfig) -> Params:
-    te = model.text_encoder
+    return t5_params(model.text_encoder)
+
+
+def t5_params(te) -> Params:
+    """A T5 encoder (transformers' T5EncoderModel) from its TextEncoderConfig."""
     inner = te.num_heads * te.d_kv
     ff_in = 2 if te.feed_forward_proj.startswith("gated") else 1
     layer = (
@@ -90,42 +94,43 @@ def denoiser_params(model: ModelConfig) -> Params:
 # --- VAE --------------------------------------------------------------------------------------------
 
 
-def _resnet2d(c_in: int, c_out: int) -> Params:
-    p = norm(c_in) + conv(c_in, c_out, 9) + norm(c_out) + conv(c_out, c_out, 9)
+def _resnet2d(c_in: int, c_out: int, taps: int = 9) -> Params:
+    p = norm(c_in) + conv(c_in, c_out, taps) + norm(c_out) + conv(c_out, c_out, taps)
     return p + (conv(c_in, c_out, 1) if c_in != c_out else Params())
 
 
-def _mid_block2d(c: int) -> Params:
+def _mid_block2d(c: int, taps: int = 9) -> Params:
     attention = norm(c) + linear(c, c) * 4  # group_norm, to_q, to_k, to_v, to_out
-    return _resnet2d(c, c) * 2 + attention
+    return _resnet2d(c, c, taps) * 2 + attention
 
 
-def spatial_decoder_params(s: SpatialVAEConfig) -> Params:
-    """diffusers AutoencoderKL: post_quant_conv + decoder."""
+def spatial_decoder_params(s: SpatialVAEConfig, taps: int = 9) -> Params:
+    """diffusers AutoencoderKL: post_quant_conv + decoder. `taps` 27: the same layout with 3x3x3 convs
+    (HunyuanVideo's causal VAE, profiles/params_v2.py)."""
     rev = tuple(reversed(s.block_out_channels))
-    p = conv(s.latent_channels, s.latent_channels, 1) + conv(s.latent_channels, rev[0], 9) + _mid_block2d(rev[0])
+    p = conv(s.latent_channels, s.latent_channels, 1) + conv(s.latent_channels, rev[0], taps) + _mid_block2d(rev[0], taps)
     prev = rev[0]
     for i, ch in enumerate(rev):
         for _ in range(s.layers_per_block + 1):
-            p += _resnet2d(prev, ch)
+            p += _resnet2d(prev, ch, taps)
             prev = ch
         if i < len(rev) - 1:
-            p += conv(ch, ch, 9)  # upsampler
-    return p + norm(prev) + conv(prev, s.out_channels, 9)
+            p += conv(ch, ch, taps)  # upsampler
+    return p + norm(prev) + conv(prev, s.out_channels, taps)
 
 
-def spatial_encoder_params(s: SpatialVAEConfig) -> Params:
-    """diffusers AutoencoderKL: encoder + quant_conv."""
+def spatial_encoder_params(s: SpatialVAEConfig, taps: int = 9) -> Params:
+    """diffusers AutoencoderKL: encoder + quant_conv (`taps` as for the decoder)."""
     boc = s.block_out_channels
-    p = conv(s.in_channels, boc[0], 9)
+    p = conv(s.in_channels, boc[0], taps)
     prev = boc[0]
     for i, ch in enumerate(boc):
         for _ in range(s.layers_per_block):
-            p += _resnet2d(prev, ch)
+            p += _resnet2d(prev, ch, taps)
             prev = ch
         if i < len(boc) - 1:
-            p += conv(ch, ch, 9)  # downsampler
-    p += _mid_block2d(prev) + norm(prev) + conv(prev, 2 * s.latent_channels, 9)
+            p += conv(ch, ch, taps)  # downsampler
+    p += _mid_block2d(prev, taps) + norm(prev) + conv(prev, 2 * s.latent_channels, taps)
     return p + conv(2 * s.latent_channels, 2 * s.latent_channels, 1)
 
 

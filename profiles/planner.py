@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from osx.components import NEVER_FP16, PIPELINE_COMPONENTS, ComponentSpec, DimRange, component_specs
 from osx.errors import OsxError
 from osx.models import ModelConfig
-from osx.profiles.params import component_params
+from osx.profiles.params import Params, component_params
 from osx.profiles.profile import (
     BYTES_PER_VALUE, GIB, PRECISIONS, QUANTIZED, Bucket, Profile, check_precision,
 )
@@ -52,6 +52,7 @@ class ComponentPlan:
     weight_bytes: int
     activation_bytes: int
     workspace_bytes: int
+    streamed_bytes: int = 0  # TensorRT weight streaming: weights left in host memory, copied in at every call
 
     @property
     def strongly_typed(self) -> bool:
@@ -64,7 +65,7 @@ class ComponentPlan:
 
     @property
     def run_bytes(self) -> int:
-        return self.weight_bytes + self.activation_bytes + self.workspace_bytes
+        return self.weight_bytes - self.streamed_bytes + self.activation_bytes + self.workspace_bytes
 
     @property
     def build_bytes(self) -> int:
@@ -80,7 +81,8 @@ class ComponentPlan:
             "profiles": [{d: dataclasses.asdict(r) for d, r in p.items()} for p in self.profiles],
             "bucket_profile": dict(self.bucket_profile),
             "memory": {"params": self.params, "weights": self.weight_bytes, "activations": self.activation_bytes,
-                       "workspace": self.workspace_bytes, "run": self.run_bytes, "build": self.build_bytes},
+                       "workspace": self.workspace_bytes, "streamed": self.streamed_bytes, "run": self.run_bytes,
+                       "build": self.build_bytes},
         }
 
 
@@ -128,16 +130,23 @@ class Plan:
             "backend": self.backend,
             "shapes": "dynamic" if self.profile.dynamic_shapes else "static buckets",
             "buckets": [{"name": b.name, "height": b.height, "width": b.width, "frames": b.frames,
-                         **b.latent(self.model)} for b in self.buckets],
+                         **self.latent(b)} for b in self.buckets],
             "load_one_at_a_time": self.load_one_at_a_time,
             "cfg_batching": self.cfg_batching,
             "vae_chunk_latent_frames": self.vae_chunk_latent_frames,
-            "vae_spatial_frames_per_call": self.model.vae.temporal_downsample * self.vae_chunk_latent_frames,
+            "vae_spatial_frames_per_call": self.vae_frames_per_call(),
             "components": {n: c.to_dict() for n, c in self.components.items()},
             "memory": {"budget": self.budget_bytes, "run_peak": self.run_peak_bytes,
                        "build_peak": self.build_peak_bytes, "host_peak": self.host_peak_bytes, "fits": self.fits},
             "notes": list(self.notes),
         }
+
+    # what a model family's plan (osx.profiles.planner_v2) computes its own way
+    def latent(self, bucket: Bucket) -> dict[str, int]:
+        return bucket.latent(self.model)
+
+    def vae_frames_per_call(self) -> int:
+        return self.model.vae.temporal_downsample * self.vae_chunk_latent_frames
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -153,7 +162,10 @@ def outside_qdq_bytes(component: str) -> int:
 
 
 def weight_bytes(model: ModelConfig, component: str, precision: str) -> int:
-    p = component_params(model, component)
+    return params_bytes(component_params(model, component), precision)
+
+
+def params_bytes(p: Params, precision: str) -> int:
     if precision in QUANTIZED:
         return p.matrix * BYTES_PER_VALUE[precision] + p.other * outside_qdq_bytes(component)
     return p.total * BYTES_PER_VALUE[precision]
@@ -166,6 +178,13 @@ def vae_spatial_peak_bytes(model: ModelConfig, frames: int, height: int, width: 
     return frames * height * width * (VAE_LIVE_MAPS * entering + own) * value_bytes
 
 
+def encoder_activation_bytes(batch: int, length: int, width: int, inner: int, ff: int, heads: int, e: int) -> int:
+    """A text transformer at `length` tokens: residual and normed input, q/k/v, two feed-forward maps; and
+    its float32 attention scores (T5 adds its relative position bias to them, so they are kept)."""
+    live = batch * length * (2 * width + 3 * inner + 2 * ff) * e
+    return live + batch * heads * length * length * 4
+
+
 def activation_bytes(model: ModelConfig, component: str, sizes: dict[str, int], precision: str, fused_attention: bool) -> int:
     """Bytes of the widest set of live tensors at `sizes` (each dim at its max)."""
     # INT8/FP8 engines keep activations between GEMMs in the graph's type outside Q/DQ
@@ -173,10 +192,7 @@ def activation_bytes(model: ModelConfig, component: str, sizes: dict[str, int], 
     B = sizes["batch"]
     if component == "text_encoder":
         te = model.text_encoder
-        L, inner = te.max_length, te.num_heads * te.d_kv
-        live = B * L * (2 * te.d_model + 3 * inner + 2 * te.d_ff) * e
-        scores = B * te.num_heads * L * L * 4  # T5's relative position bias is added to the scores: kept
-        return live + scores
+        return encoder_activation_bytes(B, te.max_length, te.d_model, te.num_heads * te.d_kv, te.d_ff, te.num_heads, e)
     if component == "denoiser":
         dn = model.denoiser
         T, H, W = sizes["latent_frames"], sizes["latent_height"], sizes["latent_width"]

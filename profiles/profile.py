@@ -37,6 +37,7 @@ COMPONENT_PRECISIONS = {
     c: tuple(p for p in PRECISIONS if (p != "fp16" or c not in NEVER_FP16) and (p not in QUANTIZED or c in QUANTIZABLE))
     for c in COMPONENTS
 }
+COMPONENT_PRECISIONS["clip"] = ("fp32", "bf16", "fp16")  # Open-Sora v2.0's CLIP text tower: float only
 CPU_PRECISIONS = ("fp32", "int8")  # onnxruntime on the CPU: fp32, or the INT8 QDQ graph
 
 
@@ -90,6 +91,17 @@ class Profile:
     cpu_components: tuple[str, ...] = ()  # components run by onnxruntime on the CPU (e.g. T5 on 8 GB cards)
     match: tuple[str, ...] = ()  # regexes on the lower-cased NVML device name, for --gpu auto
     source: str = ""
+    pcie_gbps: float | None = None  # host-to-device bandwidth (GB/s, pinned memory): the cost of weight streaming
+    weight_streaming: bool = False  # TensorRT weight streaming: engines built streamable, weights partly on the host
+    families: dict[str, "Profile"] = dataclasses.field(default_factory=dict)  # a model family's own settings
+    family: str | None = None  # set on those: the family they are for
+
+    def for_family(self, family: str) -> "Profile | None":
+        """The settings for a model family: its [family."NAME"] table over these, or these for the family
+        the top level describes (Open-Sora v1.2); None when the profile has none for `family`."""
+        if family in self.families:
+            return self.families[family]
+        return self if family == (self.family or "opensora-v1.2") else None
 
     @property
     def is_cpu(self) -> bool:
@@ -115,6 +127,7 @@ class Profile:
         d = dataclasses.asdict(self)
         d["compute_capability"] = self.cc_text
         d["buckets"] = [b.name for b in self.buckets]
+        d["families"] = {name: f.to_dict() for name, f in self.families.items()}
         return d
 
 
@@ -173,11 +186,13 @@ def load_profile(name_or_path: str) -> Profile:
 
 
 _KEYS = {"name", "display_name", "compute_capability", "vram_gib", "reserve_gib", "workspace_gib",
-         "load_one_at_a_time", "precision", "shapes", "cpu_components", "match"}
+         "load_one_at_a_time", "precision", "shapes", "cpu_components", "match", "pcie_gbps", "weight_streaming", "family"}
+# What a [family."NAME"] table may set (the card's own facts stay at the top level).
+_FAMILY_KEYS = {"workspace_gib", "load_one_at_a_time", "precision", "shapes", "cpu_components", "weight_streaming"}
 _SHAPE_KEYS = {"resolutions", "frames", "buckets", "cfg_batching", "dynamic"}
 
 
-def profile_from_dict(data: dict, source: str = "<dict>") -> Profile:
+def profile_from_dict(data: dict, source: str = "<dict>", family: str | None = None) -> Profile:
     """Validate one profile's TOML content; every error names the file and the field."""
 
     def bad(field_name: str, problem: str) -> OsxError:
@@ -249,6 +264,15 @@ def profile_from_dict(data: dict, source: str = "<dict>") -> Profile:
     for comp in cpu_components:
         if comp not in precision:
             raise bad("cpu_components", f"names {comp!r}, which has no precision entry")
+    pcie = get(data, "pcie_gbps", (int, float), required=False, default=None)
+    if pcie is not None and not pcie > 0:
+        raise bad("pcie_gbps", f"must be a positive number of GB/s, got {pcie}")
+    families = {}
+    for fam, table in get(data, "family", dict, required=False, default={}).items():
+        if not isinstance(table, dict) or set(table) - _FAMILY_KEYS:
+            raise bad(f"family.{fam}", f"must be a table of {', '.join(sorted(_FAMILY_KEYS))}")
+        merged = {k: v for k, v in data.items() if k != "family"} | table
+        families[fam] = profile_from_dict(merged, source=f'{source} [family."{fam}"]', family=fam)
     match = tuple(get(data, "match", list, required=False, default=[]))
     for pattern in match:
         try:
@@ -271,6 +295,10 @@ def profile_from_dict(data: dict, source: str = "<dict>") -> Profile:
         cpu_components=cpu_components,
         match=match,
         source=source,
+        pcie_gbps=None if pcie is None else float(pcie),
+        weight_streaming=get(data, "weight_streaming", bool, required=False, default=False),
+        families=families,
+        family=family,
     )
     for comp, p in precision.items():
         on_cpu = profile.with_changes(compute_capability=None) if comp in cpu_components else profile

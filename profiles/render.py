@@ -23,13 +23,18 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
+def _denoiser_batch(plan: Plan) -> str:
+    rows = max(p["batch"].max for p in plan.components["denoiser"].profiles)
+    return f"{rows} (the guidance passes together)" if plan.cfg_batching else "1 (the guidance passes in turn)"
+
+
 def render_plan(plan: Plan) -> str:
     p = plan.profile
     budget = f"{format_bytes(plan.budget_bytes, 2)} usable of {p.vram_gib:g} GiB" if plan.budget_bytes else "host RAM (not planned)"
     head = [
         f"plan: {plan.model.name} on {p.name} ({p.display_name}, compute capability {p.cc_text}, {budget})",
         f"backend {plan.backend}; " + ("components loaded one at a time" if plan.load_one_at_a_time else "all components resident")
-        + f"; denoiser batch {'2 (cond + uncond together)' if plan.cfg_batching else '1 (cond, uncond in turn)'}"
+        + f"; denoiser batch {_denoiser_batch(plan)}"
         + f"; VAE decodes {plan.vae_chunk_latent_frames} latent frames per call",
         "shapes: " + (", ".join(b.name for b in plan.buckets) + (" (one dynamic range)" if p.dynamic_shapes else " (static buckets)")
                       if plan.buckets else "the model's full dynamic ranges"),
@@ -60,13 +65,15 @@ def render_plan(plan: Plan) -> str:
 def dry_run(gpu: str, model_name: str, precision: str = "auto", as_json: bool = False) -> str:
     """What `osx export --gpu GPU --model MODEL --dry-run [--json]` prints. Raises OsxError if it does not fit."""
     from osx.models import get_model_config
+    from osx.models_v2 import MODELS_V2
 
     explanation = None
     if gpu == "auto":
         profile, explanation = detect_profile()
     else:
         profile = load_profile(gpu)
-    plan = plan_that_fits(profile, get_model_config(model_name), precision)
+    model = MODELS_V2[model_name] if model_name in MODELS_V2 else get_model_config(model_name)
+    plan = plan_that_fits(profile, model, precision)
     if as_json:
         d = plan.to_dict()
         if explanation:

@@ -50,12 +50,12 @@ def export(model_name, random_weights, checkpoint, denoiser, vae, t5, gpu, out, 
     at two shapes; the manifest, tokenizer and null caption beside them. Written atomically."""
     from osx.models import get_model_config
 
-    get_model_config(model_name)  # an unknown name fails before torch is imported
-    if dry_run:
+    if dry_run:  # plans cover every family (Open-Sora v2.0 too, whose export is not built yet)
         from osx.profiles import dry_run as plan_text
 
         click.echo(plan_text(gpu, model_name, precision, as_json=as_json))
         return
+    get_model_config(model_name)  # an unknown name fails before torch is imported
     if as_json or out is None:
         raise click.UsageError("--json needs --dry-run" if as_json else "--out is required (except with --dry-run)")
     from osx.export.exporter import export_bundle

@@ -1,0 +1,281 @@
+"""Plans for Open-Sora v2.0 (T5-XXL, CLIP, MMDiT, HunyuanVideo VAE): profiles/planner.py's memory model with
+this family's shapes, and TensorRT weight streaming where the denoiser's weights do not fit the card.
+
+A profile's [family."opensora-v2.0"] table gives the settings (precisions, buckets "HxWxF", F = 4k+1,
+weight_streaming); the card's facts (VRAM, reserve, PCIe bandwidth) are the profile's own.
+
+Activations per component (bytes, at the bucket's size; 2 bytes a value, 4 at fp32):
+  text_encoder  T5-XXL at 512 tokens, batch 2 (prompt, negative): planner.encoder_activation_bytes
+  clip          CLIP's text tower at 77 tokens, batch 2: the same rule
+  denoiser      R rows (the 3 guidance passes in one call with cfg_batching, else 1) x N = N_img + 512 tokens x
+                MMDIT_LIVE_WIDTH x hidden, plus its float32 inputs/outputs and RoPE tables
+  vae_decoder   one spatial tile (Open-Sora's 32x32 latent tiles) with every frame (temporal tiling is off):
+                the widest point, VAE_LIVE_MAPS maps of the width entering the last up block + one of its own
+                width at full resolution; the mid-block's frame-causal mask, dense bool [L, L]
+  vae_encoder   an i2v/v2v reference (up to 33 frames) per 256 px tile, the same rule at the first level
+
+Weight streaming (`weight_streaming = true`; engines built with TensorRT's WEIGHT_STREAMING flag): when the
+denoiser does not fit, resident = budget - activations - workspace - scratch bytes of its weights stay on the
+card (the runtime's weight_streaming_budget_v2) and the rest is copied from pinned host memory at every call:
+streamed / pcie_gbps seconds per call, an upper bound (TensorRT overlaps the copies with compute). Scratch:
+two of the largest layer (the one computing, the next arriving). The build is counted at the run's device
+memory (the builder times layer by layer; TensorRT states no builder-side budget: unverified on a GPU here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from osx.components import DimRange
+from osx.errors import InputError, OsxError
+from osx.models_v2 import ASPECT_RATIOS, OpenSoraV2Config, check_frames, image_size, latent_shape
+from osx.numeric import GIB, format_bytes
+from osx.profiles.params_v2 import component_params_v2
+from osx.profiles.planner import (
+    VAE_LIVE_MAPS, ComponentPlan, Plan, _span, encoder_activation_bytes, params_bytes, resolve_precisions,
+)
+from osx.profiles.profile import BYTES_PER_VALUE, Bucket, Profile
+
+COMPONENTS_V2 = ("text_encoder", "clip", "denoiser", "vae_decoder", "vae_encoder")  # vae_encoder: i2v / v2v
+# Live activations per token of the MMDiT, in units of hidden_size: a single-stream block holds the residual,
+# the modulated input, q and k (2), v + the MLP input (5), the attention output and GELU(MLP input) (4),
+# its output (1): 15, rounded up for the modulation vectors and TensorRT's reformatting copies.
+MMDIT_LIVE_WIDTH = 16
+REFERENCE_FRAMES = 33  # the longest reference encoded: v2v's first/last 33 frames (an i2v image is 1)
+GUIDANCE_PASSES = 3  # (prompt, reference), (negative, reference), (negative, none); t2v runs 2
+STREAM_SCRATCH_LAYERS = 2
+
+
+@dataclass
+class Streaming:
+    """How the denoiser's weights are split between the card and the host, and what that costs per step."""
+
+    device_bytes: int  # weights kept on the card (weight_streaming_budget_v2)
+    streamed_bytes: int  # weights copied in at every call
+    scratch_bytes: int
+    calls_per_step: int
+    pcie_gbps: float | None
+
+    @property
+    def seconds_per_call(self) -> float | None:
+        return None if self.pcie_gbps is None else self.streamed_bytes / (self.pcie_gbps * 1e9)
+
+    def to_dict(self, steps: int) -> dict:
+        s = self.seconds_per_call
+        return {"weight_streaming_budget": self.device_bytes, "streamed_per_call": self.streamed_bytes,
+                "scratch": self.scratch_bytes, "calls_per_step": self.calls_per_step, "pcie_gbps": self.pcie_gbps,
+                "seconds_per_step": None if s is None else s * self.calls_per_step,
+                "seconds_per_run": None if s is None else s * self.calls_per_step * steps}
+
+
+@dataclass
+class PlanV2(Plan):
+    streaming: dict[str, Streaming] = field(default_factory=dict)
+
+    def latent(self, bucket: Bucket) -> dict[str, int]:
+        return latent_dims(self.model, bucket)
+
+    def vae_frames_per_call(self) -> int:
+        return (self.vae_chunk_latent_frames - 1) * self.model.temporal_downsample + 1
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d["weight_streaming"] = {n: s.to_dict(self.model.sampler.num_steps) for n, s in self.streaming.items()}
+        return d
+
+
+def latent_dims(cfg: OpenSoraV2Config, b: Bucket) -> dict[str, int]:
+    _, T, h, w = latent_shape(cfg, b.height, b.width, b.frames)
+    return {"latent_frames": T, "latent_height": h, "latent_width": w}
+
+
+def _check_bucket(cfg: OpenSoraV2Config, profile: Profile, b: Bucket) -> Bucket:
+    largest = max(cfg.resolutions.values()) ** 2
+    where = f"{profile.source or profile.name} [family.\"{cfg.family}\"]"
+    if b.height % 16 or b.width % 16 or b.height * b.width > largest:
+        raise OsxError(f"{profile.name}: bucket {b.name}: {cfg.name} takes sides in multiples of 16 and at most "
+                       f"{largest} pixels", hint=f"e.g. 192x336 (256px 16:9); edit {where}")
+    try:
+        check_frames(cfg, b.frames)
+    except InputError as e:
+        raise OsxError(f"{profile.name}: bucket {b.name}: {e.message}", hint=f"edit {where}") from None
+    return b
+
+
+def _vae_tile(cfg: OpenSoraV2Config, h: int, w: int) -> tuple[int, int]:
+    """Latent size of the largest tile Open-Sora's spatial tiling decodes (the whole latent when it fits one)."""
+    t = cfg.vae.tile_latent_size
+    return (min(h, t), min(w, t)) if cfg.vae.use_spatial_tiling and (h > t or w > t) else (h, w)
+
+
+def activation_bytes_v2(cfg: OpenSoraV2Config, component: str, sizes: dict[str, int], precision: str,
+                        fused_attention: bool = True) -> int:
+    e = 4 if precision == "fp32" else 2
+    B = sizes["batch"]
+    if component == "text_encoder":
+        t5 = cfg.t5
+        return encoder_activation_bytes(B, t5.max_length, t5.d_model, t5.num_heads * t5.d_kv, t5.d_ff, t5.num_heads, e)
+    if component == "clip":
+        c = cfg.clip
+        return encoder_activation_bytes(B, c.max_length, c.hidden_size, c.hidden_size, c.intermediate_size,
+                                        c.num_attention_heads, e)
+    T, h, w = sizes["latent_frames"], sizes["latent_height"], sizes["latent_width"]
+    if component == "denoiser":
+        m, L = cfg.mmdit, cfg.t5.max_length
+        n_img = T * (h // m.patch_size) * (w // m.patch_size)
+        N = n_img + L
+        live = B * N * MMDIT_LIVE_WIDTH * m.hidden_size * e
+        io = B * (n_img * (2 * m.in_channels + m.cond_channels) + L * m.context_in_dim + m.vec_in_dim + 1) * 4
+        rope = 2 * N * m.head_dim * 4
+        scores = 0 if fused_attention else B * m.num_heads * N * N * 4
+        return live + io + rope + scores
+    vae, s = cfg.vae, cfg.spatial_downsample
+    th, tw = _vae_tile(cfg, h, w)
+    frames = (T - 1) * vae.time_compression_ratio + 1
+    boc = vae.block_out_channels
+    maps = VAE_LIVE_MAPS * (boc[1] if component == "vae_decoder" else boc[0]) + boc[0]
+    widest = frames * (th * s) * (tw * s) * maps * e
+    mask = (T * th * tw) ** 2  # the mid block's dense frame-causal mask (bool), export/hunyuan_vae.py
+    io = frames * 3 * (th * s) * (tw * s) * 4 + 2 * vae.latent_channels * T * th * tw * 4
+    return widest + mask + io
+
+
+def weight_bytes_v2(cfg: OpenSoraV2Config, component: str, precision: str) -> int:
+    return params_bytes(component_params_v2(cfg, component), precision)
+
+
+def _full_dims(cfg: OpenSoraV2Config, component: str, cfg_batching: bool) -> dict[str, DimRange]:
+    """The model's whole range (the CPU plan): every resolution bucket and aspect ratio, 1 to max frames."""
+    sizes = [image_size(cfg, r, a) for r in cfg.resolutions for a in ASPECT_RATIOS]
+    _, T, h, w = latent_shape(cfg, max(s[0] for s in sizes), max(s[1] for s in sizes), cfg.max_frames)
+    return _dims(cfg, component, {"latent_frames": T, "latent_height": h, "latent_width": w}, cfg_batching, low=1)
+
+
+def _default_bucket(cfg: OpenSoraV2Config) -> Bucket:
+    return Bucket(*image_size(cfg, cfg.defaults.resolution, cfg.defaults.aspect_ratio), cfg.defaults.num_frames)
+
+
+def _dims(cfg, component: str, lat: dict[str, int], cfg_batching: bool, low: int | None = None) -> dict[str, DimRange]:
+    """Optimisation-profile dims of one component; spatial/temporal dims static per bucket (low=None)."""
+    def fixed(n):
+        return DimRange(n, n, n) if low is None else DimRange(low, n, n)
+
+    if component in ("text_encoder", "clip"):
+        return {"batch": DimRange(1, 2, 2)}
+    if component == "denoiser":
+        rows = GUIDANCE_PASSES if cfg_batching else 1
+        return {"batch": DimRange(1, rows, rows), **{d: fixed(n) for d, n in lat.items()}}
+    T = lat["latent_frames"] if component == "vae_decoder" else min(lat["latent_frames"], (REFERENCE_FRAMES - 1) // 4 + 1)
+    h, w = _vae_tile(cfg, lat["latent_height"], lat["latent_width"])
+    return {"batch": DimRange(1, 1, 1), "latent_frames": DimRange(1, T, T), "latent_height": fixed(h), "latent_width": fixed(w)}
+
+
+def _streaming(cfg: OpenSoraV2Config, fam: Profile, c: ComponentPlan) -> Streaming | None:
+    """Weights kept on the card when the denoiser does not fit whole (None: it fits, or streaming is off)."""
+    if not (fam.weight_streaming and c.name == "denoiser" and c.device == "gpu" and c.run_bytes > fam.budget_bytes):
+        return None
+    m = cfg.mmdit
+    largest = m.hidden_size * max(6 * m.hidden_size, m.hidden_size + m.mlp_hidden_dim)  # the modulation Linear
+    scratch = STREAM_SCRATCH_LAYERS * largest * BYTES_PER_VALUE[c.precision]
+    device = max(0, fam.budget_bytes - c.activation_bytes - c.workspace_bytes - scratch)
+    calls = 1 if fam.cfg_batching else GUIDANCE_PASSES
+    return Streaming(min(device, c.weight_bytes), c.weight_bytes - min(device, c.weight_bytes), scratch, calls, fam.pcie_gbps)
+
+
+def make_plan_v2(profile: Profile, cfg: OpenSoraV2Config, precision: str = "auto") -> PlanV2:
+    """The plan for an Open-Sora v2.0 model on `profile` (its [family."opensora-v2.0"] settings), fitting or not."""
+    fam = profile.for_family(cfg.family)
+    if fam is None:
+        raise OsxError(f"{profile.name} has no settings for {cfg.family}",
+                       hint=f'add a [family."{cfg.family}"] table to {profile.source or profile.name} (see profiles/rtx4090.toml)')
+    precisions = resolve_precisions(fam, precision)
+    buckets = [] if fam.is_cpu else [_check_bucket(cfg, fam, b) for b in fam.buckets]
+    components, streaming = {}, {}
+    for name in (c for c in COMPONENTS_V2 if c in precisions):
+        on_cpu = fam.is_cpu or name in fam.cpu_components
+        if not buckets:
+            profiles, bucket_profile = [_full_dims(cfg, name, fam.cfg_batching)], {}
+            sized = [_dims(cfg, name, latent_dims(cfg, _default_bucket(cfg)), fam.cfg_batching)]
+        else:
+            per_bucket = [_dims(cfg, name, latent_dims(cfg, b), fam.cfg_batching) for b in buckets]
+            if fam.dynamic_shapes or on_cpu:
+                profiles, bucket_profile = [_span(per_bucket)], {b.name: 0 for b in buckets}
+            else:
+                profiles = [d for i, d in enumerate(per_bucket) if d not in per_bucket[:i]]
+                bucket_profile = {b.name: profiles.index(d) for b, d in zip(buckets, per_bucket)}
+            sized = profiles
+        acts = max(activation_bytes_v2(cfg, name, {d: r.max for d, r in p.items()}, precisions[name], not on_cpu)
+                   for p in sized)
+        c = ComponentPlan(
+            name=name, precision=precisions[name], backend="onnxruntime" if on_cpu else "tensorrt",
+            device="cpu" if on_cpu else "gpu", profiles=profiles, bucket_profile=bucket_profile,
+            params=component_params_v2(cfg, name).total, weight_bytes=weight_bytes_v2(cfg, name, precisions[name]),
+            activation_bytes=acts, workspace_bytes=0 if on_cpu else int(fam.workspace_gib * GIB))
+        if (s := _streaming(cfg, fam, c)) is not None:
+            c.activation_bytes += s.scratch_bytes
+            c.streamed_bytes = s.streamed_bytes
+            streaming[name] = s
+        components[name] = c
+    plan = PlanV2(profile=fam, model=cfg, backend=fam.backend, buckets=buckets, components=components,
+                  load_one_at_a_time=fam.load_one_at_a_time, cfg_batching=fam.cfg_batching,
+                  vae_chunk_latent_frames=max(latent_dims(cfg, b)["latent_frames"] for b in buckets or [_default_bucket(cfg)]),
+                  budget_bytes=fam.budget_bytes, streaming=streaming)
+    _notes(plan)
+    return plan
+
+
+def _notes(plan: PlanV2) -> None:
+    steps = plan.model.sampler.num_steps
+    for name, c in plan.components.items():
+        if c.needs_calibration:
+            plan.notes.append(f"{name} at {c.precision} needs a calibrated QDQ graph (osx calibrate)")
+        if c.device == "cpu" and not plan.profile.is_cpu:
+            plan.notes.append(f"{name} runs on the CPU (onnxruntime, {c.precision})")
+    if not plan.buckets:
+        plan.notes.append(f"activations counted at the default video ({_default_bucket(plan.model).name}); "
+                          "larger ones need more")
+    for name, s in plan.streaming.items():
+        c = plan.components[name]
+        head = (f"{name}: TensorRT weight streaming: {format_bytes(s.device_bytes, 2)} of {format_bytes(c.weight_bytes, 2)} "
+                f"weights on the card (weight_streaming_budget_v2), {format_bytes(s.streamed_bytes, 2)} copied from host "
+                f"memory at each of {s.calls_per_step} call(s) per step")
+        if s.seconds_per_call is None:
+            plan.notes.append(head + "; the slowdown is unknown: set pcie_gbps in the profile")
+        else:
+            per_step = s.seconds_per_call * s.calls_per_step
+            plan.notes.append(head + f": +{per_step:.2f} s per step at {s.pcie_gbps:g} GB/s (+{per_step * steps:.0f} s over "
+                              f"{steps} steps; an upper bound, TensorRT overlaps copies with compute)")
+    if plan.profile.weight_streaming and not plan.streaming:
+        plan.notes.append("weight streaming allowed but not needed: the denoiser fits whole")
+
+
+def suggest_fits_v2(profile: Profile, cfg: OpenSoraV2Config, precision: str = "auto") -> list[tuple[Profile, str, list[str], PlanV2]]:
+    """(family settings, precision, changes, plan) near `profile` that fit: weight streaming, then fewer
+    frames per bucket (4k+1, same size). Each is verified by planning it."""
+    fam = profile.for_family(cfg.family)
+    if fam is None or fam.is_cpu:
+        return []
+    key, changes = f'family."{cfg.family}"', []
+    if not fam.weight_streaming:
+        fam = fam.with_changes(weight_streaming=True)
+        changes.append(f"{key}.weight_streaming = true")
+        plan = make_plan_v2(_with_family(profile, cfg, fam), cfg, precision)
+        if plan.fits:
+            return [(fam, precision, changes, plan)]
+    buckets = []
+    for b in fam.buckets:
+        for f in range(b.frames, 0, -cfg.temporal_downsample):  # every 4k+1 below
+            trial = fam.with_changes(buckets=(Bucket(b.height, b.width, f),))
+            if make_plan_v2(_with_family(profile, cfg, trial), cfg, precision).fits:
+                buckets.append(Bucket(b.height, b.width, f))
+                break
+    if not buckets:
+        return []
+    fam = fam.with_changes(buckets=tuple(dict.fromkeys(buckets)))
+    changes.append(f"{key}.shapes.buckets = [" + ", ".join(f'"{b.name}"' for b in fam.buckets) + "]")
+    plan = make_plan_v2(_with_family(profile, cfg, fam), cfg, precision)
+    return [(fam, precision, changes, plan)] if plan.fits else []
+
+
+def _with_family(profile: Profile, cfg: OpenSoraV2Config, fam: Profile) -> Profile:
+    return profile.with_changes(families={**profile.families, cfg.family: fam})
