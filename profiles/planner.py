@@ -162,10 +162,10 @@ def outside_qdq_bytes(component: str) -> int:
 
 
 def weight_bytes(model: ModelConfig, component: str, precision: str) -> int:
-    return params_bytes(component_params(model, component), precision)
+    return params_bytes(component_params(model, component), component, precision)
 
 
-def params_bytes(p: Params, precision: str) -> int:
+def params_bytes(p: Params, component: str, precision: str) -> int:
     if precision in QUANTIZED:
         return p.matrix * BYTES_PER_VALUE[precision] + p.other * outside_qdq_bytes(component)
     return p.total * BYTES_PER_VALUE[precision]

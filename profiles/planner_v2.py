@@ -141,7 +141,7 @@ def activation_bytes_v2(cfg: OpenSoraV2Config, component: str, sizes: dict[str, 
 
 
 def weight_bytes_v2(cfg: OpenSoraV2Config, component: str, precision: str) -> int:
-    return params_bytes(component_params_v2(cfg, component), precision)
+    return params_bytes(component_params_v2(cfg, component), component, precision)
 
 
 def _full_dims(cfg: OpenSoraV2Config, component: str, cfg_batching: bool) -> dict[str, DimRange]:
