@@ -3,13 +3,14 @@ out here (shared/design/opensora-v2.0.md's parameter counts and shapes), and the
 the torch modules at the tiny config."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from osx.cli import main
 from osx.errors import OsxError
 from osx.models_v2 import OPENSORA_V2_0, OPENSORA_V2_0_TINY
-from osx.profiles import load_profile, plan_that_fits, profile_from_dict
+from osx.profiles import load_profile, plan_that_fits, profile_from_dict, shipped_profiles
 from osx.profiles.params_v2 import component_params_v2
 from osx.profiles.planner_v2 import make_plan_v2
 
@@ -145,9 +146,12 @@ def test_an_fp8_mmdit_engine_is_not_built_whole_on_a_12_gb_card():
     assert 'family."opensora-v2.0".weight_streaming = true' in e.value.hint
 
 
-def test_profiles_without_v2_settings_and_bad_tables_are_refused():
-    code, text = dry_run("--gpu", "rtx4060")
-    assert code == 2 and "has no settings for opensora-v2.0" in text
+def test_profiles_without_v2_settings_and_bad_tables_are_refused(tmp_path):
+    v1_only = tmp_path / "mine.toml"
+    text = Path(load_profile("rtx4060").source).read_text()
+    v1_only.write_text(text[: text.index("\n# Open-Sora v2.0")])
+    code, text = dry_run("--gpu", str(v1_only))
+    assert code == 2 and "has no settings for opensora-v2.0" in text and 'add a [family."opensora-v2.0"] table' in text
     base = {"name": "x", "compute_capability": "8.9", "vram_gib": 24, "precision": {"text_encoder": "bf16",
             "denoiser": "fp8", "vae_decoder": "bf16"}, "shapes": {"buckets": ["192x336x129"]}}
     with pytest.raises(OsxError, match="must be a table of"):
@@ -164,3 +168,15 @@ def test_cpu_plan_and_text_output():
     assert d["backend"] == "onnxruntime" and all(c["device"] == "cpu" for c in d["components"].values())
     code, text = dry_run("--gpu", "rtx4070")
     assert code == 0 and "denoiser batch 3" in text and "+0.15 s per step" in text
+
+
+@pytest.mark.parametrize("gpu", [g for g in shipped_profiles() if g != "cpu"])
+def test_every_shipped_gpu_plans_v2_and_fits(gpu):
+    """Each GPU profile's v2.0 table fits its own card, streaming only when the denoiser would not fit whole."""
+    profile = load_profile(gpu)
+    plan = plan_that_fits(profile, OPENSORA_V2_0)
+    assert plan.fits and max(plan.run_peak_bytes, plan.build_peak_bytes) <= plan.budget_bytes
+    den = plan.components["denoiser"]
+    whole = den.weight_bytes + den.activation_bytes + den.workspace_bytes
+    assert ("denoiser" in plan.streaming) == (whole > plan.budget_bytes)
+    assert profile.pcie_gbps and profile.pcie_gbps > 0
