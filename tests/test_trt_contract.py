@@ -180,3 +180,20 @@ def test_profiled_gpu_not_visible_to_cuda(standin):
     _, rt = standin("10.8.0.43", devices={})
     with pytest.raises(OsxError, match="PCI bus id 00000000:01:00.0 is not visible to CUDA"):
         cuda.select_device(rt, BUS_ID)
+
+
+@pytest.mark.slow
+def test_export_for_a_gpu_builds_strongly_typed_engines(standin, tmp_path):
+    """A user's first run, `osx export --gpu PROFILE`, on TensorRT 11's surface: export, cast, build, manifest."""
+    calls, _ = standin("11.4.0.106")
+    try:
+        main(["export", "--model", "opensora-v1.2-tiny", "--random-weights", "--gpu", _profile(tmp_path / "gpu.toml"),
+              "--out", str(tmp_path / "tiny")])
+    except SystemExit as e:
+        assert e.code in (None, 0)
+    b = Bundle.open(tmp_path / "tiny")
+    for name, precision in PLANNED.items():
+        comp = b.components[name]
+        assert comp["backend"] == "tensorrt" and comp["onnx_files"] == {precision: f"{name}.{precision}.onnx"}
+        assert [e["onnx_file"] for e in comp["engines"]] == [f"{name}.{precision}.onnx"]
+    assert all(strongly for *_, strongly in (c for c in calls if c[0] == "build"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import importlib.machinery
 import json
 import re
 import types
@@ -35,6 +36,7 @@ def make_tensorrt(version: str, calls: list, reject_ops: tuple[str, ...] = ()) -
     major = int(version.split(".")[0])
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # torch's import probes read it
 
     def record(*what):
         calls.append(what)
@@ -275,6 +277,7 @@ def make_tensorrt(version: str, calls: list, reject_ops: tuple[str, ...] = ()) -
 def make_cudart(calls: list, driver: int = 12080, runtime: int = 12060, devices: dict[str, int] | None = None):
     """cuda-python's runtime module surface: (error, *values) tuples; memory at real host addresses."""
     rt = types.ModuleType("cuda.bindings.runtime")
+    rt.__spec__ = importlib.machinery.ModuleSpec("cuda.bindings.runtime", None)
     rt.cudaError_t = enum.IntEnum("cudaError_t", {"cudaSuccess": 0, "cudaErrorInvalidDevice": 101})
     rt.cudaMemcpyKind = enum.IntEnum("cudaMemcpyKind", {"cudaMemcpyHostToDevice": 1, "cudaMemcpyDeviceToHost": 2})
     ok = rt.cudaError_t.cudaSuccess
@@ -326,6 +329,8 @@ def install(monkeypatch, trt: types.ModuleType, rt: types.ModuleType) -> None:
 
     cuda_pkg, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
     bindings.runtime, cuda_pkg.bindings = rt, bindings
+    for m in (cuda_pkg, bindings):
+        m.__spec__ = importlib.machinery.ModuleSpec(m.__name__, None)
     for name, module in (("tensorrt", trt), ("cuda", cuda_pkg), ("cuda.bindings", bindings), ("cuda.bindings.runtime", rt)):
         monkeypatch.setitem(sys.modules, name, module)
 
