@@ -31,9 +31,9 @@ def mmdit(request):
 class Counted:
     """The torch MMDiT as the runtime's NumPy denoiser callback; counts the rows it is asked for."""
 
-    def __init__(self, mmdit, T, h, w):
+    def __init__(self, mmdit, T, h, w, text_tokens=L):
         self.mmdit, self.rows = mmdit, []
-        self.cos, self.sin = video_rope(CFG.mmdit, L, T, h // 2, w // 2)
+        self.cos, self.sin = video_rope(CFG.mmdit, text_tokens, T, h // 2, w // 2)
 
     def __call__(self, img, txt, t, y, cond):
         self.rows.append(img.shape[0])
@@ -154,3 +154,25 @@ def test_text_rows_are_prompt_then_negative(mmdit):
     with pytest.raises(InputError, match="2B rows"):
         sampler_v2.denoise(Counted(mmdit, 3, 4, 4), noise, np.concatenate([txt, txt[1:]]), y.numpy(), masks=masks,
                            masked_ref=masked, cond_type="t2v", cfg=CFG.sampler, num_steps=2)
+
+
+@pytest.mark.parametrize("cond_type", ["t2v", "i2v_head"])
+def test_the_reference_pipeline_from_a_seed(cond_type):
+    """export/pipeline_v2.py's run from a seed (its T5/CLIP states, conditioning, bf16 MMDiT) is reproduced
+    step for step by the NumPy sampler given the same seed: both draw osx's one noise,
+    `initial_noise(seed, shape)` (NumPy PCG64) rounded to bf16. Tolerance 0, as above."""
+    from osx.export.pipeline_v2 import build_reference_v2, reference_generate_v2
+
+    ref = build_reference_v2(CFG)
+    image = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    r = reference_generate_v2(ref, "a red fox in the snow", cond_type=cond_type, seed=7, num_steps=12,
+                              references=[image] if cond_type != "t2v" else None)
+    noise = initial_noise(7, r.noise.shape)
+    assert np.array_equal(round_bf16(noise), r.noise)
+    _, _, T, h, w = noise.shape
+    got = []
+    sampler_v2.denoise(Counted(ref.mmdit, T, h, w, r.txt.shape[1]), noise, r.txt[:2], r.y_vec[:2], masks=r.masks,
+                       masked_ref=r.masked_ref, cond_type=cond_type, cfg=CFG.sampler, num_steps=12,
+                       on_step=lambda i, x: got.append(x.copy()))
+    assert len(got) == len(r.latents) == 12
+    assert all(np.array_equal(x, w) for x, w in zip(got, r.latents))
