@@ -14,7 +14,7 @@ def _terminated(signum, frame):
 
 
 @click.command("export")
-@click.option("--model", "model_name", required=True, help="Model config name: opensora-v1.2 or opensora-v1.2-tiny.")
+@click.option("--model", "model_name", required=True, help="Model config name: opensora-v1.2 or opensora-v1.2-tiny (--dry-run also plans opensora-v2.0).")
 @click.option("--random-weights", is_flag=True, help="Seeded random weights instead of a checkpoint (tests, dry runs).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Folder holding the denoiser (STDiT3), VAE and T5 weights, as files or subfolders; "
