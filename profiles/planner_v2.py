@@ -239,12 +239,13 @@ def _notes(plan: PlanV2) -> None:
         head = (f"{name}: TensorRT weight streaming: {format_bytes(s.device_bytes, 2)} of {format_bytes(c.weight_bytes, 2)} "
                 f"weights on the card (weight_streaming_budget_v2), {format_bytes(s.streamed_bytes, 2)} copied from host "
                 f"memory at each of {s.calls_per_step} call(s) per step")
+        host = f"; host RAM holds all {format_bytes(c.weight_bytes, 2)} (TensorRT keeps a streamable engine's weights there)"
         if s.seconds_per_call is None:
-            plan.notes.append(head + "; the slowdown is unknown: set pcie_gbps in the profile")
+            plan.notes.append(head + "; the slowdown is unknown: set pcie_gbps in the profile" + host)
         else:
             per_step = s.seconds_per_call * s.calls_per_step
             plan.notes.append(head + f": +{per_step:.2f} s per step at {s.pcie_gbps:g} GB/s (+{per_step * steps:.0f} s over "
-                              f"{steps} steps; an upper bound, TensorRT overlaps copies with compute)")
+                              f"{steps} steps; an upper bound, TensorRT overlaps copies with compute)" + host)
     if plan.profile.weight_streaming and not plan.streaming:
         plan.notes.append("weight streaming allowed but not needed: the denoiser fits whole")
 
