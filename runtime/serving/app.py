@@ -110,6 +110,7 @@ class Generator:
         status.update(state="succeeded", progress={**status["progress"], "phase": "done", "fraction": 1.0, "eta": 0.0},
                       result={"frames": len(frames), "width": w, "height": h, "fps": request.fps, "codec": codec,
                               "seed": request.seed, "seconds": round(time.time() - status["started"], 3),
+                              "generate_seconds": round(self.pipeline.timings.get("total_s", 0.0), 3),
                               "url": f"/v1/videos/{status['id']}/content"})
         self.store.write(status)
 
