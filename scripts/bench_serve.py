@@ -3,7 +3,7 @@ local Ray (2 CPUs) with 1 and 2 replicas of a bundle (default: the tiny one, exp
 
 Per replica count:
   latency     R rounds, each one bare `Pipeline.generate` + write_video in this process, then the same
-              request through the service alone (POST, poll every 20 ms, GET the mp4): p50/p95 of both, and
+              request through the service alone (POST, GET ?wait= until final, GET the mp4): p50/p95 of both, and
               the service's overhead at p50 (target < 5 %), also as the median of the per-round ratios.
               Interleaved, so load on the machine hits both sides alike.
   throughput  N requests posted at once: requests per minute until the last one succeeded, p50/p95 of
@@ -19,8 +19,6 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-
-POLL_S = 0.02
 
 
 def _pct(values, q):
@@ -38,17 +36,16 @@ def _call(base, method, path, body=None):
 def _through_service(base, body, timeout=600.0, parts=None):
     """Seconds from POST to having the mp4; `parts` collects where the time went (ms): the POST's round
     trip, queue + Ray dispatch (created -> started), the replica (started -> finished: generation and
-    mp4; of which `Pipeline.run` alone), and the client noticing (finished -> polled + GET content),
+    mp4; of which `Pipeline.run` alone), and the client noticing (finished -> status answered + GET content),
     from the job's timestamps."""
     t0, wall0 = time.perf_counter(), time.time()
     job = json.loads(_call(base, "POST", "/v1/videos", body))["id"]
     posted = time.time()
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = json.loads(_call(base, "GET", f"/v1/videos/{job}"))
+    while time.monotonic() < deadline:  # long poll: the ingress answers when the job is final
+        status = json.loads(_call(base, "GET", f"/v1/videos/{job}?wait=30"))
         if status["state"] in ("succeeded", "failed", "cancelled"):
             break
-        time.sleep(POLL_S)
     assert status["state"] == "succeeded", status
     _call(base, "GET", f"/v1/videos/{job}/content")
     if parts is not None:
@@ -97,8 +94,7 @@ def main(argv):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
-    result = {"bundle": str(bundle), "steps": args.steps or bare_pipe.scheduler.num_sampling_steps, "poll_interval_s": POLL_S,
-              "cpus": 2, "by_replicas": {}}
+    result = {"bundle": str(bundle), "steps": args.steps or bare_pipe.scheduler.num_sampling_steps, "cpus": 2, "by_replicas": {}}
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, object_store_memory=80 * 2**20)
     try:
         for replicas in (1, 2):

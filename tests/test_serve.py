@@ -43,10 +43,11 @@ class Client:
         status, data, _ = self.call(method, path, body, raw)
         return status, json.loads(data)
 
-    def wait(self, job_id: str, until=lambda s: s["state"] in FINAL, timeout: float = 120.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            code, status = self.json("GET", f"/v1/videos/{job_id}")
+    def wait(self, job_id: str, until=None, timeout: float = 120.0) -> dict:
+        deadline, final = time.monotonic() + timeout, until is None
+        until = until or (lambda s: s["state"] in FINAL)
+        while time.monotonic() < deadline:  # waiting for the end: long polls (?wait=), else every 0.1 s
+            code, status = self.json("GET", f"/v1/videos/{job_id}" + ("?wait=5" if final else ""))
             assert code == 200, status
             if until(status):
                 return status

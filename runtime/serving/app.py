@@ -132,6 +132,7 @@ class Ingress:
         self.pipelines = {name: Pipeline.load(m["bundle"], verify=False) for name, m in models.items()}
         self.handles = {name: serve.get_deployment_handle("Generator", app_name=name) for name in models}
         self.open: dict[str, dict[str, int]] = {name: {} for name in models}  # model -> job id -> attempt
+        self.tasks: dict[str, asyncio.Task] = {}  # job id -> the task handing it out
         self.seconds: list[float] = []  # recent job durations, for Retry-After
         self.last_sweep = 0.0
 
@@ -188,7 +189,7 @@ class Ingress:
                           hint=f"retry after {wait} s", headers={"Retry-After": str(wait)})
         status = self.store.create(name, fields)
         self.open[name][status["id"]] = 1
-        asyncio.get_running_loop().create_task(self._drive(name, status["id"], fields))
+        self.tasks[status["id"]] = asyncio.get_running_loop().create_task(self._drive(name, status["id"], fields))
         return JSONResponse(status, status_code=202, headers={"Location": f"/v1/videos/{status['id']}"})
 
     async def _drive(self, name: str, job_id: str, fields: dict) -> None:
@@ -214,10 +215,16 @@ class Ingress:
                         break
         finally:
             self.open[name].pop(job_id, None)
+            self.tasks.pop(job_id, None)
             self.seconds = (self.seconds + [time.monotonic() - t0])[-50:]
 
     @app.get("/v1/videos/{job_id}")
-    def status(self, job_id: str):
+    async def status(self, job_id: str, wait: float = 0.0):
+        """`?wait=S` (at most 60): answer once the job is final or S seconds passed, whichever is first,
+        instead of being polled (for jobs this ingress is handing out)."""
+        task = self.tasks.get(job_id)
+        if task is not None and wait > 0:
+            await asyncio.wait({task}, timeout=min(float(wait), 60.0))
         status = self.store.read(job_id)
         return status if status is not None else _error(404, f"no video job {job_id!r}", hint="it never existed or has expired")
 
