@@ -95,8 +95,9 @@ def load_into(
 
 
 def check_fit(module: torch.nn.Module, shapes: dict[str, tuple[int, ...]], source: str,
-              recomputable: tuple[str, ...] = ("rope.freqs",)) -> None:
-    """Raise CheckpointError unless the checkpoint's {key: shape} fits `module` exactly (see `load_into`)."""
+              recomputable: tuple[str, ...] = ("rope.freqs",), unused_ok: bool = False) -> None:
+    """Raise CheckpointError unless the checkpoint's {key: shape} fits `module` exactly (see `load_into`);
+    with `unused_ok`, checkpoint keys the module lacks are allowed (a reduced-depth module)."""
     expected = module.state_dict(keep_vars=True)
     aliases = tied_names(module)
     optional = {
@@ -105,7 +106,7 @@ def check_fit(module: torch.nn.Module, shapes: dict[str, tuple[int, ...]], sourc
         if any(k == r or k.endswith("." + r) for r in recomputable) or any(a in shapes for a in aliases.get(k, ()))
     }
     missing = [k for k in expected if k not in shapes and k not in optional]
-    unexpected = [k for k in shapes if k not in expected]
+    unexpected = [] if unused_ok else [k for k in shapes if k not in expected]
     wrong = [
         f"{k} (checkpoint {list(v)}, model {list(expected[k].shape)})"
         for k, v in shapes.items()

@@ -1,6 +1,7 @@
 """`osx export`: a checkpoint (or seeded random weights) -> a validated bundle.
 
-    reference model -> per component: ONNX export, validation -> tokenizer, null caption -> manifest
+    per component: checkpoint (or seeded random weights written as one) -> streamed ONNX export
+    -> weights check, validation -> tokenizer, null caption -> manifest
 
 The plan (osx.profiles) decides each component's backend, precision and shape ranges; `--gpu cpu` is
 onnxruntime at fp32 over the model's full ranges. The ONNX graphs are always exported over the
@@ -10,38 +11,43 @@ the ranges this bundle was planned for, and validation runs inside those.
 Everything is written by BundleWriter into a temporary folder beside `out` and renamed into place
 only when the manifest is complete: a failed or interrupted export leaves nothing behind.
 
-Memory (README "Exporting a real checkpoint"): components are exported one after another and each
-torch module is dropped (after its reference outputs are computed) before onnxruntime loads its graph,
-so one copy of a component's weights is alive at a time during validation.
+Memory (README "Exporting a real checkpoint"): components are exported one after another, each traced
+on the meta device with its weights streamed from the memory-mapped checkpoint (osx.export.stream), so
+the export itself holds about one tensor at a time. Validation builds the component in PyTorch (cut in
+depth when large, see `validate_streamed`) and drops it before onnxruntime loads the graph.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
+import math
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from osx import __version__
 from osx.bundle import EXTERNAL_DATA_BYTES, BundleWriter
 from osx.components import COMPONENTS, NEVER_FP16, DimRange, component_specs
 from osx.errors import CheckpointError, OsxError
-from osx.export.onnx_export import DTYPES, OPSETS, export_component
+from osx.export.checkpoint import CheckpointReader
+from osx.export.onnx_export import DTYPES, OPSETS
 from osx.export.validate import (
     compare_onnx, format_table, fp16_noise, fp16_tolerance, torch_reference, validation_shapes,
 )
 from osx.models import ModelConfig, get_model_config
 from osx.numeric import format_bytes
 
-# The torch module each component comes from (the VAE serves both chunk graphs).
-SOURCE = {"text_encoder": "text_encoder", "denoiser": "denoiser", "vae_decoder": "vae", "vae_encoder": "vae"}
 TOKENIZER_FILE = "tokenizer.json"
 NULL_TEXT_FILE = "null_text.npy"
 CHECKPOINT_PARTS = ("denoiser", "vae", "t5")
@@ -66,6 +72,7 @@ def export_bundle(
     portable: bool = False,
     with_vae_encoder: bool = False,
     external_data_threshold: int = EXTERNAL_DATA_BYTES,
+    only: tuple[str, ...] = (),
     progress: Callable[[str], None] = print,
 ) -> dict:
     """Export `model_name` to a bundle at `out`; returns the manifest. See `osx export --help`.
@@ -80,8 +87,8 @@ def export_bundle(
         progress(f"[{time.perf_counter() - start:6.1f}s] {msg}")
 
     model_cfg = get_model_config(model_name)
-    if dtype not in DTYPES:
-        raise OsxError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
+    if dtype not in (*DTYPES, "plan"):
+        raise OsxError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}, plan")
     if opset not in OPSETS:
         raise OsxError(f"--opset {opset} is not supported", hint=f"use one of {', '.join(map(str, OPSETS))} "
                        "(onnxruntime and TensorRT 10 parse these; from 23 on, attention becomes an op onnxruntime rejects)")
@@ -94,69 +101,47 @@ def export_bundle(
         raise OsxError(f"{', '.join(n for n, c in plan.components.items() if c.needs_calibration)} planned at int8/fp8 "
                        "needs calibrated graphs", hint="export with `osx export --calibration DIR` (from `osx calibrate`)")
 
-    from osx.export.reference import build_reference
+    from osx.export.reference import build_tokenizer, part_factories, write_random_checkpoint
 
-    with BundleWriter(out, force=force) as writer:  # refuses an existing --out without --force, first
-        say(f"building {model_cfg.name} in PyTorch from "
-            + ("seeded random weights" if parts is None else ", ".join(f"{k}={v}" for k, v in parts.items())))
-        ref = build_reference(model_cfg, checkpoint=parts)
-        specs = component_specs(model_cfg)
-        names = [n for n in COMPONENTS if n in plan.components or (n == "vae_encoder" and with_vae_encoder)]
+    specs = component_specs(model_cfg)
+    names = [n for n in COMPONENTS if n in plan.components or (n == "vae_encoder" and with_vae_encoder)]
+    if only:
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise OsxError(f"--component {', '.join(unknown)} is not exported for this plan",
+                           hint=f"choose from {', '.join(names)} (vae_encoder needs --with-vae-encoder)")
+        names = [n for n in names if n in only]
+    dtypes = {n: component_dtype(n, dtype, plan.components.get(n)) for n in names}
+    with BundleWriter(out, force=force) as writer, _scratch_folder(Path(out)) as scratch:
         components: dict[str, dict] = {}
-        for i, name in enumerate(names):
+        readers: dict[str, CheckpointReader] = {}
+        for i, name in enumerate(names):  # one component at a time; only the parts these need are read
+            part = PART[name]
+            if part not in readers:
+                if parts is None:
+                    say(f"{name}: writing seeded random weights of the {part} to a scratch checkpoint "
+                        f"({dtypes[name]}, one tensor at a time)")
+                    path = write_random_checkpoint(model_cfg, part, scratch / f"{part}.safetensors", DTYPES[dtypes[name]][1])
+                else:
+                    path = parts[part]
+                readers[part] = CheckpointReader(path)
             cplan = plan.components.get(name)
-            comp_dtype = "fp32" if name in NEVER_FP16 else dtype
             io = specs[name].with_dims(**span(cplan.profiles)) if cplan else specs[name]
-            io = io.with_precision(DTYPES[comp_dtype][0])
-            module = getattr(ref, SOURCE[name])
-            extra = {}
-            if name == "denoiser":  # the learned null caption, before any cast to fp16
-                np.save(writer.dir / NULL_TEXT_FILE, module.null_text(1)[0].float().numpy())
-                extra["null_text_file"] = NULL_TEXT_FILE
-
-            shapes = validation_shapes(io)
-            # fp16: PyTorch's fp32 outputs first (the export casts the module in place), to measure how far
-            # fp16 itself moves them; the tolerance follows that (osx.export.validate).
-            fp32_cases = torch_reference(module, io, shapes, "fp32") if comp_dtype == "fp16" else None
-
-            info = export_component(module, specs[name], writer.dir / f"{name}.onnx", dtype=comp_dtype, opset=opset,
-                                    external_data_threshold=external_data_threshold,
-                                    progress=lambda m, n=name: say(f"{n}: {m}"))
-            say(f"{name}: validating against PyTorch at {len(shapes)} shapes (onnxruntime CPU)")
-            cases = torch_reference(module, io, shapes, comp_dtype)
-            del module
-            if all(SOURCE[n] != SOURCE[name] for n in names[i + 1:]):  # last use: free its weights first
-                setattr(ref, SOURCE[name], None)
-                gc.collect()
-            validation = {"torch_fp16_vs_fp32": fp16_noise(fp32_cases, cases)} if fp32_cases else {}
-            tolerance = fp16_tolerance(validation["torch_fp16_vs_fp32"]) if fp32_cases else None
-            rows = compare_onnx(writer.dir / info.file, io, cases, comp_dtype, tolerance)
-            progress(format_table(rows))
-
-            entry = {
-                "file": info.file,
-                **({"data_file": info.data_file} if info.data_file else {}),
-                "precision": comp_dtype,
+            entry = export_one(name, model_cfg, part_factories, readers[part], io, dtypes[name], writer.dir, scratch,
+                               opset=opset, external_data_threshold=external_data_threshold,
+                               say=lambda m, n=name: say(f"{n}: {m}"), progress=progress)
+            components[name] = {
+                **entry,
                 "backend": cplan.backend if cplan else "onnxruntime",
-                "plan_precision": cplan.precision if cplan else comp_dtype,
-                "io": io.to_dict(),
-                "onnx_dims": {d: dataclasses.asdict(r) for d, r in specs[name].dims.items()},
+                "plan_precision": cplan.precision if cplan else dtypes[name],
                 "shape_ranges": [{d: dataclasses.asdict(r) for d, r in p.items()} for p in cplan.profiles] if cplan else [],
-                "validation": {"tolerance": rows[0]["tolerance"], **validation, "rows": rows},
-                "op_counts": info.op_counts,
-                "nodes": info.nodes,
-                "opset": info.opset,
-                "exporter": info.exporter,
-                "cleanup": info.cleanup,
-                "export_seconds": info.seconds,
-                "notes": ([f"{NEVER_FP16[name]}: exported in float32"] if name in NEVER_FP16 and dtype != "fp32" else []) + info.notes,
-                **extra,
+                "notes": _dtype_notes(name, dtype, dtypes[name]) + entry["notes"],
             }
-            components[name] = entry
+            if all(PART[n] != part for n in names[i + 1:]):  # last use of this part's checkpoint
+                del readers[part]
+                (scratch / f"{part}.safetensors").unlink(missing_ok=True)
         say(f"writing {TOKENIZER_FILE}")
-        ref.tokenizer.save(str(writer.dir / TOKENIZER_FILE))  # tiny: built at export; real: from spiece.model
-        del ref
-        gc.collect()
+        build_tokenizer(model_cfg, parts).save(str(writer.dir / TOKENIZER_FILE))
         body = {
             "model": {"name": model_cfg.name, "family": model_cfg.family, "config": model_cfg.to_dict()},
             "components": components,
@@ -188,6 +173,137 @@ def export_bundle(
     say(f"wrote {Path(out)} ({format_bytes(sum(f['bytes'] for f in manifest['files'].values()))}, "
         f"{len(manifest['files'])} files)")
     return manifest
+
+
+# --- one component ----------------------------------------------------------------------------------
+# Export streams the weights (osx.export.stream). Validation runs the component in PyTorch and onnxruntime
+# at full depth when its float32 weights fit in VALIDATION_BYTES; a deeper model is validated at full
+# width with its first blocks (DEPTH: the config field), exported by the same streamed path from the
+# same checkpoint, and its full-depth graph is checked structurally (checker, shape inference, every
+# initializer's dtype, shape and sha256 against its checkpoint tensor). onnxruntime's CPU provider does
+# not run bfloat16 graphs: a bf16 component is validated as the same export in float32.
+
+PART = {"text_encoder": "t5", "denoiser": "denoiser", "vae_decoder": "vae", "vae_encoder": "vae"}
+VALIDATION_BYTES = 2**30
+DEPTH = {"denoiser": ("denoiser", "depth"), "text_encoder": ("text_encoder", "num_layers")}
+
+
+# ONNX Conv takes bfloat16 only from opset 22; osx exports at 18-20 (what onnxruntime and TensorRT 10 parse).
+NO_BF16 = {"denoiser": "Conv3d patch embedding", "vae_decoder": "convolutions", "vae_encoder": "convolutions"}
+
+
+def component_dtype(name: str, dtype: str, cplan) -> str:
+    """The float type a component is exported in: --dtype, or with `plan` the plan's precision (the float
+    graph under an int8/fp8 plan is fp16); fp32 instead of fp16 for NEVER_FP16 components and instead of
+    bf16 for NO_BF16 ones."""
+    if dtype == "plan":
+        precision = cplan.precision if cplan else "fp32"
+        dtype = precision if precision in DTYPES else "fp16"
+    return "fp32" if (dtype == "fp16" and name in NEVER_FP16) or (dtype == "bf16" and name in NO_BF16) else dtype
+
+
+def export_one(name, model_cfg, factories, reader, io, dtype, out_dir: Path, scratch: Path, *, opset, external_data_threshold,
+               say, progress) -> dict:
+    """Export component `name` streamed from `reader`, validate it, and return its manifest entry."""
+    from osx.export.onnx_export import export_streamed
+    from osx.export.stream import Weights
+
+    spec = component_specs(model_cfg)[name]
+    info = export_streamed(Weights(factories(model_cfg)[PART[name]], reader), spec, out_dir / f"{name}.onnx", dtype=dtype,
+                           opset=opset, external_data_threshold=external_data_threshold, progress=say)
+    say(f"weights: {info.weights_check['from_checkpoint_sha256_ok']} initializers match their checkpoint tensors (sha256)")
+    io = io.with_precision(DTYPES[dtype][0])
+    validation, extra = validate_streamed(name, model_cfg, factories, reader, io, dtype, out_dir / info.file, scratch,
+                                          opset=opset, say=say)
+    progress(format_table(validation["rows"]))
+    if "null_text" in extra:  # the denoiser's learned null caption
+        np.save(out_dir / NULL_TEXT_FILE, extra.pop("null_text"))
+        extra["null_text_file"] = NULL_TEXT_FILE
+    return {
+        "file": info.file,
+        **({"data_file": info.data_file} if info.data_file else {}),
+        "precision": dtype,
+        "io": io.to_dict(),
+        "onnx_dims": {d: dataclasses.asdict(r) for d, r in spec.dims.items()},
+        "validation": validation,
+        "weights_check": info.weights_check,
+        "op_counts": info.op_counts,
+        "nodes": info.nodes,
+        "opset": info.opset,
+        "exporter": info.exporter,
+        "cleanup": info.cleanup,
+        "export_seconds": info.seconds,
+        "notes": info.notes,
+        **extra,
+    }
+
+
+def validate_streamed(name, model_cfg, factories, reader, io, dtype, graph: Path, scratch: Path, *, opset, say):
+    """onnxruntime vs PyTorch at `validation_shapes(io)` (see the section comment for which graph and
+    depth). Returns the manifest's validation entry and extras (the denoiser's null caption)."""
+    from osx.export.onnx_export import export_streamed
+    from osx.export.stream import Weights
+
+    cfg, depth = validation_config(name, model_cfg, reader)
+    val_dtype = "fp32" if dtype == "bf16" else dtype
+    what = {"graph": "this file"}
+    if cfg is not model_cfg or val_dtype != dtype:
+        what = {"graph": f"the same checkpoint exported by the same path in {val_dtype}"
+                         + (f" with its first {depth[0]} of {depth[1]} blocks" if depth else ""),
+                "depth": list(depth) if depth else None, "dtype": val_dtype}
+        say(f"validation graph: {what['graph']}")
+        graph = export_streamed(Weights(factories(cfg)[PART[name]], reader, unused_ok=True), component_specs(cfg)[name],
+                                scratch / f"{name}.validate.onnx", dtype=val_dtype, opset=opset).file
+        graph = scratch / graph
+    module = Weights(factories(cfg)[PART[name]], reader, unused_ok=True).materialize(torch.float32)
+    extra = {"null_text": module.null_text(1)[0].float().numpy()} if hasattr(module, "null_text") else {}
+    io = io.with_precision(DTYPES[val_dtype][0])
+    shapes = validation_shapes(io)
+    say(f"validating against PyTorch at {len(shapes)} shapes (onnxruntime CPU)")
+    # fp16: PyTorch's fp32 outputs too, to measure how far fp16 itself moves them (osx.export.validate).
+    fp32_cases = torch_reference(module, io, shapes, "fp32") if val_dtype == "fp16" else None
+    cases = torch_reference(module.to(DTYPES[val_dtype][1]), io, shapes, val_dtype)
+    del module
+    gc.collect()  # the torch weights go before onnxruntime loads the graph
+    noise = {"torch_fp16_vs_fp32": fp16_noise(fp32_cases, cases)} if fp32_cases else {}
+    tolerance = fp16_tolerance(noise["torch_fp16_vs_fp32"]) if fp32_cases else None
+    rows = compare_onnx(graph, io, cases, val_dtype, tolerance)
+    if graph.parent == scratch:
+        for p in (graph, Path(f"{graph}.data")):
+            p.unlink(missing_ok=True)
+    return {"tolerance": rows[0]["tolerance"], **noise, **what, "rows": rows}, extra
+
+
+def validation_config(name: str, model_cfg: ModelConfig, reader) -> tuple[ModelConfig, tuple[int, int] | None]:
+    """The model config to validate `name` at: the model's own when the part's float32 weights fit in
+    VALIDATION_BYTES, else the same with the depth cut to fit (at least one block)."""
+    total = sum(4 * math.prod(reader.shape(k)) for k in reader.keys())
+    if total <= VALIDATION_BYTES or name not in DEPTH:
+        return model_cfg, None
+    section, field = DEPTH[name]
+    sub = getattr(model_cfg, section)
+    full = getattr(sub, field)
+    n = max(1, min(full, full * VALIDATION_BYTES // total))
+    return dataclasses.replace(model_cfg, **{section: dataclasses.replace(sub, **{field: n})}), (n, full)
+
+
+def _dtype_notes(name: str, asked: str, used: str) -> list[str]:
+    if used == "fp32" and name in NEVER_FP16 and asked != "fp32":
+        return [f"{NEVER_FP16[name]}: exported in float32"]
+    if used == "fp32" and name in NO_BF16 and asked != "fp32":
+        return [f"{NO_BF16[name]}: ONNX Conv has no bfloat16 before opset 22, exported in float32"]
+    return [f"bfloat16: validated as the same export in float32 (onnxruntime's CPU provider runs no bfloat16)"] if used == "bf16" else []
+
+
+@contextlib.contextmanager
+def _scratch_folder(out: Path):
+    """A hidden folder beside --out for random-weight checkpoints and validation graphs, always removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def span(profiles: list[dict[str, DimRange]]) -> dict[str, DimRange]:

@@ -10,13 +10,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+import torch
 from tokenizers import Tokenizer
 
 from osx.errors import CheckpointError, OsxError
-from osx.export.checkpoint import load_into, read_state_dict
-from osx.export.init import seeded_init_
+from osx.export.checkpoint import load_into, read_state_dict, tied_names, write_safetensors_streamed
+from osx.export.init import seeded_init_, seeded_targets, seeded_value
 from osx.export.stdit3 import STDiT3
+from osx.export.stream import trainable_params_on_meta
 from osx.export.t5 import T5TextEncoder
 from osx.export.tokenizer import build_tiny_tokenizer, convert_t5_sentencepiece
 from osx.export.vae import VideoAutoencoder
@@ -66,17 +69,12 @@ def build_reference(
     """
     if checkpoint is not None and seed is not None:
         raise OsxError("give either a seed (random weights) or a checkpoint, not both")
-    modules = {
-        "t5": T5TextEncoder(model_cfg.text_encoder),
-        "denoiser": STDiT3(model_cfg.denoiser),
-        "vae": VideoAutoencoder(model_cfg.vae),
-    }
+    modules = {part: factory() for part, factory in part_factories(model_cfg).items()}
     if checkpoint is None:
         seed = model_cfg.random_init_seed if seed is None else seed
         stds = random_init_std(model_cfg)
         for part, module in modules.items():
             seeded_init_(module, seed, std=stds[part])
-        tokenizer = build_tiny_tokenizer(model_cfg.text_encoder)
     else:
         missing = [part for part in CHECKPOINT_PARTS if part not in checkpoint]
         if missing:
@@ -86,7 +84,7 @@ def build_reference(
             )
         for part, module in modules.items():
             load_into(module, read_state_dict(checkpoint[part]), source=str(checkpoint[part]))
-        tokenizer = convert_t5_sentencepiece(Path(checkpoint["t5"]) / "spiece.model")
+    tokenizer = build_tokenizer(model_cfg, checkpoint)
     for module in modules.values():
         module.float().eval().requires_grad_(False)
     return ReferenceModel(
@@ -96,3 +94,45 @@ def build_reference(
         vae=modules["vae"],
         tokenizer=tokenizer,
     )
+
+
+# --- one part at a time (the streamed export) ----------------------------------------------------------
+
+
+def part_factories(model_cfg: ModelConfig) -> dict[str, Callable[[], torch.nn.Module]]:
+    """How to build each checkpoint part's torch module (weights left to the caller)."""
+    return {
+        "t5": lambda: T5TextEncoder(model_cfg.text_encoder),
+        "denoiser": lambda: STDiT3(model_cfg.denoiser),
+        "vae": lambda: VideoAutoencoder(model_cfg.vae),
+    }
+
+
+def build_tokenizer(model_cfg: ModelConfig, checkpoint: dict[str, str | os.PathLike] | None) -> Tokenizer:
+    """The tiny deterministic tokenizer for random weights; the T5 folder's sentencepiece model, converted."""
+    if checkpoint is None:
+        return build_tiny_tokenizer(model_cfg.text_encoder)
+    return convert_t5_sentencepiece(Path(checkpoint["t5"]) / "spiece.model")
+
+
+def write_random_checkpoint(model_cfg: ModelConfig, part: str, path: str | os.PathLike, dtype: torch.dtype,
+                            seed: int | None = None) -> Path:
+    """The seeded random weights of one part (exactly `build_reference`'s values, cast to `dtype`) as a
+    safetensors file with the released checkpoint's tensor names, written one tensor at a time: a
+    model larger than RAM gets its random checkpoint without ever being built."""
+    seed = model_cfg.random_init_seed if seed is None else seed
+    with trainable_params_on_meta():
+        module = part_factories(model_cfg)[part]()
+    random = {name for name, _ in seeded_targets(module)}
+    state, aliases, tensors = module.state_dict(keep_vars=True), tied_names(module), {}
+    for name, t in state.items():
+        if not any(a in tensors for a in aliases.get(name, ())):  # a tied tensor is stored once
+            tensors[name] = (tuple(t.shape), dtype if t.is_floating_point() else t.dtype)
+    std = random_init_std(model_cfg)[part]
+
+    def make(name: str) -> torch.Tensor:
+        if name in random:
+            return seeded_value(module, name, tensors[name][0], seed, std)
+        return state[name].detach()  # a constant the module computes (RoPE frequencies, VAE scale/shift)
+
+    return write_safetensors_streamed(path, tensors, make)

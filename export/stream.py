@@ -60,10 +60,12 @@ class Weights:
     """Where each tensor of a module comes from: a checkpoint key, or the module's computed constant.
 
     `factory()` is built with its parameters on the meta device; `check_fit` compares the checkpoint's
-    names and shapes (read from headers) with the module before anything is traced."""
+    names and shapes (read from headers) with the module before anything is traced (`unused_ok`: the
+    module may use a subset, e.g. the first blocks of a deep model for validation)."""
 
     def __init__(self, factory: Callable[[], torch.nn.Module], reader: CheckpointReader,
-                 key_of: Callable[[str], str] | None = None, recomputable: tuple[str, ...] = ("rope.freqs",)):
+                 key_of: Callable[[str], str] | None = None, recomputable: tuple[str, ...] = ("rope.freqs",),
+                 unused_ok: bool = False):
         with trainable_params_on_meta():
             module = factory()
         self.reader, self.key_of = reader, key_of or (lambda name: name)
@@ -71,7 +73,7 @@ class Weights:
         self.constants = {k: v.detach().clone() for k, v in module.state_dict().items() if v.device.type != "meta"}
         keys = {self.key_of(k): k for k in module.state_dict()}
         shapes = {keys.get(k, k): reader.shape(k) for k in reader.keys()}
-        check_fit(module, shapes, reader.source, recomputable)
+        check_fit(module, shapes, reader.source, recomputable, unused_ok)
         self.module = module.to("meta").eval().requires_grad_(False)
 
     def source(self, name: str) -> str | None:

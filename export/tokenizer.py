@@ -88,8 +88,9 @@ def build_tiny_tokenizer(cfg: TextEncoderConfig) -> Tokenizer:
     for rank, (sub, _) in enumerate(sorted(subwords.items(), key=lambda kv: (-kv[1], -len(kv[0]), kv[0]))):
         pieces.setdefault(sub, -8.0 - rank / 1000)
     vocab = list(pieces.items())[: cfg.vocab_size]
-    if len(vocab) < cfg.vocab_size:
-        raise ValueError(f"the word list yields {len(vocab)} pieces; vocab_size {cfg.vocab_size} needs more words")
+    # A real-size vocabulary (random-weight exports of the released model) is filled with pieces no
+    # text produces, so the ids span the embedding table as the real tokenizer's do.
+    vocab += [(f"<unused_{i}>", -100.0) for i in range(cfg.vocab_size - len(vocab))]
 
     tok = Tokenizer(Unigram(vocab, unk_id=SPECIALS.index("<unk>"), byte_fallback=False))
     tok.normalizer = normalizers.Sequence([

@@ -1,137 +1,93 @@
-"""Export benchmark: one real-size component with seeded random weights -> ONNX, timed, peak RSS measured.
+"""Export benchmark: each component at real size, streamed, one `osx export` process per component.
 
-    python scripts/bench.py export                       # STDiT3 (opensora-v1.2), fp16, on this CPU
-    python scripts/bench.py export --validate            # + onnxruntime-vs-torch validation at 2 shapes
-    python scripts/bench.py export --component text_encoder --dtype fp32 --layers 4   # T5-XXL widths, 4 layers
+    python scripts/bench.py export --real-size                          # opensora-v1.2: T5 bf16, STDiT3 fp16, VAE
+    python scripts/bench.py export --real-size --component denoiser     # one of them
+    python scripts/bench.py export --model opensora-v1.2-tiny           # the same on the tiny model (seconds)
 
-The export runs in a child process (so the peak resident set is the export's alone: weights built
-directly in the export dtype, then export_component, then optional validation in the exporter's
-order: torch reference, drop the weights, onnxruntime). Target: peak RSS <= 2.5x the weights.
-Validation here compares with PyTorch in the same dtype at the plain tolerance (no fp32 weights exist
-to measure fp16's own error, see osx.export.validate); a miss is reported, not raised.
-`--layers` shortens the stack (denoiser depth / T5 layers) at full width, for extrapolating to a
-model that does not fit this machine: the T5-XXL encoder is 19 GB in fp32.
+Each component runs `osx export --random-weights --component NAME --gpu cpu --dtype D` in a child
+process: the seeded random weights are written to a scratch checkpoint in the released layout (one tensor
+at a time), the graph is traced on the meta device and every weight streamed from that checkpoint, the
+written initializers are checked (sha256) against it, and the component is validated against PyTorch
+(at reduced depth when large). Printed per component: params and weights_bytes (the graph's
+initializers), wall_s, peak_rss_bytes (the child alone, from wait4's rusage), onnx_bytes, data_bytes and
+peak_rss_over_weights. Target (issue 13): peak RSS <= 4 GiB for every component.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import math
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-TARGET_RATIO = 2.5
+TARGET_PEAK = 4 * 2**30
+DTYPES = {"text_encoder": "bf16", "denoiser": "fp16", "vae_decoder": "fp32"}  # the plan's types (VAE: no bf16 Conv)
 
 
 def _parse(argv):
     p = argparse.ArgumentParser(prog="bench.py export")
-    p.add_argument("--model", default="opensora-v1.2")
-    p.add_argument("--component", default="denoiser", choices=["denoiser", "text_encoder"])
-    p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16"])
-    p.add_argument("--layers", type=int, default=None, help="denoiser depth / T5 layers (default: the model's)")
-    p.add_argument("--validate", action="store_true", help="also validate against torch at two small shapes")
-    p.add_argument("--out", default=None, help="folder for the ONNX files (default: a temporary one, removed)")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--real-size", action="store_true", help="opensora-v1.2 at real size (default model)")
+    p.add_argument("--model", default=None, help="model config (default: opensora-v1.2 with --real-size, else the tiny one)")
+    p.add_argument("--component", action="append", choices=list(DTYPES), help="components (default: all three)")
+    p.add_argument("--scratch", default=None, help="folder for the bundles (default: a temporary one; removed)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str]) -> dict:
     args = _parse(argv)
-    if args.child:
-        return _child(args)
-    with tempfile.TemporaryDirectory(prefix="osx-bench-export-") as tmp:
-        out = args.out or tmp
-        cmd = [sys.executable, __file__, *argv, "--child", "--out", out]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"export child failed ({done.returncode}):\n{done.stderr[-4000:]}")
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["peak_rss_over_weights"] = round(result["peak_rss_bytes"] / result["weight_bytes"], 2)
-    result["target_ratio"] = TARGET_RATIO
-    result["meets_target"] = result["peak_rss_over_weights"] <= TARGET_RATIO
-    return result
+    model = args.model or ("opensora-v1.2" if args.real_size else "opensora-v1.2-tiny")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="osx-bench-export-", dir=args.scratch) as tmp:
+        for name in args.component or list(DTYPES):
+            results.append(_run(model, name, DTYPES[name], Path(tmp) / name))
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+            shutil.rmtree(Path(tmp) / name, ignore_errors=True)
+    return {"model": model, "target_peak_rss_bytes": TARGET_PEAK, "components": results,
+            "meets_target": all(r["peak_rss_bytes"] <= TARGET_PEAK for r in results)}
 
 
-def _build(args):
-    """The component at full width in the export dtype, filled with seeded random weights: built with
-    that default dtype so no float32 copy ever exists (the real STDiT3 is 4.8 GB in fp32)."""
-    import dataclasses
-
-    import torch
-
-    from osx.components import component_specs
-    from osx.export.init import seeded_init_
-    from osx.export.reference import random_init_std
-    from osx.models import get_model_config
-
-    cfg = get_model_config(args.model)
-    if args.layers is not None:
-        if args.component == "denoiser":
-            cfg = dataclasses.replace(cfg, denoiser=dataclasses.replace(cfg.denoiser, depth=args.layers))
-        else:
-            cfg = dataclasses.replace(cfg, text_encoder=dataclasses.replace(cfg.text_encoder, num_layers=args.layers))
-    torch.set_default_dtype(torch.float16 if args.dtype == "fp16" else torch.float32)
-    try:
-        if args.component == "denoiser":
-            from osx.export.stdit3 import STDiT3
-
-            module, std = STDiT3(cfg.denoiser), random_init_std(cfg)["denoiser"]
-        else:
-            from osx.export.t5 import T5TextEncoder
-
-            module, std = T5TextEncoder(cfg.text_encoder), random_init_std(cfg)["t5"]
-    finally:
-        torch.set_default_dtype(torch.float32)
-    seeded_init_(module, cfg.random_init_seed, std=std)
-    return cfg, component_specs(cfg)[args.component], module.eval().requires_grad_(False)
-
-
-def _child(args) -> dict:
-    import gc
-
-    from osx.errors import ValidationError
-    from osx.export.onnx_export import export_component
-    from osx.export.validate import compare_onnx, torch_reference, validation_shapes
-
+def _run(model: str, name: str, dtype: str, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "osx", "export", "--model", model, "--random-weights", "--gpu", "cpu",
+           "--dtype", dtype, "--component", name, "--out", str(out)]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     start = time.perf_counter()
-    cfg, spec, module = _build(args)
-    unique = {t.untyped_storage().data_ptr(): t for t in module.state_dict().values()}  # T5 ties two names
-    params = sum(t.numel() for t in unique.values())
-    weight_bytes = sum(t.numel() * t.element_size() for t in unique.values())
-    built = time.perf_counter() - start
-    rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    dtype = args.dtype
-    path = Path(args.out) / f"{spec.name}.onnx"
-    info = export_component(module, spec, path, dtype=dtype, progress=lambda m: print(m, file=sys.stderr))
-    exported = time.perf_counter() - start
-    rss_exported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    rows = None
-    if args.validate:
-        io = spec.with_precision("float16" if dtype == "fp16" else "float32")
-        cases = torch_reference(module, io, validation_shapes(io), dtype)
-        del module
-        gc.collect()
-        try:
-            rows = compare_onnx(path, io, cases, dtype)
-        except ValidationError as e:  # reported, not fatal: the figures are what this measures
-            rows = e.rows
-    result = {
-        "model": cfg.name, "component": spec.name, "dtype": dtype, "layers": args.layers, "params": params,
-        "weight_bytes": weight_bytes,
-        "seconds": {"build": round(built, 1), "export": round(exported - built, 1), "total": round(time.perf_counter() - start, 1)},
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "peak_rss_after_build_bytes": rss_built, "peak_rss_after_export_bytes": rss_exported,
-        "onnx_bytes": path.stat().st_size, "data_file": info.data_file, "file_bytes": info.bytes,
-        "nodes": info.nodes, "export_notes": len(info.notes),
-        "validation": rows, "validation_passed": None if rows is None else all(r["ok"] for r in rows),
-    }
-    print(json.dumps(result))
-    return result
+    with open(out.parent / f"{name}.log", "w+") as log:
+        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            log.seek(0)
+            raise SystemExit(f"osx export --component {name} failed:\n{log.read()[-4000:]}")
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = manifest["components"][name]
+    params, weights = _initializers(out / entry["file"])
+    onnx_bytes = (out / entry["file"]).stat().st_size
+    data_bytes = (out / entry["data_file"]).stat().st_size if entry.get("data_file") else 0
+    peak = usage.ru_maxrss * 1024
+    v = entry["validation"]
+    return {"component": name, "dtype": entry["precision"], "params": params, "weights_bytes": weights,
+            "wall_s": round(wall, 1), "peak_rss_bytes": peak, "onnx_bytes": onnx_bytes, "data_bytes": data_bytes,
+            "peak_rss_over_weights": round(peak / weights, 3), "nodes": entry["nodes"],
+            "weights_sha256_checked": entry["weights_check"]["from_checkpoint_sha256_ok"],
+            "validation": {"graph": v.get("graph"), "depth": v.get("depth"), "tolerance": v["tolerance"],
+                           "worst_rel": max(r["max_rel"] for r in v["rows"]), "passed": all(r["ok"] for r in v["rows"])}}
+
+
+def _initializers(path: Path) -> tuple[int, int]:
+    """Elements and bytes of the graph's initializers (what the export streamed), from the .onnx alone."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    numel = [(math.prod(t.dims), tensor_dtype_to_np_dtype(t.data_type).itemsize) for t in graph.initializer]
+    return sum(n for n, _ in numel), sum(n * size for n, size in numel)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    print(json.dumps(main(sys.argv[1:]), indent=2))

@@ -138,3 +138,35 @@ def test_streamed_safetensors_and_reader(tmp_path):
     assert torch.equal(CheckpointReader(tmp_path / "p.bin").get("x"), torch.arange(6.0))
     with pytest.raises(CheckpointError, match="has no tensor 'y'"):
         CheckpointReader(tmp_path / "p.bin").get("y")
+
+
+def test_random_checkpoint_holds_the_reference_weights(reference, tmp_path):
+    """--random-weights writes each part as a checkpoint, one tensor at a time; its tensors are exactly
+    build_reference's (tied tensors once), so the streamed bundle is the reference model's export."""
+    from osx.export.reference import write_random_checkpoint
+
+    for part, attr in (("t5", "text_encoder"), ("denoiser", "denoiser"), ("vae", "vae")):
+        reader = CheckpointReader(write_random_checkpoint(TINY, part, tmp_path / f"{part}.safetensors", torch.float32))
+        state = getattr(reference, attr).state_dict()
+        assert set(reader.keys()) == set(state) - ({"encoder.embed_tokens.weight"} if part == "t5" else set())
+        assert all(torch.equal(reader.get(k), state[k]) for k in reader.keys())
+    half = CheckpointReader(write_random_checkpoint(TINY, "denoiser", tmp_path / "h.safetensors", torch.float16))
+    name = next(k for k in half.keys() if k.endswith(".weight") and len(half.shape(k)) == 2)
+    assert torch.equal(half.get(name), reference.denoiser.state_dict()[name].half())
+
+
+@pytest.mark.slow
+def test_large_components_validate_at_reduced_depth(tmp_path, monkeypatch):
+    """Above VALIDATION_BYTES the component is validated with its first blocks (same checkpoint, same
+    streamed path), the full graph structurally; --component exports just that component."""
+    from osx.export import exporter
+
+    monkeypatch.setattr(exporter, "VALIDATION_BYTES", 1000)
+    m = exporter.export_bundle("opensora-v1.2-tiny", tmp_path / "b", random_weights=True, only=("denoiser",),
+                               progress=lambda m: None)
+    c = m["components"]["denoiser"]
+    assert list(m["components"]) == ["denoiser"]
+    assert c["validation"]["depth"] == [1, 2] and "first 1 of 2 blocks" in c["validation"]["graph"]
+    assert all(r["ok"] for r in c["validation"]["rows"])
+    assert c["weights_check"]["from_checkpoint_sha256_ok"] > 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # scratch removed

@@ -27,8 +27,11 @@ def _terminated(signum, frame):
               help="GPU profile the bundle is planned for: a shipped name (rtx4090, ...), a .toml path, auto, or cpu.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Bundle folder to write (not needed with --dry-run).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="Float type of the ONNX graphs (the T5 encoder stays fp32: it overflows in fp16).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16", "plan"]), default="fp32", show_default=True,
+              help="Float type of the ONNX graphs; plan = each component in the plan's precision (fp16 graphs "
+              "under int8/fp8). The T5 encoder is never fp16 (it overflows): fp32 instead.")
+@click.option("--component", "only", multiple=True,
+              help="Export only this component (repeatable): a partial bundle, for re-exports and benchmarks.")
 @click.option("--precision", default="auto", show_default=True,
               help="Denoiser precision for the plan (auto = the profile's; fp32, bf16, fp16, int8, fp8).")
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
@@ -44,7 +47,7 @@ def _terminated(signum, frame):
               "(slower; end users need only TensorRT's dispatch/lean runtime).")
 @click.option("--dry-run", is_flag=True, help="Print the plan for --gpu (precision, shapes, memory, fit) and exit; no GPU needed.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
-def export(model_name, random_weights, checkpoint, denoiser, vae, t5, gpu, out, force, dtype, precision, calibration,
+def export(model_name, random_weights, checkpoint, denoiser, vae, t5, gpu, out, force, dtype, only, precision, calibration,
            allow_quality_loss, gate_min_cosine, gate_min_psnr, opset, with_vae_encoder, portable, dry_run, as_json):
     """Export a model to a bundle: every component to ONNX, validated against PyTorch with onnxruntime
     at two shapes; the manifest, tokenizer and null caption beside them. Written atomically."""
@@ -68,7 +71,8 @@ def export(model_name, random_weights, checkpoint, denoiser, vae, t5, gpu, out, 
     manifest = export_bundle(
         model_name, out, gpu=gpu, checkpoint=checkpoint, t5=t5, vae=vae, denoiser=denoiser,
         random_weights=random_weights, dtype=dtype, precision=precision, quantize=quantize, force=force,
-        opset=opset, with_vae_encoder=with_vae_encoder, portable=portable, progress=lambda m: click.echo(m, err=True),
+        opset=opset, with_vae_encoder=with_vae_encoder, portable=portable, only=tuple(only),
+        progress=lambda m: click.echo(m, err=True),
     )
     worst = max(r["max_rel"] for c in manifest["components"].values() for r in c["validation"]["rows"])
     click.echo(f"{out}: {', '.join(manifest['components'])} validated (worst relative error {worst:.1e}); "
