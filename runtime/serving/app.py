@@ -168,8 +168,6 @@ class Ingress:
             fields = _parse_options(body.decode("utf-8", "replace") or "{}", _REQUEST_FIELDS)
         except _ShimError as e:
             return _error(400, str(e).replace("options", "fields").replace("option ", "field "))
-        except RecursionError:
-            return _error(400, "request JSON is nested too deeply")
         name = fields.pop("model", None) or (next(iter(self.models)) if len(self.models) == 1 else None)
         if name not in self.models:
             return _error(400, f"unknown model {name!r}" if name else "no model given", hint=f"choose one of {', '.join(self.models)} (GET /v1/models)")
