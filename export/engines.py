@@ -41,7 +41,7 @@ def build_settings(cplan: ComponentPlan, *, portable: bool = False) -> dict:
     if portable and cplan.precision == "fp8":
         raise OsxError(f"{cplan.name}: a --portable engine must run on every Ampere-or-newer GPU, and FP8 needs "
                        "compute capability >= 8.9", hint="build portable engines with --precision int8, fp16 or bf16")
-    return {
+    settings = {
         "precision": cplan.precision,
         "strongly_typed": True,  # the graph's types are the engine's (the only mode TensorRT 11 has)
         "tf32": False,  # fp32 components stay exact fp32 (T5 on pre-Ampere cards)
@@ -50,6 +50,9 @@ def build_settings(cplan: ComponentPlan, *, portable: bool = False) -> dict:
         "exclude_lean_runtime": False,  # a portable plan carries its lean runtime
         "workspace_bytes": cplan.workspace_bytes,
     }
+    if cplan.streamed_bytes:  # TensorRT weight streaming: built streamable, run with this much weight on the card
+        settings["weight_streaming_budget"] = cplan.weight_bytes - cplan.streamed_bytes
+    return settings
 
 
 def profile_shapes(spec: ComponentSpec, dims: dict[str, DimRange]) -> dict[str, tuple[tuple[int, ...], ...]]:
@@ -197,7 +200,8 @@ def build_engines(bundle_dir: str | os.PathLike, components: dict[str, dict], pl
         target.parent.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
         request = BuildRequest(name, onnx_path, [profile_shapes(spec, dims) for dims in cplan.profiles],
-                               settings["workspace_bytes"], portable, cache, progress)
+                               settings["workspace_bytes"], portable, cache, progress,
+                               weight_streaming="weight_streaming_budget" in settings)
         engine_bytes, cache_bytes = build_engine(trt, request)
         _write_atomic(target, engine_bytes)
         if cache_bytes:

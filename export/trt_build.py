@@ -28,6 +28,7 @@ class BuildRequest:
     timing_cache: Path | None = None
     progress: bool = True
     notes: list[str] = field(default_factory=list)  # what the build reported (timing cache, warnings)
+    weight_streaming: bool = False  # a streamable engine: the runtime keeps part of its weights in host memory
 
 
 def _logger(trt):
@@ -112,6 +113,8 @@ def build_engine(trt, req: BuildRequest) -> tuple[bytes, bytes | None]:
     if req.portable:
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)  # the plan embeds its lean runtime
+    if req.weight_streaming:
+        config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)  # needs a strongly typed network: every one of ours is
     if req.progress:
         config.progress_monitor = _progress_monitor(trt, req.component)
 

@@ -4,7 +4,9 @@ backend's load path. A removed API (BuilderFlag.FP16 / BF16 on 11, ICudaEngine.d
 as it would there; the recorded calls show every engine is built strongly typed from a graph typed as the
 plan says, on the profiled GPU, and that the backend's transport returns the graph's outputs exactly."""
 
+import dataclasses
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -99,6 +101,35 @@ def test_build_is_strongly_typed_from_typed_graphs(standin, bundle, tmp_path, ve
         assert plan["onnx"] == engine["onnx_file"]
         assert len(plan["profiles"]) == (1 if name == "text_encoder" else 2)  # one per bucket (T5: bucket-free)
     assert ("cudaDeviceGetByPCIBusId", b"0000:01:00.0") in calls and ("cudaSetDevice", 0) in calls
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_weight_streaming_build_and_load(standin, bundle, tmp_path, monkeypatch, version):
+    """A component the plan streams (profiles/planner_v2.py sets its streamed bytes) is built with
+    WEIGHT_STREAMING, its engine key records the weights it keeps on the card, and the backend sets that
+    budget (weight_streaming_budget_v2) before making the execution context; other components are untouched."""
+    import osx.export.engines as engines
+    from osx.runtime.backend_trt import TrtBackend
+
+    real = engines.build_settings
+
+    def streamed(cplan, **kw):
+        if cplan.name == "denoiser":
+            cplan = dataclasses.replace(cplan, streamed_bytes=cplan.weight_bytes // 3)
+        return real(cplan, **kw)
+
+    monkeypatch.setattr(engines, "build_settings", streamed)
+    calls, _ = standin(version)
+    _build(bundle, _profile(tmp_path / "gpu.toml"))
+    flags = {Path(c[1]).name.split(".")[0]: c[2] for c in calls if c[0] == "build"}
+    assert "WEIGHT_STREAMING" in flags["denoiser"] and not any("WEIGHT_STREAMING" in flags[n] for n in ("text_encoder", "vae_decoder"))
+    b = Bundle.open(bundle)
+    budgets = {n: b.components[n]["engines"][0]["key"]["build_flags"].get("weight_streaming_budget") for n in PLANNED}
+    assert budgets["denoiser"] > 0 and budgets["text_encoder"] is None is budgets["vae_decoder"]
+    with TrtBackend(b, "denoiser") as backend:
+        assert backend.engine.weight_streaming_budget_v2 == budgets["denoiser"]
+    with TrtBackend(b, "vae_decoder") as backend:
+        assert not hasattr(backend.engine, "weight_streaming_budget_v2")
 
 
 @pytest.mark.parametrize("version", VERSIONS)
