@@ -214,7 +214,8 @@ def test_killed_replica_ends_the_job_and_service_goes_on(service):
     final = service.wait(body["id"], timeout=180)
     assert final["state"] in ("succeeded", "failed"), final
     if final["state"] == "succeeded":  # retried once on another replica
-        assert final["attempt"] == 2 and final["replica"] != running["replica"]
+        assert final["attempt"] == 2 and final["replica"] != running["replica"] and final["error"] is None
+        assert "ActorDiedError" in final["retried_because"]
     else:
         assert "replica stopped" in final["error"]
     code, body = service.json("POST", "/v1/videos", {"prompt": "next one", "steps": 2})

@@ -206,7 +206,7 @@ class Ingress:
                     if status is None or status["state"] in FINAL:
                         break
                     if attempt == 1 and not self.store.cancel_requested(job_id):
-                        self.store.write({**status, "state": "queued", "attempt": 2, "progress": None, "error": f"retrying: {reason}"})
+                        self.store.write({**status, "state": "queued", "attempt": 2, "progress": None, "retried_because": reason})
                     elif self.store.claim(job_id, attempt + 1):  # no replica will write to it any more
                         final = "cancelled" if self.store.cancel_requested(job_id) else "failed"
                         self.store.write({**status, "state": final, "error": f"{reason}; tried {attempt} time(s)"})
