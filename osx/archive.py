@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from osx.bundle import MANIFEST, Bundle, _check_schema, _referenced_files, is_bundle
+from osx.consistency import check_graphs, check_manifest
 from osx.errors import BundleError, OsxError
 from osx.files import check_replaceable, make_temp_dir, make_temp_file, replace_folder
 
@@ -270,5 +271,10 @@ def verify_path(path: str | os.PathLike) -> dict[str, Any]:
     """Fully verify a bundle folder or archive (schema, sizes, every sha256). Raises BundleError."""
     p = Path(path)
     if p.is_dir():
-        return Bundle.open(p, verify=True).manifest
-    return verify_archive(p)
+        manifest = Bundle.open(p, verify=True).manifest
+        check_manifest(manifest, p)
+        check_graphs(p, manifest)
+        return manifest
+    manifest = verify_archive(p)
+    check_manifest(manifest, p)
+    return manifest

@@ -21,6 +21,8 @@ from typing import Protocol
 import numpy as np
 
 from osx.bundle import Bundle
+from osx.consistency import ORT_TYPES
+from osx.engine_key import rebuild_command
 from osx.errors import BundleError, OsxError
 
 # name -> (module, class, constructor options)
@@ -65,12 +67,17 @@ def create_backend(bundle: Bundle, component: str, backend: str | None = None) -
     name = backend or bundle.components[component].get("backend", "onnxruntime")
     if name not in BACKENDS:
         raise OsxError(f"unknown backend {name!r} for {component}", hint=f"choose one of {', '.join(BACKENDS)}")
+    if name == "tensorrt" and not bundle.components[component].get("engines"):  # fail at open, not at generate
+        raise BundleError(f"{bundle.root}: {component} has no TensorRT engine in this bundle",
+                          hint=f"build them on the machine with the GPU: {rebuild_command(str(bundle.root))}; "
+                          "or run the ONNX graphs with --backend onnxruntime")
     module, cls, options = BACKENDS[name]
     try:
         backend_cls = getattr(importlib.import_module(module), cls)
     except ImportError as e:
         raise OsxError(f"backend {name!r} is not available: {e}",
-                       hint="install it (pip install 'osx[tensorrt]' for TensorRT) or pass --backend onnxruntime") from None
+                       hint='install it from the osx clone (pip install -e ".[tensorrt]" for TensorRT) '
+                       "or pass --backend onnxruntime") from None
     return backend_cls(bundle, component, **options)
 
 
@@ -123,6 +130,10 @@ class OrtBackend:
         if names != want:
             raise BundleError(f"{self.path.name} has inputs/outputs {names}, the manifest says {want}",
                               hint="the bundle is inconsistent; re-export it")
+        for i in session.get_inputs():  # an edited dtype: say so here, not as a failed run with a memory hint
+            if ORT_TYPES.get(i.type) != self.dtypes[i.name].name:
+                raise BundleError(f"{self.path.name}: input {i.name!r} is {i.type} in the graph, the manifest says "
+                                  f"{self.dtypes[i.name].name}", hint="the bundle is inconsistent; re-export it")
         self.session = session
         self.output_names = [t.name for t in self.spec.outputs]
 

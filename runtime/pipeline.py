@@ -35,13 +35,14 @@ import numpy as np
 
 from osx.bundle import Bundle
 from osx.components import PIPELINE_COMPONENTS as COMPONENTS
+from osx.consistency import check_manifest
 from osx.errors import BundleError, InputError, OsxError
 from osx.models import IMAGE_FPS, ModelConfig, SchedulerConfig, latent_frames, latent_size
 from osx.runtime import scheduler as rf
 from osx.runtime.backends import Backend, create_backend
 from osx.runtime.prompt import prepare_prompt
 from osx.runtime.request import MAX_FPS, MAX_GUIDANCE_SCALE, MAX_SEED, as_float, as_int, as_size, check_int_range, check_prompt
-from osx.runtime.tokenizer import TextTokenizer
+from osx.runtime.tokenizer import TextTokenizer, check_vocabulary
 from osx.runtime.video import to_uint8_frames
 
 Progress = Callable[[dict], "bool | None"]
@@ -80,6 +81,7 @@ class Pipeline:
         self.buckets = [(b["height"], b["width"], b["frames"]) for b in profile.get("buckets", [])] if static else []
         tok = m["tokenizer"]
         self.tokenizer = TextTokenizer(bundle.path(tok["file"]), tok["max_length"])
+        check_vocabulary(self.tokenizer.vocab_size, self.specs["text_encoder"].vocab_size, f"{bundle.root}: {tok['file']}")
         self.null_text = _load_null_text(bundle, self.specs["denoiser"])
         self.timings: dict = {}
         self._cancel = threading.Event()
@@ -91,6 +93,7 @@ class Pipeline:
         if not isinstance(bundle, Bundle):
             bundle = Bundle.open(bundle, verify=False)
             bundle.verify(checksums=verify)
+        check_manifest(bundle.manifest, bundle.root)  # ranges and dtypes: a clear error now, not a crash later
         missing = [c for c in COMPONENTS if c not in bundle.components]
         if missing:
             raise BundleError(f"{bundle.root}: bundle lacks {', '.join(missing)}", hint="re-export it with `osx export`")

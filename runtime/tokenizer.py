@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from osx.errors import BundleError
+from osx.errors import BundleError, OsxError
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -33,6 +33,7 @@ class TextTokenizer:
                 raise BundleError(f"cannot load tokenizer {Path(tokenizer)}: {e}",
                                   hint="the bundle's tokenizer.json is missing or corrupt; re-export the bundle") from None
         self.max_length = int(max_length)
+        self.vocab_size = base.get_vocab_size(with_added_tokens=True)
         self.pad_id = _special_id(base, pad_token)  # CLIP pads with its EOS, "<|endoftext|>"
         # Two configured copies: one counts the full length, one truncates and pads like Open-Sora.
         self._full = Tokenizer.from_str(base.to_str())
@@ -61,6 +62,17 @@ class TextTokenizer:
         ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(prompts), self.max_length)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64).reshape(len(prompts), self.max_length)
         return ids, mask
+
+
+def check_vocabulary(tokens: int, embedding_rows: int, where: str, error: type[OsxError] = BundleError) -> None:
+    """The tokenizer belongs to the text encoder: T5 pads its embedding table to a multiple of 128 rows
+    beyond the tokenizer's ids (32,100 ids, 32,128 rows), so the ids must fit the table (else they index past
+    it) and fill all but fewer than 128 of its rows (else it is another model's, or a damaged, tokenizer)."""
+    if embedding_rows and not embedding_rows - 128 < tokens <= embedding_rows:
+        raise error(f"{where}: the tokenizer has {tokens} tokens, the text encoder's embedding has {embedding_rows} rows; "
+                    f"a matching tokenizer has {max(1, embedding_rows - 127)}..{embedding_rows}",
+                    hint="the tokenizer (spiece.model / tokenizer.json) is corrupt or from another model; use the one "
+                    "from the same T5 checkpoint and re-export")
 
 
 def _special_id(tok: Tokenizer, token: str) -> int:

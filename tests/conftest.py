@@ -24,9 +24,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _io_only_graph(spec) -> bytes:
+    """An ONNX model declaring `spec`'s inputs and outputs and nothing else: what `bundle verify` reads."""
+    from onnx import TensorProto, helper
+
+    types = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64}
+    values = [[helper.make_tensor_value_info(t.name, types[spec.dtype_of(t)], None) for t in ts]
+              for ts in (spec.inputs, spec.outputs)]
+    return helper.make_model(helper.make_graph([], spec.name, *values)).SerializeToString()
+
+
 @pytest.fixture
 def fake_bundle(tmp_path):
-    """A small hand-made bundle (fake component bytes, real manifest schema, one TensorRT engine entry)
+    """A small hand-made bundle (graphs that declare their I/O only, real manifest schema, one TensorRT engine entry)
     for tests of the bundle container itself: archives, verify, info. Not runnable."""
     from osx.bundle import BundleWriter
     from osx.components import PIPELINE_COMPONENTS, component_specs
@@ -38,8 +48,8 @@ def fake_bundle(tmp_path):
     out = tmp_path / "fake_bundle"
     with BundleWriter(out) as w:
         comps = {}
-        for i, name in enumerate(PIPELINE_COMPONENTS):
-            (w.dir / f"{name}.onnx").write_bytes(bytes(range(256)) * (4 + i))
+        for name in PIPELINE_COMPONENTS:
+            (w.dir / f"{name}.onnx").write_bytes(_io_only_graph(specs[name]))
             comps[name] = {"file": f"{name}.onnx", "precision": "fp32", "backend": "onnxruntime", "io": specs[name].to_dict()}
         (w.dir / "engines").mkdir()
         (w.dir / "engines" / "denoiser.plan").write_bytes(b"\x07" * 3000)
