@@ -101,7 +101,7 @@ def check_build_machine(plan: Plan, machine: Machine, portable: bool) -> None:
                        hint="build on the target machine (`osx build BUNDLE --gpu auto`), or export with --gpu cpu")
     if "tensorrt" not in machine.runtimes:
         raise OsxError("building TensorRT engines needs the full TensorRT package (not only the lean runtime)",
-                       hint="pip install 'osx[tensorrt]' (see README, GPU profiles and TensorRT)")
+                       hint="pip install -e '.[tensorrt]' (see README, GPU profiles and TensorRT)")
     if portable and machine.compute_capability < (8, 0):
         raise OsxError(f"--portable engines are built on an Ampere or newer GPU; this one ({machine.gpu_name}) is {machine.cc_text}")
     for c in plan.components.values():
@@ -140,7 +140,7 @@ def _import_tensorrt():
         import tensorrt as trt
     except ImportError:
         raise OsxError("building TensorRT engines needs the tensorrt package",
-                       hint="pip install 'osx[tensorrt-cu12]' (driver >= 525) or 'osx[tensorrt-cu13]' (driver >= 580)") from None
+                       hint="pip install -e '.[tensorrt-cu12]' (driver >= 525) or '.[tensorrt-cu13]' (driver >= 580)") from None
     return trt
 
 

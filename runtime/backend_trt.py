@@ -116,7 +116,7 @@ class TrtBackend:
             return importlib.import_module(module or "tensorrt")
         except ImportError:
             raise BundleError(f"{self.component}: no TensorRT runtime that loads {entry['file']} is installed",
-                              hint="pip install 'osx[tensorrt-cu12]' (or the runtime named in `osx doctor`)") from None
+                              hint="pip install -e '.[tensorrt-cu12]' (or the runtime named in `osx doctor`)") from None
 
     def _check_io(self) -> None:
         names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}

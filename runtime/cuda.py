@@ -27,7 +27,7 @@ def cudart():
         try:
             from cuda import cudart as runtime
         except ImportError:
-            raise OsxError("cuda-python is not installed", hint="pip install 'osx[tensorrt-cu12]' (or tensorrt-cu13 "
+            raise OsxError("cuda-python is not installed", hint="pip install -e '.[tensorrt-cu12]' (or tensorrt-cu13 "
                            "for driver >= 580; see README, Installing TensorRT)") from None
     return runtime
 
@@ -66,13 +66,13 @@ def check_driver(rt=None) -> None:
     if driver < runtime:
         need = MIN_DRIVER.get(runtime[0], f"one that supports CUDA {runtime[0]}.{runtime[1]}")
         older = [m for m in MIN_DRIVER if m <= driver[0]]
-        instead = f", or pip install 'osx[tensorrt-cu{older[-1]}]' (CUDA {older[-1]} wheels)" if older else ""
+        instead = f", or pip install -e '.[tensorrt-cu{older[-1]}]' (CUDA {older[-1]} wheels)" if older else ""
         raise OsxError(f"the NVIDIA driver supports CUDA up to {driver[0]}.{driver[1]}, but cuda-python here is built "
                        f"for CUDA {runtime[0]}.{runtime[1]}", hint=f"install NVIDIA driver >= {need}{instead}")
     trt_major = tensorrt_cuda_major()
     if trt_major is not None and trt_major != runtime[0]:
         raise OsxError(f"TensorRT here is built for CUDA {trt_major}, cuda-python for CUDA {runtime[0]}",
-                       hint=f"pip install 'osx[tensorrt-cu{trt_major}]' (it pins cuda-python to CUDA {trt_major})")
+                       hint=f"pip install -e '.[tensorrt-cu{trt_major}]' (it pins cuda-python to CUDA {trt_major})")
 
 
 def normalize_bus_id(bus_id: str) -> str:

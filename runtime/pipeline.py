@@ -76,9 +76,7 @@ class Pipeline:
         profile = m.get("profile") or {}
         self.load_one_at_a_time = bool(profile.get("load_one_at_a_time", False))
         self.cfg_batching = bool(profile.get("cfg_batching", True)) and self.specs["denoiser"].dims["batch"].max >= 2
-        # TensorRT engines built for static shape buckets run those shapes only (ONNX graphs are dynamic)
-        static = profile.get("shapes", "dynamic") != "dynamic" and (backend_names or {}).get("denoiser") == "tensorrt"
-        self.buckets = [(b["height"], b["width"], b["frames"]) for b in profile.get("buckets", [])] if static else []
+        self.buckets = static_buckets(profile, (backend_names or {}).get("denoiser"))
         tok = m["tokenizer"]
         self.tokenizer = TextTokenizer(bundle.path(tok["file"]), tok["max_length"])
         check_vocabulary(self.tokenizer.vocab_size, self.specs["text_encoder"].vocab_size, f"{bundle.root}: {tok['file']}")
@@ -103,29 +101,11 @@ class Pipeline:
     # --- request ---------------------------------------------------------------------------------
     def supported(self) -> str:
         """What this bundle can generate, in pixels and frames."""
-        lim = self.limits()
-        if "buckets" in lim:
-            return "the shapes its engines were built for: " + ", ".join(f"{b['width']}x{b['height']} (WxH) with {b['frames']} frames" for b in lim["buckets"])
-        (w0, w1), (h0, h1) = lim["width"], lim["height"]
-        runs = ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in lim["frames"])
-        return f"width {w0}..{w1} px, height {h0}..{h1} px (each used rounded down to a multiple of 8), frames {runs}"
+        return describe_limits(self.limits())
 
     def limits(self) -> dict:
-        """`supported()` as data: {"width": [lo, hi], "height": [lo, hi], "frames": [[first, last], ...]}
-        in pixels (each used rounded down to a multiple of 8), or {"buckets": [{"height", "width", "frames"}]}."""
-        if self.buckets:
-            return {"buckets": [{"height": h, "width": w, "frames": f} for h, w, f in self.buckets]}
-        den, vae = self.specs["denoiser"].dims, self.specs["vae_decoder"].dims
-        lh = _intersect(den["latent_height"], vae["latent_height"])
-        lw = _intersect(den["latent_width"], vae["latent_width"])
-        chunk = self.model.vae.micro_frame_size
-        frames = [f for f in range(1, chunk * (den["latent_frames"].max + 1)) if self._frames_ok(f)]
-        return {"width": [8 * lw[0], 8 * lw[1] + 7], "height": [8 * lh[0], 8 * lh[1] + 7], "frames": _runs(frames)}
-
-    def _frames_ok(self, f: int) -> bool:
-        # Open-Sora's timestep transform takes floor(F / 17) * 5 latent frames: 0 for 2..16 frames
-        r = self.specs["denoiser"].dims["latent_frames"]
-        return (f == 1 or f >= self.model.vae.micro_frame_size) and r.contains(latent_frames(f, self.model.vae))
+        """`supported()` as data (see `shape_limits`)."""
+        return shape_limits(self.model, self.specs, self.buckets)
 
     def prepare_request(self, prompt: str, negative_prompt: str | None = None, *, num_frames: int | None = None,
                         height: int | None = None, width: int | None = None, fps: float | None = None,
@@ -160,7 +140,7 @@ class Pipeline:
             return None if (r.height, r.width, r.num_frames) in self.buckets else shape
         if r.num_frames < 1 or r.height < 8 or r.width < 8:
             return shape
-        if not self._frames_ok(r.num_frames):
+        if not _frames_ok(self.model, self.specs, r.num_frames):
             return f"{r.num_frames} frames"
         lh, lw = latent_size(r.height, r.width, self.model.vae)
         for name in ("denoiser", "vae_decoder"):
@@ -331,6 +311,44 @@ def _check_finite(a: np.ndarray, what: str) -> None:
         raise OsxError(f"{what} holds NaN or infinite values; no video was written",
                        hint="lower --guidance-scale or --steps towards the bundle's defaults; if that does not help, "
                        "the bundle's weights are broken (osx bundle verify, or re-export it)")
+
+
+def static_buckets(profile: dict, denoiser_backend: str | None) -> list[tuple[int, int, int]]:
+    """(height, width, frames) a bundle is limited to: TensorRT engines built for static shape buckets run
+    those shapes only (ONNX graphs are dynamic: [])."""
+    static = profile.get("shapes", "dynamic") != "dynamic" and denoiser_backend == "tensorrt"
+    return [(b["height"], b["width"], b["frames"]) for b in profile.get("buckets", [])] if static else []
+
+
+def shape_limits(model: ModelConfig, specs: dict, buckets=()) -> dict:
+    """What a bundle generates: {"width": [lo, hi], "height": [lo, hi], "frames": [[first, last], ...]} in
+    pixels of the output (a multiple of 8; a request in between is rounded down), or, for TensorRT engines
+    built for static shapes, {"buckets": [{"height", "width", "frames"}]}. Reads only the manifest's specs,
+    so `osx bundle info` shows the same as `generate`'s errors."""
+    if buckets:
+        return {"buckets": [{"height": h, "width": w, "frames": f} for h, w, f in buckets]}
+    den, vae = specs["denoiser"].dims, specs["vae_decoder"].dims
+    lh = _intersect(den["latent_height"], vae["latent_height"])
+    lw = _intersect(den["latent_width"], vae["latent_width"])
+    chunk = model.vae.micro_frame_size
+    frames = [f for f in range(1, chunk * (den["latent_frames"].max + 1)) if _frames_ok(model, specs, f)]
+    ds = model.vae.spatial_downsample
+    return {"width": [ds * lw[0], ds * lw[1]], "height": [ds * lh[0], ds * lh[1]], "frames": _runs(frames)}
+
+
+def describe_limits(lim: dict) -> str:
+    if "buckets" in lim:
+        return "the shapes its engines were built for: " + ", ".join(
+            f"{b['width']}x{b['height']} (WxH) with {b['frames']} frames" for b in lim["buckets"])
+    (w0, w1), (h0, h1) = lim["width"], lim["height"]
+    runs = ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in lim["frames"])
+    return f"width {w0}..{w1} px, height {h0}..{h1} px (multiples of 8; other sizes are rounded down), frames {runs}"
+
+
+def _frames_ok(model: ModelConfig, specs: dict, f: int) -> bool:
+    # Open-Sora's timestep transform takes floor(F / 17) * 5 latent frames: 0 for 2..16 frames
+    r = specs["denoiser"].dims["latent_frames"]
+    return (f == 1 or f >= model.vae.micro_frame_size) and r.contains(latent_frames(f, model.vae))
 
 
 def _intersect(a, b) -> tuple[int, int]:

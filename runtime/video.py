@@ -1,7 +1,7 @@
 """Frames to files: uint8 conversion as Open-Sora saves, mp4/webm writers, a PNG contact sheet.
 
 Writers (README "Video codecs and licensing"):
-  h264  PyAV (`pip install osx[h264]`): its wheel bundles FFmpeg with libx264, which is GPL.
+  h264  PyAV (`pip install -e '.[h264]'`): its wheel bundles FFmpeg with libx264, which is GPL.
   mp4v  OpenCV (base install, permissive licences): MPEG-4 Part 2 in .mp4; plays nearly everywhere
         but is larger than H.264 for the same quality.
   vp9   OpenCV: VP9 in .webm (browsers play it).
@@ -54,7 +54,7 @@ def resolve_codec(path: str | os.PathLike, codec: str = "auto") -> str:
                        hint="name the output .mp4 (h264 or mp4v) or .webm (vp9), or pick another --codec")
     if codec == "h264" and not has_pyav():
         raise OsxError("H.264 needs PyAV, which is not installed",
-                       hint="pip install 'osx[h264]' (PyAV bundles GPL x264; see the README), or use --codec mp4v")
+                       hint="pip install -e '.[h264]' (PyAV bundles GPL x264; see the README), or use --codec mp4v")
     return codec
 
 

@@ -8,7 +8,7 @@ import pytest
 
 def _gpu_skip_reason() -> str | None:
     if importlib.util.find_spec("tensorrt") is None:
-        return "TensorRT is not installed (pip install 'osx[tensorrt]' on a machine with an NVIDIA GPU)"
+        return "TensorRT is not installed (pip install -e '.[tensorrt]' from the osx clone, on a machine with an NVIDIA GPU)"
     if shutil.which("nvidia-smi") is None:
         return "no NVIDIA GPU / driver found (nvidia-smi missing)"
     return None

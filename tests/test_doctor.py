@@ -49,7 +49,7 @@ def test_report_gpu_with_full_tensorrt():
 
 
 def test_report_gpu_without_or_with_lean_tensorrt():
-    assert "NOT run TensorRT engines: pip install 'osx[tensorrt]'" in "\n".join(report(_facts(RTX4070))[0])
+    assert "NOT run TensorRT engines: pip install -e '.[tensorrt]'" in "\n".join(report(_facts(RTX4070))[0])
     lean = "\n".join(report(_facts(RTX4070, {"tensorrt_dispatch": "10.8.0.43"}))[0])
     assert "run portable (version-compatible) engines only" in lean
 

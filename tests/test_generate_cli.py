@@ -88,7 +88,7 @@ def test_bad_input_exit_2_with_clear_errors(tiny_bundle, tmp_path):
 
     r = osx("generate", tiny_bundle, "--prompt", "x", "--out", tmp_path / "a.mp4", "--resolution", "854x480")
     assert r.returncode == 2 and "854x480 (WxH): outside what this bundle supports" in r.stderr
-    assert "width 16..135 px, height 16..135 px" in r.stderr and "frames 1, 17..51" in r.stderr
+    assert "width 16..128 px, height 16..128 px" in r.stderr and "frames 1, 17..51" in r.stderr
 
     r = osx("generate", tiny_bundle, "--prompt", "x", "--out", tmp_path / "a.mp4", "--frames", "100")
     assert r.returncode == 2 and "100 frames: outside" in r.stderr

@@ -168,7 +168,7 @@ def test_bad_requests_fail_before_any_work(tiny_bundle, kwargs, message):
     with pytest.raises(InputError, match=message) as e:
         p.generate(PROMPT, **kwargs)
     if "outside" in message:
-        assert "width 16..135 px, height 16..135 px" in e.value.hint and "frames 1, 17..51" in e.value.hint
+        assert "width 16..128 px, height 16..128 px" in e.value.hint and "frames 1, 17..51" in e.value.hint
     assert not any(b.loaded for b in p.backends.values())
 
 

@@ -13,8 +13,8 @@ import pytest
 
 from osx.cli import main
 
-ray = pytest.importorskip("ray", reason="osx serve needs the `serve` extra (pip install 'osx[serve]')")
-serve = pytest.importorskip("ray.serve", reason="osx serve needs the `serve` extra (pip install 'osx[serve]')")
+ray = pytest.importorskip("ray", reason="osx serve needs the `serve` extra (pip install -e '.[serve]')")
+serve = pytest.importorskip("ray.serve", reason="osx serve needs the `serve` extra (pip install -e '.[serve]')")
 
 FINAL = ("succeeded", "failed", "cancelled")
 LONG = 150  # steps: several seconds on the tiny bundle, long enough to act on a job mid-run

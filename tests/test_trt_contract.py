@@ -201,7 +201,7 @@ def test_old_driver_says_which_driver_or_package(standin, bundle):
     with pytest.raises(OsxError) as e:
         cuda.check_driver()
     assert "supports CUDA up to 12.8" in e.value.message
-    assert "driver >= 580" in e.value.hint and "osx[tensorrt-cu12]" in e.value.hint
+    assert "driver >= 580" in e.value.hint and ".[tensorrt-cu12]" in e.value.hint
     assert TrtBackend  # the backend runs the same check before any allocation (test_backend_load_path)
 
 

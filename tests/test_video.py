@@ -35,7 +35,7 @@ def test_to_uint8_frames_equals_open_sora_save():
 @pytest.mark.parametrize("codec,name", [("h264", "clip.mp4"), ("mp4v", "clip.mp4"), ("vp9", "clip.webm")])
 def test_write_and_read_back(codec, name, tmp_path):
     if codec == "h264" and not video.has_pyav():
-        pytest.skip("PyAV (osx[h264]) not installed")
+        pytest.skip("PyAV (the h264 extra) not installed")
     frames = gradient_frames()
     out = video.write_video(frames, tmp_path / name, fps=24, codec=codec)
     assert out == tmp_path / name and out.stat().st_size > 0

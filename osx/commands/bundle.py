@@ -95,6 +95,8 @@ def info(path: Path):
         _table(["", "tensor", "dtype", "shape"],
                [_tensor_row("in", t) for t in io["inputs"]] + [_tensor_row("out", t) for t in io["outputs"]], indent="    ")
 
+    click.echo(f"\ngenerate  {_generate_limits(manifest)}")
+
     engines = [(name, e) for name, c in comps.items() for e in c.get("engines", [])]
     if engines:
         click.echo("\nTensorRT engines (each runs only on the GPU and TensorRT version it needs)")
@@ -108,6 +110,20 @@ def info(path: Path):
     if sched:
         click.echo("scheduler " + ", ".join(f"{k} {v}" for k, v in sched.items() if isinstance(v, (str, int, float))))
     click.echo(f"files     {len(files)}, {format_bytes(size_of(files))} (+ {archive.MANIFEST})")
+
+
+def _generate_limits(manifest: dict) -> str:
+    """The pixel sizes and frame counts `osx generate` accepts, from the manifest alone."""
+    from osx.components import ComponentSpec
+    from osx.models import ModelConfig
+    from osx.runtime.pipeline import describe_limits, shape_limits, static_buckets
+
+    comps = manifest["components"]
+    if "denoiser" not in comps or "vae_decoder" not in comps:
+        return "- (no denoiser and VAE decoder: not a text-to-video bundle)"
+    specs = {n: ComponentSpec.from_dict(comps[n]["io"]) for n in ("denoiser", "vae_decoder")}
+    buckets = static_buckets(manifest.get("profile") or {}, comps["denoiser"].get("backend"))
+    return describe_limits(shape_limits(ModelConfig.from_dict(manifest["model"]["config"]), specs, buckets))
 
 
 # --- verify / pack / unpack -----------------------------------------------------------------------------
@@ -126,7 +142,7 @@ def verify(path: Path):
             click.echo(f"  hint: {e.hint}", err=True)
         sys.exit(1)
     total = sum(m["bytes"] for m in manifest["files"].values())
-    click.echo(f"OK: {path}: {len(manifest['files'])} files, {format_bytes(total)}, all sha256 match")
+    click.echo(f"OK: {path}: {len(manifest['files'])} files + {archive.MANIFEST}, {format_bytes(total)}, all sha256 match")
 
 
 @bundle.command("pack")
@@ -136,7 +152,7 @@ def verify(path: Path):
 def pack(bundle_dir: Path, out: Path, force: bool):
     """Pack a bundle folder into one deterministic .osx.tar (same bundle, same bytes)."""
     manifest = archive.pack(bundle_dir, out, force=force)
-    click.echo(f"packed {bundle_dir} -> {out}: {len(manifest['files']) + 1} files, {format_bytes(out.stat().st_size)}")
+    click.echo(f"packed {bundle_dir} -> {out}: {len(manifest['files'])} files + {archive.MANIFEST}, {format_bytes(out.stat().st_size)}")
 
 
 @bundle.command("unpack")
@@ -147,7 +163,7 @@ def unpack(archive_path: Path, out_dir: Path, force: bool):
     """Unpack an archive into DIR. Unsafe members (absolute paths, `..`, links, devices) are refused and
     every checksum is verified before DIR appears."""
     b = archive.unpack(archive_path, out_dir, force=force)
-    click.echo(f"unpacked {archive_path} -> {out_dir}: {len(b.manifest['files']) + 1} files, all sha256 match")
+    click.echo(f"unpacked {archive_path} -> {out_dir}: {len(b.manifest['files'])} files + {archive.MANIFEST}, all sha256 match")
 
 
 # --- triton -------------------------------------------------------------------------------------------

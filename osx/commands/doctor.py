@@ -106,9 +106,9 @@ def report(facts: dict, model: str = "opensora-v1.2", manifest: dict | None = No
             lines.append(f"  - build TensorRT engines here (osx build BUNDLE --gpu auto) and run them; precisions: {precisions}")
         elif trt:
             lines.append("  - run portable (version-compatible) engines only: the lean/dispatch runtime cannot build; "
-                         "for native engines pip install 'osx[tensorrt]'")
+                         "for native engines pip install -e '.[tensorrt]'")
         else:
-            lines.append("  - NOT run TensorRT engines: pip install 'osx[tensorrt]' (see README, GPU profiles and TensorRT)")
+            lines.append("  - NOT run TensorRT engines: pip install -e '.[tensorrt]' (see README, GPU profiles and TensorRT)")
         try:
             g = gpus[0]
             info = GpuInfo(g["name"], cc, g["memory_bytes"])

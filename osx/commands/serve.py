@@ -62,7 +62,7 @@ def serve(bundles, replicas, autoscale, address, host, port, store, keep, queue,
     from osx.bundle import Bundle
 
     if importlib.util.find_spec("ray") is None or importlib.util.find_spec("fastapi") is None:
-        raise OsxError("osx serve needs Ray Serve, which is not installed", hint="pip install 'osx[serve]'")
+        raise OsxError("osx serve needs Ray Serve, which is not installed", hint="pip install -e '.[serve]'")
     if autoscale and replicas != 1:
         raise OsxError("--replicas and --autoscale exclude each other", hint="give one of them")
     if address and store is None:

@@ -4,7 +4,7 @@ Input "prompt" (one string) and optional "options" (one JSON string: negative_pr
 height, width, fps, steps, guidance_scale, seed; unset ones take the bundle's defaults). Output
 "frames": uint8 [frames, height, width, 3]. The scheduler loop is osx's own NumPy one
 (osx.runtime.Pipeline); each component call is a BLS request to the component's model in the same
-Triton server. Needs osx's base install in Triton's Python (`pip install osx`; no torch).
+Triton server. Needs osx's base install in Triton's Python (`pip install .` from the osx clone; no torch).
 """
 
 import json
