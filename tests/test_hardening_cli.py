@@ -53,7 +53,7 @@ def test_export_on_a_full_disk(tmp_path, capsys, monkeypatch):
     pytest.importorskip("torch")
     from osx.export import exporter
 
-    monkeypatch.setattr(exporter, "export_component", _fail_with(errno.ENOSPC, "No space left on device"))
+    monkeypatch.setattr(exporter, "export_one", _fail_with(errno.ENOSPC, "No space left on device"))
     code, _, err = run(capsys, "export", "--model", "opensora-v1.2-tiny", "--random-weights", "--out", tmp_path / "b")
     assert code == 2 and "No space left on device" in err and "hint:" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []

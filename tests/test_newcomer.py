@@ -41,7 +41,7 @@ def test_ci_runs_exactly_the_readme_test_command():
 
 
 def test_no_unpublished_package_names():
-    """osx is not on PyPI: `pip install osx[...]` would fail or install someone else's package."""
+    """osx is not on PyPI: installing it by that name would fail, or install someone else's package."""
     files = subprocess.run(["git", "ls-files", "*.py", "*.md", "*.toml"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     bad = [f"{f}:{i + 1}" for f in files for i, line in enumerate((ROOT / f).read_text().splitlines())
            if re.search(r"""pip install ['"]?osx\b|['"`]osx\[""", line)]
