@@ -9,7 +9,8 @@ process: the seeded random weights are written to a scratch checkpoint in the re
 at a time), the graph is traced on the meta device and every weight streamed from that checkpoint, the
 written initializers are checked (sha256) against it, and the component is validated against PyTorch
 (at reduced depth when large). Printed per component: params and weights_bytes (the graph's
-initializers), wall_s, peak_rss_bytes (the child alone, from wait4's rusage), onnx_bytes, data_bytes and
+initializers), wall_s, cpu_s (user + system: wall time on shared cores says little), peak_rss_bytes
+(the child alone, from wait4's rusage), onnx_bytes, data_bytes and
 peak_rss_over_weights. Target (issue 13): peak RSS <= 4 GiB for every component.
 """
 
@@ -72,7 +73,7 @@ def _run(model: str, name: str, dtype: str, out: Path) -> dict:
     peak = usage.ru_maxrss * 1024
     v = entry["validation"]
     return {"component": name, "dtype": entry["precision"], "params": params, "weights_bytes": weights,
-            "wall_s": round(wall, 1), "peak_rss_bytes": peak, "onnx_bytes": onnx_bytes, "data_bytes": data_bytes,
+            "wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "peak_rss_bytes": peak, "onnx_bytes": onnx_bytes, "data_bytes": data_bytes,
             "peak_rss_over_weights": round(peak / weights, 3), "nodes": entry["nodes"],
             "weights_sha256_checked": entry["weights_check"]["from_checkpoint_sha256_ok"],
             "validation": {"graph": v.get("graph"), "depth": v.get("depth"), "tolerance": v["tolerance"],
