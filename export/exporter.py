@@ -321,9 +321,10 @@ def span(profiles: list[dict[str, DimRange]]) -> dict[str, DimRange]:
 
 def _plan(gpu: str, model_cfg: ModelConfig, precision: str):
     from osx.profiles import detect_profile, load_profile, plan_that_fits
+    from osx.profiles.planner import machine_ram_bytes
 
     profile = detect_profile()[0] if gpu == "auto" else load_profile(gpu)
-    return plan_that_fits(profile, model_cfg, precision)
+    return plan_that_fits(profile, model_cfg, precision, machine_ram_bytes() if gpu == "auto" else None)
 
 
 def versions() -> dict[str, str]:

@@ -173,9 +173,17 @@ def _planner(model):
     return FAMILY_PLANNERS.get(getattr(model, "family", None), (make_plan, suggest_fits))
 
 
-def plan_that_fits(profile: Profile, model: ModelConfig, precision: str = "auto") -> Plan:
-    """make_plan, refused with the numbers and the nearest settings that fit when the plan does not fit."""
+def plan_that_fits(profile: Profile, model: ModelConfig, precision: str = "auto", host_ram_bytes: int | None = None) -> Plan:
+    """make_plan, refused with the numbers and the nearest settings that fit when the plan does not fit.
+    `host_ram_bytes`: the RAM of the machine that will run it, when known; the CPU components must fit it."""
     plan = _planner(model)[0](profile, model, precision)
+    plan.host_ram_bytes = host_ram_bytes
+    if not plan.host_fits:
+        cpu = ", ".join(f"{c.name} at {c.precision}" for c in plan.components.values() if c.device == "cpu")
+        raise OsxError(f"{model.name} on {profile.name} needs {format_bytes(plan.host_peak_bytes, 2)} of host RAM for the "
+                       f"components it runs on the CPU ({cpu}); this machine has {format_bytes(host_ram_bytes, 2)}",
+                       hint="a calibrated int8 text encoder needs about a quarter of that: set text_encoder = \"int8\" in a copy "
+                       "of the profile TOML and pass --gpu that.toml (with --calibration from osx calibrate); or add RAM")
     if not plan.fits:
         raise OsxError(_refusal(plan, precision), hint=_suggestion_hint(plan, precision))
     return plan

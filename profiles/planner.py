@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 
 from osx.components import NEVER_FP16, PIPELINE_COMPONENTS, ComponentSpec, DimRange, component_specs
@@ -98,6 +99,7 @@ class Plan:
     vae_chunk_latent_frames: int  # the VAE decodes this many latent frames per call
     budget_bytes: int  # 0: not planned against a budget (CPU)
     notes: list[str] = field(default_factory=list)
+    host_ram_bytes: int | None = None  # the RAM of the machine that runs the plan, when known (--gpu auto)
 
     def _run_peak(self, device: str) -> int:
         values = [c.run_bytes for c in self.components.values() if c.device == device]
@@ -118,8 +120,15 @@ class Plan:
         return self._run_peak("cpu")
 
     @property
+    def host_fits(self) -> bool:
+        """The CPU components fit this machine's RAM (True when the machine is not known: then the plan
+        states the need as a requirement)."""
+        return self.host_ram_bytes is None or self.host_peak_bytes <= self.host_ram_bytes
+
+    @property
     def fits(self) -> bool:
-        return self.budget_bytes == 0 or max(self.run_peak_bytes, self.build_peak_bytes) <= self.budget_bytes
+        gpu = self.budget_bytes == 0 or max(self.run_peak_bytes, self.build_peak_bytes) <= self.budget_bytes
+        return gpu and self.host_fits
 
     def to_dict(self) -> dict:
         p = self.profile
@@ -283,6 +292,14 @@ def resolve_precisions(profile: Profile, precision: str = "auto") -> dict[str, s
         on = profile.with_changes(compute_capability=None) if comp in profile.cpu_components else profile
         check_precision(comp, p, on)
     return out
+
+
+def machine_ram_bytes() -> int | None:
+    """This machine's physical RAM, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def make_plan(profile: Profile, model: ModelConfig, precision: str = "auto") -> Plan:

@@ -7,7 +7,7 @@ import json
 from osx.numeric import format_bytes
 from osx.profiles.detect import detect_profile
 from osx.profiles.fit import plan_that_fits
-from osx.profiles.planner import Plan
+from osx.profiles.planner import Plan, machine_ram_bytes
 from osx.profiles.profile import load_profile
 
 
@@ -50,12 +50,19 @@ def render_plan(plan: Plan) -> str:
     table = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     table.insert(1, "  ".join("-" * w for w in widths))
     tail = [""]
+    need = format_bytes(plan.host_peak_bytes, 2)
     if plan.budget_bytes:
         verdict = "fits" if plan.fits else "DOES NOT FIT"
+        if plan.fits and plan.host_peak_bytes and plan.host_ram_bytes is None:
+            verdict += f" if the machine has {need} of RAM for the CPU components"
         tail.append(f"GPU peak: {format_bytes(plan.run_peak_bytes, 2)} to run, {format_bytes(plan.build_peak_bytes, 2)} to build, "
                     f"budget {format_bytes(plan.budget_bytes, 2)}: {verdict}")
     if plan.host_peak_bytes:
-        tail.append(f"host RAM for CPU components: {format_bytes(plan.host_peak_bytes, 2)}")
+        if plan.host_ram_bytes is None:  # planned for a machine this is not: the need is a requirement
+            tail.append(f"host RAM: requires {need} for the CPU components (not checked: this is not the machine that runs it)")
+        else:
+            tail.append(f"host RAM: {need} for the CPU components, this machine has {format_bytes(plan.host_ram_bytes, 2)}: "
+                        + ("fits" if plan.host_fits else "DOES NOT FIT"))
     tail += [f"note: {n}" for n in plan.notes]
     if any(c.needs_calibration for c in plan.components.values()):
         tail.append("* INT8/FP8: explicit quantization (QDQ) from `osx calibrate`, built strongly typed")
@@ -73,7 +80,7 @@ def dry_run(gpu: str, model_name: str, precision: str = "auto", as_json: bool = 
     else:
         profile = load_profile(gpu)
     model = MODELS_V2[model_name] if model_name in MODELS_V2 else get_model_config(model_name)
-    plan = plan_that_fits(profile, model, precision)
+    plan = plan_that_fits(profile, model, precision, machine_ram_bytes() if gpu == "auto" else None)
     if as_json:
         d = plan.to_dict()
         if explanation:

@@ -29,7 +29,8 @@ def test_shipped_profile_validates_and_plans_the_real_model(name):
     for comp, precision in p.precision.items():  # the policy respects the compute capability rules
         on = p.with_changes(compute_capability=None) if comp in p.cpu_components else p
         check_precision(comp, precision, on)
-    assert p.precision["text_encoder"] in ("fp32", "bf16")
+    # T5 never fp16 (it overflows); on the CPU, onnxruntime's INT8 QDQ keeps it in 8 GB cards' desktops' RAM
+    assert p.precision["text_encoder"] in (("fp32", "int8") if "text_encoder" in p.cpu_components else ("fp32", "bf16"))
     if not p.is_cpu:
         cc = p.compute_capability
         best = "fp8" if cc >= (8, 9) else "int8" if cc >= (7, 5) else "fp16"
