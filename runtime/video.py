@@ -61,6 +61,8 @@ def resolve_codec(path: str | os.PathLike, codec: str = "auto") -> str:
 def check_writable(path: str | os.PathLike, codec: str = "auto", suffixes: tuple[str, ...] | None = None) -> Path:
     """Fail fast, before any compute, if `path` cannot be written: missing or read-only folder, a folder
     in the way, or an extension the codec cannot write (or not in `suffixes` when given, e.g. (".png",))."""
+    if "\0" in os.fspath(path):  # the OS would cut the name there: a stray file under another name
+        raise OsxError(f"cannot write {os.fspath(path)!r}: the name contains a NUL byte", hint="give a plain file name")
     path = Path(path)
     if suffixes is not None:
         if path.suffix.lower() not in suffixes:

@@ -69,3 +69,11 @@ def test_nul_in_output_path_fails_before_compute_and_writes_nothing(handle, tmp_
 
 def test_nul_in_bundle_path(tiny_bundle):
     assert shim.open_bundle(str(tiny_bundle) + "\0x", "{}") == shim.ERR_INVALID_ARGUMENT
+
+
+def test_check_writable_refuses_nul_for_python_callers(tmp_path):
+    from osx.errors import OsxError
+    from osx.runtime.video import check_writable
+
+    with pytest.raises(OsxError, match="NUL byte"):
+        check_writable(str(tmp_path / "a\0b.mp4"), "mp4v")
