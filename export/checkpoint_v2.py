@@ -6,6 +6,7 @@ Released layout (hpcai-tech/Open-Sora-v2 plus two Hugging Face folders):
   hunyuan_vae.safetensors         VAE
   google/t5-v1_1-xxl/             T5 (the whole encoder-decoder model; the decoder and LM head are unused)
   openai/clip-vit-large-patch14/  CLIP (the whole model; the vision tower and projections are unused)
+  flux1-dev.safetensors           Flux.1-dev, the t2i2v image model (optional: same MMDiT class, BFL's names)
 
 Every part must match its module key for key: missing, unexpected (beyond the unused halves above) and
 wrong-shape keys are listed in a CheckpointError (exit 2).
@@ -22,24 +23,28 @@ from osx.errors import CheckpointError
 from osx.export.checkpoint import PICKLE_SUFFIXES, CheckpointReader, check_fit, tensor_names
 from osx.export.clip import CLIP_UNUSED_PREFIXES
 
-PARTS = ("mmdit", "vae", "t5", "clip")
+PARTS = ("mmdit", "vae", "t5", "clip")  # required
+OPTIONAL_PARTS = ("flux",)  # t2i2v only; found and checked like the others, missing is no error
 RELEASED_NAMES = {
     "mmdit": "Open_Sora_v2.safetensors",
     "vae": "hunyuan_vae.safetensors",
     "t5": "google/t5-v1_1-xxl",
     "clip": "openai/clip-vit-large-patch14",
+    "flux": "flux1-dev.safetensors",
 }
-PART_NAMES = {"mmdit": "MMDiT weights", "vae": "HunyuanVideo VAE weights", "t5": "T5 folder", "clip": "CLIP folder"}
+PART_NAMES = {"mmdit": "MMDiT weights", "vae": "HunyuanVideo VAE weights", "t5": "T5 folder", "clip": "CLIP folder",
+              "flux": "Flux.1-dev weights"}
 # Keys a released file holds beyond what osx's module uses (the rest of a Hugging Face model).
-UNUSED_PREFIXES = {"mmdit": (), "vae": (), "t5": ("decoder.", "lm_head."), "clip": CLIP_UNUSED_PREFIXES}
+UNUSED_PREFIXES = {"mmdit": (), "vae": (), "t5": ("decoder.", "lm_head."), "clip": CLIP_UNUSED_PREFIXES, "flux": ()}
 # Names to fall back on when a pickle's tensor names cannot be read without loading it.
-NAME_HINTS = {"mmdit": ("open_sora", "mmdit"), "vae": ("hunyuan", "vae"), "t5": ("t5",), "clip": ("clip",)}
+NAME_HINTS = {"mmdit": ("open_sora", "mmdit"), "vae": ("hunyuan", "vae"), "t5": ("t5",), "clip": ("clip",),
+              "flux": ("flux1-dev.",)}  # not flux1-dev-ae
 MAX_DEPTH = 3  # ckpts/google/t5-v1_1-xxl/<weights>
 
 
 def identify(keys: list[str]) -> str | None:
-    """Which part a state dict is, from its tensor names: one of PARTS, "flux" (Flux.1-dev, the t2i2v image
-    model: same class, fused q/k/v, no cond_in), or None."""
+    """Which part a state dict is, from its tensor names: one of PARTS + OPTIONAL_PARTS ("flux": Flux.1-dev,
+    the same class with fused q/k/v and no cond_in), or None."""
     keys = [k.removeprefix("module.") for k in keys]
     if any(k.startswith("double_blocks.") for k in keys):
         return "mmdit" if "cond_in.weight" in keys else "flux"
@@ -62,8 +67,6 @@ def find_parts(folder: str | os.PathLike) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for entry, keys in _weight_entries(folder, MAX_DEPTH):
         part = identify(keys) if keys else _by_name(entry)
-        if part == "flux":
-            continue  # Flux.1-dev sits next to the v2.0 files for t2i2v; not a part of this model
         if part is None:
             continue
         if part in found:
@@ -74,11 +77,13 @@ def find_parts(folder: str | os.PathLike) -> dict[str, Path]:
 
 
 def resolve_parts(folder: str | os.PathLike | None = None, **paths) -> dict[str, Path]:
-    """All four parts: explicit `paths` (mmdit=..., vae=..., t5=..., clip=...) win over what `folder` holds."""
+    """All four parts, and Flux.1-dev where present: explicit `paths` (mmdit=..., vae=..., t5=..., clip=...,
+    flux=...) win over what `folder` holds."""
     parts = {k: Path(v) for k, v in paths.items() if v is not None}
-    unknown = set(parts) - set(PARTS)
+    unknown = set(parts) - set(PARTS + OPTIONAL_PARTS)
     if unknown:
-        raise CheckpointError(f"unknown checkpoint part(s) {', '.join(sorted(unknown))}", hint=f"parts: {', '.join(PARTS)}")
+        raise CheckpointError(f"unknown checkpoint part(s) {', '.join(sorted(unknown))}",
+                              hint=f"parts: {', '.join(PARTS + OPTIONAL_PARTS)}")
     if folder is not None:
         parts = {**find_parts(folder), **parts}
     missing = [p for p in PARTS if p not in parts]
@@ -103,12 +108,9 @@ def load_part(module: torch.nn.Module, path: str | os.PathLike, part: str, dtype
     """
     reader = CheckpointReader(path)
     kind = identify(reader.keys())
-    if kind == "flux":
-        raise CheckpointError(f"{path} is Flux.1-dev (fused q/k/v, no cond_in), Open-Sora v2.0's text-to-image model",
-                              hint=f"the v2.0 video MMDiT is {RELEASED_NAMES['mmdit']}")
     if kind is not None and kind != part:
         raise CheckpointError(f"{path} holds {PART_NAMES[kind]}, not {PART_NAMES[part]}",
-                              hint=f"pass it as the {kind} part")
+                              hint=f"pass it as the {kind} part; {PART_NAMES[part]} ship as {RELEASED_NAMES[part]}")
     keys = [k for k in reader.keys() if not k.startswith(UNUSED_PREFIXES[part])]
     check_fit(module, {k: reader.shape(k) for k in keys}, str(path), recomputable=())
     on_meta = any(p.is_meta for p in module.parameters())

@@ -2,12 +2,14 @@
 
 Same parameter names and maths as Open-Sora's `opensora/models/mmdit/{model,layers,math}.py` at the v2.0
 config (`fused_qkv=False`, `use_liger_rope=True`, `cond_embed=True`), so `Open_Sora_v2.safetensors` loads
-key for key; rewritten without flash-attn, liger-kernel, einops or torch.compile so that it runs on a CPU
+key for key; at Flux.1-dev's switches (`osx.models_v2.FLUX1_DEV`: guidance embedding, no `cond_in`, fused
+qkv, interleaved RoPE) the same classes load BFL's `flux1-dev.safetensors`; rewritten without flash-attn, liger-kernel, einops or torch.compile so that it runs on a CPU
 and traces to ONNX. Facts and traps: shared/design/opensora-v2.0.md, section 2.
 
 Inputs are the packed sequences Open-Sora feeds (see `pack`): the noisy latent `img` [B, N, 64], T5 states
 `txt` [B, L, 4096], timesteps t in [0, 1] [B], CLIP pooled `y_vec` [B, 768], the conditioning `cond`
-[B, N, 68] (mask + reference latent, zeros for t2v), and the RoPE tables `cos`, `sin` [1, L + N, 128] of
+[B, N, 68] (mask + reference latent, zeros for t2v; None for Flux), Flux's guidance scale [B] (None for
+v2.0), and the RoPE tables `cos`, `sin` [1, L + N, 128] of
 `rope_tables`. The tables are inputs (not recomputed from position ids inside) because they only depend on
 the video's shape: the sampler builds them once per video, an export takes them from the host.
 
@@ -54,15 +56,15 @@ def rope_tables(cfg: MMDiTConfig, ids: torch.Tensor) -> tuple[torch.Tensor, torc
     """cos, sin [..., N, head_dim] float32 for positions `ids` [..., N, 3].
 
     Per axis a (dims d_a = 16, 56, 56): angles pos_a * theta**(-2j/d_a), j < d_a/2; the three angle lists
-    are concatenated ([t 8 | h 28 | w 28] = 64) and repeated twice, the rotate-half layout (not Flux's
-    interleaved pairs).
+    are concatenated ([t 8 | h 28 | w 28] = 64), then laid out for `apply_rope`: repeated twice for v2.0's
+    rotate-half pairs (j, j + 64), each repeated in place for Flux's interleaved pairs (2j, 2j + 1).
     """
     angles = []
     for a, d in enumerate(cfg.axes_dim):
         omega = 1.0 / cfg.theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
         angles.append(ids[..., a : a + 1].float() * omega)
     angles = torch.cat(angles, dim=-1)
-    angles = torch.cat([angles, angles], dim=-1)
+    angles = angles.repeat_interleave(2, dim=-1) if cfg.interleaved_rope else torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
 
@@ -73,11 +75,16 @@ def video_rope(cfg: MMDiTConfig, txt_len: int, T: int, h: int, w: int) -> tuple[
     return cos[None], sin[None]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on x [B, H, L, D] in float32: out = x*cos + cat(-x2, x1)*sin, x1/x2 = halves of D."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """RoPE on x [B, H, L, D] in float32: out = x*cos + rotated*sin, with the pairs (x1, x2) turned to
+    (-x2, x1): x1/x2 the halves of D (rotate-half), or the even/odd dims (interleaved, Flux's layout)."""
     xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
+    if interleaved:
+        pairs = xf.unflatten(-1, (-1, 2))
+        rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    else:
+        x1, x2 = xf.chunk(2, dim=-1)
+        rotated = torch.cat([-x2, x1], dim=-1)
     return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
 
 
@@ -126,21 +133,28 @@ class QKNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """The projections of one stream of a double block (the attention itself is joint, in the block)."""
+    """The projections of one stream of a double block (the attention itself is joint, in the block):
+    q/k/v_proj, or one `qkv` Linear whose output is [q | k | v] (fused, BFL's names)."""
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, fused: bool):
         super().__init__()
         self.num_heads = num_heads
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
+        if fused:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        else:
+            self.q_proj = nn.Linear(dim, dim)
+            self.k_proj = nn.Linear(dim, dim)
+            self.v_proj = nn.Linear(dim, dim)
         self.norm = QKNorm(dim // num_heads)
         self.proj = nn.Linear(dim, dim)
 
-    def qkv(self, x):
+    def project(self, x):
         """-> q, k, v [B, H, L, D], q and k RMS-normalised per head."""
-        q, k, v = (heads(p(x), self.num_heads) for p in (self.q_proj, self.k_proj, self.v_proj))
-        return self.norm.query_norm(q).to(v.dtype), self.norm.key_norm(k).to(v.dtype), v
+        if hasattr(self, "qkv"):
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return normed_heads(self.norm, q, k, v, self.num_heads)
 
 
 class Modulation(nn.Module):
@@ -159,9 +173,16 @@ def heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.reshape(B, L, num_heads, C // num_heads).transpose(1, 2)
 
 
-def attention(q, k, v, cos, sin) -> torch.Tensor:
+def normed_heads(norm: QKNorm, q, k, v, num_heads: int):
+    """[B, L, C] q, k, v -> [B, H, L, D] each, q and k RMS-normalised per head and cast to v's dtype."""
+    q, k, v = (heads(x, num_heads) for x in (q, k, v))
+    return norm.query_norm(q).to(v.dtype), norm.key_norm(k).to(v.dtype), v
+
+
+def attention(q, k, v, cos, sin, interleaved: bool = False) -> torch.Tensor:
     """Unmasked joint attention with RoPE on q and k, softmax scale 1/sqrt(D); -> [B, L, H*D]."""
-    out = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+    q, k = apply_rope(q, cos, sin, interleaved), apply_rope(k, cos, sin, interleaved)
+    out = F.scaled_dot_product_attention(q, k, v)
     B, H, L, D = out.shape
     return out.transpose(1, 2).reshape(B, L, H * D)
 
@@ -184,19 +205,21 @@ class DoubleStreamBlock(nn.Module):
     def __init__(self, cfg: MMDiTConfig):
         super().__init__()
         C = cfg.hidden_size
+        self.interleaved = cfg.interleaved_rope
         self.img_mod = Modulation(C, 6)
-        self.img_attn = Attention(C, cfg.num_heads)
+        self.img_attn = Attention(C, cfg.num_heads, cfg.fused_qkv)
         self.img_mlp = mlp(C, cfg.mlp_hidden_dim)
         self.txt_mod = Modulation(C, 6)
-        self.txt_attn = Attention(C, cfg.num_heads)
+        self.txt_attn = Attention(C, cfg.num_heads, cfg.fused_qkv)
         self.txt_mlp = mlp(C, cfg.mlp_hidden_dim)
 
     def forward(self, img, txt, vec, cos, sin):
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
-        img_q, img_k, img_v = self.img_attn.qkv((1 + img_scale1) * layer_norm(img) + img_shift1)
-        txt_q, txt_k, txt_v = self.txt_attn.qkv((1 + txt_scale1) * layer_norm(txt) + txt_shift1)
-        out = attention(torch.cat([txt_q, img_q], 2), torch.cat([txt_k, img_k], 2), torch.cat([txt_v, img_v], 2), cos, sin)
+        img_q, img_k, img_v = self.img_attn.project((1 + img_scale1) * layer_norm(img) + img_shift1)
+        txt_q, txt_k, txt_v = self.txt_attn.project((1 + txt_scale1) * layer_norm(txt) + txt_shift1)
+        q, k, v = (torch.cat(pair, 2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
+        out = attention(q, k, v, cos, sin, self.interleaved)
         L = txt.shape[1]
         txt_out, img_out = out[:, :L], out[:, L:]
 
@@ -208,15 +231,21 @@ class DoubleStreamBlock(nn.Module):
 
 
 class SingleStreamBlock(nn.Module):
-    """One stream over [txt; img]: attention and MLP in parallel from one modulated input."""
+    """One stream over [txt; img]: attention and MLP in parallel from one modulated input.
+
+    Projections: q_proj, k_proj and v_mlp = [v | MLP input] (v2.0), or BFL's fused linear1 = [q | k | v | MLP
+    input] (Flux.1-dev)."""
 
     def __init__(self, cfg: MMDiTConfig):
         super().__init__()
         C = cfg.hidden_size
-        self.num_heads, self.hidden_size = cfg.num_heads, C
-        self.q_proj = nn.Linear(C, C)
-        self.k_proj = nn.Linear(C, C)
-        self.v_mlp = nn.Linear(C, C + cfg.mlp_hidden_dim)  # v, then the MLP's input
+        self.num_heads, self.hidden_size, self.interleaved = cfg.num_heads, C, cfg.interleaved_rope
+        if cfg.fused_qkv:
+            self.linear1 = nn.Linear(C, 3 * C + cfg.mlp_hidden_dim)
+        else:
+            self.q_proj = nn.Linear(C, C)
+            self.k_proj = nn.Linear(C, C)
+            self.v_mlp = nn.Linear(C, C + cfg.mlp_hidden_dim)
         self.linear2 = nn.Linear(C + cfg.mlp_hidden_dim, C)  # attention out and MLP out, together
         self.norm = QKNorm(cfg.head_dim)
         self.modulation = Modulation(C, 3)
@@ -224,11 +253,14 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x, vec, cos, sin):
         shift, scale, gate = self.modulation(vec)
         a = (1 + scale) * layer_norm(x) + shift
-        v, mlp_in = self.v_mlp(a).split([self.hidden_size, self.v_mlp.out_features - self.hidden_size], dim=-1)
-        v = heads(v, self.num_heads)
-        q = self.norm.query_norm(heads(self.q_proj(a), self.num_heads)).to(v.dtype)
-        k = self.norm.key_norm(heads(self.k_proj(a), self.num_heads)).to(v.dtype)
-        out = torch.cat([attention(q, k, v, cos, sin), F.gelu(mlp_in, approximate="tanh")], dim=-1)
+        C = self.hidden_size
+        if hasattr(self, "linear1"):
+            q, k, v, mlp_in = self.linear1(a).split([C, C, C, self.linear1.out_features - 3 * C], dim=-1)
+        else:
+            v, mlp_in = self.v_mlp(a).split([C, self.v_mlp.out_features - C], dim=-1)
+            q, k = self.q_proj(a), self.k_proj(a)
+        q, k, v = normed_heads(self.norm, q, k, v, self.num_heads)
+        out = torch.cat([attention(q, k, v, cos, sin, self.interleaved), F.gelu(mlp_in, approximate="tanh")], dim=-1)
         return x + gate * self.linear2(out)
 
 
@@ -247,7 +279,9 @@ class LastLayer(nn.Module):
 
 
 class MMDiT(nn.Module):
-    """`forward(img, txt, timesteps, y_vec, cond, cos, sin) -> velocity [B, N, in_channels]` (packed)."""
+    """`forward(img, txt, timesteps, y_vec, cond, cos, sin, guidance=None) -> velocity [B, N, in_channels]`
+    (packed). `cond` is required exactly when the config has `cond_embed` (v2.0), `guidance` exactly when it
+    has `guidance_embed` (Flux.1-dev), as in Open-Sora, which raises on a missing one."""
 
     def __init__(self, cfg: MMDiTConfig):
         super().__init__()
@@ -258,18 +292,28 @@ class MMDiT(nn.Module):
         self.img_in = nn.Linear(cfg.in_channels, C)
         self.time_in = MLPEmbedder(cfg.timestep_dim, C)
         self.vector_in = MLPEmbedder(cfg.vec_in_dim, C)
-        self.cond_in = nn.Linear(cfg.cond_channels, C)
+        if cfg.guidance_embed:
+            self.guidance_in = MLPEmbedder(cfg.timestep_dim, C)
+        if cfg.cond_embed:
+            self.cond_in = nn.Linear(cfg.cond_channels, C)
         self.txt_in = nn.Linear(cfg.context_in_dim, C)
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.depth))
         self.single_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.depth_single_blocks))
         self.final_layer = LastLayer(C, cfg.in_channels)
 
-    def forward(self, img, txt, timesteps, y_vec, cond, cos, sin):
-        dtype = self.img_in.weight.dtype
-        img, txt, y_vec, cond = (x.to(dtype) for x in (img, txt, y_vec, cond))
-        t_emb = timestep_embedding(timesteps, self.cfg.timestep_dim, self.cfg.time_factor).to(dtype)
-        vec = self.time_in(t_emb) + self.vector_in(y_vec)
-        img = self.img_in(img) + self.cond_in(cond)
+    def forward(self, img, txt, timesteps, y_vec, cond, cos, sin, guidance=None):
+        cfg, dtype = self.cfg, self.img_in.weight.dtype
+        for name, value, wanted in (("cond", cond, cfg.cond_embed), ("guidance", guidance, cfg.guidance_embed)):
+            if (value is None) == wanted:
+                raise ValueError(f"this MMDiT {'needs' if wanted else 'takes no'} {name} input")
+        img, txt, y_vec = (x.to(dtype) for x in (img, txt, y_vec))
+        vec = self.time_in(timestep_embedding(timesteps, cfg.timestep_dim, cfg.time_factor).to(dtype))
+        if cfg.guidance_embed:  # the guidance scale is embedded like a timestep (x1000), Open-Sora's order of sums
+            vec = vec + self.guidance_in(timestep_embedding(guidance, cfg.timestep_dim, cfg.time_factor).to(dtype))
+        vec = vec + self.vector_in(y_vec)
+        img = self.img_in(img)
+        if cfg.cond_embed:
+            img = img + self.cond_in(cond.to(dtype))
         txt = self.txt_in(txt)
         for block in self.double_blocks:
             img, txt = block(img, txt, vec, cos, sin)

@@ -21,8 +21,9 @@ from osx.models import TextEncoderConfig
 class MMDiTConfig:
     """Open-Sora v2.0's Flux-style MMDiT (`opensora/models/mmdit`, configs/diffusion/inference/256px.py).
 
-    Fixed in v2.0 and so not options here: q/k/v biases, separate q/k/v projections (`fused_qkv=False`),
-    rotate-half RoPE (`use_liger_rope=True`), the `cond_in` embedder, no guidance embedder.
+    The same class builds Flux.1-dev, t2i2v's first-frame model (`FLUX1_DEV`), by four switches; Open-Sora's
+    names for them: `guidance_embed`, `cond_embed`, `fused_qkv` and `use_liger_rope` (= not interleaved).
+    Always on: q/k/v biases.
     """
 
     in_channels: int = 64  # 16 latent channels x 2x2 patch
@@ -38,6 +39,10 @@ class MMDiTConfig:
     patch_size: int = 2
     time_factor: float = 1000.0
     timestep_dim: int = 256
+    guidance_embed: bool = False  # `guidance_in` embeds the distilled guidance scale into vec (Flux.1-dev)
+    cond_embed: bool = True  # `cond_in` takes the i2v/v2v conditioning (mask + reference latent)
+    fused_qkv: bool = False  # BFL's `*_attn.qkv` and single blocks' `linear1` instead of q/k/v_proj, v_mlp
+    interleaved_rope: bool = False  # RoPE pairs (2j, 2j+1) as in BFL's Flux, not (j, j + D/2) as in v2.0
 
     @property
     def head_dim(self) -> int:
@@ -306,6 +311,13 @@ OPENSORA_V2_0_TINY = OpenSoraV2Config(
     resolutions={"64px": 64, "96px": 96},  # 96 px: larger than the tiny VAE's 64 px tiles
     max_frames=33,
 )
+
+# Flux.1-dev (BFL's flux1-dev.safetensors), the t2i2v image model: Open-Sora builds it from the same class
+# (`t2i2v_*.py` configs) with the flags at Flux's values; the tiny one keeps the v2.0 tiny widths.
+_FLUX_SWITCHES = dict(guidance_embed=True, cond_embed=False, fused_qkv=True, interleaved_rope=True)
+FLUX1_DEV = MMDiTConfig(**_FLUX_SWITCHES)
+FLUX1_DEV_TINY = dataclasses.replace(OPENSORA_V2_0_TINY.mmdit, **_FLUX_SWITCHES)
+FLUX_MODELS: dict[str, MMDiTConfig] = {"flux1-dev": FLUX1_DEV, "flux1-dev-tiny": FLUX1_DEV_TINY}
 
 MODELS_V2: dict[str, OpenSoraV2Config] = {m.name: m for m in (OPENSORA_V2_0, OPENSORA_V2_0_TINY)}
 

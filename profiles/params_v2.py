@@ -16,8 +16,10 @@ def mmdit_params(m: MMDiTConfig) -> Params:
     qk_norm = Params(0, 2 * hd)
     stream = linear(C, 6 * C) + linear(C, C) * 4 + qk_norm + linear(C, mlp) + linear(mlp, C)  # mod, q k v proj, mlp
     single = linear(C, C) * 2 + linear(C, C + mlp) + linear(C + mlp, C) + qk_norm + linear(C, 3 * C)
-    top = (linear(m.in_channels, C) + linear(m.timestep_dim, C) + linear(C, C) + linear(m.vec_in_dim, C) + linear(C, C)
-           + linear(m.cond_channels, C) + linear(m.context_in_dim, C) + linear(C, m.in_channels) + linear(C, 2 * C))
+    embedder = linear(m.timestep_dim, C) + linear(C, C)  # time_in, and guidance_in (Flux.1-dev)
+    top = (linear(m.in_channels, C) + embedder + linear(m.vec_in_dim, C) + linear(C, C) + linear(m.context_in_dim, C)
+           + linear(C, m.in_channels) + linear(C, 2 * C))
+    top = top + (linear(m.cond_channels, C) if m.cond_embed else Params()) + (embedder if m.guidance_embed else Params())
     return top + stream * (2 * m.depth) + single * m.depth_single_blocks
 
 

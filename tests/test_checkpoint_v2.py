@@ -70,6 +70,8 @@ def test_parts_found_by_tensor_names(released, tmp_path):
     save_safetensors({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2)}, renamed / "flux1-dev.safetensors")
     found = find_parts(renamed)
     assert found["mmdit"].name == "weights_a.safetensors" and found["vae"].name == "weights_b.safetensors"
+    assert found["flux"].name == "flux1-dev.safetensors"  # the optional t2i2v part
+    assert resolve_parts(renamed)["flux"] == found["flux"]
 
 
 def test_identify():
