@@ -248,7 +248,8 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
     for component, dst in quantized.items():
         old = components[component]
         data = dst.with_name(dst.name + ".data")
-        entry = {k: v for k, v in old.items() if k != "data_file"}
+        # the fused fp32 graph (osx.export.ort_optimize) is not what runs any more
+        entry = {k: v for k, v in old.items() if k not in ("data_file", "onnxruntime_file", "onnxruntime_graph")}
         # The floating-point graph stays (its external data too, beside it): `osx build` can re-plan the
         # bundle for a GPU without int8/fp8 (export.engines.onnx_source reads "onnx_files").
         entry["onnx_files"] = {**old.get("onnx_files", {}), old["precision"]: old["file"]}

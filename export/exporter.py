@@ -42,6 +42,7 @@ from osx.components import COMPONENTS, NEVER_FP16, DimRange, component_specs
 from osx.errors import CheckpointError, OsxError
 from osx.export.checkpoint import CheckpointReader
 from osx.export.onnx_export import DTYPES, OPSETS
+from osx.export.ort_optimize import FUSABLE, add_onnxruntime_graph
 from osx.export.validate import (
     compare_onnx, format_table, fp16_noise, fp16_tolerance, torch_reference, validation_shapes,
 )
@@ -134,6 +135,12 @@ def export_bundle(
             entry = export_one(name, model_cfg, part_factories, readers[part], io, dtypes[name], writer.dir, scratch,
                                opset=opset, external_data_threshold=external_data_threshold,
                                say=lambda m, n=name: say(f"{n}: {m}"), progress=progress)
+            # a graph fused for onnxruntime where onnxruntime runs it at fp32 (int8/fp8 are quantized from the portable one)
+            runs_as = (cplan.backend, cplan.precision) if cplan else ("onnxruntime", dtypes[name])
+            if name in FUSABLE and dtypes[name] == "fp32" and runs_as == ("onnxruntime", "fp32"):
+                say(f"{name}: fusing for onnxruntime (GELU, RMSNorm, LayerNorm), checking the fused graph")
+                entry.update(add_onnxruntime_graph(writer.dir, name, entry["file"], io.with_precision("float32"),
+                                                   entry["validation"]["tolerance"]))
             components[name] = {
                 **entry,
                 "backend": cplan.backend if cplan else "onnxruntime",

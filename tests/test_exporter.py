@@ -60,8 +60,27 @@ def test_manifest_describes_every_component(tiny_bundle):
     assert b.components["denoiser"]["null_text_file"] == "null_text.npy"
 
 
+def test_onnxruntime_graphs_are_fused_and_validated(tiny_bundle):
+    """The text encoder and denoiser get a second graph fused for onnxruntime (GELU, RMSNorm), validated
+    against PyTorch like the portable one; the VAE (convolutions) does not."""
+    b = Bundle.open(tiny_bundle)
+    for name, c in b.components.items():
+        if name == "vae_decoder":
+            assert "onnxruntime_file" not in c
+            continue
+        assert c["onnxruntime_file"] == f"{name}.ort.onnx" and c["onnxruntime_file"] in b.manifest["files"]
+        graph = onnx.load(b.path(c["onnxruntime_file"])).graph
+        ops = Counter(n.op_type for n in graph.node)
+        g = c["onnxruntime_graph"]
+        assert g["nodes"] == [c["nodes"], len(graph.node)] and len(graph.node) < c["nodes"]
+        assert g["fused"] == {op: ops[op] for op in g["fused"]}
+        assert ops["FastGelu"] > 0 and ops["SimplifiedLayerNormalization"] > 0 and ops["Tanh"] == 0
+        assert all(r["ok"] and r["max_rel"] <= 1e-4 for r in g["rows"])
+
+
 def test_every_onnx_passes_the_full_checker(tiny_bundle):
-    files = sorted(tiny_bundle.glob("*.onnx"))
+    """The portable graphs (standard ONNX operators only; the fused .ort.onnx graphs use onnxruntime's)."""
+    files = sorted(f for f in tiny_bundle.glob("*.onnx") if not f.name.endswith(".ort.onnx"))
     assert [f.stem for f in files] == sorted(PIPELINE_COMPONENTS)
     for f in files:
         onnx.checker.check_model(str(f), full_check=True)
@@ -84,16 +103,16 @@ def test_parity_with_torch_at_other_shapes(tiny_bundle, reference):
     ids = rng.integers(2, TINY.text_encoder.vocab_size, (2, 32))
     mask = (np.arange(32) < np.array([[9], [32]])).astype(np.int64)
     ids = ids * mask
-    got = _ort(tiny_bundle / "text_encoder.onnx").run(None, {"input_ids": ids, "attention_mask": mask})[0]
     with torch.no_grad():
         want = reference.text_encoder(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-    close(got, want)
+    for graph in ("text_encoder.onnx", "text_encoder.ort.onnx"):  # portable, and fused for onnxruntime
+        close(_ort(tiny_bundle / graph).run(None, {"input_ids": ids, "attention_mask": mask})[0], want)
 
     inputs = specs["denoiser"].sample_inputs({"batch": 2, "latent_frames": 3, "latent_height": 5, "latent_width": 9}, seed=11)
-    got = _ort(tiny_bundle / "denoiser.onnx").run(None, inputs)[0]
     with torch.no_grad():
         want = reference.denoiser(*(torch.from_numpy(inputs[t.name]) for t in specs["denoiser"].inputs))[:, :4].numpy()
-    close(got, want)
+    for graph in ("denoiser.onnx", "denoiser.ort.onnx"):
+        close(_ort(tiny_bundle / graph).run(None, inputs)[0], want)
 
     z = rng.standard_normal((1, 4, 5, 3, 4)).astype(np.float32)
     got = _ort(tiny_bundle / "vae_decoder.onnx").run(None, {"z": z})[0]

@@ -1,0 +1,127 @@
+"""The onnxruntime graph of a component: fusions onnxruntime's own session optimizer does not find, done
+once at export and saved beside the portable graph.
+
+onnxruntime's level-all optimizer (run at every session start) fuses LayerNormalization and
+MatMul+Add, but not the exported forms of GELU(tanh), RMSNorm or the residual Add + LayerNorm. The fusion
+passes of `onnxruntime.transformers` do (FastGelu with its bias, SimplifiedLayerNormalization,
+SkipLayerNormalization). Measured on the benchmark's "small" denoiser (scripts/bench_runtime.py): 1155
+-> 987 nodes and about 1.2x per step; outputs within 3e-6 of the unfused graph.
+
+The fused graph uses com.microsoft operators, which TensorRT does not parse, so it is a second file:
+`<component>.ort.onnx`, which the onnxruntime backend runs; `<component>.onnx` stays the portable graph
+that `osx build` and calibration read. Large weights are not copied: the fused graph refers to the
+portable graph's external data file (`<component>.onnx.data`) where it has one.
+
+Attention is not fused: onnxruntime's attention fusions look for BERT/UNet projections and masks, not
+the exported scaled_dot_product_attention with QK-norm and RoPE (README "Benchmarks" has the profile).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections import Counter
+from pathlib import Path
+
+import onnx
+
+SUFFIX = ".ort.onnx"
+# Components built from transformer blocks, where these fusions apply (the VAE is convolutions).
+FUSABLE = ("text_encoder", "denoiser")
+FUSED_OPS = ("FastGelu", "BiasGelu", "Gelu", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
+             "LayerNormalization", "SkipLayerNormalization")
+
+
+def fusion_options():
+    """GELU, RMSNorm, LayerNorm and residual-add fusions; nothing that changes the arithmetic
+    (no GELU approximation) or assumes BERT's structure (embedding layer, attention masks)."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    options = FusionOptions("bert")
+    options.enable_gelu_approximation = False
+    options.enable_attention = False  # would look for BERT's mask form; see the module docstring
+    options.enable_rotary_embeddings = False
+    options.enable_embed_layer_norm = False
+    options.enable_qordered_matmul = False  # for graphs already quantized in the "ordered" CUDA layout
+    return options
+
+
+def optimize_for_onnxruntime(src: str | Path, dst: str | Path) -> dict:
+    """Write the fused graph of `src` to `dst` (same folder, so external data paths stay valid).
+    Returns {"nodes": [before, after], "fused": {op: count}}."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    src, dst = Path(src), Path(dst)
+    if src.parent.resolve() != dst.parent.resolve():
+        raise ValueError("the fused graph must sit beside the portable one (it shares its external data file)")
+    model = onnx.load(src, load_external_data=False)
+    _load_small_external_tensors(model, src.parent)
+    before = len(model.graph.node)
+    # num_heads/hidden_size 0: read off the graph where a fusion needs them; no attention fusion uses them here.
+    with _quiet():
+        optimized = optimize_model(model, model_type="bert", num_heads=0, hidden_size=0, opt_level=0,
+                                   optimization_options=fusion_options(), use_gpu=False)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    try:
+        onnx.save(optimized.model, tmp)  # external initializers stay references to src's data file
+        tmp.replace(dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    counts = Counter(n.op_type for n in optimized.model.graph.node)
+    return {"nodes": [before, len(optimized.model.graph.node)], "fused": {op: counts[op] for op in FUSED_OPS if counts[op]}}
+
+
+def _load_small_external_tensors(model: onnx.ModelProto, folder: Path) -> None:
+    """Read external scalars and vectors into the graph: the fusions check constants (GELU's 0.044715,
+    a norm's exponent and epsilon) and biases by value. Matrices (the weights) stay on disk."""
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    for t in model.graph.initializer:
+        if uses_external_data(t) and len(t.dims) <= 1:
+            load_external_data_for_tensor(t, str(folder))
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The fusion passes log every pattern they try and print progress bars; keep export output readable."""
+    logger = logging.getLogger("onnxruntime.transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def add_onnxruntime_graph(folder: Path, component: str, portable: str, io, tolerance: float) -> dict:
+    """For the exporter: fuse `folder/portable` into `<component>.ort.onnx` and check it against the
+    portable graph (just validated against PyTorch) at the validation shapes, within the same tolerance;
+    the tests compare the fused graph with PyTorch directly. Returns the manifest keys to add."""
+    fused = f"{component}{SUFFIX}"
+    stats = optimize_for_onnxruntime(folder / portable, folder / fused)
+    try:
+        rows = check_against(folder / fused, folder / portable, io, tolerance)
+    except BaseException:
+        (folder / fused).unlink(missing_ok=True)
+        raise
+    return {"onnxruntime_file": fused, "onnxruntime_graph": {**stats, "check": "against the portable graph", "rows": rows}}
+
+
+def check_against(fused: Path, portable: Path, io, tolerance: float) -> list[dict]:
+    """compare_onnx rows of `fused` vs `portable`'s outputs (raises ValidationError above `tolerance`)."""
+    import onnxruntime as ort
+
+    from osx.export.validate import Case, compare_onnx, validation_shapes
+
+    session = ort.InferenceSession(str(portable), providers=["CPUExecutionProvider"])
+    names = [t.name for t in io.outputs]
+    cases = []
+    for i, sizes in enumerate(validation_shapes(io)):
+        inputs = io.sample_inputs(sizes, seed=i)
+        cases.append(Case(dict(sizes), inputs, dict(zip(names, session.run(names, inputs)))))
+    del session
+    return compare_onnx(fused, io, cases, "fp32", tolerance)
