@@ -33,19 +33,22 @@ BACKENDS: dict[str, tuple[str, str, dict]] = {
     "tensorrt": ("osx.runtime.backend_trt", "TrtBackend", {}),
 }
 
-# onnxruntime session settings, in one place. intra-op threads 0 = one per physical core (ORT's choice);
-# a single inter-op thread and sequential execution: these graphs are one long chain of big ops.
-# No CPU memory arena: the arena keeps every peak allocation for the session's lifetime; without it the
-# benchmark's peak RSS halves (628 -> 332 MiB, scripts/bench_runtime.py model) at no measurable speed cost.
+# onnxruntime session settings, in one place (each measured by `scripts/bench.py runtime`, README "Benchmarks"):
+# - intra-op threads: one per physical core this process may run on (`physical_cores`); a single inter-op
+#   thread and sequential execution: these graphs are one long chain of big ops.
+# - the CPU memory arena on: without it every op's output is a fresh malloc/free and the denoiser step is
+#   1.1-1.2x slower; the cost is peak RSS (the arena keeps its largest allocations for the session's life).
+# - no spinning: idle worker threads sleep instead of busy-waiting for the next op, which on a shared or
+#   oversubscribed machine steals the cores the other threads need.
 ORT_SESSION = {
     "graph_optimization_level": "ORT_ENABLE_ALL",
     "execution_mode": "ORT_SEQUENTIAL",
-    "intra_op_num_threads": 0,
     "inter_op_num_threads": 1,
     "enable_mem_pattern": True,
-    "enable_cpu_mem_arena": False,
+    "enable_cpu_mem_arena": True,
     "log_severity_level": 3,  # errors only
 }
+ORT_CONFIG = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
@@ -60,6 +63,38 @@ class Backend(Protocol):
 
     @property
     def loaded(self) -> bool: ...
+
+
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may use (hyper-threads of one core count once)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topo = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+        try:
+            with open(f"{topo}/physical_package_id") as pkg, open(f"{topo}/core_id") as core:
+                cores.add((pkg.read().strip(), core.read().strip()))
+        except OSError:  # no sysfs topology (not Linux): count logical CPUs
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))
+
+
+def session_options(threads: int | None = None):
+    """onnxruntime SessionOptions as the runtime uses them (ORT_SESSION, ORT_CONFIG); `threads` intra-op
+    threads, default one per physical core."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    for key, value in ORT_SESSION.items():
+        if key == "graph_optimization_level":
+            value = getattr(ort.GraphOptimizationLevel, value)
+        elif key == "execution_mode":
+            value = getattr(ort.ExecutionMode, value)
+        setattr(options, key, value)
+    for key, value in ORT_CONFIG.items():
+        options.add_session_config_entry(key, value)
+    options.intra_op_num_threads = threads or physical_cores()
+    return options
 
 
 def create_backend(bundle: Bundle, component: str, backend: str | None = None) -> Backend:
@@ -82,12 +117,15 @@ def create_backend(bundle: Bundle, component: str, backend: str | None = None) -
 
 
 class OrtBackend:
-    """onnxruntime InferenceSession for the component's ONNX file (external data beside it)."""
+    """onnxruntime InferenceSession for the component's ONNX file (external data beside it): the graph
+    fused for onnxruntime at export ("onnxruntime_file", osx.export.ort_optimize) where the bundle has
+    one, except under TensorRT's provider, which does not parse its com.microsoft operators."""
 
     def __init__(self, bundle: Bundle, component: str, providers: tuple[str, ...] = ("cpu",), threads: int | None = None):
         meta = bundle.components[component]
         self.name = component
-        self.path = bundle.path(meta["file"])
+        fused = meta.get("onnxruntime_file") if "tensorrt" not in providers else None
+        self.path = bundle.path(fused or meta["file"])
         if self.path.suffix != ".onnx":
             raise BundleError(f"{component}: {meta['file']} is not an ONNX file", hint="this component needs --backend tensorrt")
         self.spec = bundle.spec(component)
@@ -111,15 +149,7 @@ class OrtBackend:
             raise OsxError(f"onnxruntime here lacks {', '.join(missing)}",
                            hint=f"available: {', '.join(ort.get_available_providers())}; install onnxruntime-gpu "
                            "for CUDA/TensorRT, or use --backend onnxruntime (CPU)")
-        options = ort.SessionOptions()
-        for key, value in ORT_SESSION.items():
-            if key == "graph_optimization_level":
-                value = getattr(ort.GraphOptimizationLevel, value)
-            elif key == "execution_mode":
-                value = getattr(ort.ExecutionMode, value)
-            setattr(options, key, value)
-        if self.threads:
-            options.intra_op_num_threads = self.threads
+        options = session_options(self.threads)
         try:
             session = ort.InferenceSession(os.fspath(self.path), options, providers=self.providers)
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models

@@ -40,15 +40,9 @@ def configs():
 def session(path: Path, threads: int | None):
     import onnxruntime as ort
 
-    from osx.runtime.backends import ORT_SESSION
+    from osx.runtime.backends import session_options
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_SESSION["graph_optimization_level"])
-    options.execution_mode = getattr(ort.ExecutionMode, ORT_SESSION["execution_mode"])
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def step_seconds(path: Path, sample: dict, repeats: int, threads: int | None) -> float:
@@ -126,7 +120,7 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--samples", type=int, default=8, help="calibration prompts")
     p.add_argument("--heldout", type=int, default=2, help="held-out prompts")
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: onnxruntime's)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: the runtime's, one per physical core)")
     p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--fp8-search", action="store_true", help="run the sensitivity search for FP8 too (slow)")
     args = p.parse_args(argv)

@@ -200,3 +200,22 @@ def test_bundle_missing_a_component(tiny_bundle, tmp_path):
     (partial / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="lacks vae_decoder"):
         Pipeline.load(partial, verify=False)
+
+
+def test_onnxruntime_backend_graph_and_session(tiny_bundle):
+    """The CPU backend runs the graph fused for onnxruntime; TensorRT's provider the portable one (it cannot
+    parse com.microsoft operators). Sessions: arena on, no spinning, one thread per physical core."""
+    import os
+
+    from osx.bundle import Bundle
+    from osx.runtime.backends import OrtBackend, physical_cores, session_options
+
+    b = Bundle.open(tiny_bundle, verify=False)
+    assert OrtBackend(b, "denoiser").path.name == "denoiser.ort.onnx"
+    assert OrtBackend(b, "denoiser", providers=("tensorrt", "cuda", "cpu")).path.name == "denoiser.onnx"
+    assert OrtBackend(b, "vae_decoder").path.name == "vae_decoder.onnx"
+    assert 1 <= physical_cores() <= len(os.sched_getaffinity(0))
+    options = session_options()
+    assert options.enable_cpu_mem_arena and options.intra_op_num_threads == physical_cores()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert session_options(3).intra_op_num_threads == 3
