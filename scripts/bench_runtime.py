@@ -259,6 +259,7 @@ def int8_export(cfg, out: Path, calib_dir: Path) -> None:
     failure does not stop the benchmark (allow_quality_loss): its verdict is reported instead."""
     import importlib.resources
 
+    from osx.calibration.apply import QuantizeStep
     from osx.calibration.calibset import CalibrationSet, weights_identity
     from osx.calibration.capture import capture, make_recipe
     from osx.calibration.prompts import CALIBRATION, HELDOUT, load_prompts
@@ -277,8 +278,8 @@ def int8_export(cfg, out: Path, calib_dir: Path) -> None:
     profile = out.parent / "cpu-int8.toml"  # a custom profile, as a user would write one
     profile.write_text((importlib.resources.files("osx.profiles") / "cpu.toml").read_text().replace('name = "cpu"', 'name = "cpu-int8"')
                        .replace('denoiser = "fp32"', 'denoiser = "int8"'))
-    export_bundle(cfg.name, out, gpu=str(profile), random_weights=True, calibration=calib_dir, allow_quality_loss=True,
-                  force=True, progress=lambda m: None)
+    export_bundle(cfg.name, out, gpu=str(profile), random_weights=True, force=True, progress=lambda m: None,
+                  quantize=QuantizeStep(calib_dir, allow_quality_loss=True))
 
 
 def gate_verdict(bundle: Path) -> dict:
