@@ -19,6 +19,7 @@ from osx.calibration.calibset import CalibrationSet, weights_identity
 from osx.calibration.quantize import OP_TYPES, Quantizer, choose_quantizer, layer_groups, quantize, source_dtype
 from osx.calibration.shards import ShardReader
 from osx.components import QUANTIZABLE
+from osx.export.ort_optimize import SUFFIX, optimize_for_onnxruntime
 
 
 # Called with the quantized graph of the component being searched; returns video_metrics of the
@@ -39,12 +40,19 @@ def quantize_component(component: str, src: Path, dst: Path, precision: str, cal
         tmp = Path(tmp)
         # onnxruntime: calibrate once, reuse the ranges in the search
         cache = tmp / "ranges.json" if quantizer.tool == "onnxruntime" else None
+        # onnxruntime runs the Q/DQ graph fused like the fp32 one (osx.export.ort_optimize), so that is the
+        # graph the gate judges; the unfused Q/DQ graph stays the portable one (TensorRT, `osx build`).
+        fused = dst.with_name(dst.name.removesuffix(".onnx") + SUFFIX) if quantizer.tool == "onnxruntime" else None
+        fusion = {}
 
         def attempt(exclude: list[str]):
             start = time.perf_counter()
             result = quantize(src, dst, precision, calib_files, exclude=exclude, cache=cache, quantizer=quantizer)
-            m = gate_mod.compare_component(component, src, dst, ShardReader(heldout), heldout_limit)
-            video = video_check(dst) if video_check else None
+            if fused is not None:
+                fusion.update(optimize_for_onnxruntime(dst, fused))
+            runs = fused or dst
+            m = gate_mod.compare_component(component, src, runs, ShardReader(heldout), heldout_limit)
+            video = video_check(runs) if video_check else None
             g = gate_mod.judge({component: m}, video, thresholds)
             row = {"excluded_layers": len(excluded), "passed": g.passed, "failures": g.failures,
                    "min_cosine": m["min_cosine"], "max_rel_l2": m["max_rel_l2"],
@@ -89,6 +97,8 @@ def quantize_component(component: str, src: Path, dst: Path, precision: str, cal
     }
     if video is not None:
         entry["video"] = video
+    if fused is not None:
+        entry["onnxruntime_graph"] = {"file": fused.name, **fusion}
     return g, entry
 
 
@@ -193,7 +203,8 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
             pipe.release()
 
     ref_videos = generate(reference) if video_gate else None
-    quantized: dict[str, Path] = {}
+    quantized: dict[str, Path] = {}  # the Q/DQ graphs
+    running: dict[str, Path] = {}  # what onnxruntime runs of each (fused, where the quantizer is onnxruntime's)
     last_videos: list = []
 
     def video_check_for(component: str) -> VideoCheck | None:
@@ -201,7 +212,7 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
             return None
 
         def check(candidate: Path) -> dict:
-            files = {**quantized, component: candidate}
+            files = {**running, component: candidate}
             trial = {**full_range, "components": {c: ({**m, "file": _rel(files[c], bundle_dir)} if c in files else m)
                                                   for c, m in full_range["components"].items()}}
             videos = generate(Bundle(bundle_dir, trial))
@@ -225,6 +236,8 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
                                                        backend=backend, video_check=video_check_for(component),
                                                        search=search, say=say)
         quantized[component] = dst
+        fused = entries[component].get("onnxruntime_graph")
+        running[component] = bundle_dir / fused["file"] if fused else dst
 
     video = entries[list(entries)[-1]].get("video")
     failures = [f for e in entries.values() for f in e["failures"]]
@@ -259,6 +272,9 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
                                    "report": f"{REPORT_DIR}/report.json"})
         if data.exists():
             entry["data_file"] = data.name
+        fused = entries[component].get("onnxruntime_graph")
+        if fused:
+            entry.update(onnxruntime_file=fused["file"], onnxruntime_graph=fused)
         components[component] = entry
     return {**manifest, "components": components,
             "quantization": {"calibration_hash": calib.hash, "passed": report["passed"],

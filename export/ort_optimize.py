@@ -9,7 +9,8 @@ SkipLayerNormalization). Measured on the benchmark's "small" denoiser (scripts/b
 
 The fused graph uses com.microsoft operators, which TensorRT does not parse, so it is a second file:
 `<component>.ort.onnx`, which the onnxruntime backend runs; `<component>.onnx` stays the portable graph
-that `osx build` and calibration read. Large weights are not copied: the fused graph refers to the
+that `osx build` and calibration read. onnxruntime's INT8 Q/DQ graphs are fused the same way
+(osx.calibration.apply), and the quality gate judges the fused graph. Large weights are not copied: the fused graph refers to the
 portable graph's external data file (`<component>.onnx.data`) where it has one.
 
 Attention is not fused: onnxruntime's attention fusions look for BERT/UNet projections and masks, not

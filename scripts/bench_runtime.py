@@ -289,7 +289,8 @@ def gate_verdict(bundle: Path) -> dict:
     video = report.get("video") or {}
     return {"passed": report["passed"], "failures": report["failures"], "thresholds": report["thresholds"],
             "denoiser_min_cosine": round(den["gate"]["min_cosine"], 5),
-            "video_psnr_min_db": round(video["psnr_min"], 2) if video else None,
+            # None: no frame differed at all (PSNR infinite)
+            "video": {k: video[k] for k in ("size", "psnr_min", "psnr_mean", "ssim_min", "flicker_ratio")} if video else None,
             "layers_kept_fp32": den["excluded"] and [e["layer"] for e in den["excluded"]],
             "quantizer": den["quantizer"], "quantized_ops": den["qdq"]["quantized_ops"]}
 

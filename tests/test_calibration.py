@@ -244,6 +244,12 @@ def test_int8_bundle_runs_in_osx_generate(int8_bundle, calib, tmp_path):
         assert (int8_bundle / entry["onnx_files"]["fp32"]).is_file()
         assert "onnxruntime quantize_static" in entry["quantization"]["quantizer"]
         assert quantize.count_qdq(int8_bundle / entry["file"])["quantized_ops"]["MatMul"] > 0
+        fused = entry["onnxruntime_graph"]  # what onnxruntime runs: the Q/DQ graph fused, gated again
+        assert entry["onnxruntime_file"] == fused["file"] == f"{comp}.int8.ort.onnx"
+        assert fused["passed"] and fused["nodes"][1] < fused["nodes"][0] and fused["min_cosine"] >= 0.99
+        sample = next(iter(ShardReader(calib.shards("heldout", comp))))
+        got, want = (_run(int8_bundle / entry[key], sample) for key in ("onnxruntime_file", "file"))
+        assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()  # fusing moves no int8 rounding much
     assert manifest["components"]["vae_decoder"]["precision"] == "fp32"
     report = json.loads((int8_bundle / "quantization" / "report.json").read_text())
     assert report["passed"] and report["calibration"]["hash"] == calib.hash
@@ -254,6 +260,11 @@ def test_int8_bundle_runs_in_osx_generate(int8_bundle, calib, tmp_path):
     main(["generate", str(int8_bundle), "--prompt", "a red fox in the snow", "--out", str(out), "--frames", "17",
           "--resolution", "32x32", "--steps", "3"])
     assert read_video_info(out) == (17, 32, 32)
+
+
+def _run(path, sample):
+    sess = gate.session(path)
+    return sess.run(None, {i.name: sample[i.name].astype(quantize.graph_inputs(path)[i.name]) for i in sess.get_inputs()})[0]
 
 
 def test_report_video_figures_match_an_independent_run(int8_bundle, tiny_bundle, calib):
