@@ -151,6 +151,7 @@ class QuantizeStep:
     calibration: str | Path | None = None
     thresholds: gate_mod.Thresholds = field(default_factory=gate_mod.Thresholds)
     allow_quality_loss: bool = False
+    search: bool = True  # when the gate fails: keep the most sensitive layers in full precision until it passes
 
     def check(self, precisions: dict[str, str], model_name: str, random_seed: int, checkpoint: dict | None) -> None:
         check_request(precisions, self.calibration, model_name, weights_identity(random_seed, checkpoint))
@@ -159,7 +160,7 @@ class QuantizeStep:
         if self.calibration is None:
             return manifest
         return quantize_bundle(bundle_dir, manifest, precisions, self.calibration, self.thresholds,
-                               allow_quality_loss=self.allow_quality_loss, say=say)
+                               allow_quality_loss=self.allow_quality_loss, search=self.search, say=say)
 
 
 def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str], calibration: str | Path,
@@ -213,7 +214,9 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
 
         def check(candidate: Path) -> dict:
             files = {**running, component: candidate}
-            trial = {**full_range, "components": {c: ({**m, "file": _rel(files[c], bundle_dir)} if c in files else m)
+            # the candidate runs, not a fused fp32 graph the entry may also name
+            trial = {**full_range, "components": {c: ({**_without(m, "onnxruntime_file"), "file": _rel(files[c], bundle_dir)}
+                                                      if c in files else m)
                                                   for c, m in full_range["components"].items()}}
             videos = generate(Bundle(bundle_dir, trial))
             last_videos[:] = videos
@@ -290,6 +293,10 @@ def _targets(precisions: dict[str, str]) -> dict[str, str]:
     if unsupported:
         raise OsxError(f"cannot quantize {', '.join(unsupported)}", hint=f"quantizable components: {', '.join(QUANTIZABLE)}")
     return targets
+
+
+def _without(entry: dict, key: str) -> dict:
+    return {k: v for k, v in entry.items() if k != key}
 
 
 def _rel(path: Path, root: Path) -> str:

@@ -88,6 +88,8 @@ def main(argv: list[str]) -> dict:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="both sides (default: physical cores)")
     ap.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--int8-search", action=argparse.BooleanOptionalAction, default=True,
+                    help="let the quality gate keep layers in fp32 until it passes (slow)")
     ap.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--ablation-size", default="128x128")
     ap.add_argument("--workdir", type=Path, help="bundles and calibration go here, reused if present")
@@ -106,7 +108,7 @@ def main(argv: list[str]) -> dict:
     bundles = {"osx fp32": prepare_bundle(args.model, work / "bundle-fp32")}
     gate = None
     if args.int8:
-        bundles["osx int8"] = prepare_bundle(args.model, work / "bundle-int8", calibration=work / "calibration")
+        bundles["osx int8"] = prepare_bundle(args.model, work / "bundle-int8", work / "calibration", args.int8_search)
         gate = gate_verdict(bundles["osx int8"])
     rows = [r for r in ROWS if ROWS[r] == "torch" or r in bundles]
     ablation_size = tuple(int(v) for v in args.ablation_size.split("x")) if args.ablation else None
@@ -229,7 +231,7 @@ class Worker:
 # --- bundles --------------------------------------------------------------------------------------------
 
 
-def prepare_bundle(model: str, out: Path, calibration: Path | None = None) -> Path:
+def prepare_bundle(model: str, out: Path, calibration: Path | None = None, search: bool = True) -> Path:
     """Export `model` with seeded random weights through the normal exporter, in a subprocess (this
     process never holds torch); with `calibration`, the denoiser at int8 through the quality gate
     (capturing the calibration set first). Reused if `out` holds a bundle."""
@@ -246,7 +248,7 @@ cfg = model_config({model!r})
 models.MODELS[cfg.name] = cfg  # the exporter looks configs up by name
 calibration = {str(calibration) if calibration else None!r}
 if calibration:
-    int8_export(cfg, Path({str(out)!r}), Path(calibration))
+    int8_export(cfg, Path({str(out)!r}), Path(calibration), {search!r})
 else:
     export_bundle(cfg.name, {str(out)!r}, gpu="cpu", random_weights=True, force=True, progress=lambda m: None)
 """
@@ -254,9 +256,10 @@ else:
     return out
 
 
-def int8_export(cfg, out: Path, calib_dir: Path) -> None:
+def int8_export(cfg, out: Path, calib_dir: Path, search: bool) -> None:
     """`osx calibrate` then `osx export --precision int8` (denoiser only) with a CPU profile; the gate's
-    failure does not stop the benchmark (allow_quality_loss): its verdict is reported instead."""
+    failure does not stop the benchmark (allow_quality_loss): its verdict is reported instead. `search`:
+    the gate's layer search (slow: one quantization and video check per layer kept in fp32)."""
     import importlib.resources
 
     from osx.calibration.apply import QuantizeStep
@@ -279,7 +282,7 @@ def int8_export(cfg, out: Path, calib_dir: Path) -> None:
     profile.write_text((importlib.resources.files("osx.profiles") / "cpu.toml").read_text().replace('name = "cpu"', 'name = "cpu-int8"')
                        .replace('denoiser = "fp32"', 'denoiser = "int8"'))
     export_bundle(cfg.name, out, gpu=str(profile), random_weights=True, force=True, progress=lambda m: None,
-                  quantize=QuantizeStep(calib_dir, allow_quality_loss=True))
+                  quantize=QuantizeStep(calib_dir, allow_quality_loss=True, search=search))
 
 
 def gate_verdict(bundle: Path) -> dict:
@@ -291,7 +294,7 @@ def gate_verdict(bundle: Path) -> dict:
             "denoiser_min_cosine": round(den["gate"]["min_cosine"], 5),
             # None: no frame differed at all (PSNR infinite)
             "video": {k: video[k] for k in ("size", "psnr_min", "psnr_mean", "ssim_min", "flicker_ratio")} if video else None,
-            "layers_kept_fp32": den["excluded"] and [e["layer"] for e in den["excluded"]],
+            "layers_kept_fp32": [e["layer"] for e in den["excluded"]], "gate_attempts": len(den["attempts"]),
             "quantizer": den["quantizer"], "quantized_ops": den["qdq"]["quantized_ops"]}
 
 
