@@ -5,7 +5,8 @@ onnxruntime's level-all optimizer (run at every session start) fuses LayerNormal
 MatMul+Add, but not the exported forms of GELU(tanh), RMSNorm or the residual Add + LayerNorm. The fusion
 passes of `onnxruntime.transformers` do (FastGelu with its bias, SimplifiedLayerNormalization,
 SkipLayerNormalization). Measured on the benchmark's "small" denoiser (scripts/bench_runtime.py): 1155
--> 987 nodes and about 1.2x per step; outputs within 3e-6 of the unfused graph.
+-> 987 nodes and about 1.2x per step; outputs within 3e-6 of the unfused graph. The exporter checks the
+fused graph against the portable one (`add_onnxruntime_graph`); tests/test_exporter.py against PyTorch.
 
 The fused graph uses com.microsoft operators, which TensorRT does not parse, so it is a second file:
 `<component>.ort.onnx`, which the onnxruntime backend runs; `<component>.onnx` stays the portable graph
