@@ -7,6 +7,7 @@ Released layout (hpcai-tech/Open-Sora-v2 plus two Hugging Face folders):
   google/t5-v1_1-xxl/             T5 (the whole encoder-decoder model; the decoder and LM head are unused)
   openai/clip-vit-large-patch14/  CLIP (the whole model; the vision tower and projections are unused)
   flux1-dev.safetensors           Flux.1-dev, the t2i2v image model (optional: same MMDiT class, BFL's names)
+  flux1-dev-ae.safetensors        Flux's image autoencoder (optional, t2i2v; the encoder half is unused)
 
 Every part must match its module key for key: missing, unexpected (beyond the unused halves above) and
 wrong-shape keys are listed in a CheckpointError (exit 2).
@@ -24,32 +25,37 @@ from osx.export.checkpoint import PICKLE_SUFFIXES, CheckpointReader, check_fit, 
 from osx.export.clip import CLIP_UNUSED_PREFIXES
 
 PARTS = ("mmdit", "vae", "t5", "clip")  # required
-OPTIONAL_PARTS = ("flux",)  # t2i2v only; found and checked like the others, missing is no error
+OPTIONAL_PARTS = ("flux", "flux_ae")  # t2i2v only; found and checked like the others, missing is no error
 RELEASED_NAMES = {
     "mmdit": "Open_Sora_v2.safetensors",
     "vae": "hunyuan_vae.safetensors",
     "t5": "google/t5-v1_1-xxl",
     "clip": "openai/clip-vit-large-patch14",
     "flux": "flux1-dev.safetensors",
+    "flux_ae": "flux1-dev-ae.safetensors",
 }
 PART_NAMES = {"mmdit": "MMDiT weights", "vae": "HunyuanVideo VAE weights", "t5": "T5 folder", "clip": "CLIP folder",
-              "flux": "Flux.1-dev weights"}
+              "flux": "Flux.1-dev weights", "flux_ae": "Flux autoencoder weights"}
 # Keys a released file holds beyond what osx's module uses (the rest of a Hugging Face model).
-UNUSED_PREFIXES = {"mmdit": (), "vae": (), "t5": ("decoder.", "lm_head."), "clip": CLIP_UNUSED_PREFIXES, "flux": ()}
+UNUSED_PREFIXES = {"mmdit": (), "vae": (), "t5": ("decoder.", "lm_head."), "clip": CLIP_UNUSED_PREFIXES, "flux": (),
+                   "flux_ae": ("encoder.",)}
 # Names to fall back on when a pickle's tensor names cannot be read without loading it.
 NAME_HINTS = {"mmdit": ("open_sora", "mmdit"), "vae": ("hunyuan", "vae"), "t5": ("t5",), "clip": ("clip",),
-              "flux": ("flux1-dev.",)}  # not flux1-dev-ae
+              "flux": ("flux1-dev.",), "flux_ae": ("flux1-dev-ae",)}
 MAX_DEPTH = 3  # ckpts/google/t5-v1_1-xxl/<weights>
 
 
 def identify(keys: list[str]) -> str | None:
     """Which part a state dict is, from its tensor names: one of PARTS + OPTIONAL_PARTS ("flux": Flux.1-dev,
-    the same class with fused q/k/v and no cond_in), or None."""
+    the same class with fused q/k/v and no cond_in; "flux_ae": its autoencoder, BFL's `down.N`/`up.N`
+    names), or None."""
     keys = [k.removeprefix("module.") for k in keys]
     if any(k.startswith("double_blocks.") for k in keys):
         return "mmdit" if "cond_in.weight" in keys else "flux"
     if any(k.startswith("encoder.down_blocks.") for k in keys) and any(k.startswith("decoder.up_blocks.") for k in keys):
         return "vae"
+    if any(k.startswith("decoder.up.") for k in keys) and any(k.startswith("decoder.mid.attn_1.") for k in keys):
+        return "flux_ae"
     if any(k.startswith("text_model.encoder.layers.") for k in keys):
         return "clip"
     if any(k.startswith("encoder.block.") for k in keys):

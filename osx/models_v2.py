@@ -319,6 +319,23 @@ FLUX1_DEV = MMDiTConfig(**_FLUX_SWITCHES)
 FLUX1_DEV_TINY = dataclasses.replace(OPENSORA_V2_0_TINY.mmdit, **_FLUX_SWITCHES)
 FLUX_MODELS: dict[str, MMDiTConfig] = {"flux1-dev": FLUX1_DEV, "flux1-dev-tiny": FLUX1_DEV_TINY}
 
+@dataclass(frozen=True)
+class FluxAEConfig:
+    """Flux.1's 2D image autoencoder (BFL's `flux1-dev-ae.safetensors`; Open-Sora's `autoencoder_2d`), of
+    which t2i2v uses the decoder: pixels = decoder(z / scale_factor + shift_factor), 8x up, 16 channels."""
+
+    z_channels: int = 16
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    out_ch: int = 3
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+
+
+FLUX1_AE = FluxAEConfig()
+FLUX1_AE_TINY = FluxAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)  # GroupNorm(32): widths stay multiples of 32
+
 MODELS_V2: dict[str, OpenSoraV2Config] = {m.name: m for m in (OPENSORA_V2_0, OPENSORA_V2_0_TINY)}
 
 
