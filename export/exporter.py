@@ -114,9 +114,6 @@ def export_bundle(
                            hint=f"choose from {', '.join(names)} (vae_encoder needs --with-vae-encoder)")
         names = [n for n in names if n in only]
     dtypes = {n: component_dtype(n, dtype, plan.components.get(n)) for n in names}
-    tokenizer = build_tokenizer(model_cfg, parts)  # checked first: a corrupt spiece.model fails before any tracing
-    check_vocabulary(tokenizer.get_vocab_size(with_added_tokens=True), model_cfg.text_encoder.vocab_size,
-                     "T5 tokenizer" if parts is None else f"{parts['t5']}/spiece.model", error=CheckpointError)
     with BundleWriter(out, force=force) as writer, _scratch_folder(Path(out)) as scratch:
         components: dict[str, dict] = {}
         readers: dict[str, CheckpointReader] = {}
@@ -152,6 +149,9 @@ def export_bundle(
                 del readers[part]
                 (scratch / f"{part}.safetensors").unlink(missing_ok=True)
         say(f"writing {TOKENIZER_FILE}")
+        tokenizer = build_tokenizer(model_cfg, parts)  # after the weights: their errors come first
+        check_vocabulary(tokenizer.get_vocab_size(with_added_tokens=True), model_cfg.text_encoder.vocab_size,
+                         "T5 tokenizer" if parts is None else f"{parts['t5']}/spiece.model", error=CheckpointError)
         tokenizer.save(str(writer.dir / TOKENIZER_FILE))
         body = {
             "model": {"name": model_cfg.name, "family": model_cfg.family, "config": model_cfg.to_dict()},

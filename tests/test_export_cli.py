@@ -157,11 +157,13 @@ def test_export_from_a_checkpoint_folder(capsys, checkpoint_dir, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(checkpoint_dir, ckpt)
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"a {c} {a} walks through the {p} at {t}" for c in ("red", "small", "old", "happy")
-                                for a in ("fox", "dog", "cat", "robot") for p in ("snow", "city", "forest", "rain")
-                                for t in ("night", "dawn", "noon")))
-    spm.SentencePieceTrainer.train(  # T5's layout: pad 0, eos 1, unk 2, no bos
-        input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=60, model_type="unigram", pad_id=0, eos_id=1,
+    rng = np.random.default_rng(0)  # enough distinct words for a vocabulary that fills the tiny T5's 1024 rows
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(3, 9))) for _ in range(4000)]
+    corpus.write_text("\n".join([f"a {c} {a} walks through the {p} at {t}" for c in ("red", "small", "old", "happy")
+                                 for a in ("fox", "dog", "cat", "robot") for p in ("snow", "city", "forest", "rain")
+                                 for t in ("night", "dawn", "noon")] + [" ".join(words[i:i + 8]) for i in range(0, 4000, 8)]))
+    spm.SentencePieceTrainer.train(  # T5's layout: pad 0, eos 1, unk 2, no bos; + 100 extra ids = 1000 of 1024 rows
+        input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=900, model_type="unigram", pad_id=0, eos_id=1,
         unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", hard_vocab_limit=False,
         minloglevel=2)
     shutil.copy(tmp_path / "sp.model", ckpt / "t5-v1_1-xxl" / "spiece.model")
