@@ -144,6 +144,7 @@ def denoiser_inputs(r, step: int, recipe: dict) -> dict[str, np.ndarray]:
         "fps": two(r.fps),
         "height": two(recipe["height"]),
         "width": two(recipe["width"]),
+        "x_mask": np.ones((2, z.shape[2]), np.float32),  # text-to-video: every frame generated
     }
 
 

@@ -68,10 +68,14 @@ def reference_generate(
     guidance_scale: float | None = None,
     seed: int | None = None,
     noise: np.ndarray | None = None,
+    image: np.ndarray | None = None,
+    condition: str = "head",
 ) -> ReferenceResult:
     """One video for one prompt. Unset arguments take the model config's defaults (sizes, steps,
     guidance scale, fps: 24, or 120 for one frame). `noise` (shape [1, 4, T_lat, H/8, W/8]) replaces
-    `initial_noise(seed, shape)`; `seed` defaults to the config's default seed."""
+    `initial_noise(seed, shape)`; `seed` defaults to the config's default seed.
+    `image` (uint8 [H, W, 3]) conditions the video at the `condition` frames ("head", "tail", "loop"):
+    Open-Sora's resize_crop_to_fill with PIL, the VAE encoder's posterior mean, the mask strategy."""
     cfg = model.model_cfg
     num_frames = cfg.defaults.num_frames if num_frames is None else num_frames
     height = cfg.defaults.height if height is None else height
@@ -99,6 +103,7 @@ def reference_generate(
         prepared_negative = prepare_prompt(negative_prompt, aesthetic_score=None)
         y_null = _encode_text(model, *tokenizer.encode([prepared_negative]))
 
+    cond = {} if image is None else _image_condition(model, image, condition, height, width, shape[2])
     latent, latents = sample(
         model.denoiser,
         torch.from_numpy(np.asarray(noise, dtype=np.float32)),
@@ -113,6 +118,7 @@ def reference_generate(
         guidance_scale=guidance_scale,
         sched=cfg.scheduler,
         return_intermediates=True,
+        **cond,
     )
     video = model.vae.decode(latent, num_frames)
     return ReferenceResult(
@@ -133,6 +139,36 @@ def reference_generate(
         steps=steps,
         seed=seed,
     )
+
+
+def reference_preprocess(image: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """Open-Sora's `resize_crop_to_fill` (PIL bicubic resize to cover, centre crop), then ToTensor and
+    Normalize(0.5, 0.5): [3, 1, height, width] in [-1, 1]."""
+    from PIL import Image
+
+    pil = Image.fromarray(image)
+    w, h = pil.size
+    rh, rw = height / h, width / w
+    if rh > rw:
+        sh, sw = height, round(w * rh)
+        i, j = 0, int(round((sw - width) / 2.0))
+    else:
+        sh, sw = round(h * rw), width
+        i, j = int(round((sh - height) / 2.0)), 0
+    arr = np.array(pil.resize((sw, sh), Image.BICUBIC))[i:i + height, j:j + width]
+    return (torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0 - 0.5) / 0.5
+
+
+def _image_condition(model: ReferenceModel, image, condition: str, height: int, width: int, t_lat: int) -> dict:
+    pixels = reference_preprocess(image, height, width)[None, :, None]  # [1, 3, 1, H, W]
+    ref = model.vae.encode_chunk(pixels)  # posterior mean, model-normalised, [1, 4, 1, h, w]
+    frames = {"head": [0], "tail": [t_lat - 1], "loop": sorted({0, t_lat - 1})}[condition]
+    cond_latent = torch.zeros(1, ref.shape[1], t_lat, *ref.shape[3:])
+    cond_mask = torch.ones(1, t_lat)
+    for f in frames:
+        cond_latent[:, :, f] = ref[:, :, 0]
+        cond_mask[:, f] = 0.0
+    return {"cond_latent": cond_latent, "cond_mask": cond_mask}
 
 
 def _encode_text(model: ReferenceModel, input_ids: np.ndarray, attention_mask: np.ndarray) -> torch.Tensor:

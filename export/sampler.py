@@ -57,6 +57,8 @@ def sample(
     guidance_scale: float,
     sched: SchedulerConfig,
     return_intermediates: bool = False,
+    cond_latent: torch.Tensor | None = None,
+    cond_mask: torch.Tensor | None = None,
 ):
     """Denoise `noise` [B, C, T, H, W] (injected, so runs are reproducible) into a latent.
 
@@ -67,6 +69,12 @@ def sample(
     Each step: v = v_u + g*(v_c - v_u) on the first C output channels, z += v*dt with
     dt = (t'_i - t'_{i+1})/num_timesteps and, last, t'_{n-1}/num_timesteps, so the steps add up to t'_0.
     Returns the final latent (float32), and the list of latents after every step if asked.
+
+    Mask strategy (image/video conditioning, as Open-Sora's RFLOW.sample): `cond_mask` [B, T] is 1 for
+    frames to generate and the edit ratio at frames whose clean latent is `cond_latent` [B, C, T, H, W].
+    Those frames are copied into z; each step a frame generates when mask*num_timesteps >= t (x_mask,
+    else the model sees it at timestep 0), is noised to level t when it starts to (edit ratios in (0, 1)),
+    and is reset to its clean value after the step when it does not generate.
     """
     ts = timesteps(sched, steps, height, width, num_frames).to(noise.device)
     B, C = noise.shape[:2]
@@ -74,13 +82,27 @@ def sample(
     mask2 = torch.cat([mask, mask])
     sizes = {k: torch.full((2 * B,), float(v), device=noise.device) for k, v in (("fps", fps), ("height", height), ("width", width))}
     z = noise.float()
+    if cond_mask is not None:
+        keep = (cond_mask < 1)[:, None, :, None, None]
+        z = torch.where(keep, cond_latent.float(), z)
+        noised = cond_mask == 1
     latents = []
     for i, t in enumerate(ts):
-        v = model(torch.cat([z, z]), t.expand(2 * B), y, mask2, **sizes)[:, :C]
+        x_mask = None
+        if cond_mask is not None:
+            x0 = z.clone()
+            upper = cond_mask * sched.num_timesteps >= t
+            u = t / sched.num_timesteps
+            fresh = (upper & ~noised)[:, None, :, None, None]
+            z = torch.where(fresh, (1 - u) * x0 + u * torch.randn_like(x0), x0)
+            noised, x_mask = upper, torch.cat([upper, upper]).float()
+        v = model(torch.cat([z, z]), t.expand(2 * B), y, mask2, **sizes, x_mask=x_mask)[:, :C]
         v_cond, v_uncond = v.chunk(2)
         v = v_uncond + guidance_scale * (v_cond - v_uncond)
         dt = (ts[i] - ts[i + 1] if i + 1 < len(ts) else ts[i]) / sched.num_timesteps
         z = z + v * dt
+        if cond_mask is not None:
+            z = torch.where(upper[:, None, :, None, None], z, x0)
         if return_intermediates:
             latents.append(z)
     return (z, latents) if return_intermediates else z

@@ -5,9 +5,12 @@ checkpoints load unchanged, rewritten so that torch.onnx.export traces it with d
 height and width: no `.item()`, no data-dependent Python branches, no flash-attn/xformers/apex/einops,
 position embeddings and RoPE tables computed from tensor shapes and inputs inside `forward`.
 
-Text-to-video only: the temporal mask `x_mask` of image/video conditioning is not implemented (plain
-T2V in the reference passes an all-True mask, which equals no mask). Shapes, formulas and parity traps
-are in shared/design/open-sora-models.md, sections 1.2-1.3.
+The temporal mask `x_mask` [B, T] of image/video conditioning is an input: frames where it is 0 (the
+conditioned, clean frames) are modulated with the timestep-0 embedding, as Open-Sora does. Open-Sora
+modulates with both embeddings and selects the outputs per frame; selecting the modulation parameters
+per frame instead is the same (modulation and gates are elementwise). Without x_mask (or all ones) it is
+plain text-to-video. Shapes, formulas and parity traps are in shared/design/open-sora-models.md,
+sections 1.2-1.3 and 1.5.
 
 Differences from the reference that do not change results:
 - text keys are padded to the fixed token count L and masked in the attention instead of packed with
@@ -243,10 +246,12 @@ class STDiT3Block(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.zeros(6, hidden_size))
 
     def forward(self, x, y, key_bias, t_mlp, T: int, S: int, rope=None):
+        """t_mlp [B, T, 6C]: the modulation of each frame (t, or t=0 for conditioned frames)."""
         B, N, C = x.shape
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.scale_shift_table[None] + t_mlp.reshape(B, 6, C)
-        ).chunk(6, dim=1)
+        per_token = lambda p: p.expand(B, T, S, C).reshape(B, N, C)  # noqa: E731  [B, T, 1, C] -> [B, N, C]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = map(
+            per_token, (self.scale_shift_table[None, None] + t_mlp.reshape(B, T, 6, C)).unsqueeze(2).unbind(3)
+        )
 
         h = t2i_modulate(self.norm1(x), shift_msa, scale_msa)
         if self.temporal:  # [B, T*S, C] -> [B*S, T, C]
@@ -272,9 +277,12 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, num_patch * out_channels)
         self.scale_shift_table = nn.Parameter(torch.zeros(2, hidden_size))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)
-        return self.linear(t2i_modulate(self.norm_final(x), shift, scale))
+    def forward(self, x: torch.Tensor, t: torch.Tensor, T: int, S: int) -> torch.Tensor:
+        """t [B, T, C]: each frame's t (or t0)."""
+        B, N, C = x.shape
+        shift, scale = (self.scale_shift_table[None, None] + t[:, :, None]).unsqueeze(2).unbind(3)  # [B, T, 1, C]
+        h = t2i_modulate(self.norm_final(x).reshape(B, T, S, C), shift, scale).reshape(B, N, C)
+        return self.linear(h)
 
 
 class STDiT3(nn.Module):
@@ -300,11 +308,13 @@ class STDiT3(nn.Module):
         """The learned null caption for the unconditional half, [batch, L, caption_channels]."""
         return self.y_embedder.y_embedding[None].repeat(batch, 1, 1)
 
-    def forward(self, x, timestep, y, mask, fps, height, width) -> torch.Tensor:
+    def forward(self, x, timestep, y, mask, fps, height, width, x_mask=None) -> torch.Tensor:
         """
         x [B, in_channels, T, H, W] latent; timestep [B] in [0, 1000]; y [B, L, caption_channels] text
         features; mask [B, L] (1 = real token; the unconditional rows carry the conditional prompt's
-        mask); fps, height, width [B] (height/width in pixels). Returns [B, out_channels, T, H, W] float32.
+        mask); fps, height, width [B] (height/width in pixels); x_mask [B, T] (1 = frame being generated,
+        0 = conditioned frame, modulated as timestep 0; None = all ones). Returns [B, out_channels, T, H, W]
+        float32.
         """
         dtype = self.x_embedder.proj.weight.dtype
         pt, ph, pw = self.cfg.patch_size
@@ -315,8 +325,15 @@ class STDiT3(nn.Module):
         S = H * W
 
         # Conditioning vector: the reference casts these to bfloat16 before embedding them.
-        t = self.t_embedder(round_to_bf16(timestep)) + self.fps_embedder(round_to_bf16(fps))
-        t_mlp = self.t_block(t)
+        fps_emb = self.fps_embedder(round_to_bf16(fps))
+        t = self.t_embedder(round_to_bf16(timestep)) + fps_emb
+        if x_mask is None:
+            x_mask = torch.ones(B, Tx, device=x.device)
+        t0 = self.t_embedder(torch.zeros_like(timestep)) + fps_emb
+        # per frame: t where generating, t0 where conditioned (padded frames count as generating)
+        keep = F.pad(x_mask.float(), (0, (-Tx) % pt), value=1.0)[:, ::pt, None] > 0.5  # [B, T, 1]
+        t = torch.where(keep, t[:, None], t0[:, None])  # [B, T, C]
+        t_mlp = self.t_block(t)  # [B, T, 6C]
 
         y = self.y_embedder(y.to(dtype))
         key_bias = ((mask.to(dtype) - 1) * 1e4)[:, None, None, :]  # 0 keeps a key, -1e4 drops it
@@ -330,7 +347,7 @@ class STDiT3(nn.Module):
             x = spatial(x, y, key_bias, t_mlp, T, S)
             x = temporal(x, y, key_bias, t_mlp, T, S, rope)
 
-        x = self.final_layer(x, t)  # [B, N, pt*ph*pw*C_out]
+        x = self.final_layer(x, t, T, S)  # [B, N, pt*ph*pw*C_out]
         return self.unpatchify(x, T, H, W)[:, :, :Tx, :Hx, :Wx].float()
 
     def unpatchify(self, x: torch.Tensor, T: int, H: int, W: int) -> torch.Tensor:

@@ -235,6 +235,8 @@ def component_specs(model: ModelConfig) -> dict[str, ComponentSpec]:
             TensorSpec("fps", "float32", ("batch",), f"const:{model.scheduler.fps}", "frames per second"),
             TensorSpec("height", "float32", ("batch",), "pixels:latent_height", "video height in pixels"),
             TensorSpec("width", "float32", ("batch",), "pixels:latent_width", "video width in pixels"),
+            TensorSpec("x_mask", "float32", ("batch", "latent_frames"), "prefix_mask",
+                       "per latent frame: 1 = generated, 0 = conditioned (image/video reference, modulated as t=0)"),
         ),
         outputs=(TensorSpec("v", FLOAT, lat, doc="velocity x0 - noise (first in_channels of the output)"),),
         dims={"batch": batch, "latent_frames": DimRange(1, min(t_max, latent_frames(model.defaults.num_frames, vae)), t_max),

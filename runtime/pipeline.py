@@ -40,6 +40,7 @@ from osx.errors import BundleError, InputError, OsxError
 from osx.models import IMAGE_FPS, ModelConfig, SchedulerConfig, latent_frames, latent_size
 from osx.runtime import scheduler as rf
 from osx.runtime.backends import Backend, create_backend
+from osx.runtime.conditioning import CONDITIONS, Condition, MaskSchedule, load_image, preprocess
 from osx.runtime.prompt import prepare_prompt
 from osx.runtime.request import MAX_FPS, MAX_GUIDANCE_SCALE, MAX_SEED, as_float, as_int, as_size, check_int_range, check_prompt
 from osx.runtime.tokenizer import TextTokenizer, check_vocabulary
@@ -95,8 +96,9 @@ class Pipeline:
         missing = [c for c in COMPONENTS if c not in bundle.components]
         if missing:
             raise BundleError(f"{bundle.root}: bundle lacks {', '.join(missing)}", hint="re-export it with `osx export`")
-        names = {c: backend or bundle.components[c].get("backend", "onnxruntime") for c in COMPONENTS}
-        return cls(bundle, {c: create_backend(bundle, c, names[c]) for c in COMPONENTS}, names)
+        used = COMPONENTS + (("vae_encoder",) if "vae_encoder" in bundle.components else ())  # image conditioning
+        names = {c: backend or bundle.components[c].get("backend", "onnxruntime") for c in used}
+        return cls(bundle, {c: create_backend(bundle, c, names[c]) for c in used}, names)
 
     # --- request ---------------------------------------------------------------------------------
     def supported(self) -> str:
@@ -175,12 +177,17 @@ class Pipeline:
         return (1, vae.temporal.latent_embed_dim, latent_frames(request.num_frames, vae), *latent_size(request.height, request.width, vae))
 
     def denoise(self, request: Request, y: np.ndarray, mask: np.ndarray, noise: np.ndarray | None = None,
-                progress: Progress | None = None) -> np.ndarray:
-        """Rectified-flow sampling from `noise` (default: seeded by the request) -> final latent."""
+                progress: Progress | None = None, condition: Condition | None = None) -> np.ndarray:
+        """Rectified-flow sampling from `noise` (default: seeded by the request) -> final latent.
+        `condition` (osx.runtime.conditioning) holds reference latents fixed in given frames."""
         s = self.scheduler
         z = self.initial_noise(request) if noise is None else np.array(noise, dtype=np.float32)
         if z.shape != self.latent_shape(request):
             raise InputError(f"noise has shape {z.shape}, expected {self.latent_shape(request)}", hint="or pass a seed")
+        # bundles exported before x_mask existed run text-to-video only (`condition` is refused for them)
+        x_mask_input = any(t.name == "x_mask" for t in self.specs["denoiser"].inputs)
+        masking = MaskSchedule(condition, request.seed, x_mask_input)
+        z = masking.start(z)
         ts = rf.timesteps(request.steps, request.height, request.width, request.num_frames, num_timesteps=s.num_timesteps,
                           use_timestep_transform=s.use_timestep_transform, base_resolution=s.base_resolution)
         dts = rf.dts(ts, s.num_timesteps)
@@ -193,18 +200,20 @@ class Pipeline:
         steps, t_start = [], time.perf_counter()
         for i in range(request.steps):
             t0 = time.perf_counter()
+            z, x_mask = masking.before_step(z, ts[i], s.num_timesteps)
             if self.cfg_batching:  # one call: rows (cond, uncond)
-                calls = [{"x": np.concatenate([z, z]), "timestep": np.full(2, t_model[i], np.float32), "y": y, "mask": mask, **sizes}]
+                calls = [{"x": np.concatenate([z, z]), "timestep": np.full(2, t_model[i], np.float32), "y": y, "mask": mask,
+                          **sizes, **({"x_mask": np.concatenate([x_mask, x_mask])} if x_mask_input else {})}]
             else:  # two calls of batch 1
                 calls = [{"x": z, "timestep": t_model[i:i + 1], "y": y[k:k + 1], "mask": mask[k:k + 1],
-                          **{n: a[:1] for n, a in sizes.items()}} for k in (0, 1)]
+                          **{n: a[:1] for n, a in sizes.items()}, **({"x_mask": x_mask} if x_mask_input else {})} for k in (0, 1)]
             v, model_s = [], 0.0
             for inputs in calls:
                 t1 = time.perf_counter()
                 v.append(denoiser.run(inputs)["v"])
                 model_s += time.perf_counter() - t1
             v_cond, v_uncond = np.split(np.concatenate(v).astype(np.float32, copy=False), 2)
-            z = rf.step(z, rf.guidance(v_cond, v_uncond, request.guidance_scale), dts[i])
+            z = masking.after_step(rf.step(z, rf.guidance(v_cond, v_uncond, request.guidance_scale), dts[i]))
             _check_finite(z, f"the latent after denoising step {i + 1} of {request.steps}")
             steps.append({"total_s": time.perf_counter() - t0, "denoiser_s": model_s})
             done = time.perf_counter() - t_start
@@ -212,6 +221,26 @@ class Pipeline:
         self._done_with("denoiser")
         self.timings.update(denoise_s=time.perf_counter() - t_start, steps=steps)
         return z
+
+    def condition_on(self, image: str | os.PathLike | np.ndarray, where: str, request: Request) -> Condition:
+        """The reference image's latent (VAE encoder, posterior mean) placed at the `where` frames."""
+        if where not in CONDITIONS:
+            raise InputError(f"condition {where!r} is not one of {', '.join(CONDITIONS)}")
+        if not any(t.name == "x_mask" for t in self.specs["denoiser"].inputs):
+            raise BundleError("this bundle's denoiser has no x_mask input (exported before image conditioning)",
+                              hint="re-export it with this osx version: `osx export ... --with-vae-encoder`")
+        if "vae_encoder" not in self.backends:
+            raise BundleError("this bundle has no VAE encoder, which image conditioning needs",
+                              hint="re-export it with `osx export ... --with-vae-encoder`")
+        pixels = load_image(image) if not isinstance(image, np.ndarray) else image
+        if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3 or min(pixels.shape[:2]) < 1:
+            raise InputError(f"reference image array: expected uint8 [H, W, 3] RGB, got {pixels.dtype} {pixels.shape}")
+        lh, lw = latent_size(request.height, request.width, self.model.vae)
+        t0 = time.perf_counter()
+        z = self._loaded("vae_encoder").run({"video": preprocess(pixels, 8 * lh, 8 * lw)[None]})["z"]
+        self._done_with("vae_encoder")
+        self.timings["vae_encode_s"] = time.perf_counter() - t0
+        return Condition.image(z[:, :, :1].astype(np.float32), latent_frames(request.num_frames, self.model.vae), where)
 
     def decode(self, latent: np.ndarray, num_frames: int, progress: Progress | None = None) -> np.ndarray:
         """Latent [1, 4, T_lat, h, w] -> video [3, num_frames, 8h, 8w] float32 in about [-1, 1]."""
@@ -235,23 +264,27 @@ class Pipeline:
     def generate(self, prompt: str, negative_prompt: str | None = None, *, num_frames: int | None = None,
                  height: int | None = None, width: int | None = None, fps: float | None = None, steps: int | None = None,
                  guidance_scale: float | None = None, seed: int | None = None, noise: np.ndarray | None = None,
-                 progress: Progress | None = None) -> np.ndarray:
+                 progress: Progress | None = None, image: str | os.PathLike | np.ndarray | None = None,
+                 condition: str = "head") -> np.ndarray:
         """One video: uint8 frames [num_frames, H, W, 3] (H, W rounded down to multiples of 8).
         Unset arguments take the bundle's defaults; `noise` [1, 4, T_lat, H/8, W/8] replaces the seeded
-        noise. Per-stage and per-step seconds are left in `self.timings`."""
+        noise; `image` (a file or uint8 [H, W, 3] RGB) is the video's first ("head"), last ("tail") or
+        first and last ("loop") frame. Per-stage and per-step seconds are left in `self.timings`."""
         request = self.prepare_request(prompt, negative_prompt, num_frames=num_frames, height=height, width=width,
                                        fps=fps, steps=steps, guidance_scale=guidance_scale, seed=seed)
-        return self.run(request, noise, progress)
+        return self.run(request, noise, progress, image=image, condition=condition)
 
-    def run(self, request: Request, noise: np.ndarray | None = None, progress: Progress | None = None) -> np.ndarray:
+    def run(self, request: Request, noise: np.ndarray | None = None, progress: Progress | None = None, *,
+            image: str | os.PathLike | np.ndarray | None = None, condition: str = "head") -> np.ndarray:
         """`generate` for a request from `prepare_request`."""
         if noise is not None and tuple(np.shape(noise)) != self.latent_shape(request):
             raise InputError(f"noise has shape {np.shape(noise)}, expected {self.latent_shape(request)}", hint="or pass a seed")
         self._cancel.clear()
         self.timings = {}
         self._t0 = time.perf_counter()
+        cond = None if image is None else self.condition_on(image, condition, request)
         y, mask = self.encode_text(request, progress)
-        latent = self.denoise(request, y, mask, noise, progress)
+        latent = self.denoise(request, y, mask, noise, progress, cond)
         frames = to_uint8_frames(self.decode(latent, request.num_frames, progress))
         self.timings["total_s"] = time.perf_counter() - self._t0
         return frames

@@ -232,7 +232,7 @@ def test_rope_only_in_temporal_blocks(model):
     x = torch.randn(B, T * S, C, generator=g)
     y = torch.randn(B, L, C, generator=g)
     key_bias = torch.zeros(B, 1, 1, L)
-    t_mlp = torch.randn(B, 6 * C, generator=g) * 0.1
+    t_mlp = (torch.randn(B, 1, 6 * C, generator=g) * 0.1).expand(B, T, 6 * C)  # the same modulation in every frame
     rope = model.rope(T, x.device)
     no_rope = (torch.ones_like(rope[0]), torch.zeros_like(rope[1]))
 
@@ -271,8 +271,8 @@ class FirstChannels(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x, timestep, y, mask, fps, height, width):
-        return self.model(x, timestep, y, mask, fps, height, width)[:, : CFG.in_channels]
+    def forward(self, x, timestep, y, mask, fps, height, width, x_mask):
+        return self.model(x, timestep, y, mask, fps, height, width, x_mask)[:, : CFG.in_channels]
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter: fast, and checked here
@@ -292,8 +292,82 @@ def test_onnx_export_matches_torch(model, tmp_path, opset):
     for sizes in ({"batch": 1, "latent_frames": 3, "latent_height": 6, "latent_width": 7}, {"batch": 2, "latent_frames": 1, "latent_height": 2, "latent_width": 5}):
         feed = spec.sample_inputs(sizes, seed=1)
         feed["timestep"] = np.array([999.5, 1000.0][: sizes["batch"]], np.float32)  # rounded inside the graph too
+        feed["x_mask"][0, 0] = 0  # a conditioned frame (t=0 modulation) in every case
         with torch.no_grad():
             expected = wrapped(*(torch.from_numpy(feed[n]) for n in names)).numpy()
         got = session.run(None, feed)[0]
         assert got.shape == expected.shape == (sizes["batch"], 4, sizes["latent_frames"], sizes["latent_height"], sizes["latent_width"])
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+# --- x_mask: conditioned frames modulated as timestep 0 ---------------------------------------------
+
+
+def _select(x_mask, a, b, T):  # Open-Sora's t_mask_select: per frame, a where x_mask else b ([B, T*S, C])
+    B, N, C = a.shape
+    keep = x_mask[:, :, None, None]
+    return torch.where(keep, a.reshape(B, T, -1, C), b.reshape(B, T, -1, C)).reshape(B, N, C)
+
+
+def _open_sora_forward(model, x_mask, x, timestep, y, mask, fps, height, width):
+    """Open-Sora's x_mask structure, written out independently: both modulations computed over the whole
+    sequence, outputs (not parameters) selected per frame, gates selected after multiplying. Even H/W only."""
+    from osx.export.stdit3 import t2i_modulate
+
+    B, _, T, H, W = x.shape
+    S = (H // 2) * (W // 2)
+    fps_e = model.fps_embedder(round_to_bf16(fps))
+    t = model.t_embedder(round_to_bf16(timestep)) + fps_e
+    t0 = model.t_embedder(torch.zeros_like(timestep)) + fps_e
+    t_mlp, t0_mlp = model.t_block(t), model.t_block(t0)
+    y = model.y_embedder(y)
+    key_bias = ((mask.float() - 1) * 1e4)[:, None, None, :]
+    h = model.x_embedder(x)
+    pos = pos_embed_2d(H // 2, W // 2, round_to_bf16(height), round_to_bf16(width), CFG.hidden_size, CFG.input_sq_size)
+    h = (h.reshape(B, T, S, -1) + pos[:, None]).reshape(B, T * S, -1)
+    rope = model.rope(T, h.device)
+    blocks = [b for pair in zip(model.spatial_blocks, model.temporal_blocks) for b in pair]
+    for blk in blocks:
+        p = (blk.scale_shift_table[None] + t_mlp.reshape(B, 6, -1)).chunk(6, 1)
+        p0 = (blk.scale_shift_table[None] + t0_mlp.reshape(B, 6, -1)).chunk(6, 1)
+        n1 = blk.norm1(h)
+        m = _select(x_mask, t2i_modulate(n1, p[0], p[1]), t2i_modulate(n1, p0[0], p0[1]), T)
+        C = m.shape[-1]
+        if blk.temporal:
+            a = blk.attn(m.reshape(B, T, S, C).transpose(1, 2).reshape(B * S, T, C), rope)
+            a = a.reshape(B, S, T, C).transpose(1, 2).reshape(B, T * S, C)
+        else:
+            a = blk.attn(m.reshape(B * T, S, C)).reshape(B, T * S, C)
+        h = h + _select(x_mask, p[2] * a, p0[2] * a, T)
+        h = h + blk.cross_attn(h, y, key_bias)
+        n2 = blk.norm2(h)
+        m = blk.mlp(_select(x_mask, t2i_modulate(n2, p[3], p[4]), t2i_modulate(n2, p0[3], p0[4]), T))
+        h = h + _select(x_mask, p[5] * m, p0[5] * m, T)
+    fl = model.final_layer
+    sh, sc = (fl.scale_shift_table[None] + t[:, None]).chunk(2, 1)
+    sh0, sc0 = (fl.scale_shift_table[None] + t0[:, None]).chunk(2, 1)
+    nf = fl.norm_final(h)
+    h = fl.linear(_select(x_mask, t2i_modulate(nf, sh, sc), t2i_modulate(nf, sh0, sc0), T))
+    return model.unpatchify(h, T, H // 2, W // 2)
+
+
+def test_x_mask_matches_open_sora_structure(model):
+    kw = inputs(B=2, T=4, H=6, W=8)
+    x_mask = torch.tensor([[False, True, True, False], [True, True, False, True]])
+    with torch.no_grad():
+        got = model(**kw, x_mask=x_mask.float())
+        want = _open_sora_forward(model, x_mask, **kw)
+        plain = model(**kw)
+    # fp32 both ways; only the order of elementwise operations differs
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # the conditioned frames change a lot (the issue measured 24 % of scale against Open-Sora's own code)
+    assert (got - plain).abs().mean() > 0.05 * plain.abs().mean()
+
+
+def test_x_mask_all_ones_is_text_to_video_and_all_zeros_is_timestep_zero(model):
+    kw = inputs(B=2, T=3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**kw, x_mask=torch.ones(2, 3)), model(**kw), rtol=0, atol=0)
+        zeros = model(**kw, x_mask=torch.zeros(2, 3))
+        t_zero = model(**{**kw, "timestep": torch.zeros(2)})
+    torch.testing.assert_close(zeros, t_zero, rtol=1e-6, atol=1e-6)

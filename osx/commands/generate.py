@@ -44,11 +44,17 @@ def _resolution(ctx, param, value):
 @click.option("--preview", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write a PNG contact sheet of a few frames.")
 @click.option("--backend", type=click.Choice(list(BACKENDS)), default=None,
               help="Run every component with this backend (default: what the bundle's manifest says).")
+@click.option("--image", type=click.Path(path_type=Path), default=None,
+              help="Reference image (PNG, JPEG, ...): image-to-video. Resized to fill and centre-cropped. Needs a bundle "
+                   "exported with --with-vae-encoder.")
+@click.option("--condition", type=click.Choice(["head", "tail", "loop"]), default="head", show_default=True,
+              help="Where --image goes: the first frame, the last, or both.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files (sizes are still checked).")
 @click.option("--progress-json", is_flag=True, help="Print progress and the result as JSON lines on stdout instead of a bar.")
 def generate(bundle, prompt, out, negative_prompt, seed, steps, guidance_scale, num_frames, resolution, fps, codec, preview,
-             backend, no_verify, progress_json):
+             backend, image, condition, no_verify, progress_json):
     """Generate a video from PROMPT with the bundle at BUNDLE (a folder written by `osx export`)."""
+    from osx.runtime.conditioning import load_image
     from osx.runtime.pipeline import Pipeline
     from osx.runtime.video import check_writable, resolve_codec, write_preview, write_video
 
@@ -65,9 +71,10 @@ def generate(bundle, prompt, out, negative_prompt, seed, steps, guidance_scale, 
         pipe = Pipeline.load(bundle, backend, verify=not no_verify)
         request = pipe.prepare_request(prompt, negative_prompt, num_frames=num_frames, height=height, width=width, fps=fps,
                                        steps=steps, guidance_scale=guidance_scale, seed=seed)
+        pixels = None if image is None else load_image(image)  # a bad file fails here, before any compute
         show = _json_progress if progress_json else _BarProgress(request.steps)
         try:
-            frames = pipe.run(request, progress=show)
+            frames = pipe.run(request, progress=show, image=pixels, condition=condition)
         finally:
             if not progress_json:
                 show.close()

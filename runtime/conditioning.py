@@ -1,0 +1,152 @@
+"""Image conditioning for Open-Sora v1.2 bundles (image-to-video), torch-free.
+
+Open-Sora's mask strategy (shared/design/open-sora-models.md, section 1.5), for one sample:
+  * reference latents are copied into the initial noise at their latent frames, and the per-frame mask
+    is set there to the edit ratio (0 = keep the reference exactly; 1 elsewhere);
+  * each step, x0 = z; a frame is "generating" when mask * num_timesteps >= t; frames that just started
+    generating get fresh noise at level t (only with an edit ratio in (0, 1)); the denoiser gets the
+    generating flags as `x_mask` (other frames are modulated as timestep 0);
+  * after the step, frames not generating are reset to x0, so the reference stays clean.
+
+Reference images: resized to fill the target (bicubic, as PIL resamples: antialiased when shrinking)
+and centre-cropped, as Open-Sora's `resize_crop_to_fill`, then scaled to [-1, 1]. The VAE encoder
+exported into the bundle returns the posterior MEAN (no sampling, so no random generator is involved).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from osx.errors import BundleError, InputError
+
+CONDITIONS = ("head", "tail", "loop")  # where the reference image goes: first, last, or both latent frames
+
+
+@dataclass(frozen=True)
+class Condition:
+    latent: np.ndarray  # [1, C, T_lat, h, w] reference latents at the conditioned frames (zeros elsewhere)
+    mask: np.ndarray  # [T_lat] float32: 1 = generate; the edit ratio at conditioned frames (0 = keep)
+
+    @classmethod
+    def image(cls, ref: np.ndarray, latent_frames: int, where: str = "head", edit_ratio: float = 0.0) -> "Condition":
+        """One reference latent [1, C, 1, h, w] at the first ("head"), last ("tail") or both ("loop") frames."""
+        if where not in CONDITIONS:
+            raise InputError(f"condition {where!r} is not one of {', '.join(CONDITIONS)}")
+        frames = {"head": [0], "tail": [latent_frames - 1], "loop": sorted({0, latent_frames - 1})}[where]
+        latent = np.zeros((*ref.shape[:2], latent_frames, *ref.shape[3:]), np.float32)
+        mask = np.ones(latent_frames, np.float32)
+        for f in frames:
+            latent[:, :, f] = ref[:, :, 0]
+            mask[f] = edit_ratio
+        return cls(latent, mask)
+
+
+class MaskSchedule:
+    """The per-step mask rule over one sample's latent z [1, C, T, h, w]; a no-op without a condition."""
+
+    def __init__(self, condition: Condition | None, seed: int, has_x_mask: bool):
+        if condition is not None and not has_x_mask:
+            raise BundleError("this bundle's denoiser has no x_mask input, so it cannot condition on an image",
+                              hint="re-export the bundle with this osx version (`osx export ... --with-vae-encoder`)")
+        self.condition = condition
+        self.rng = np.random.default_rng([seed, 1])  # fresh noise for partial edit ratios, seeded by the request
+        self.x0 = self.upper = None
+        self.noised = None if condition is None else condition.mask == 1
+
+    def start(self, z: np.ndarray) -> np.ndarray:
+        if self.condition is None:
+            return z
+        keep = (self.condition.mask < 1)[None, None, :, None, None]
+        return np.where(keep, self.condition.latent, z).astype(np.float32)
+
+    def before_step(self, z: np.ndarray, t: float, num_timesteps: int) -> tuple[np.ndarray, np.ndarray]:
+        """-> (z to denoise, x_mask [1, T] float32)."""
+        if self.condition is None:
+            return z, np.ones((1, z.shape[2]), np.float32)
+        self.x0 = z.copy()
+        self.upper = self.condition.mask * num_timesteps >= t
+        fresh = self.upper & ~self.noised
+        if fresh.any():
+            u = np.float32(t / num_timesteps)
+            noisy = (1 - u) * self.x0 + u * self.rng.standard_normal(z.shape, dtype=np.float32)
+            z = np.where(fresh[None, None, :, None, None], noisy, self.x0)
+        self.noised = self.upper
+        return z, self.upper.astype(np.float32)[None]
+
+    def after_step(self, z: np.ndarray) -> np.ndarray:
+        if self.condition is None:
+            return z
+        return np.where(self.upper[None, None, :, None, None], z, self.x0)
+
+
+# --- reference images -------------------------------------------------------------------------------
+
+
+def load_image(path) -> np.ndarray:
+    """RGB uint8 [H, W, 3] from an image file; a missing, broken or non-image file is an InputError."""
+    import cv2
+
+    data = np.fromfile(str(path), np.uint8) if os.path.isfile(path) else None
+    if data is None:
+        raise InputError(f"reference image {str(path)!r} does not exist or is not a file")
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise InputError(f"reference image {str(path)!r} is not a readable image",
+                         hint="pass a PNG, JPEG, WebP or BMP file")
+    return np.ascontiguousarray(image[:, :, ::-1])
+
+
+def preprocess(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [3, 1, height, width] in [-1, 1]: resize to fill (bicubic), centre crop."""
+    h, w = image.shape[:2]
+    rh, rw = height / h, width / w
+    if rh > rw:
+        sh, sw = height, round(w * rh)
+        top, left = 0, int(round((sw - width) / 2.0))
+    else:
+        sh, sw = round(h * rw), width
+        top, left = int(round((sh - height) / 2.0)), 0
+    resized = _resize_bicubic(image, sh, sw)[top:top + height, left:left + width]
+    return _to_unit(resized)
+
+
+def _to_unit(pixels: np.ndarray) -> np.ndarray:
+    return ((pixels.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[:, None]
+
+
+def _resize_bicubic(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """PIL's BICUBIC resize (a = -0.5, kernel widened by the scale when shrinking): width first, then
+    height, each pass rounded to uint8 as PIL does."""
+    out = image
+    if out_w != image.shape[1]:
+        out = _resample_axis(out, out_w, axis=1)
+    if out_h != image.shape[0]:
+        out = _resample_axis(out, out_h, axis=0)
+    return out
+
+
+def _resample_axis(image: np.ndarray, out_size: int, axis: int) -> np.ndarray:
+    in_size = image.shape[axis]
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 2.0 * filterscale
+    weights = np.zeros((out_size, in_size), np.float64)
+    for i in range(out_size):
+        center = (i + 0.5) * scale
+        lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), in_size)
+        x = (np.arange(lo, hi) - center + 0.5) / filterscale
+        k = _cubic(x)
+        weights[i, lo:hi] = k / k.sum() if k.sum() else k
+    moved = np.moveaxis(image.astype(np.float64), axis, 0)
+    out = np.tensordot(weights, moved, axes=(1, 0))
+    return np.moveaxis(np.clip(np.round(out), 0, 255).astype(np.uint8), 0, axis)
+
+
+def _cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
