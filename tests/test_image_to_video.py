@@ -202,3 +202,22 @@ def test_bundle_exported_before_x_mask_still_runs_text_to_video(pipe, reference)
     with pytest.raises(BundleError, match="no x_mask input") as e:
         old.condition_on(image(64, 64), "head", request)
     assert "re-export" in e.value.hint
+
+
+def test_cli_image_to_video_without_torch(i2v_bundle, tiny_bundle, tmp_path):
+    import cv2
+    from test_generate_cli import osx
+
+    from osx.runtime.video import read_video_info
+
+    png, broken, out = tmp_path / "ref.png", tmp_path / "notes.png", tmp_path / "clip.mp4"
+    cv2.imwrite(str(png), image(120, 90))  # another size and aspect: resized to fill, centre-cropped
+    broken.write_text("not an image")
+    r = osx("generate", i2v_bundle, "--prompt", PROMPT, "--out", out, "--image", png, "--condition", "loop",
+            "--steps", "2", "--frames", "17")
+    assert r.returncode == 0, r.stderr
+    assert read_video_info(out) == (17, 64, 64)
+    r = osx("generate", i2v_bundle, "--prompt", PROMPT, "--out", tmp_path / "b.mp4", "--image", broken)
+    assert r.returncode == 2 and "not a readable image" in r.stderr and "Traceback" not in r.stderr
+    r = osx("generate", tiny_bundle, "--prompt", PROMPT, "--out", tmp_path / "c.mp4", "--image", png, "--steps", "1")
+    assert r.returncode == 2 and "--with-vae-encoder" in r.stderr and "Traceback" not in r.stderr
