@@ -42,7 +42,7 @@ def _terminated(signum, frame):
 @click.option("--gate-min-psnr", type=float, default=30.0, show_default=True,
               help="Quality gate: least PSNR (dB) of any decoded frame vs the full-precision video, same seed.")
 @click.option("--opset", type=click.IntRange(18, 20), default=18, show_default=True, help="ONNX opset (18-20).")
-@click.option("--with-vae-encoder", is_flag=True, help="Also export the VAE encoder (image-to-video; unused by text-to-video).")
+@click.option("--with-vae-encoder", is_flag=True, help="Also export the VAE encoder, which `osx generate --image` (image-to-video) needs.")
 @click.option("--portable", is_flag=True, help="TensorRT engines for every Ampere-or-newer GPU, version-compatible "
               "(slower; end users need only TensorRT's dispatch/lean runtime).")
 @click.option("--dry-run", is_flag=True, help="Print the plan for --gpu (precision, shapes, memory, fit) and exit; no GPU needed.")
