@@ -16,6 +16,7 @@ from osx.runtime.conditioning import Condition, MaskSchedule, load_image, prepro
 from osx.runtime.pipeline import Pipeline
 
 torch = pytest.importorskip("torch")
+from test_runtime_pipeline import TorchDenoiser  # noqa: E402  (passes x_mask on to the torch STDiT3)
 PROMPT = "A lighthouse on a cliff, waves below."
 
 
@@ -88,27 +89,6 @@ def reference(pipe):
     from osx.export.reference import build_reference
 
     return build_reference(pipe.model)
-
-
-class TorchDenoiser:
-    """A Backend running the torch reference STDiT3 with the x_mask the runtime passes."""
-
-    name, loaded = "denoiser", True
-
-    def __init__(self, model):
-        self.model, self.inputs = model, []
-
-    def load(self):
-        pass
-
-    def release(self):
-        pass
-
-    @torch.no_grad()
-    def run(self, inputs):
-        self.inputs.append(inputs["x"].copy())
-        args = [torch.from_numpy(np.asarray(inputs[k])) for k in ("x", "timestep", "y", "mask", "fps", "height", "width", "x_mask")]
-        return {"v": self.model(*args)[:, :4].numpy()}
 
 
 def test_numpy_mask_loop_matches_torch_sampler(pipe, reference):

@@ -39,7 +39,7 @@ def relative(a, b):
 
 
 class TorchDenoiser:
-    """A Backend running the torch reference STDiT3, recording every input latent."""
+    """A Backend running the torch reference STDiT3 (with x_mask when given), recording every input latent."""
 
     name, loaded = "denoiser", True
 
@@ -55,7 +55,8 @@ class TorchDenoiser:
     @torch.no_grad()
     def run(self, inputs):
         self.inputs.append(inputs["x"].copy())
-        args = [torch.from_numpy(np.asarray(inputs[k])) for k in ("x", "timestep", "y", "mask", "fps", "height", "width")]
+        names = ("x", "timestep", "y", "mask", "fps", "height", "width", "x_mask")
+        args = [torch.from_numpy(np.asarray(inputs[k])) for k in names if k in inputs]
         return {"v": self.model(*args)[:, :4].numpy()}
 
 
