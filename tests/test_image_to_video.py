@@ -201,3 +201,26 @@ def test_cli_image_to_video_without_torch(i2v_bundle, tiny_bundle, tmp_path):
     assert r.returncode == 2 and "not a readable image" in r.stderr and "Traceback" not in r.stderr
     r = osx("generate", tiny_bundle, "--prompt", PROMPT, "--out", tmp_path / "c.mp4", "--image", png, "--steps", "1")
     assert r.returncode == 2 and "--with-vae-encoder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_shim_image_options(i2v_bundle, pipe, tmp_path):
+    import json
+
+    import cv2
+
+    from osx.runtime import shim
+
+    png = tmp_path / "ref.png"
+    cv2.imwrite(str(png), image(64, 64)[:, :, ::-1])
+    h = shim.open_bundle(str(i2v_bundle), '{"verify": false}')
+    try:
+        options = {"steps": 2, "num_frames": 17, "seed": 3}
+        status, data, shape = shim.generate_to_buffer(h, PROMPT, json.dumps({**options, "image": str(png), "condition": "tail"}))
+        assert status == shim.OK, shim.last_error()
+        direct = pipe.generate(PROMPT, **options, image=png, condition="tail")
+        np.testing.assert_array_equal(np.frombuffer(data, np.uint8).reshape(shape), direct)
+        (tmp_path / "bad.png").write_text("no")
+        status = shim.generate_to_buffer(h, PROMPT, json.dumps({**options, "image": str(tmp_path / "bad.png")}))[0]
+        assert status == shim.ERR_INPUT and "not a readable image" in shim.last_error()
+    finally:
+        shim.close(h)
