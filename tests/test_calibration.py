@@ -7,6 +7,7 @@ full-precision ONNX graph on held-out inputs; the thresholds are the gate's defa
 
 import importlib.resources
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -146,6 +147,17 @@ def test_calibration_set_refuses_edits_and_other_models(calib, tmp_path):
 
 
 # --- INT8 -----------------------------------------------------------------------------------------
+
+
+def test_onnxruntime_quantization_leaves_the_root_logger_as_it_was(calib, onnx_fp32, tmp_path):
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(logging.INFO)
+    try:
+        quantize.quantize(onnx_fp32["text_encoder"], tmp_path / "t.onnx", "int8", calib.shards("calibration", "text_encoder"))
+        assert root.level == logging.INFO
+    finally:
+        root.setLevel(before)
 
 
 @pytest.mark.parametrize("component", ["text_encoder", "denoiser"])
