@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +19,7 @@ from osx.calibration.calibset import CalibrationSet, weights_identity
 from osx.calibration.quantize import OP_TYPES, Quantizer, choose_quantizer, layer_groups, quantize, source_dtype
 from osx.calibration.shards import ShardReader
 from osx.components import QUANTIZABLE
+from osx.manifest import Manifest
 
 
 # Called with the quantized graph of the component being searched; returns video_metrics of the
@@ -145,7 +146,7 @@ class QuantizeStep:
     def check(self, precisions: dict[str, str], model_name: str, random_seed: int, checkpoint: dict | None) -> None:
         check_request(precisions, self.calibration, model_name, weights_identity(random_seed, checkpoint))
 
-    def apply(self, bundle_dir: Path, manifest: dict, precisions: dict[str, str], say: Callable[[str], None]) -> dict:
+    def apply(self, bundle_dir: Path, manifest: Manifest, precisions: dict[str, str], say: Callable[[str], None]) -> Manifest:
         if self.calibration is None:
             return manifest
         return quantize_bundle(bundle_dir, manifest, precisions, self.calibration, self.thresholds,
@@ -155,7 +156,7 @@ class QuantizeStep:
 def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str], calibration: str | Path,
                     thresholds: gate_mod.Thresholds = gate_mod.Thresholds(), *, allow_quality_loss: bool = False,
                     search: bool = True, video_gate: bool = True,
-                    say: Callable[[str], None] = lambda m: None) -> dict:
+                    say: Callable[[str], None] = lambda m: None) -> Manifest:
     """Quantize the bundle-in-progress at `bundle_dir` (its fp32/fp16 ONNX files and `manifest`, before
     BundleWriter.commit) in place: each component whose precision is int8/fp8 is replaced by its Q/DQ
     graph, the report goes to `quantization/`, and the manifest is updated and returned.
@@ -168,16 +169,16 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
     from osx.calibration import metrics
     from osx.calibration.report import write_report
 
-    targets = _targets({c: p for c, p in precisions.items() if c in manifest["components"]})
+    targets = _targets({c: p for c, p in precisions.items() if c in manifest.components})
     if not targets:
         return manifest
     calib = CalibrationSet.open(calibration)
-    calib.check_model(manifest["model"]["name"])
+    calib.check_model(manifest.model["name"])
     bundle_dir = Path(bundle_dir)
     # The gate runs the graphs on onnxruntime over the ranges they were exported with, so calibrating
     # below the sizes a GPU plan narrowed the bundle to still works.
-    full_range = {**manifest, "components": {c: {**m, "io": {**m["io"], "dims": m.get("onnx_dims", m["io"]["dims"])}}
-                                             for c, m in manifest["components"].items()}}
+    full_range = manifest.replace(components={c: replace(m, io=replace(m.io, dims=m.onnx_dims or m.io.dims))
+                                              for c, m in manifest.components.items()})
     reference = Bundle(bundle_dir, full_range)
     recipe = calib.recipe
     held = recipe["heldout"]
@@ -202,8 +203,8 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
 
         def check(candidate: Path) -> dict:
             files = {**quantized, component: candidate}
-            trial = {**full_range, "components": {c: ({**m, "file": _rel(files[c], bundle_dir)} if c in files else m)
-                                                  for c, m in full_range["components"].items()}}
+            trial = full_range.replace(components={c: (replace(m, file=_rel(files[c], bundle_dir)) if c in files else m)
+                                                   for c, m in full_range.components.items()})
             videos = generate(Bundle(bundle_dir, trial))
             last_videos[:] = videos
             per_prompt = [{"prompt": p, **metrics.video_metrics(q, r)} for p, q, r in zip(held["prompts"], videos, ref_videos)]
@@ -218,9 +219,9 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
     for component in QUANTIZABLE:  # text encoder first: the denoiser's video gate then sees both quantized
         if component not in targets:
             continue
-        src = bundle_dir / manifest["components"][component]["file"]
+        src = bundle_dir / manifest.components[component].file
         dst = bundle_dir / f"{component}.{targets[component]}.onnx"
-        backend = manifest["components"][component].get("backend", "onnxruntime")
+        backend = manifest.components[component].backend
         final, entries[component] = quantize_component(component, src, dst, targets[component], calib, thresholds,
                                                        backend=backend, video_check=video_check_for(component),
                                                        search=search, say=say)
@@ -230,7 +231,7 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
     failures = [f for e in entries.values() for f in e["failures"]]
     report = {
         "precision": "/".join(sorted(set(targets.values()))),
-        "reference_precision": "/".join(sorted({manifest["components"][c]["precision"] for c in targets})),
+        "reference_precision": "/".join(sorted({manifest.components[c].precision for c in targets})),
         "calibration": {"hash": calib.hash, "samples": {c: calib.count("calibration", c) for c in targets},
                         "heldout_prompts": held["prompts"], **size, "target": recipe["target"]},
         "thresholds": thresholds.to_dict(),
@@ -244,24 +245,23 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
                          last_videos[0] if last_videos else None)
     gate_mod.enforce(gate_mod.GateResult(not failures, failures), report["precision"], allow_quality_loss)
 
-    components = dict(manifest["components"])
+    components = dict(manifest.components)
     for component, dst in quantized.items():
         old = components[component]
         data = dst.with_name(dst.name + ".data")
-        entry = {k: v for k, v in old.items() if k != "data_file"}
-        # The floating-point graph stays (its external data too, beside it): `osx build` can re-plan the
-        # bundle for a GPU without int8/fp8 (export.engines.onnx_source reads "onnx_files").
-        entry["onnx_files"] = {**old.get("onnx_files", {}), old["precision"]: old["file"]}
-        entry.update(file=dst.name, precision=targets[component], calibration_hash=calib.hash,
-                     quantization={"quantizer": entries[component]["quantizer"],
-                                   "excluded_layers": [e["layer"] for e in entries[component]["excluded"]],
-                                   "report": f"{REPORT_DIR}/report.json"})
+        named = {k: v for k, v in old.files.items() if k != "data_file"}
         if data.exists():
-            entry["data_file"] = data.name
-        components[component] = entry
-    return {**manifest, "components": components,
-            "quantization": {"calibration_hash": calib.hash, "passed": report["passed"],
-                             "files": [f"{REPORT_DIR}/{f}" for f in files]}}
+            named["data_file"] = data.name
+        # The floating-point graph stays (its external data too, beside it): `osx build` can re-plan the
+        # bundle for a GPU without int8/fp8 (export.engines.onnx_source reads `onnx_files`).
+        components[component] = replace(
+            old, file=dst.name, precision=targets[component], calibration_hash=calib.hash, files=named,
+            onnx_files={**old.onnx_files, old.precision: old.file},
+            report={**old.report, "quantization": {"quantizer": entries[component]["quantizer"],
+                                                   "excluded_layers": [e["layer"] for e in entries[component]["excluded"]],
+                                                   "report": f"{REPORT_DIR}/report.json"}})
+    return manifest.replace(components=components, quantization={
+        "calibration_hash": calib.hash, "passed": report["passed"], "files": [f"{REPORT_DIR}/{f}" for f in files]})
 
 
 def _targets(precisions: dict[str, str]) -> dict[str, str]:

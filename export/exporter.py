@@ -45,6 +45,7 @@ from osx.export.onnx_export import DTYPES, OPSETS
 from osx.export.validate import (
     compare_onnx, format_table, fp16_noise, fp16_tolerance, torch_reference, validation_shapes,
 )
+from osx.manifest import ComponentEntry, Manifest, RuntimeSettings
 from osx.models import ModelConfig, get_model_config
 from osx.runtime.tokenizer import check_vocabulary
 from osx.numeric import format_bytes
@@ -75,7 +76,7 @@ def export_bundle(
     external_data_threshold: int = EXTERNAL_DATA_BYTES,
     only: tuple[str, ...] = (),
     progress: Callable[[str], None] = print,
-) -> dict:
+) -> Manifest:
     """Export `model_name` to a bundle at `out`; returns the manifest. See `osx export --help`.
 
     Components: those of the plan (text_encoder, denoiser, vae_decoder for the shipped profiles), plus
@@ -117,7 +118,7 @@ def export_bundle(
     check_vocabulary(tokenizer.get_vocab_size(with_added_tokens=True), model_cfg.text_encoder.vocab_size,
                      "T5 tokenizer" if parts is None else f"{parts['t5']}/spiece.model", error=CheckpointError)
     with BundleWriter(out, force=force) as writer, _scratch_folder(Path(out)) as scratch:
-        components: dict[str, dict] = {}
+        components: dict[str, ComponentEntry] = {}
         readers: dict[str, CheckpointReader] = {}
         for i, name in enumerate(names):  # one component at a time; only the parts these need are read
             part = PART[name]
@@ -134,48 +135,44 @@ def export_bundle(
             entry = export_one(name, model_cfg, part_factories, readers[part], io, dtypes[name], writer.dir, scratch,
                                opset=opset, external_data_threshold=external_data_threshold,
                                say=lambda m, n=name: say(f"{n}: {m}"), progress=progress)
-            components[name] = {
+            components[name] = ComponentEntry.parse({
                 **entry,
                 "backend": cplan.backend if cplan else "onnxruntime",
                 "plan_precision": cplan.precision if cplan else dtypes[name],
                 "shape_ranges": [{d: dataclasses.asdict(r) for d, r in p.items()} for p in cplan.profiles] if cplan else [],
                 "notes": _dtype_notes(name, dtype, dtypes[name]) + entry["notes"],
-            }
+            }, name)
             if all(PART[n] != part for n in names[i + 1:]):  # last use of this part's checkpoint
                 del readers[part]
                 (scratch / f"{part}.safetensors").unlink(missing_ok=True)
         say(f"writing {TOKENIZER_FILE}")
         tokenizer.save(str(writer.dir / TOKENIZER_FILE))
-        body = {
-            "model": {"name": model_cfg.name, "family": model_cfg.family, "config": model_cfg.to_dict()},
-            "components": components,
-            "tokenizer": {"file": TOKENIZER_FILE, "max_length": model_cfg.text_encoder.max_length},
-            "scheduler": dataclasses.asdict(model_cfg.scheduler),
-            "profile": plan.to_dict(),
-        }
+        manifest = Manifest(
+            model={"name": model_cfg.name, "family": model_cfg.family, "config": model_cfg.to_dict()},
+            components=components,
+            tokenizer={"file": TOKENIZER_FILE, "max_length": model_cfg.text_encoder.max_length},
+            scheduler=dataclasses.asdict(model_cfg.scheduler),
+            runtime=RuntimeSettings(load_one_at_a_time=plan.load_one_at_a_time, cfg_batching=plan.cfg_batching),
+            plan=plan.to_dict(),
+        )
         if quantize is not None:  # before engines: TensorRT builds from the Q/DQ graphs
-            body = quantize.apply(writer.dir, body, precisions, say)
-            components = body["components"]
+            manifest = quantize.apply(writer.dir, manifest, precisions, say)
 
         if any(c.backend == "tensorrt" for c in plan.components.values()):
-            from osx.export.engines import build_engines, record_engine
+            from osx.export.engines import build_engines
 
             say(f"building TensorRT engines for {plan.profile.name}")
-            for name, engine in build_engines(writer.dir, components, plan, portable=portable).items():
-                components[name] = record_engine(components[name], engine)
+            built = build_engines(writer.dir, manifest.components, plan, portable=portable)
+            manifest = manifest.replace(components={n: c.with_engine(built[n]) if n in built else c
+                                                    for n, c in manifest.components.items()})
 
-        manifest = writer.commit({
-            **body,
-            "build": versions(),
-            "export": {
-                "weights": {"random_seed": model_cfg.random_init_seed} if parts is None
-                else {k: str(v) for k, v in parts.items()},
-                "dtype": dtype, "precision": precision, "opset": opset, "gpu": gpu,
-                "seconds": round(time.perf_counter() - start, 1),
-            },
-        })
-    say(f"wrote {Path(out)} ({format_bytes(sum(f['bytes'] for f in manifest['files'].values()))}, "
-        f"{len(manifest['files'])} files)")
+        manifest = writer.commit(manifest.replace(build=versions(), export={
+            "weights": {"random_seed": model_cfg.random_init_seed} if parts is None
+            else {k: str(v) for k, v in parts.items()},
+            "dtype": dtype, "precision": precision, "opset": opset, "gpu": gpu,
+            "seconds": round(time.perf_counter() - start, 1),
+        }))
+    say(f"wrote {Path(out)} ({format_bytes(sum(f.bytes for f in manifest.files.values()))}, {len(manifest.files)} files)")
     return manifest
 
 

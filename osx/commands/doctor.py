@@ -125,16 +125,16 @@ def report(facts: dict, model: str = "opensora-v1.2", manifest: dict | None = No
     if manifest is not None:
         lines += ["", f"bundle {bundle}:"]
         machine = _machine(facts)
-        for name, comp in manifest["components"].items():
-            engines = comp.get("engines", [])
+        for name, comp in manifest.components.items():
+            engines = comp.engines
             if not engines:
-                lines.append(f"  {name}: {comp.get('backend', 'onnxruntime')} ({comp['precision']}): " +
+                lines.append(f"  {name}: {comp.backend} ({comp.precision}): " +
                              ("ok" if cpu_ok else "needs onnxruntime"))
                 ok &= cpu_ok
                 continue
             entry, reasons = select_engine(engines, machine, bundle)
             if entry is not None:
-                lines.append(f"  {name}: ok: {entry['file']} (needs {entry.get('runtime', 'tensorrt')}, installed)")
+                lines.append(f"  {name}: ok: {entry.file} (needs {entry.runtime}, installed)")
             else:
                 ok = False
                 lines.append(f"  {name}: cannot run here:")

@@ -74,9 +74,9 @@ def export(model_name, random_weights, checkpoint, denoiser, vae, t5, gpu, out, 
         opset=opset, with_vae_encoder=with_vae_encoder, portable=portable, only=tuple(only),
         progress=lambda m: click.echo(m, err=True),
     )
-    worst = max(r["max_rel"] for c in manifest["components"].values() for r in c["validation"]["rows"])
-    click.echo(f"{out}: {', '.join(manifest['components'])} validated (worst relative error {worst:.1e}); "
+    worst = max(r["max_rel"] for c in manifest.components.values() for r in c.report["validation"]["rows"])
+    click.echo(f"{out}: {', '.join(manifest.components)} validated (worst relative error {worst:.1e}); "
                f"run `osx bundle verify {out}`")
-    if q := manifest.get("quantization"):
+    if q := manifest.quantization:
         click.echo(f"{out}: quality gate {'passed' if q['passed'] else 'FAILED (kept by --allow-quality-loss)'}; "
                    f"report: {out}/{q['files'][0]}")
