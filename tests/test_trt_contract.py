@@ -223,6 +223,6 @@ def test_export_for_a_gpu_builds_strongly_typed_engines(standin, tmp_path):
     b = Bundle.open(tmp_path / "tiny")
     for name, precision in PLANNED.items():
         comp = b.components[name]
-        assert comp["backend"] == "tensorrt" and comp["onnx_files"] == {precision: f"{name}.{precision}.onnx"}
-        assert [e["onnx_file"] for e in comp["engines"]] == [f"{name}.{precision}.onnx"]
+        assert comp.backend == "tensorrt" and comp.onnx_files == {precision: f"{name}.{precision}.onnx"}
+        assert [e.onnx_file for e in comp.engines] == [f"{name}.{precision}.onnx"]
     assert all(strongly for *_, strongly in (c for c in calls if c[0] == "build"))
