@@ -118,7 +118,7 @@ class TrtBackend:
             raise BundleError(f"{self.component}: TensorRT could not deserialize {entry.file} (see the log above)",
                               hint=f"rebuild the engines on this machine: {rebuild_command(bundle_path)}")
         self._check_io()
-        budget = entry["key"]["build_flags"].get("weight_streaming_budget")
+        budget = entry.key["build_flags"].get("weight_streaming_budget")
         if budget:  # the plan's share of a streamable engine's weights on the card; the rest stays in host memory
             self.engine.weight_streaming_budget_v2 = int(budget)
         self.context = self.engine.create_execution_context()

@@ -74,7 +74,7 @@ def create_backend(bundle: Bundle, component: str, backend: str | None = None) -
     name = backend or bundle.components[component].backend
     if name not in BACKENDS:
         raise OsxError(f"unknown backend {name!r} for {component}", hint=f"choose one of {', '.join(BACKENDS)}")
-    if name == "tensorrt" and not bundle.components[component].get("engines"):  # fail at open, not at generate
+    if name == "tensorrt" and not bundle.components[component].engines:  # fail at open, not at generate
         raise BundleError(f"{bundle.root}: {component} has no TensorRT engine in this bundle",
                           hint=f"build them on the machine with the GPU: {rebuild_command(str(bundle.root))}; "
                           "or run the ONNX graphs with --backend onnxruntime")

@@ -124,7 +124,7 @@ def test_weight_streaming_build_and_load(standin, bundle, tmp_path, monkeypatch,
     flags = {Path(c[1]).name.split(".")[0]: c[2] for c in calls if c[0] == "build"}
     assert "WEIGHT_STREAMING" in flags["denoiser"] and not any("WEIGHT_STREAMING" in flags[n] for n in ("text_encoder", "vae_decoder"))
     b = Bundle.open(bundle)
-    budgets = {n: b.components[n]["engines"][0]["key"]["build_flags"].get("weight_streaming_budget") for n in PLANNED}
+    budgets = {n: b.components[n].engines[0].key["build_flags"].get("weight_streaming_budget") for n in PLANNED}
     assert budgets["denoiser"] > 0 and budgets["text_encoder"] is None is budgets["vae_decoder"]
     with TrtBackend(b, "denoiser") as backend:
         assert backend.engine.weight_streaming_budget_v2 == budgets["denoiser"]
