@@ -18,7 +18,7 @@ from osx.calibration import gate as gate_mod
 from osx.calibration.calibset import CalibrationSet, weights_identity
 from osx.calibration.quantize import OP_TYPES, Quantizer, choose_quantizer, layer_groups, quantize, source_dtype
 from osx.calibration.shards import ShardReader
-from osx.components import QUANTIZABLE
+from osx.families import family_of, get_family, get_model_config
 from osx.manifest import Manifest
 
 
@@ -115,7 +115,7 @@ def check_request(precisions: dict[str, str], calibration: str | Path | None, mo
     from osx.calibration.quantize import modelopt_python
     from osx.errors import OsxError
 
-    wanted = _targets(precisions)
+    wanted = _targets(precisions, family_of(get_model_config(model_name)).quantizable)
     if not wanted:
         if calibration is not None:
             raise OsxError(f"--calibration {calibration} was given, but no component is planned at int8 or fp8",
@@ -169,7 +169,8 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
     from osx.calibration import metrics
     from osx.calibration.report import write_report
 
-    targets = _targets({c: p for c, p in precisions.items() if c in manifest.components})
+    quantizable = get_family(manifest.model["family"]).quantizable
+    targets = _targets({c: p for c, p in precisions.items() if c in manifest.components}, quantizable)
     if not targets:
         return manifest
     calib = CalibrationSet.open(calibration)
@@ -216,7 +217,7 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
         return check
 
     entries, final = {}, None
-    for component in QUANTIZABLE:  # text encoder first: the denoiser's video gate then sees both quantized
+    for component in quantizable:  # in the family's order: the text encoder first: the denoiser's video gate then sees both quantized
         if component not in targets:
             continue
         src = bundle_dir / manifest.components[component].file
@@ -264,14 +265,14 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
         "calibration_hash": calib.hash, "passed": report["passed"], "files": [f"{REPORT_DIR}/{f}" for f in files]})
 
 
-def _targets(precisions: dict[str, str]) -> dict[str, str]:
+def _targets(precisions: dict[str, str], quantizable: tuple[str, ...]) -> dict[str, str]:
     """The components to quantize (int8/fp8); an error for one that cannot be."""
     from osx.errors import OsxError
 
     targets = {c: p for c, p in precisions.items() if p in ("int8", "fp8")}
-    unsupported = sorted(c for c in targets if c not in QUANTIZABLE)
+    unsupported = sorted(c for c in targets if c not in quantizable)
     if unsupported:
-        raise OsxError(f"cannot quantize {', '.join(unsupported)}", hint=f"quantizable components: {', '.join(QUANTIZABLE)}")
+        raise OsxError(f"cannot quantize {', '.join(unsupported)}", hint=f"quantizable components: {', '.join(quantizable)}")
     return targets
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ from pathlib import Path
 import onnx
 
 from osx.bundle import EXTERNAL_DATA_BYTES
-from osx.components import NEVER_FP16
+from osx.families import never_fp16
 from osx.calibration.shards import ShardReader
 from osx.errors import OsxError
 
@@ -58,7 +59,7 @@ class Quantizer:
 def choose_quantizer(precision: str, component: str, backend: str, source_dtype: str) -> Quantizer:
     """onnxruntime for INT8 run by onnxruntime from an fp32 graph; ModelOpt otherwise. TensorRT keeps a
     strongly typed graph's types, so its denoiser gets fp16 outside the Q/DQ pairs; T5 never (overflow)."""
-    fp16 = source_dtype == "float16" or (backend == "tensorrt" and component not in NEVER_FP16)
+    fp16 = source_dtype == "float16" or (backend == "tensorrt" and not never_fp16(component))
     if precision == "int8" and backend != "tensorrt" and not fp16:
         return Quantizer("onnxruntime", "fp32")
     return Quantizer("modelopt", "fp16" if fp16 else "fp32")
@@ -104,29 +105,41 @@ def source_dtype(path: Path) -> str:
     return "float16" if "float16" in floats else "float32"
 
 
+@contextlib.contextmanager
+def _quiet_root_logger(level: int = logging.ERROR):
+    """Warnings through the root logger silenced for the block only: the caller's level is restored."""
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(max(before, level))
+    try:
+        yield
+    finally:
+        root.setLevel(before)
+
+
 def _quantize_onnxruntime(src: Path, dst: Path, shards: list[Path], exclude: list[str], only: list[str] | None, op_types,
                    cache: Path | None) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     # quantize_static warns about pre-processing on every call; shape inference is all it would add.
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
-    quantize_static(
-        str(src), str(dst), ShardReader(shards, graph_inputs(src)),
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=list(op_types),
-        per_channel=True,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        nodes_to_exclude=exclude,
-        nodes_to_quantize=only,
-        calibrate_method=CalibrationMethod.MinMax,
-        use_external_data_format=_is_large(src),
-        calibration_cache_path=cache,
-        # Symmetric activations (zero point 0): what TensorRT's explicit quantization requires.
-        # QuantizeBias False: biases stay float. Quantized (INT32) biases add DequantizeLinear nodes on
-        # int32 inputs, which TensorRT's parser rejects (onnx-tensorrt#850); export/lint.py flags them.
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
-    )
+    with _quiet_root_logger():
+        quantize_static(
+            str(src), str(dst), ShardReader(shards, graph_inputs(src)),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(op_types),
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=exclude,
+            nodes_to_quantize=only,
+            calibrate_method=CalibrationMethod.MinMax,
+            use_external_data_format=_is_large(src),
+            calibration_cache_path=cache,
+            # Symmetric activations (zero point 0): what TensorRT's explicit quantization requires.
+            # QuantizeBias False: biases stay float. Quantized (INT32) biases add DequantizeLinear nodes on
+            # int32 inputs, which TensorRT's parser rejects (onnx-tensorrt#850); export/lint.py flags them.
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+        )
 
 
 def _quantize_modelopt(src: Path, dst: Path, mode: str, shards: list[Path], exclude: list[str],

@@ -338,7 +338,9 @@ def _forget_exported_graph() -> None:
     from onnxscript.rewriter._matcher import PatternMatcher
 
     for obj in gc.get_objects():
-        if isinstance(obj, PatternMatcher):
+        # type(), not isinstance: PatternMatcher is an ABC, whose isinstance reads obj.__class__, and some
+        # objects a caller may hold raise on that (an open np.load(...npz)'s attribute bag: AttributeError)
+        if issubclass(type(obj), PatternMatcher):
             obj._init_match(0)
             obj.__dict__.pop("_graph", None)
             obj.__dict__.pop("_tracer", None)

@@ -32,6 +32,7 @@ from osx.components import ComponentSpec, DimRange
 from osx.consistency import check_manifest
 from osx.engine_key import key_profiles
 from osx.errors import BundleError
+from osx.families import config_from_manifest
 
 FORMAT = "osx-bundle"
 FORMAT_VERSION = 2
@@ -265,9 +266,7 @@ class Manifest:
         return manifest
 
     def model_config(self):
-        from osx.models import ModelConfig
-
-        return ModelConfig.from_dict(self.model["config"])
+        return config_from_manifest(self.model)
 
 
 def load_manifest(path: str | Path) -> Manifest:

@@ -164,7 +164,7 @@ class TrtBackend:
         cudart, ctx = self.cudart, self.context
         if index != self.active_profile:
             if not ctx.set_optimization_profile_async(index, int(self.stream)):
-                raise RuntimeError(f"{self.component}: TensorRT refused optimisation profile {index}")
+                raise OsxError(f"{self.component}: TensorRT refused optimisation profile {index}", hint=self._rebuild_hint())
             self.active_profile = index
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for name in self.inputs:
@@ -181,12 +181,14 @@ class TrtBackend:
         for name in self.outputs:
             shape = tuple(ctx.get_tensor_shape(name))
             if any(d < 0 for d in shape):
-                raise RuntimeError(f"{self.component}: TensorRT left output {name!r} unshaped {shape} (inputs incomplete)")
+                raise OsxError(f"{self.component}: TensorRT left output {name!r} unshaped {shape} (inputs incomplete)",
+                               hint=self._rebuild_hint())
             host = self.pinned.setdefault(name, cuda.PinnedBuffer(cudart)).array(shape, self.host_dtypes[name])
             self._bind(name, self.buffers.setdefault(name, cuda.DeviceBuffer(cudart)).reserve(host.nbytes))
             results[name] = host
         if not ctx.execute_async_v3(int(self.stream)):
-            raise RuntimeError(f"{self.component}: TensorRT execution failed (see the log above)")
+            raise OsxError(f"{self.component}: TensorRT execution failed (see the log above)",
+                           hint="check the GPU with `osx doctor`; " + self._rebuild_hint())
         for name, host in results.items():
             cuda.check(cudart.cudaMemcpyAsync(host.ctypes.data, self.buffers[name].ptr, host.nbytes, d2h, self.stream),
                        "cudaMemcpyAsync")
@@ -197,7 +199,10 @@ class TrtBackend:
 
     def _bind(self, name: str, ptr: int) -> None:
         if not self.context.set_tensor_address(name, ptr):
-            raise RuntimeError(f"{self.component}: TensorRT refused the device address of {name!r}")
+            raise OsxError(f"{self.component}: TensorRT refused the device address of {name!r}", hint=self._rebuild_hint())
+
+    def _rebuild_hint(self) -> str:
+        return f"rebuild the engines on this machine ({rebuild_command(str(self.bundle.root))}), or run with --backend onnxruntime"
 
     # --- release ---------------------------------------------------------------------------------
     def release(self) -> None:

@@ -36,7 +36,8 @@ def check(result, what: str = "CUDA call"):
     """cuda-python calls return (error, *values): the values, or an error naming the call."""
     err, *values = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
-        raise RuntimeError(f"{what} failed: {err}")
+        raise OsxError(f"{what} failed: {err}", hint="check the GPU and its driver with `nvidia-smi` and `osx doctor`, "
+                       "or run with --backend onnxruntime")
     return values[0] if len(values) == 1 else values
 
 

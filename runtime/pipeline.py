@@ -37,9 +37,10 @@ from typing import Callable
 import numpy as np
 
 from osx.bundle import Bundle
-from osx.components import PIPELINE_COMPONENTS as COMPONENTS, DimRange
+from osx.components import DimRange
 from osx.engine_key import pick_profile
 from osx.errors import BundleError, InputError, OsxError
+from osx.families import get_family
 from osx.models import IMAGE_FPS, ModelConfig, SchedulerConfig, latent_frames, latent_size
 from osx.runtime import scheduler as rf
 from osx.runtime.backends import Backend, create_backend
@@ -49,6 +50,7 @@ from osx.runtime.tokenizer import TextTokenizer, check_vocabulary
 from osx.runtime.video import to_uint8_frames
 
 Progress = Callable[[dict], "bool | None"]
+SAMPLER = "rectified-flow-v1.2"  # the sampler kind (osx.families.SamplerDecl) this loop implements
 
 
 class GenerationCancelled(Exception):
@@ -75,7 +77,8 @@ class Pipeline:
         self.model: ModelConfig = bundle.model_config()
         self.scheduler = SchedulerConfig(**m.scheduler)
         self.backends = backends
-        self.specs = {name: bundle.spec(name) for name in COMPONENTS}
+        self.components = _components(bundle)
+        self.specs = {name: bundle.spec(name) for name in self.components}
         own = [getattr(b, "load_one_at_a_time", None) for b in backends.values()]
         self.load_one_at_a_time = any(m.runtime.load_one_at_a_time if v is None else v for v in own)
         # The shapes each backend runs: its engine's profiles for this GPU, or the ONNX ranges
@@ -98,10 +101,10 @@ class Pipeline:
         if not isinstance(bundle, Bundle):
             bundle = Bundle.open(bundle, verify=False)
             bundle.verify(checksums=verify)
-        missing = [c for c in COMPONENTS if c not in bundle.components]
+        missing = [c for c in _components(bundle) if c not in bundle.components]
         if missing:
             raise BundleError(f"{bundle.root}: bundle lacks {', '.join(missing)}", hint="re-export it with `osx export`")
-        return cls(bundle, {c: create_backend(bundle, c, backend) for c in COMPONENTS})
+        return cls(bundle, {c: create_backend(bundle, c, backend) for c in _components(bundle)})
 
     # --- request ---------------------------------------------------------------------------------
     def supported(self) -> str:
@@ -271,7 +274,7 @@ class Pipeline:
 
     def preload(self) -> None:
         """Load every component now (e.g. before timing, or to keep them resident between requests)."""
-        for name in COMPONENTS:
+        for name in self.components:
             self._loaded(name)
 
     def release(self) -> None:
@@ -352,6 +355,15 @@ def _frames_ok(model: ModelConfig, limits: dict[str, list[dict]], f: int) -> boo
     # Open-Sora's timestep transform takes floor(F / 17) * 5 latent frames: 0 for 2..16 frames
     t = latent_frames(f, model.vae)
     return (f == 1 or f >= model.vae.micro_frame_size) and any(p["latent_frames"].contains(t) for p in limits["denoiser"])
+
+
+def _components(bundle: Bundle) -> tuple[str, ...]:
+    """The text-to-video components of the bundle's family; refused if its sampler is not this loop's."""
+    family = get_family(bundle.manifest.model["family"])
+    if family.sampler.kind != SAMPLER:
+        raise BundleError(f"{bundle.root}: {family.name} samples with {family.sampler.kind!r}; this runtime pipeline runs {SAMPLER!r}",
+                          hint="use the osx version whose runtime has that sampler")
+    return family.names(pipeline_only=True)
 
 
 def _limits(backend: Backend, spec) -> list[dict]:

@@ -7,6 +7,7 @@ full-precision ONNX graph on held-out inputs; the thresholds are the gate's defa
 
 import importlib.resources
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -21,7 +22,7 @@ from osx.calibration.capture import capture, make_recipe, stratified_steps
 from osx.calibration.prompts import CALIBRATION, HELDOUT, load_prompts
 from osx.calibration.shards import ShardReader
 from osx.cli import main
-from osx.components import component_specs
+from osx.families import component_specs
 from osx.errors import OsxError
 from osx.models import OPENSORA_V1_2_TINY as TINY
 from osx.runtime.scheduler import round_bf16
@@ -147,6 +148,17 @@ def test_calibration_set_refuses_edits_and_other_models(calib, tmp_path):
 
 
 # --- INT8 -----------------------------------------------------------------------------------------
+
+
+def test_onnxruntime_quantization_leaves_the_root_logger_as_it_was(calib, onnx_fp32, tmp_path):
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(logging.INFO)
+    try:
+        quantize.quantize(onnx_fp32["text_encoder"], tmp_path / "t.onnx", "int8", calib.shards("calibration", "text_encoder"))
+        assert root.level == logging.INFO
+    finally:
+        root.setLevel(before)
 
 
 @pytest.mark.parametrize("component", ["text_encoder", "denoiser"])

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from osx.commands.doctor import gather_facts, report
-from osx.components import component_specs
+from osx.families import component_specs
 from osx.engine_key import engine_key
 from osx.manifest import ComponentEntry, EngineEntry, Manifest
 from osx.models import get_model_config

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from osx.components import DimRange, component_specs
+from osx.components import DimRange
+from osx.families import component_specs
 from osx.errors import BundleError, OsxError
 from osx.export.engines import (
     build_settings, check_build_machine, engine_file, onnx_source, profile_shapes, timing_cache_path,
@@ -206,3 +207,12 @@ def test_lean_runtime_loads_only_plans_of_its_own_version():
     # the dispatch runtime of a later version loads it (through the lean runtime the plan embeds)
     assert loader_for(entry.key, a10g({"tensorrt_lean": "10.9.0.34", "tensorrt_dispatch": "10.9.0.34"})) == "tensorrt_dispatch"
     assert loader_for(_entry().key, RTX4070) == "tensorrt"
+
+
+def test_cuda_failures_are_osx_errors_with_a_hint():
+    from osx.runtime import cuda
+
+    assert cuda.check((0, 42), "cudaMalloc") == 42
+    with pytest.raises(OsxError, match="cudaMalloc failed: 2") as e:
+        cuda.check((2, None), "cudaMalloc")
+    assert "osx doctor" in e.value.hint

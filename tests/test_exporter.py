@@ -20,7 +20,7 @@ import torch
 from tokenizers import Tokenizer
 
 from osx.bundle import Bundle
-from osx.components import PIPELINE_COMPONENTS, component_specs
+from osx.families import component_specs, get_family
 from osx.errors import BundleError, ValidationError
 from osx.export import exporter
 from osx.export.reference import build_reference
@@ -39,7 +39,7 @@ def reference():
 def test_manifest_describes_every_component(tiny_bundle):
     b = Bundle.open(tiny_bundle)  # schema + checksums
     m = b.manifest
-    assert list(b.components) == list(PIPELINE_COMPONENTS)
+    assert list(b.components) == list(get_family("opensora-v1.2").names(pipeline_only=True))
     assert ModelConfig.from_dict(m.model["config"]) == TINY and m.model["family"] == "opensora-v1.2"
     assert m.scheduler == dataclasses.asdict(TINY.scheduler)
     assert m.tokenizer == {"file": "tokenizer.json", "max_length": TINY.text_encoder.max_length}
@@ -63,7 +63,7 @@ def test_manifest_describes_every_component(tiny_bundle):
 
 def test_every_onnx_passes_the_full_checker(tiny_bundle):
     files = sorted(tiny_bundle.glob("*.onnx"))
-    assert [f.stem for f in files] == sorted(PIPELINE_COMPONENTS)
+    assert [f.stem for f in files] == sorted(get_family("opensora-v1.2").names(pipeline_only=True))
     for f in files:
         onnx.checker.check_model(str(f), full_check=True)
 

@@ -202,7 +202,7 @@ def exported(tiny_bundle, tmp_path_factory):
     from osx.bundle import Bundle
     from osx.calibration import quantize
     from osx.calibration.shards import ShardWriter
-    from osx.components import component_specs
+    from osx.families import component_specs
     from osx.export.onnx_export import export_component
     from osx.export.reference import build_reference
     from osx.models import OPENSORA_V1_2_TINY as TINY

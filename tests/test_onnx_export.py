@@ -178,3 +178,13 @@ def test_weights_are_freed_after_export(tmp_path):
     del module
     gc.collect()
     assert weight() is None
+
+
+def test_export_while_the_caller_holds_an_open_npz(tmp_path):
+    """A library does not depend on its caller's open files: np.load of an .npz keeps an attribute bag
+    whose __class__ lookup raises AttributeError; the exporter's scan for onnxscript's matchers met it."""
+    np.savez(tmp_path / "held.npz", a=np.arange(3))
+    with np.load(tmp_path / "held.npz") as held:
+        bag = held.f  # alive in this process during the export, as a caller's would be
+        info = export_component(Toy(), SPEC, tmp_path / "toy.onnx")
+        assert (tmp_path / info.file).is_file() and bag.a.tolist() == [0, 1, 2]

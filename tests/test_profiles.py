@@ -185,7 +185,7 @@ def test_gpu_auto_with_a_detected_gpu(monkeypatch):
 def test_cli_build_gpu_auto_without_gpu_exits_cleanly(no_gpu, tmp_path, capsys):
     from osx.bundle import BundleWriter
     from osx.manifest import ComponentEntry, Manifest
-    from osx.components import component_specs
+    from osx.families import component_specs
 
     specs = component_specs(get_model_config("opensora-v1.2-tiny"))
     with BundleWriter(tmp_path / "b") as w:
