@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -18,8 +18,9 @@ from osx.calibration import gate as gate_mod
 from osx.calibration.calibset import CalibrationSet, weights_identity
 from osx.calibration.quantize import OP_TYPES, Quantizer, choose_quantizer, layer_groups, quantize, source_dtype
 from osx.calibration.shards import ShardReader
-from osx.components import QUANTIZABLE
 from osx.export.ort_optimize import SUFFIX, optimize_for_onnxruntime
+from osx.families import family_of, get_family, get_model_config
+from osx.manifest import Manifest
 
 
 # Called with the quantized graph of the component being searched; returns video_metrics of the
@@ -124,7 +125,7 @@ def check_request(precisions: dict[str, str], calibration: str | Path | None, mo
     from osx.calibration.quantize import modelopt_python
     from osx.errors import OsxError
 
-    wanted = _targets(precisions)
+    wanted = _targets(precisions, family_of(get_model_config(model_name)).quantizable)
     if not wanted:
         if calibration is not None:
             raise OsxError(f"--calibration {calibration} was given, but no component is planned at int8 or fp8",
@@ -156,7 +157,7 @@ class QuantizeStep:
     def check(self, precisions: dict[str, str], model_name: str, random_seed: int, checkpoint: dict | None) -> None:
         check_request(precisions, self.calibration, model_name, weights_identity(random_seed, checkpoint))
 
-    def apply(self, bundle_dir: Path, manifest: dict, precisions: dict[str, str], say: Callable[[str], None]) -> dict:
+    def apply(self, bundle_dir: Path, manifest: Manifest, precisions: dict[str, str], say: Callable[[str], None]) -> Manifest:
         if self.calibration is None:
             return manifest
         return quantize_bundle(bundle_dir, manifest, precisions, self.calibration, self.thresholds,
@@ -166,7 +167,7 @@ class QuantizeStep:
 def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str], calibration: str | Path,
                     thresholds: gate_mod.Thresholds = gate_mod.Thresholds(), *, allow_quality_loss: bool = False,
                     search: bool = True, video_gate: bool = True,
-                    say: Callable[[str], None] = lambda m: None) -> dict:
+                    say: Callable[[str], None] = lambda m: None) -> Manifest:
     """Quantize the bundle-in-progress at `bundle_dir` (its fp32/fp16 ONNX files and `manifest`, before
     BundleWriter.commit) in place: each component whose precision is int8/fp8 is replaced by its Q/DQ
     graph, the report goes to `quantization/`, and the manifest is updated and returned.
@@ -179,16 +180,17 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
     from osx.calibration import metrics
     from osx.calibration.report import write_report
 
-    targets = _targets({c: p for c, p in precisions.items() if c in manifest["components"]})
+    quantizable = get_family(manifest.model["family"]).quantizable
+    targets = _targets({c: p for c, p in precisions.items() if c in manifest.components}, quantizable)
     if not targets:
         return manifest
     calib = CalibrationSet.open(calibration)
-    calib.check_model(manifest["model"]["name"])
+    calib.check_model(manifest.model["name"])
     bundle_dir = Path(bundle_dir)
     # The gate runs the graphs on onnxruntime over the ranges they were exported with, so calibrating
     # below the sizes a GPU plan narrowed the bundle to still works.
-    full_range = {**manifest, "components": {c: {**m, "io": {**m["io"], "dims": m.get("onnx_dims", m["io"]["dims"])}}
-                                             for c, m in manifest["components"].items()}}
+    full_range = manifest.replace(components={c: replace(m, io=replace(m.io, dims=m.onnx_dims or m.io.dims))
+                                              for c, m in manifest.components.items()})
     reference = Bundle(bundle_dir, full_range)
     recipe = calib.recipe
     held = recipe["heldout"]
@@ -215,9 +217,9 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
         def check(candidate: Path) -> dict:
             files = {**running, component: candidate}
             # the candidate runs, not a fused fp32 graph the entry may also name
-            trial = {**full_range, "components": {c: ({**_without(m, "onnxruntime_file"), "file": _rel(files[c], bundle_dir)}
-                                                      if c in files else m)
-                                                  for c, m in full_range["components"].items()}}
+            trial = full_range.replace(components={c: (replace(m, file=_rel(files[c], bundle_dir), onnxruntime_file=None)
+                                                       if c in files else m)
+                                                   for c, m in full_range.components.items()})
             videos = generate(Bundle(bundle_dir, trial))
             last_videos[:] = videos
             per_prompt = [{"prompt": p, **metrics.video_metrics(q, r)} for p, q, r in zip(held["prompts"], videos, ref_videos)]
@@ -229,12 +231,12 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
         return check
 
     entries, final = {}, None
-    for component in QUANTIZABLE:  # text encoder first: the denoiser's video gate then sees both quantized
+    for component in quantizable:  # in the family's order: the text encoder first: the denoiser's video gate then sees both quantized
         if component not in targets:
             continue
-        src = bundle_dir / manifest["components"][component]["file"]
+        src = bundle_dir / manifest.components[component].file
         dst = bundle_dir / f"{component}.{targets[component]}.onnx"
-        backend = manifest["components"][component].get("backend", "onnxruntime")
+        backend = manifest.components[component].backend
         final, entries[component] = quantize_component(component, src, dst, targets[component], calib, thresholds,
                                                        backend=backend, video_check=video_check_for(component),
                                                        search=search, say=say)
@@ -246,7 +248,7 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
     failures = [f for e in entries.values() for f in e["failures"]]
     report = {
         "precision": "/".join(sorted(set(targets.values()))),
-        "reference_precision": "/".join(sorted({manifest["components"][c]["precision"] for c in targets})),
+        "reference_precision": "/".join(sorted({manifest.components[c].precision for c in targets})),
         "calibration": {"hash": calib.hash, "samples": {c: calib.count("calibration", c) for c in targets},
                         "heldout_prompts": held["prompts"], **size, "target": recipe["target"]},
         "thresholds": thresholds.to_dict(),
@@ -260,43 +262,40 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
                          last_videos[0] if last_videos else None)
     gate_mod.enforce(gate_mod.GateResult(not failures, failures), report["precision"], allow_quality_loss)
 
-    components = dict(manifest["components"])
+    components = dict(manifest.components)
     for component, dst in quantized.items():
         old = components[component]
         data = dst.with_name(dst.name + ".data")
-        # the fused fp32 graph (osx.export.ort_optimize) is not what runs any more
-        entry = {k: v for k, v in old.items() if k not in ("data_file", "onnxruntime_file", "onnxruntime_graph")}
-        # The floating-point graph stays (its external data too, beside it): `osx build` can re-plan the
-        # bundle for a GPU without int8/fp8 (export.engines.onnx_source reads "onnx_files").
-        entry["onnx_files"] = {**old.get("onnx_files", {}), old["precision"]: old["file"]}
-        entry.update(file=dst.name, precision=targets[component], calibration_hash=calib.hash,
-                     quantization={"quantizer": entries[component]["quantizer"],
-                                   "excluded_layers": [e["layer"] for e in entries[component]["excluded"]],
-                                   "report": f"{REPORT_DIR}/report.json"})
+        named = {k: v for k, v in old.files.items() if k != "data_file"}
         if data.exists():
-            entry["data_file"] = data.name
+            named["data_file"] = data.name
+        # the fused fp32 graph (osx.export.ort_optimize) is not what runs any more; onnxruntime's quantizer
+        # fused its own Q/DQ graph (quantize_component)
         fused = entries[component].get("onnxruntime_graph")
+        kept = {k: v for k, v in old.report.items() if k != "onnxruntime_graph"}
         if fused:
-            entry.update(onnxruntime_file=fused["file"], onnxruntime_graph=fused)
-        components[component] = entry
-    return {**manifest, "components": components,
-            "quantization": {"calibration_hash": calib.hash, "passed": report["passed"],
-                             "files": [f"{REPORT_DIR}/{f}" for f in files]}}
+            kept["onnxruntime_graph"] = fused
+        # The floating-point graph stays (its external data too, beside it): `osx build` can re-plan the
+        # bundle for a GPU without int8/fp8 (export.engines.onnx_source reads `onnx_files`).
+        components[component] = replace(
+            old, file=dst.name, precision=targets[component], calibration_hash=calib.hash, files=named,
+            onnx_files={**old.onnx_files, old.precision: old.file}, onnxruntime_file=fused["file"] if fused else None,
+            report={**kept, "quantization": {"quantizer": entries[component]["quantizer"],
+                                               "excluded_layers": [e["layer"] for e in entries[component]["excluded"]],
+                                               "report": f"{REPORT_DIR}/report.json"}})
+    return manifest.replace(components=components, quantization={
+        "calibration_hash": calib.hash, "passed": report["passed"], "files": [f"{REPORT_DIR}/{f}" for f in files]})
 
 
-def _targets(precisions: dict[str, str]) -> dict[str, str]:
+def _targets(precisions: dict[str, str], quantizable: tuple[str, ...]) -> dict[str, str]:
     """The components to quantize (int8/fp8); an error for one that cannot be."""
     from osx.errors import OsxError
 
     targets = {c: p for c, p in precisions.items() if p in ("int8", "fp8")}
-    unsupported = sorted(c for c in targets if c not in QUANTIZABLE)
+    unsupported = sorted(c for c in targets if c not in quantizable)
     if unsupported:
-        raise OsxError(f"cannot quantize {', '.join(unsupported)}", hint=f"quantizable components: {', '.join(QUANTIZABLE)}")
+        raise OsxError(f"cannot quantize {', '.join(unsupported)}", hint=f"quantizable components: {', '.join(quantizable)}")
     return targets
-
-
-def _without(entry: dict, key: str) -> dict:
-    return {k: v for k, v in entry.items() if k != key}
 
 
 def _rel(path: Path, root: Path) -> str:

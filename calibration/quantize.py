@@ -34,7 +34,7 @@ from pathlib import Path
 import onnx
 
 from osx.bundle import EXTERNAL_DATA_BYTES
-from osx.components import NEVER_FP16
+from osx.families import never_fp16
 from osx.calibration.shards import ShardReader
 from osx.errors import OsxError
 
@@ -59,7 +59,7 @@ class Quantizer:
 def choose_quantizer(precision: str, component: str, backend: str, source_dtype: str) -> Quantizer:
     """onnxruntime for INT8 run by onnxruntime from an fp32 graph; ModelOpt otherwise. TensorRT keeps a
     strongly typed graph's types, so its denoiser gets fp16 outside the Q/DQ pairs; T5 never (overflow)."""
-    fp16 = source_dtype == "float16" or (backend == "tensorrt" and component not in NEVER_FP16)
+    fp16 = source_dtype == "float16" or (backend == "tensorrt" and not never_fp16(component))
     if precision == "int8" and backend != "tensorrt" and not fp16:
         return Quantizer("onnxruntime", "fp32")
     return Quantizer("modelopt", "fp16" if fp16 else "fp32")

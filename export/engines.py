@@ -22,9 +22,11 @@ from pathlib import Path
 from osx.bundle import sha256_file
 from osx.components import ComponentSpec, DimRange
 from osx.errors import OsxError
+from osx.manifest import ComponentEntry, EngineEntry
+from osx.numeric import format_bytes
 from osx.engine_key import Machine, check_engine_compat, engine_key, required_runtime, this_machine
 from osx.profiles.planner import ComponentPlan, Plan
-from osx.profiles.profile import GIB, MIN_COMPUTE_CAPABILITY, QUANTIZED
+from osx.profiles.profile import MIN_COMPUTE_CAPABILITY, QUANTIZED
 
 TARGET_TYPES = ("fp16", "bf16")  # float engines whose graph can be cast from fp32 (osx.export.typed_graph)
 
@@ -69,15 +71,15 @@ def profile_shapes(spec: ComponentSpec, dims: dict[str, DimRange]) -> dict[str, 
     return out
 
 
-def onnx_source(entry: dict, precision: str) -> tuple[str, str | None]:
+def onnx_source(entry: ComponentEntry, precision: str) -> tuple[str, str | None]:
     """(the bundle file an engine at `precision` is built from, the fp32 file to cast it from first or None).
 
     Strongly typed engines take the graph's types: INT8/FP8 build from the calibrated Q/DQ graph, fp16 /
     bf16 from a graph of that type, fp32 from the fp32 graph. A missing fp16 / bf16 graph is made from the
     fp32 one (`<stem>.<precision>.onnx`, added to the bundle). `entry` is the component's manifest entry:
-    "file" with its "precision", and optionally "onnx_files": {precision: file} for further variants."""
-    files = {**entry.get("onnx_files", {}), entry["precision"]: entry["file"]}
-    name = entry.get("io", {}).get("name", "component")
+    its file at its precision, and the further variants in `onnx_files` ({precision: file})."""
+    files = {**entry.onnx_files, entry.precision: entry.file}
+    name = entry.io.name
     if precision in files:
         return files[precision], None
     if precision in QUANTIZED:
@@ -125,16 +127,6 @@ def timing_cache_path(bundle_dir: str | os.PathLike, tensorrt_version: str, comp
 # --- the build ----------------------------------------------------------------------------------------
 
 
-def record_engine(component: dict, engine: dict) -> dict:
-    """`component` (a manifest component entry) with `engine` appended and the typed graph it was built
-    from listed in its "onnx_files" (so later builds reuse it and the runtime can check it)."""
-    out = {**component, "engines": [*component.get("engines", []), engine]}
-    source = engine["onnx_file"]
-    if source != component.get("file") and source not in component.get("onnx_files", {}).values():
-        out["onnx_files"] = {**component.get("onnx_files", {}), engine["key"]["precision"]: source}
-    return out
-
-
 def _import_tensorrt():
     try:
         import tensorrt as trt
@@ -144,17 +136,16 @@ def _import_tensorrt():
     return trt
 
 
-def build_engines(bundle_dir: str | os.PathLike, components: dict[str, dict], plan: Plan, *, portable: bool = False,
+def build_engines(bundle_dir: str | os.PathLike, components: dict[str, ComponentEntry], plan: Plan, *, portable: bool = False,
                   timing_cache: str | os.PathLike | None = None, bundle_path: str | os.PathLike | None = None,
-                  progress: bool = True) -> dict[str, dict]:
+                  progress: bool = True) -> dict[str, EngineEntry]:
     """Build the TensorRT engine of every component the plan runs on TensorRT.
 
-    `components`: {name: manifest component entry} ("file", "precision", "io", optional "onnx_files",
-    "calibration_hash"), files relative to `bundle_dir`. Engines are written to `bundle_dir/engines/`,
+    `components`: {name: manifest component entry}, files relative to `bundle_dir`. Engines are written to `bundle_dir/engines/`,
     typed graphs cast from fp32 beside the fp32 graph. `bundle_path`: where the bundle will live when
     `bundle_dir` is BundleWriter's temporary folder; the timing cache (unless `timing_cache` names one)
     is kept beside it, so the next build reuses it. Returns {name: engine manifest entry}; add each to
-    its component with `record_engine`.
+    its component with `ComponentEntry.with_engine`.
     """
     from osx.export.lint import lint_onnx
     from osx.export.trt_build import BuildRequest, build_engine
@@ -187,12 +178,12 @@ def build_engines(bundle_dir: str | os.PathLike, components: dict[str, dict], pl
             raise OsxError(f"{source}: TensorRT {trt_version} cannot build it: " + "; ".join(map(str, errors[:5]))
                            + (f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""),
                            hint="fix the export (see `osx export --dry-run` for the full lint)")
-        spec = ComponentSpec.from_dict(entry["io"])
+        spec = entry.io
         key = engine_key(
             onnx_sha256=sha256_file(onnx_path), tensorrt_version=trt_version, gpu_name=machine.gpu_name,
             compute_capability=machine.cc_text, hardware_compatibility=settings["hardware_compatibility"],
             version_compatible=settings["version_compatible"], precision=cplan.precision,
-            calibration_hash=entry.get("calibration_hash"), build_flags=settings, profiles=cplan.profiles,
+            calibration_hash=entry.calibration_hash, build_flags=settings, profiles=cplan.profiles,
             buckets=cplan.bucket_profile,
         )
         rel = engine_file(name, key)
@@ -206,17 +197,13 @@ def build_engines(bundle_dir: str | os.PathLike, components: dict[str, dict], pl
         _write_atomic(target, engine_bytes)
         if cache_bytes:
             _write_atomic(cache, cache_bytes)
-        out[name] = {
-            "file": rel,
-            "key": key,
-            "runtime": required_runtime(key),
-            "onnx_file": source,
-            "build_seconds": round(time.monotonic() - start, 1),
-            "bytes": target.stat().st_size,
-            **({"notes": request.notes} if request.notes else {}),
-        }
+        seconds = round(time.monotonic() - start, 1)
+        out[name] = EngineEntry(file=rel, key=key, onnx_file=source, runtime=required_runtime(key),
+                                load_one_at_a_time=plan.load_one_at_a_time,
+                                report={"build_seconds": seconds, "bytes": target.stat().st_size,
+                                        **({"notes": request.notes} if request.notes else {})})
         if progress:
-            print(f"{name}: {rel} ({target.stat().st_size / GIB:.2f} GiB, {out[name]['build_seconds']:.0f} s)")
+            print(f"{name}: {rel} ({format_bytes(target.stat().st_size, 2)}, {seconds:.0f} s)")
     return out
 
 

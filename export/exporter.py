@@ -38,7 +38,7 @@ import torch
 
 from osx import __version__
 from osx.bundle import EXTERNAL_DATA_BYTES, BundleWriter
-from osx.components import COMPONENTS, NEVER_FP16, DimRange, component_specs
+from osx.components import DimRange
 from osx.errors import CheckpointError, OsxError
 from osx.export.checkpoint import CheckpointReader
 from osx.export.onnx_export import DTYPES, OPSETS
@@ -46,7 +46,9 @@ from osx.export.ort_optimize import FUSABLE, add_onnxruntime_graph
 from osx.export.validate import (
     compare_onnx, format_table, fp16_noise, fp16_tolerance, torch_reference, validation_shapes,
 )
-from osx.models import ModelConfig, get_model_config
+from osx.manifest import ComponentEntry, Manifest, RuntimeSettings
+from osx.families import component_specs, family_of, get_model_config, never_fp16
+from osx.models import ModelConfig
 from osx.runtime.tokenizer import check_vocabulary
 from osx.numeric import format_bytes
 
@@ -76,7 +78,7 @@ def export_bundle(
     external_data_threshold: int = EXTERNAL_DATA_BYTES,
     only: tuple[str, ...] = (),
     progress: Callable[[str], None] = print,
-) -> dict:
+) -> Manifest:
     """Export `model_name` to a bundle at `out`; returns the manifest. See `osx export --help`.
 
     Components: those of the plan (text_encoder, denoiser, vae_decoder for the shipped profiles), plus
@@ -106,7 +108,7 @@ def export_bundle(
     from osx.export.reference import build_tokenizer, part_factories, write_random_checkpoint
 
     specs = component_specs(model_cfg)
-    names = [n for n in COMPONENTS if n in plan.components or (n == "vae_encoder" and with_vae_encoder)]
+    names = [c.name for c in family_of(model_cfg).components if c.name in plan.components or (not c.in_pipeline and with_vae_encoder)]
     if only:
         unknown = [n for n in only if n not in names]
         if unknown:
@@ -115,10 +117,10 @@ def export_bundle(
         names = [n for n in names if n in only]
     dtypes = {n: component_dtype(n, dtype, plan.components.get(n)) for n in names}
     with BundleWriter(out, force=force) as writer, _scratch_folder(Path(out)) as scratch:
-        components: dict[str, dict] = {}
+        components: dict[str, ComponentEntry] = {}
         readers: dict[str, CheckpointReader] = {}
         for i, name in enumerate(names):  # one component at a time; only the parts these need are read
-            part = PART[name]
+            part = _part(model_cfg, name)
             if part not in readers:
                 if parts is None:
                     say(f"{name}: writing seeded random weights of the {part} to a scratch checkpoint "
@@ -138,14 +140,14 @@ def export_bundle(
                 say(f"{name}: fusing for onnxruntime (GELU, RMSNorm, LayerNorm), checking the fused graph")
                 entry.update(add_onnxruntime_graph(writer.dir, name, entry["file"], io.with_precision("float32"),
                                                    entry["validation"]["tolerance"]))
-            components[name] = {
+            components[name] = ComponentEntry.parse({
                 **entry,
                 "backend": cplan.backend if cplan else "onnxruntime",
                 "plan_precision": cplan.precision if cplan else dtypes[name],
                 "shape_ranges": [{d: dataclasses.asdict(r) for d, r in p.items()} for p in cplan.profiles] if cplan else [],
                 "notes": _dtype_notes(name, dtype, dtypes[name]) + entry["notes"],
-            }
-            if all(PART[n] != part for n in names[i + 1:]):  # last use of this part's checkpoint
+            }, name)
+            if all(_part(model_cfg, n) != part for n in names[i + 1:]):  # last use of this part's checkpoint
                 del readers[part]
                 (scratch / f"{part}.safetensors").unlink(missing_ok=True)
         say(f"writing {TOKENIZER_FILE}")
@@ -153,36 +155,32 @@ def export_bundle(
         check_vocabulary(tokenizer.get_vocab_size(with_added_tokens=True), model_cfg.text_encoder.vocab_size,
                          "T5 tokenizer" if parts is None else f"{parts['t5']}/spiece.model", error=CheckpointError)
         tokenizer.save(str(writer.dir / TOKENIZER_FILE))
-        body = {
-            "model": {"name": model_cfg.name, "family": model_cfg.family, "config": model_cfg.to_dict()},
-            "components": components,
-            "tokenizer": {"file": TOKENIZER_FILE, "max_length": model_cfg.text_encoder.max_length},
-            "scheduler": dataclasses.asdict(model_cfg.scheduler),
-            "profile": plan.to_dict(),
-        }
+        manifest = Manifest(
+            model={"name": model_cfg.name, "family": model_cfg.family, "config": model_cfg.to_dict()},
+            components=components,
+            tokenizer={"file": TOKENIZER_FILE, "max_length": model_cfg.text_encoder.max_length},
+            scheduler=dataclasses.asdict(model_cfg.scheduler),
+            runtime=RuntimeSettings(load_one_at_a_time=plan.load_one_at_a_time, cfg_batching=plan.cfg_batching),
+            plan=plan.to_dict(),
+        )
         if quantize is not None:  # before engines: TensorRT builds from the Q/DQ graphs
-            body = quantize.apply(writer.dir, body, precisions, say)
-            components = body["components"]
+            manifest = quantize.apply(writer.dir, manifest, precisions, say)
 
         if any(c.backend == "tensorrt" for c in plan.components.values()):
-            from osx.export.engines import build_engines, record_engine
+            from osx.export.engines import build_engines
 
             say(f"building TensorRT engines for {plan.profile.name}")
-            for name, engine in build_engines(writer.dir, components, plan, portable=portable).items():
-                components[name] = record_engine(components[name], engine)
+            built = build_engines(writer.dir, manifest.components, plan, portable=portable)
+            manifest = manifest.replace(components={n: c.with_engine(built[n]) if n in built else c
+                                                    for n, c in manifest.components.items()})
 
-        manifest = writer.commit({
-            **body,
-            "build": versions(),
-            "export": {
-                "weights": {"random_seed": model_cfg.random_init_seed} if parts is None
-                else {k: str(v) for k, v in parts.items()},
-                "dtype": dtype, "precision": precision, "opset": opset, "gpu": gpu,
-                "seconds": round(time.perf_counter() - start, 1),
-            },
-        })
-    say(f"wrote {Path(out)} ({format_bytes(sum(f['bytes'] for f in manifest['files'].values()))}, "
-        f"{len(manifest['files'])} files)")
+        manifest = writer.commit(manifest.replace(build=versions(), export={
+            "weights": {"random_seed": model_cfg.random_init_seed} if parts is None
+            else {k: str(v) for k, v in parts.items()},
+            "dtype": dtype, "precision": precision, "opset": opset, "gpu": gpu,
+            "seconds": round(time.perf_counter() - start, 1),
+        }))
+    say(f"wrote {Path(out)} ({format_bytes(sum(f.bytes for f in manifest.files.values()))}, {len(manifest.files)} files)")
     return manifest
 
 
@@ -194,7 +192,6 @@ def export_bundle(
 # initializer's dtype, shape and sha256 against its checkpoint tensor). onnxruntime's CPU provider does
 # not run bfloat16 graphs: a bf16 component is validated as the same export in float32.
 
-PART = {"text_encoder": "t5", "denoiser": "denoiser", "vae_decoder": "vae", "vae_encoder": "vae"}
 VALIDATION_BYTES = 2**30
 DEPTH = {"denoiser": ("denoiser", "depth"), "text_encoder": ("text_encoder", "num_layers")}
 
@@ -205,12 +202,12 @@ NO_BF16 = {"denoiser": "Conv3d patch embedding", "vae_decoder": "convolutions", 
 
 def component_dtype(name: str, dtype: str, cplan) -> str:
     """The float type a component is exported in: --dtype, or with `plan` the plan's precision (the float
-    graph under an int8/fp8 plan is fp16); fp32 instead of fp16 for NEVER_FP16 components and instead of
+    graph under an int8/fp8 plan is fp16); fp32 instead of fp16 for components a family never runs in fp16 and instead of
     bf16 for NO_BF16 ones."""
     if dtype == "plan":
         precision = cplan.precision if cplan else "fp32"
         dtype = precision if precision in DTYPES else "fp16"
-    return "fp32" if (dtype == "fp16" and name in NEVER_FP16) or (dtype == "bf16" and name in NO_BF16) else dtype
+    return "fp32" if (dtype == "fp16" and never_fp16(name)) or (dtype == "bf16" and name in NO_BF16) else dtype
 
 
 def export_one(name, model_cfg, factories, reader, io, dtype, out_dir: Path, scratch: Path, *, opset, external_data_threshold,
@@ -220,7 +217,7 @@ def export_one(name, model_cfg, factories, reader, io, dtype, out_dir: Path, scr
     from osx.export.stream import Weights
 
     spec = component_specs(model_cfg)[name]
-    info = export_streamed(Weights(factories(model_cfg)[PART[name]], reader), spec, out_dir / f"{name}.onnx", dtype=dtype,
+    info = export_streamed(Weights(factories(model_cfg)[_part(model_cfg, name)], reader), spec, out_dir / f"{name}.onnx", dtype=dtype,
                            opset=opset, external_data_threshold=external_data_threshold, progress=say)
     say(f"weights: {info.weights_check['from_checkpoint_sha256_ok']} initializers match their checkpoint tensors (sha256)")
     io = io.with_precision(DTYPES[dtype][0])
@@ -263,10 +260,10 @@ def validate_streamed(name, model_cfg, factories, reader, io, dtype, graph: Path
                          + (f" with its first {depth[0]} of {depth[1]} blocks" if depth else ""),
                 "depth": list(depth) if depth else None, "dtype": val_dtype}
         say(f"validation graph: {what['graph']}")
-        graph = export_streamed(Weights(factories(cfg)[PART[name]], reader, unused_ok=True), component_specs(cfg)[name],
+        graph = export_streamed(Weights(factories(cfg)[_part(cfg, name)], reader, unused_ok=True), component_specs(cfg)[name],
                                 scratch / f"{name}.validate.onnx", dtype=val_dtype, opset=opset).file
         graph = scratch / graph
-    module = Weights(factories(cfg)[PART[name]], reader, unused_ok=True).materialize(torch.float32)
+    module = Weights(factories(cfg)[_part(cfg, name)], reader, unused_ok=True).materialize(torch.float32)
     extra = {"null_text": module.null_text(1)[0].float().numpy()} if hasattr(module, "null_text") else {}
     io = io.with_precision(DTYPES[val_dtype][0])
     shapes = validation_shapes(io)
@@ -298,9 +295,14 @@ def validation_config(name: str, model_cfg: ModelConfig, reader) -> tuple[ModelC
     return dataclasses.replace(model_cfg, **{section: dataclasses.replace(sub, **{field: n})}), (n, full)
 
 
+def _part(model_cfg, name: str) -> str:
+    """The checkpoint part (the family's weight source) component `name` is read from."""
+    return family_of(model_cfg).component(name).weights
+
+
 def _dtype_notes(name: str, asked: str, used: str) -> list[str]:
-    if used == "fp32" and name in NEVER_FP16 and asked != "fp32":
-        return [f"{NEVER_FP16[name]}: exported in float32"]
+    if used == "fp32" and never_fp16(name) and asked != "fp32":
+        return [f"{never_fp16(name)}: exported in float32"]
     if used == "fp32" and name in NO_BF16 and asked != "fp32":
         return [f"{NO_BF16[name]}: ONNX Conv has no bfloat16 before opset 22, exported in float32"]
     return [f"bfloat16: validated as the same export in float32 (onnxruntime's CPU provider runs no bfloat16)"] if used == "bf16" else []

@@ -27,8 +27,9 @@ import tarfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from osx.bundle import MANIFEST, Bundle, _check_schema, _referenced_files, is_bundle
-from osx.consistency import check_graphs, check_manifest
+from osx.bundle import MANIFEST, Bundle, is_bundle
+from osx.consistency import check_graphs
+from osx.manifest import Manifest
 from osx.errors import BundleError, OsxError
 from osx.files import check_replaceable, make_temp_dir, make_temp_file, replace_folder
 
@@ -76,7 +77,7 @@ def _member(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def pack(bundle_dir: str | os.PathLike, out_tar: str | os.PathLike, force: bool = False) -> dict[str, Any]:
+def pack(bundle_dir: str | os.PathLike, out_tar: str | os.PathLike, force: bool = False) -> Manifest:
     """Write `bundle_dir` to `out_tar` deterministically and atomically. Returns the bundle's manifest.
 
     Raises BundleError if the bundle is incomplete or a file's checksum does not match its manifest.
@@ -94,11 +95,11 @@ def pack(bundle_dir: str | os.PathLike, out_tar: str | os.PathLike, force: bool 
             with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 manifest_bytes = (bundle.root / MANIFEST).read_bytes()
                 tar.addfile(_member(MANIFEST, len(manifest_bytes)), io.BytesIO(manifest_bytes))
-                for rel, meta in sorted(bundle.manifest["files"].items()):
+                for rel, meta in sorted(bundle.manifest.files.items()):
                     with open(bundle.root / rel, "rb") as f:
                         reader = _HashingReader(f)
-                        tar.addfile(_member(rel, meta["bytes"]), reader)
-                    if reader.sha.hexdigest() != meta["sha256"]:
+                        tar.addfile(_member(rel, meta.bytes), reader)
+                    if reader.sha.hexdigest() != meta.sha256:
                         raise BundleError(f"{bundle.root}: checksum mismatch for {rel}",
                                           hint="the file is corrupt or was edited; re-export the bundle before packing")
             raw.flush()
@@ -126,7 +127,7 @@ def _safe_name(archive: Path, member: tarfile.TarInfo) -> str:
     return norm
 
 
-def _read_index(archive: Path, tar: tarfile.TarFile, max_member_bytes: int, max_total_bytes: int) -> tuple[dict, dict[str, tarfile.TarInfo]]:
+def _read_index(archive: Path, tar: tarfile.TarFile, max_member_bytes: int, max_total_bytes: int) -> tuple[Manifest, dict[str, tarfile.TarInfo]]:
     """Check every member header and the manifest before anything is written: (manifest, rel -> member)."""
     members: dict[str, tarfile.TarInfo] = {}
     for m in tar.getmembers():
@@ -151,21 +152,20 @@ def _read_index(archive: Path, tar: tarfile.TarFile, max_member_bytes: int, max_
         raise BundleError(f"{archive}: {MANIFEST} is not valid JSON: {e}", hint="the archive is corrupt; pack the bundle again") from None
     if not isinstance(manifest, dict):
         raise BundleError(f"{archive}: {MANIFEST} is not a JSON object", hint="the archive is corrupt; pack the bundle again")
-    _check_schema(manifest, archive)
-    files = manifest["files"]
+    manifest = Manifest.from_dict(manifest, archive)
+    files = manifest.files
     extra = sorted(set(members) - set(files) - {MANIFEST})
     if extra:
         raise BundleError(f"{archive}: members not in the manifest: {extra[:5]}", hint="the archive was altered; pack the bundle again")
     for rel, meta in files.items():
         if rel not in members:
             raise BundleError(f"{archive}: missing file {rel}", hint="the archive is incomplete; pack the bundle again")
-        if members[rel].size != meta["bytes"]:
-            raise BundleError(f"{archive}: {rel} has {members[rel].size} bytes, manifest says {meta['bytes']}",
+        if members[rel].size != meta.bytes:
+            raise BundleError(f"{archive}: {rel} has {members[rel].size} bytes, manifest says {meta.bytes}",
                               hint="the archive is corrupt; pack the bundle again")
-    for part in ("components", "tokenizer"):
-        for ref in _referenced_files(manifest, part):
-            if ref not in files:
-                raise BundleError(f"{archive}: manifest refers to {ref!r}, which is not checksummed in `files`")
+    for ref in manifest.referenced_files():
+        if ref not in files:
+            raise BundleError(f"{archive}: manifest refers to {ref!r}, which is not checksummed in `files`")
     total = sum(m.size for m in members.values())
     if total > max_total_bytes:
         raise BundleError(f"{archive}: members total {total} bytes, over the {max_total_bytes}-byte cap",
@@ -194,7 +194,7 @@ def _open_tar(archive: Path) -> tarfile.TarFile:
         raise BundleError(f"{archive} is not a tar archive: {e}", hint="make one with `osx bundle pack DIR -o model.osx.tar`") from None
 
 
-def read_manifest(archive: str | os.PathLike) -> dict[str, Any]:
+def read_manifest(archive: str | os.PathLike) -> Manifest:
     """The manifest of an archive (member list and schema checked, checksums not): for `osx bundle info`."""
     archive = Path(archive)
     with _open_tar(archive) as tar:
@@ -205,14 +205,14 @@ def read_manifest(archive: str | os.PathLike) -> dict[str, Any]:
 
 
 def verify_archive(archive: str | os.PathLike, max_member_bytes: int = MAX_MEMBER_BYTES,
-                   max_total_bytes: int = MAX_TOTAL_BYTES) -> dict[str, Any]:
+                   max_total_bytes: int = MAX_TOTAL_BYTES) -> Manifest:
     """Check an archive as `unpack` would, streaming every member through sha256 and writing nothing."""
     archive = Path(archive)
     with _open_tar(archive) as tar:
         try:
             manifest, members = _read_index(archive, tar, max_member_bytes, max_total_bytes)
-            for rel, meta in sorted(manifest["files"].items()):
-                _copy_checked(archive, tar, rel, members[rel], meta["sha256"], sink=None)
+            for rel, meta in sorted(manifest.files.items()):
+                _copy_checked(archive, tar, rel, members[rel], meta.sha256, sink=None)
         except tarfile.TarError as e:
             raise BundleError(f"{archive} is a damaged tar archive: {e}") from None
     return manifest
@@ -242,7 +242,7 @@ def unpack(archive: str | os.PathLike, out_dir: str | os.PathLike, force: bool =
                     if not dest.resolve().is_relative_to(tmp.resolve()):  # _safe_name already ensures this
                         raise BundleError(f"{archive}: refusing member {rel!r}: path leaves the bundle folder")
                     dest.parent.mkdir(parents=True, exist_ok=True)
-                    sha = manifest["files"][rel]["sha256"] if rel != MANIFEST else None
+                    sha = manifest.files[rel].sha256 if rel != MANIFEST else None
                     with open(dest, "xb") as f:
                         if sha is None:
                             f.write(tar.extractfile(member).read())
@@ -259,7 +259,7 @@ def unpack(archive: str | os.PathLike, out_dir: str | os.PathLike, force: bool =
     return Bundle(out, manifest)
 
 
-def open_manifest(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
+def open_manifest(path: str | os.PathLike) -> tuple[Manifest, str]:
     """(manifest, "folder" | "archive") for a bundle folder or archive, without checking checksums."""
     p = Path(path)
     if p.is_dir():
@@ -267,14 +267,11 @@ def open_manifest(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
     return read_manifest(p), "archive"
 
 
-def verify_path(path: str | os.PathLike) -> dict[str, Any]:
+def verify_path(path: str | os.PathLike) -> Manifest:
     """Fully verify a bundle folder or archive (schema, sizes, every sha256). Raises BundleError."""
     p = Path(path)
     if p.is_dir():
-        manifest = Bundle.open(p, verify=True).manifest
-        check_manifest(manifest, p)
-        check_graphs(p, manifest)
+        manifest = Bundle.open(p, verify=True).manifest  # the load checks ranges and dtypes (osx.consistency)
+        check_graphs(p, manifest.to_dict())
         return manifest
-    manifest = verify_archive(p)
-    check_manifest(manifest, p)
-    return manifest
+    return verify_archive(p)

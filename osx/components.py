@@ -2,7 +2,8 @@
 
 Export (torch.onnx dynamic axes), validation, calibration, TensorRT optimisation profiles, the bundle
 manifest and the runtime's input checks all read these specs; nothing else states a component's I/O.
-Torch-free: the runtime rebuilds the specs from the manifest with `ComponentSpec.from_dict`.
+Torch-free: the runtime rebuilds the specs from the manifest with `ComponentSpec.from_dict`. Each
+family declares its components' specs (osx.families); this module is the machinery they share.
 
 Shapes are tuples of ints (fixed) and strings: a dimension name ("batch"), or "k*name" (an exact
 multiple, e.g. the VAE's 4x temporal upsampling). A name listed in `dims` has a min/opt/max range;
@@ -18,17 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from osx.errors import InputError
-from osx.models import ModelConfig, latent_frames
 
 FLOAT = "float"  # placeholder dtype: the component's float precision (float32 / float16 / bfloat16)
-
-COMPONENTS = ("text_encoder", "denoiser", "vae_decoder", "vae_encoder")  # export order
-PIPELINE_COMPONENTS = ("text_encoder", "denoiser", "vae_decoder")  # what text-to-video needs
-# Components that never run in float16, and why: export keeps them fp32, the planner refuses fp16 for them,
-# quantization keeps them fp32 outside the Q/DQ pairs.
-NEVER_FP16 = {"text_encoder": "T5 v1.1 overflows in float16 (its feed-forward activations exceed 65504)"}
-QUANTIZABLE = ("text_encoder", "denoiser")  # INT8/FP8 from calibrated Q/DQ graphs; the VAE stays in full precision
-
 
 @dataclass(frozen=True)
 class DimRange:
@@ -198,66 +190,3 @@ class ComponentSpec:
 
 def _tensor_dict(t: TensorSpec, spec: ComponentSpec) -> dict:
     return {"name": t.name, "dtype": spec.dtype_of(t), "shape": list(t.shape), "sample": t.sample, "doc": t.doc}
-
-
-# --- the four components of Open-Sora v1.2 ----------------------------------------------------------
-
-
-def component_specs(model: ModelConfig) -> dict[str, ComponentSpec]:
-    """The specs at the model's full supported ranges. Profiles narrow `dims` with `with_dims`."""
-    te, dn, vae = model.text_encoder, model.denoiser, model.vae
-    L = te.max_length
-    assert dn.model_max_length == L, "text encoder and denoiser must agree on the token count"
-    ds = vae.spatial_downsample
-    lat_h = DimRange(max(1, model.min_side // ds), model.defaults.height // ds, model.max_height // ds)
-    lat_w = DimRange(max(1, model.min_side // ds), model.defaults.width // ds, model.max_width // ds)
-    t_max = latent_frames(model.max_frames, vae)
-    batch = DimRange(1, 2, 2)  # 2 = cond + uncond in one call (classifier-free guidance)
-    lat = ("batch", vae.temporal.latent_embed_dim, "latent_frames", "latent_height", "latent_width")
-
-    text_encoder = ComponentSpec(
-        name="text_encoder",
-        inputs=(
-            TensorSpec("input_ids", "int64", ("batch", L), "tokens", "T5 token ids, padded with 0 to max_length"),
-            TensorSpec("attention_mask", "int64", ("batch", L), "prefix_mask", "1 for real tokens, 0 for padding"),
-        ),
-        outputs=(TensorSpec("text_embeds", FLOAT, ("batch", L, te.d_model), doc="T5 last hidden state"),),
-        dims={"batch": batch},
-        vocab_size=te.vocab_size,
-    )
-    denoiser = ComponentSpec(
-        name="denoiser",
-        inputs=(
-            TensorSpec("x", FLOAT, lat, "normal", "noisy latent (model-normalised)"),
-            TensorSpec("timestep", "float32", ("batch",), "uniform:1:1000", "rectified-flow time in [0, 1000]"),
-            TensorSpec("y", FLOAT, ("batch", L, dn.caption_channels), "normal", "text embeddings (cond or null)"),
-            TensorSpec("mask", "int64", ("batch", L), "prefix_mask", "key mask over y; uncond rows use the cond mask"),
-            TensorSpec("fps", "float32", ("batch",), f"const:{model.scheduler.fps}", "frames per second"),
-            TensorSpec("height", "float32", ("batch",), "pixels:latent_height", "video height in pixels"),
-            TensorSpec("width", "float32", ("batch",), "pixels:latent_width", "video width in pixels"),
-            TensorSpec("x_mask", "float32", ("batch", "latent_frames"), "prefix_mask",
-                       "per latent frame: 1 = generated, 0 = conditioned (image/video reference, modulated as t=0)"),
-        ),
-        outputs=(TensorSpec("v", FLOAT, lat, doc="velocity x0 - noise (first in_channels of the output)"),),
-        dims={"batch": batch, "latent_frames": DimRange(1, min(t_max, latent_frames(model.defaults.num_frames, vae)), t_max),
-              "latent_height": lat_h, "latent_width": lat_w},
-    )
-    z_chunk = vae.micro_z_frame_size
-    vae_decoder = ComponentSpec(
-        name="vae_decoder",
-        inputs=(TensorSpec("z", FLOAT, ("batch", vae.temporal.latent_embed_dim, "latent_frames", "latent_height", "latent_width"),
-                           "normal", "one temporal chunk of model-normalised latents"),),
-        outputs=(TensorSpec("video", FLOAT, ("batch", 3, f"{vae.temporal_downsample}*latent_frames", f"{ds}*latent_height", f"{ds}*latent_width"),
-                            doc="decoded frames in [-1, 1]; the runtime drops the chunk's front padding"),),
-        dims={"batch": DimRange(1, 1, 2), "latent_frames": DimRange(1, z_chunk, z_chunk), "latent_height": lat_h, "latent_width": lat_w},
-    )
-    vae_encoder = ComponentSpec(
-        name="vae_encoder",
-        inputs=(TensorSpec("video", FLOAT, ("batch", 3, "frames", f"{ds}*latent_height", f"{ds}*latent_width"),
-                           "uniform:-1:1", "one chunk of <= 17 frames in [-1, 1]"),),
-        outputs=(TensorSpec("z", FLOAT, ("batch", vae.temporal.latent_embed_dim, "out_frames", "latent_height", "latent_width"),
-                            doc="posterior mean, model-normalised"),),
-        dims={"batch": DimRange(1, 1, 2), "frames": DimRange(1, vae.micro_frame_size, vae.micro_frame_size),
-              "latent_height": lat_h, "latent_width": lat_w},
-    )
-    return {s.name: s for s in (text_encoder, denoiser, vae_decoder, vae_encoder)}

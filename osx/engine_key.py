@@ -109,32 +109,32 @@ def rebuild_command(bundle: str) -> str:
     return f"osx build {shlex.quote(str(bundle))} --gpu auto"
 
 
-def check_engine_compat(entry: dict, machine: Machine, bundle: str = "BUNDLE") -> str | None:
-    """None if `machine` can run the engine in manifest entry `entry`; else why not and the exact fix."""
-    key = entry["key"]
+def check_engine_compat(entry, machine: Machine, bundle: str = "BUNDLE") -> str | None:
+    """None if `machine` can run the engine of `entry` (osx.manifest.EngineEntry); else why not and the exact fix."""
+    key = entry.key
     built = f"built with TensorRT {key['tensorrt_version']} on {key['gpu_name']} (compute capability {key['compute_capability']})"
     fix = f"; rebuild the engines on this machine: {rebuild_command(bundle)}"
     if machine.compute_capability is None:
-        return f"{entry['file']}: no NVIDIA GPU found on this machine (engine {built}); run the bundle with --backend onnxruntime"
+        return f"{entry.file}: no NVIDIA GPU found on this machine (engine {built}); run the bundle with --backend onnxruntime"
     level = key["hardware_compatibility"]
     built_cc = _version(key["compute_capability"])
     if level == "ampere_plus":
         if machine.compute_capability < (8, 0):
-            return (f"{entry['file']}: portable (Ampere+) engine, but this GPU ({machine.gpu_name}) has compute capability "
+            return (f"{entry.file}: portable (Ampere+) engine, but this GPU ({machine.gpu_name}) has compute capability "
                     f"{machine.cc_text} < 8.0{fix}")
     elif tuple(machine.compute_capability) != built_cc[:2]:
-        return (f"{entry['file']}: {built}; this GPU ({machine.gpu_name}) has compute capability {machine.cc_text}, "
+        return (f"{entry.file}: {built}; this GPU ({machine.gpu_name}) has compute capability {machine.cc_text}, "
                 f"and the engine runs only on {key['compute_capability']}{fix}")
     loaders = [r for r in runtimes_that_load(key) if r in machine.runtimes]
     if not loaders:
         need = required_runtime(key)
-        return (f"{entry['file']}: needs the TensorRT runtime package {need!r}, which is not installed; "
+        return (f"{entry.file}: needs the TensorRT runtime package {need!r}, which is not installed; "
                 f"pip install {need.replace('_', '-')}=={key['tensorrt_version']}" + ("" if key["version_compatible"] else " (or later, with a rebuild)"))
     if loader_for(key, machine) is None:
         have = ", ".join(f"{r} {machine.runtimes[r]}" for r in loaders)
         if not key["version_compatible"]:
-            return f"{entry['file']}: {built}; this machine has TensorRT {have}, and engines run only on the version that built them{fix}"
-        return (f"{entry['file']}: {built} (version-compatible: runs on TensorRT >= {key['tensorrt_version']} through "
+            return f"{entry.file}: {built}; this machine has TensorRT {have}, and engines run only on the version that built them{fix}"
+        return (f"{entry.file}: {built} (version-compatible: runs on TensorRT >= {key['tensorrt_version']} through "
                 f"tensorrt_dispatch or the full runtime, or on tensorrt_lean of exactly that version); this machine has "
                 f"{have}; pip install tensorrt-dispatch>={key['tensorrt_version']}, or{fix[1:]}")
     return None
@@ -155,10 +155,11 @@ def loader_for(key: dict, machine: Machine) -> str | None:
     return None
 
 
-def select_engine(entries: list[dict], machine: Machine, bundle: str = "BUNDLE") -> tuple[dict | None, list[str]]:
-    """The first engine entry this machine can run (native before portable), and why the others cannot."""
+def select_engine(entries, machine: Machine, bundle: str = "BUNDLE"):
+    """The first engine entry (osx.manifest.EngineEntry) this machine can run (native before portable), and
+    why the others cannot: (entry or None, reasons)."""
     reasons = []
-    ranked = sorted(entries, key=lambda e: e["key"]["hardware_compatibility"] != "none")
+    ranked = sorted(entries, key=lambda e: e.key["hardware_compatibility"] != "none")
     for e in ranked:
         why = check_engine_compat(e, machine, bundle)
         if why is None:

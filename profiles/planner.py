@@ -23,7 +23,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from osx.components import NEVER_FP16, PIPELINE_COMPONENTS, ComponentSpec, DimRange, component_specs
+from osx.components import ComponentSpec, DimRange
+from osx.families import component_specs, family_of, never_fp16
 from osx.errors import OsxError
 from osx.models import ModelConfig
 from osx.profiles.params import Params, component_params
@@ -167,7 +168,7 @@ class Plan:
 def outside_qdq_bytes(component: str) -> int:
     """Bytes per value outside Q/DQ in a component's INT8/FP8 graph: 16-bit, but fp32 for the text encoder
     (calibration keeps T5 fp32 outside Q/DQ: it overflows in fp16)."""
-    return 4 if component in NEVER_FP16 else 2
+    return 4 if never_fp16(component) else 2
 
 
 def weight_bytes(model: ModelConfig, component: str, precision: str) -> int:
@@ -307,7 +308,7 @@ def make_plan(profile: Profile, model: ModelConfig, precision: str = "auto") -> 
     refuses one that does not, with the settings that would."""
     precisions = resolve_precisions(profile, precision)
     specs = component_specs(model)
-    names = [c for c in (*PIPELINE_COMPONENTS, "vae_encoder") if c in precisions]
+    names = [c for c in family_of(model).names() if c in precisions]
     buckets = [] if profile.is_cpu else _buckets(profile, model)
     components = {}
     for name in names:

@@ -19,7 +19,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from osx.components import COMPONENTS, NEVER_FP16, QUANTIZABLE
+from osx.families import component_names, never_fp16, quantizable
 from osx.errors import OsxError
 
 HERE = Path(__file__).parent
@@ -30,12 +30,12 @@ BYTES_PER_VALUE = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "fp8": 1}
 QUANTIZED = ("int8", "fp8")  # explicit quantization: QDQ graphs from `osx calibrate`
 # The lowest compute capability each precision has tensor-core kernels for in TensorRT.
 MIN_COMPUTE_CAPABILITY = {"fp32": (0, 0), "fp16": (0, 0), "int8": (7, 5), "bf16": (8, 0), "fp8": (8, 9)}
-# Which precisions each component may use at all: never fp16 where NEVER_FP16 says so; INT8/FP8 for the
-# QUANTIZABLE ones (`osx calibrate`, behind the quality gate). No shipped profile quantizes the text
-# encoder; a custom profile may.
+# Which precisions each component may use at all, as the family declarations say: never fp16 where one
+# says so; INT8/FP8 for the quantizable ones (`osx calibrate`, behind the quality gate). No shipped profile
+# quantizes the text encoder; a custom profile may.
 COMPONENT_PRECISIONS = {
-    c: tuple(p for p in PRECISIONS if (p != "fp16" or c not in NEVER_FP16) and (p not in QUANTIZED or c in QUANTIZABLE))
-    for c in COMPONENTS
+    c: tuple(p for p in PRECISIONS if (p != "fp16" or not never_fp16(c)) and (p not in QUANTIZED or quantizable(c)))
+    for c in component_names()
 }
 COMPONENT_PRECISIONS["clip"] = ("fp32", "bf16", "fp16")  # Open-Sora v2.0's CLIP text tower: float only
 CPU_PRECISIONS = ("fp32", "int8")  # onnxruntime on the CPU: fp32, or the INT8 QDQ graph
@@ -148,7 +148,7 @@ def check_precision(component: str, precision: str, profile: Profile) -> None:
     if precision in allowed:
         return
     if precision not in COMPONENT_PRECISIONS[component]:
-        why = NEVER_FP16.get(component, "only the text encoder and the denoiser are calibrated for INT8/FP8")
+        why = never_fp16(component) or "only the text encoder and the denoiser are calibrated for INT8/FP8"
         raise OsxError(f"{component} cannot run at {precision}: {why}", hint=f"{component} supports {', '.join(allowed)} on {profile.name}")
     if profile.is_cpu:
         raise OsxError(f"{precision} is not available on the CPU profile", hint=f"the CPU runs {', '.join(allowed)}")

@@ -71,7 +71,7 @@ def render_plan(plan: Plan) -> str:
 
 def dry_run(gpu: str, model_name: str, precision: str = "auto", as_json: bool = False) -> str:
     """What `osx export --gpu GPU --model MODEL --dry-run [--json]` prints. Raises OsxError if it does not fit."""
-    from osx.models import get_model_config
+    from osx.families import get_model_config
     from osx.models_v2 import MODELS_V2
 
     explanation = None

@@ -22,6 +22,7 @@ import numpy as np
 from osx.bundle import Bundle
 from osx.components import ComponentSpec
 from osx.errors import BundleError, InputError, OsxError
+from osx.manifest import EngineEntry, Manifest
 from osx.numeric import from_bfloat16_bits, to_bfloat16_bits
 from osx.engine_key import (
     engine_key, key_profiles, loader_for, pick_profile, rebuild_command, select_engine, this_machine,
@@ -33,19 +34,19 @@ HOST_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "BF16": np.uint16, "INT3
                "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}
 
 
-def check_key(entry: dict, manifest: dict, component: str, bundle: str) -> None:
+def check_key(entry: EngineEntry, manifest: Manifest, component: str, bundle: str) -> None:
     """The key was not edited, and still names the ONNX graph in the bundle (an engine built from an
     older export is stale even if it loads)."""
-    key = dict(entry["key"])
+    key = dict(entry.key)
     fields = {k: v for k, v in key.items() if k not in ("id", "key_version")}
     fields["profiles"] = key_profiles(key)
     if engine_key(**fields)["id"] != key.get("id"):
-        raise BundleError(f"{component}: the manifest key of {entry['file']} does not match its own id (edited?)",
+        raise BundleError(f"{component}: the manifest key of {entry.file} does not match its own id (edited?)",
                           hint=f"rebuild the engines: {rebuild_command(bundle)}")
-    onnx_file = entry.get("onnx_file")
-    listed = manifest["files"].get(onnx_file, {}).get("sha256") if onnx_file else None
+    onnx_file = entry.onnx_file
+    listed = manifest.files[onnx_file].sha256 if onnx_file in manifest.files else None
     if listed is not None and listed != key["onnx_sha256"]:
-        raise BundleError(f"{component}: {entry['file']} was built from a different {onnx_file} than the bundle carries",
+        raise BundleError(f"{component}: {entry.file} was built from a different {onnx_file} than the bundle carries",
                           hint=f"rebuild the engines: {rebuild_command(bundle)}")
 
 
@@ -57,7 +58,9 @@ class TrtBackend:
     def __init__(self, bundle: Bundle, component: str):
         self.bundle, self.component = bundle, component
         self.spec: ComponentSpec = bundle.spec(component)
-        self.entry: dict | None = None
+        self.entry: EngineEntry | None = None
+        self._selection: EngineEntry | None = None
+        self._machine = None
         self.engine = self.context = self.runtime = self.stream = self.cudart = None
         self.device: int | None = None  # CUDA's index of the profiled GPU, once loaded
         self.buffers: dict[str, cuda.DeviceBuffer] = {}
@@ -68,54 +71,73 @@ class TrtBackend:
     def loaded(self) -> bool:
         return self.context is not None
 
+    # --- the engine this machine runs, and its shapes ------------------------------------------------
+    def engine_entry(self) -> EngineEntry:
+        """The bundle's engine for this machine (chosen once, before loading anything); BundleError if none."""
+        if self._selection is None:
+            bundle_path = str(self.bundle.root)
+            entries = self.bundle.components[self.component].engines
+            if not entries:
+                raise BundleError(f"{self.component}: the bundle has no TensorRT engine",
+                                  hint=f"build them on this machine: {rebuild_command(bundle_path)}, or run with --backend onnxruntime")
+            self._machine = this_machine()
+            entry, reasons = select_engine(entries, self._machine, bundle_path)
+            if entry is None:
+                raise BundleError(f"{self.component}: no engine in the bundle runs on this machine:\n  " + "\n  ".join(reasons),
+                                  hint=f"rebuild the engines on this machine: {rebuild_command(bundle_path)}")
+            self._selection = entry
+        return self._selection
+
+    def limits(self) -> list[dict]:
+        return self.engine_entry().profiles()
+
+    def buckets(self) -> list[tuple[int, int, int]]:
+        return self.engine_entry().buckets()
+
+    @property
+    def load_one_at_a_time(self) -> bool:
+        return self.engine_entry().load_one_at_a_time
+
     # --- load ------------------------------------------------------------------------------------
     def load(self) -> "TrtBackend":
         if self.loaded:
             return self
         bundle_path = str(self.bundle.root)
-        entries = self.bundle.components[self.component].get("engines", [])
-        if not entries:
-            raise BundleError(f"{self.component}: the bundle has no TensorRT engine",
-                              hint=f"build them on this machine: {rebuild_command(bundle_path)}, or run with --backend onnxruntime")
-        machine = this_machine()
-        entry, reasons = select_engine(entries, machine, bundle_path)
-        if entry is None:
-            raise BundleError(f"{self.component}: no engine in the bundle runs on this machine:\n  " + "\n  ".join(reasons),
-                              hint=f"rebuild the engines on this machine: {rebuild_command(bundle_path)}")
+        entry, machine = self.engine_entry(), self._machine
         check_key(entry, self.bundle.manifest, self.component, bundle_path)
-        trt = self._import_runtime(entry, loader_for(entry["key"], machine))
+        trt = self._import_runtime(entry, loader_for(entry.key, machine))
         cudart = cuda.cudart()
         cuda.check_driver(cudart)
         self.device = cuda.select_device(cudart, machine.pci_bus_id)
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        if entry["key"]["version_compatible"]:
+        if entry.key["version_compatible"]:
             self.runtime.engine_host_code_allowed = True  # the plan carries its lean runtime; our own bundle
-        with open(self.bundle.path(entry["file"]), "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as plan:
+        with open(self.bundle.path(entry.file), "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as plan:
             self.engine = self.runtime.deserialize_cuda_engine(plan)  # a buffer: no second copy of the plan
         if self.engine is None:
-            raise BundleError(f"{self.component}: TensorRT could not deserialize {entry['file']} (see the log above)",
+            raise BundleError(f"{self.component}: TensorRT could not deserialize {entry.file} (see the log above)",
                               hint=f"rebuild the engines on this machine: {rebuild_command(bundle_path)}")
         self._check_io()
-        budget = entry["key"]["build_flags"].get("weight_streaming_budget")
+        budget = entry.key["build_flags"].get("weight_streaming_budget")
         if budget:  # the plan's share of a streamable engine's weights on the card; the rest stays in host memory
             self.engine.weight_streaming_budget_v2 = int(budget)
         self.context = self.engine.create_execution_context()
         if self.context is None:
             need = self.engine.device_memory_size_v2
-            raise OsxError(f"{self.component}: not enough GPU memory to run {entry['file']} "
+            raise OsxError(f"{self.component}: not enough GPU memory to run {entry.file} "
                            f"(its execution context needs {need / 2**30:.2f} GiB besides the weights)",
                            hint="release other components first (load_one_at_a_time), or use a smaller bucket")
         self.stream = cuda.check(cudart.cudaStreamCreate(), "cudaStreamCreate")
         self.cudart, self.entry = cudart, entry
-        self.profiles = key_profiles(entry["key"])
+        self.profiles = entry.profiles()
         self.active_profile = None
         return self
 
-    def _import_runtime(self, entry: dict, module: str | None):
+    def _import_runtime(self, entry: EngineEntry, module: str | None):
         try:
             return importlib.import_module(module or "tensorrt")
         except ImportError:
-            raise BundleError(f"{self.component}: no TensorRT runtime that loads {entry['file']} is installed",
+            raise BundleError(f"{self.component}: no TensorRT runtime that loads {entry.file} is installed",
                               hint="pip install -e '.[tensorrt-cu12]' (or the runtime named in `osx doctor`)") from None
 
     def _check_io(self) -> None:
@@ -135,7 +157,7 @@ class TrtBackend:
         sizes = self.spec.sizes_of(inputs)
         index = pick_profile(self.profiles, sizes)
         if index is None:
-            built = ", ".join(self.entry["key"]["buckets"]) or " | ".join(
+            built = ", ".join(self.entry.key["buckets"]) or " | ".join(
                 " ".join(f"{d} {r.min}..{r.max}" for d, r in p.items()) for p in self.profiles)
             raise InputError(f"{self.component}: sizes {sizes} are not among the shapes this engine was built for ({built})",
                              hint="request one of those sizes, or rebuild with a profile that covers it (osx build --gpu PROFILE.toml)")

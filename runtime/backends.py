@@ -5,6 +5,9 @@ Interface (`Backend`), implemented by `OrtBackend` here and `osx.runtime.backend
     backend.load()                                 # session / engine into memory
     outputs = backend.run({"x": ..., ...})         # names and dtypes as the component's io spec
     backend.release()                              # free it; load() may be called again
+    backend.limits()                               # the shape profiles it runs: its engine's, or the io ranges
+    backend.buckets()                              # (height, width, frames) its engine was built for, or []
+    backend.load_one_at_a_time                     # its engine's plan says so; None: the manifest's runtime settings
 
 Which class runs a component: the `backend` argument of `Pipeline.load` / `osx generate --backend`,
 else the component's `backend` key in the manifest ("onnxruntime" or "tensorrt"). `BACKENDS` maps
@@ -64,6 +67,10 @@ class Backend(Protocol):
     @property
     def loaded(self) -> bool: ...
 
+    def limits(self) -> list[dict]: ...
+
+    def buckets(self) -> list[tuple[int, int, int]]: ...
+
 
 def physical_cores() -> int:
     """Physical cores among the CPUs this process may use (hyper-threads of one core count once)."""
@@ -99,10 +106,10 @@ def session_options(threads: int | None = None):
 
 def create_backend(bundle: Bundle, component: str, backend: str | None = None) -> Backend:
     """The backend for `component`: `backend` if given, else the manifest's choice."""
-    name = backend or bundle.components[component].get("backend", "onnxruntime")
+    name = backend or bundle.components[component].backend
     if name not in BACKENDS:
         raise OsxError(f"unknown backend {name!r} for {component}", hint=f"choose one of {', '.join(BACKENDS)}")
-    if name == "tensorrt" and not bundle.components[component].get("engines"):  # fail at open, not at generate
+    if name == "tensorrt" and not bundle.components[component].engines:  # fail at open, not at generate
         raise BundleError(f"{bundle.root}: {component} has no TensorRT engine in this bundle",
                           hint=f"build them on the machine with the GPU: {rebuild_command(str(bundle.root))}; "
                           "or run the ONNX graphs with --backend onnxruntime")
@@ -124,10 +131,10 @@ class OrtBackend:
     def __init__(self, bundle: Bundle, component: str, providers: tuple[str, ...] = ("cpu",), threads: int | None = None):
         meta = bundle.components[component]
         self.name = component
-        fused = meta.get("onnxruntime_file") if "tensorrt" not in providers else None
-        self.path = bundle.path(fused or meta["file"])
+        fused = meta.onnxruntime_file if "tensorrt" not in providers else None
+        self.path = bundle.path(fused or meta.file)
         if self.path.suffix != ".onnx":
-            raise BundleError(f"{component}: {meta['file']} is not an ONNX file", hint="this component needs --backend tensorrt")
+            raise BundleError(f"{component}: {meta.file} is not an ONNX file", hint="this component needs --backend tensorrt")
         self.spec = bundle.spec(component)
         self.providers = [ORT_PROVIDERS[p] for p in providers]
         self.threads = threads
@@ -135,9 +142,17 @@ class OrtBackend:
         # float inputs go in at the exported precision; ints as the spec says
         self.dtypes = {t.name: np.dtype(self.spec.dtype_of(t)) for t in self.spec.inputs}
 
+    load_one_at_a_time = None  # the manifest's runtime settings decide
+
     @property
     def loaded(self) -> bool:
         return self.session is not None
+
+    def limits(self) -> list[dict]:
+        return [self.spec.dims]
+
+    def buckets(self) -> list[tuple[int, int, int]]:
+        return []
 
     def load(self) -> None:
         if self.session is not None:

@@ -14,8 +14,11 @@ Stages (each public, so tests and tools can stop in between):
   decode   `decode`: the VAE decoder one 5-latent-frame chunk at a time, each chunk's front padding
            dropped (17 pixel frames per chunk), then uint8 frames as Open-Sora saves them.
 
-Memory: with the bundle profile's `load_one_at_a_time`, each component is released after its stage
-(T5 before the denoising loop), so at most one is loaded at a time.
+Shapes: a request is checked against what each backend actually runs: the shape profiles of the TensorRT
+engine it loads for this GPU (engines for other GPUs may have other buckets), or the ONNX ranges.
+
+Memory: with `load_one_at_a_time` (the loaded engine's plan, or the manifest's runtime settings), each
+component is released after its stage (T5 before the denoising loop), so at most one is loaded at a time.
 
 Progress and cancelling: `progress(event)` is called with a dict {"phase": "text_encoder" | "denoise" |
 "vae_decode", "step": k, "total": n, "elapsed": seconds since generate started, "eta": seconds the
@@ -34,9 +37,10 @@ from typing import Callable
 import numpy as np
 
 from osx.bundle import Bundle
-from osx.components import PIPELINE_COMPONENTS as COMPONENTS
-from osx.consistency import check_manifest
+from osx.components import DimRange
+from osx.engine_key import pick_profile
 from osx.errors import BundleError, InputError, OsxError
+from osx.families import get_family
 from osx.models import IMAGE_FPS, ModelConfig, SchedulerConfig, latent_frames, latent_size
 from osx.runtime import scheduler as rf
 from osx.runtime.backends import Backend, create_backend
@@ -47,6 +51,7 @@ from osx.runtime.tokenizer import TextTokenizer, check_vocabulary
 from osx.runtime.video import to_uint8_frames
 
 Progress = Callable[[dict], "bool | None"]
+SAMPLER = "rectified-flow-v1.2"  # the sampler kind (osx.families.SamplerDecl) this loop implements
 
 
 class GenerationCancelled(Exception):
@@ -67,18 +72,23 @@ class Request:
 
 
 class Pipeline:
-    def __init__(self, bundle: Bundle, backends: dict[str, Backend], backend_names: dict[str, str] | None = None):
+    def __init__(self, bundle: Bundle, backends: dict[str, Backend]):
         m = bundle.manifest
         self.bundle = bundle
         self.model: ModelConfig = bundle.model_config()
-        self.scheduler = SchedulerConfig(**m["scheduler"])
+        self.scheduler = SchedulerConfig(**m.scheduler)
         self.backends = backends
-        self.specs = {name: bundle.spec(name) for name in COMPONENTS}
-        profile = m.get("profile") or {}
-        self.load_one_at_a_time = bool(profile.get("load_one_at_a_time", False))
-        self.cfg_batching = bool(profile.get("cfg_batching", True)) and self.specs["denoiser"].dims["batch"].max >= 2
-        self.buckets = static_buckets(profile, (backend_names or {}).get("denoiser"))
-        tok = m["tokenizer"]
+        self.components = _components(bundle)
+        self.specs = {name: bundle.spec(name) for name in self.components}
+        own = [getattr(b, "load_one_at_a_time", None) for b in backends.values()]
+        self.load_one_at_a_time = any(m.runtime.load_one_at_a_time if v is None else v for v in own)
+        # The shapes each backend runs: its engine's profiles for this GPU, or the ONNX ranges
+        self.run_limits = {name: _limits(backends[name], self.specs[name]) for name in ("denoiser", "vae_decoder")}
+        self.cfg_batching = m.runtime.cfg_batching and max(p["batch"].max for p in self.run_limits["denoiser"]) >= 2
+        # Engines built for static buckets run those shapes; name them (the ranges would say nothing)
+        static = all(r.min == r.max for p in self.run_limits["denoiser"] for d, r in p.items() if d != "batch")
+        self.buckets = _buckets(backends["denoiser"]) if static else []
+        tok = m.tokenizer
         self.tokenizer = TextTokenizer(bundle.path(tok["file"]), tok["max_length"])
         check_vocabulary(self.tokenizer.vocab_size, self.specs["text_encoder"].vocab_size, f"{bundle.root}: {tok['file']}")
         self.null_text = _load_null_text(bundle, self.specs["denoiser"])
@@ -92,13 +102,11 @@ class Pipeline:
         if not isinstance(bundle, Bundle):
             bundle = Bundle.open(bundle, verify=False)
             bundle.verify(checksums=verify)
-        check_manifest(bundle.manifest, bundle.root)  # ranges and dtypes: a clear error now, not a crash later
-        missing = [c for c in COMPONENTS if c not in bundle.components]
+        missing = [c for c in _components(bundle) if c not in bundle.components]
         if missing:
             raise BundleError(f"{bundle.root}: bundle lacks {', '.join(missing)}", hint="re-export it with `osx export`")
-        used = COMPONENTS + (("vae_encoder",) if "vae_encoder" in bundle.components else ())  # image conditioning
-        names = {c: backend or bundle.components[c].get("backend", "onnxruntime") for c in used}
-        return cls(bundle, {c: create_backend(bundle, c, names[c]) for c in used}, names)
+        used = _components(bundle) + (("vae_encoder",) if "vae_encoder" in bundle.components else ())  # image conditioning
+        return cls(bundle, {c: create_backend(bundle, c, backend) for c in used})
 
     # --- request ---------------------------------------------------------------------------------
     def supported(self) -> str:
@@ -107,7 +115,10 @@ class Pipeline:
 
     def limits(self) -> dict:
         """`supported()` as data (see `shape_limits`)."""
-        return shape_limits(self.model, self.specs, self.buckets)
+        return shape_limits(self.model, self.run_limits, self.buckets)
+
+    def _frames_ok(self, f: int) -> bool:
+        return _frames_ok(self.model, self.run_limits, f)
 
     def prepare_request(self, prompt: str, negative_prompt: str | None = None, *, num_frames: int | None = None,
                         height: int | None = None, width: int | None = None, fps: float | None = None,
@@ -142,13 +153,14 @@ class Pipeline:
             return None if (r.height, r.width, r.num_frames) in self.buckets else shape
         if r.num_frames < 1 or r.height < 8 or r.width < 8:
             return shape
-        if not _frames_ok(self.model, self.specs, r.num_frames):
+        if not self._frames_ok(r.num_frames):
             return f"{r.num_frames} frames"
         lh, lw = latent_size(r.height, r.width, self.model.vae)
-        for name in ("denoiser", "vae_decoder"):
-            dims = self.specs[name].dims
-            if not (dims["latent_height"].contains(lh) and dims["latent_width"].contains(lw)):
-                return f"{r.width}x{r.height} (WxH)"
+        sizes = {"latent_frames": latent_frames(r.num_frames, self.model.vae), "latent_height": lh, "latent_width": lw}
+        if pick_profile(self.run_limits["denoiser"], sizes) is None:  # the frames alone fit (checked above)
+            return f"{r.width}x{r.height} (WxH)" if len(self.run_limits["denoiser"]) == 1 else shape
+        if pick_profile(self.run_limits["vae_decoder"], {"latent_height": lh, "latent_width": lw}) is None:
+            return f"{r.width}x{r.height} (WxH)"
         return None
 
     # --- stages ----------------------------------------------------------------------------------
@@ -295,7 +307,7 @@ class Pipeline:
 
     def preload(self) -> None:
         """Load every component now (e.g. before timing, or to keep them resident between requests)."""
-        for name in COMPONENTS:
+        for name in self.components:
             self._loaded(name)
 
     def release(self) -> None:
@@ -325,13 +337,13 @@ class Pipeline:
 
 
 def _load_null_text(bundle: Bundle, denoiser) -> np.ndarray:
-    meta = bundle.components["denoiser"]
-    if not meta.get("null_text_file"):
+    rel = bundle.components["denoiser"].file_of("null_text_file")
+    if not rel:
         raise BundleError(f"{bundle.root}: the denoiser has no null_text_file", hint="re-export the bundle with `osx export`")
     try:
-        null = np.load(bundle.path(meta["null_text_file"]), allow_pickle=False)
+        null = np.load(bundle.path(rel), allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise BundleError(f"{bundle.root}: cannot read {meta['null_text_file']}: {e}", hint="re-export the bundle") from None
+        raise BundleError(f"{bundle.root}: cannot read {rel}: {e}", hint="re-export the bundle") from None
     y = next(t for t in denoiser.inputs if t.name == "y")
     if null.ndim != 2 or tuple(null.shape) != tuple(y.shape[1:]):
         raise BundleError(f"{bundle.root}: null caption has shape {null.shape}, the denoiser takes {tuple(y.shape[1:])}")
@@ -346,25 +358,19 @@ def _check_finite(a: np.ndarray, what: str) -> None:
                        "the bundle's weights are broken (osx bundle verify, or re-export it)")
 
 
-def static_buckets(profile: dict, denoiser_backend: str | None) -> list[tuple[int, int, int]]:
-    """(height, width, frames) a bundle is limited to: TensorRT engines built for static shape buckets run
-    those shapes only (ONNX graphs are dynamic: [])."""
-    static = profile.get("shapes", "dynamic") != "dynamic" and denoiser_backend == "tensorrt"
-    return [(b["height"], b["width"], b["frames"]) for b in profile.get("buckets", [])] if static else []
-
-
-def shape_limits(model: ModelConfig, specs: dict, buckets=()) -> dict:
+def shape_limits(model: ModelConfig, limits: dict[str, list[dict]], buckets=()) -> dict:
     """What a bundle generates: {"width": [lo, hi], "height": [lo, hi], "frames": [[first, last], ...]} in
     pixels of the output (a multiple of 8; a request in between is rounded down), or, for TensorRT engines
-    built for static shapes, {"buckets": [{"height", "width", "frames"}]}. Reads only the manifest's specs,
+    built for static shapes, {"buckets": [{"height", "width", "frames"}]}. `limits`: the shape profiles
+    the denoiser and the VAE decoder run ({component: [dims]}: an engine's, or the manifest's ONNX ranges),
     so `osx bundle info` shows the same as `generate`'s errors."""
     if buckets:
         return {"buckets": [{"height": h, "width": w, "frames": f} for h, w, f in buckets]}
-    den, vae = specs["denoiser"].dims, specs["vae_decoder"].dims
+    den, vae = _span(limits["denoiser"]), _span(limits["vae_decoder"])
     lh = _intersect(den["latent_height"], vae["latent_height"])
     lw = _intersect(den["latent_width"], vae["latent_width"])
     chunk = model.vae.micro_frame_size
-    frames = [f for f in range(1, chunk * (den["latent_frames"].max + 1)) if _frames_ok(model, specs, f)]
+    frames = [f for f in range(1, chunk * (den["latent_frames"].max + 1)) if _frames_ok(model, limits, f)]
     ds = model.vae.spatial_downsample
     return {"width": [ds * lw[0], ds * lw[1]], "height": [ds * lh[0], ds * lh[1]], "frames": _runs(frames)}
 
@@ -378,10 +384,33 @@ def describe_limits(lim: dict) -> str:
     return f"width {w0}..{w1} px, height {h0}..{h1} px (multiples of 8; other sizes are rounded down), frames {runs}"
 
 
-def _frames_ok(model: ModelConfig, specs: dict, f: int) -> bool:
+def _frames_ok(model: ModelConfig, limits: dict[str, list[dict]], f: int) -> bool:
     # Open-Sora's timestep transform takes floor(F / 17) * 5 latent frames: 0 for 2..16 frames
-    r = specs["denoiser"].dims["latent_frames"]
-    return (f == 1 or f >= model.vae.micro_frame_size) and r.contains(latent_frames(f, model.vae))
+    t = latent_frames(f, model.vae)
+    return (f == 1 or f >= model.vae.micro_frame_size) and any(p["latent_frames"].contains(t) for p in limits["denoiser"])
+
+
+def _components(bundle: Bundle) -> tuple[str, ...]:
+    """The text-to-video components of the bundle's family; refused if its sampler is not this loop's."""
+    family = get_family(bundle.manifest.model["family"])
+    if family.sampler.kind != SAMPLER:
+        raise BundleError(f"{bundle.root}: {family.name} samples with {family.sampler.kind!r}; this runtime pipeline runs {SAMPLER!r}",
+                          hint="use the osx version whose runtime has that sampler")
+    return family.names(pipeline_only=True)
+
+
+def _limits(backend: Backend, spec) -> list[dict]:
+    return backend.limits() if hasattr(backend, "limits") else [spec.dims]
+
+
+def _buckets(backend: Backend) -> list[tuple[int, int, int]]:
+    return backend.buckets() if hasattr(backend, "buckets") else []
+
+
+def _span(profiles: list[dict]) -> dict[str, DimRange]:
+    """One range per dimension covering every profile (for the message of what a bundle supports)."""
+    return {d: DimRange(min(p[d].min for p in profiles), profiles[0][d].opt, max(p[d].max for p in profiles))
+            for d in profiles[0]}
 
 
 def _intersect(a, b) -> tuple[int, int]:

@@ -70,7 +70,7 @@ def bench_config(name: str, cfg, args, work: Path) -> dict:
     from osx.calibration.capture import capture, make_recipe
     from osx.calibration.prompts import CALIBRATION, HELDOUT, load_prompts
     from osx.calibration.shards import ShardReader
-    from osx.components import component_specs
+    from osx.families import component_specs
     from osx.export.onnx_export import export_component
     from osx.export.reference import build_reference
 

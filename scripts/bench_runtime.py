@@ -425,7 +425,7 @@ def ablation_backend(bundle, graph: str, arena: bool, spinning: bool, threads: i
 
     backend = OrtBackend(bundle, "denoiser", threads=threads)
     if graph == "portable":
-        backend.path = bundle.path(bundle.components["denoiser"]["file"])
+        backend.path = bundle.path(bundle.components["denoiser"].file)
     options = session_options(threads)
     options.enable_cpu_mem_arena = arena
     options = _with_spinning(options, spinning)

@@ -39,28 +39,29 @@ def fake_bundle(tmp_path):
     """A small hand-made bundle (graphs that declare their I/O only, real manifest schema, one TensorRT engine entry)
     for tests of the bundle container itself: archives, verify, info. Not runnable."""
     from osx.bundle import BundleWriter
-    from osx.components import PIPELINE_COMPONENTS, component_specs
+    from osx.families import component_specs, get_family
     from osx.models import get_model_config
     from osx.engine_key import engine_key
+    from osx.manifest import ComponentEntry, EngineEntry, Manifest
 
     cfg = get_model_config("opensora-v1.2-tiny")
     specs = component_specs(cfg)
     out = tmp_path / "fake_bundle"
     with BundleWriter(out) as w:
         comps = {}
-        for name in PIPELINE_COMPONENTS:
+        for name in get_family("opensora-v1.2").names(pipeline_only=True):
             (w.dir / f"{name}.onnx").write_bytes(_io_only_graph(specs[name]))
-            comps[name] = {"file": f"{name}.onnx", "precision": "fp32", "backend": "onnxruntime", "io": specs[name].to_dict()}
+            comps[name] = ComponentEntry(file=f"{name}.onnx", precision="fp32", io=specs[name])
         (w.dir / "engines").mkdir()
         (w.dir / "engines" / "denoiser.plan").write_bytes(b"\x07" * 3000)
         key = engine_key(onnx_sha256="0" * 64, tensorrt_version="10.3.0", gpu_name="NVIDIA GeForce RTX 4090",
                          compute_capability="8.9", hardware_compatibility="none", version_compatible=False,
                          precision="fp16", calibration_hash=None, build_flags={}, profiles=[], buckets={})
-        comps["denoiser"]["engines"] = [{"file": "engines/denoiser.plan", "key": key}]
+        comps["denoiser"] = comps["denoiser"].with_engine(EngineEntry(file="engines/denoiser.plan", key=key))
         (w.dir / "tokenizer.json").write_text('{"model": "fake"}')
-        w.commit({"model": {"name": cfg.name, "family": "opensora", "config": cfg.to_dict()}, "components": comps,
-                  "tokenizer": {"file": "tokenizer.json", "max_length": cfg.text_encoder.max_length},
-                  "scheduler": {"num_sampling_steps": 4}, "profile": {"name": "rtx4090"}, "build": {"osx": "test"}})
+        w.commit(Manifest(model={"name": cfg.name, "family": cfg.family, "config": cfg.to_dict()}, components=comps,
+                          tokenizer={"file": "tokenizer.json", "max_length": cfg.text_encoder.max_length},
+                          scheduler={"num_sampling_steps": 4}, plan={"name": "rtx4090"}, build={"osx": "test"}))
     return out
 
 

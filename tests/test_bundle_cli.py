@@ -61,7 +61,10 @@ def _edit_manifest(bundle_dir, edit):
 @pytest.mark.parametrize("edit,named", [
     (lambda m: m["files"]["vae_decoder.onnx"].update(sha256="0" * 64), "checksum mismatch for vae_decoder.onnx"),
     (lambda m: m["files"]["text_encoder.onnx"].update(bytes=1), "text_encoder.onnx has"),
-    (lambda m: m.pop("tokenizer"), "manifest.json: manifest lacks ['tokenizer']"),
+    (lambda m: m.pop("tokenizer"), "manifest.json: manifest lacks tokenizer"),
+    (lambda m: m["components"]["denoiser"].update(precision=16), "manifest field components.denoiser.precision must be str"),
+    (lambda m: m["components"]["denoiser"]["engines"][0]["key"].pop("tensorrt_version"),
+     "manifest lacks components.denoiser.engines[0].key.tensorrt_version"),
     (lambda m: m["components"]["denoiser"].update(file="gone.onnx"), "refers to 'gone.onnx'"),
 ])
 def test_verify_edited_manifest(fake_bundle, capsys, edit, named):

@@ -15,13 +15,14 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from osx.bundle import Bundle
 from osx.calibration import apply, gate, quantize
 from osx.calibration.calibset import CalibrationSet, recipe_hash
 from osx.calibration.capture import capture, make_recipe, stratified_steps
 from osx.calibration.prompts import CALIBRATION, HELDOUT, load_prompts
 from osx.calibration.shards import ShardReader
 from osx.cli import main
-from osx.components import component_specs
+from osx.families import component_specs
 from osx.errors import OsxError
 from osx.models import OPENSORA_V1_2_TINY as TINY
 from osx.runtime.scheduler import round_bf16
@@ -301,14 +302,14 @@ def test_report_video_figures_match_an_independent_run(int8_bundle, tiny_bundle,
 def test_a_failed_gate_stops_the_export_unless_allowed(tiny_bundle, calib, tmp_path):
     work = tmp_path / "b"
     shutil.copytree(tiny_bundle, work)
-    manifest = json.loads((work / "manifest.json").read_text())
+    manifest = Bundle.open(work).manifest
     (work / "manifest.json").unlink()
     strict = gate.Thresholds(min_psnr=99.0)
     with pytest.raises(gate.QualityGateError, match=r"int8 quantization failed the quality gate: video: PSNR"):
         apply.quantize_bundle(work, manifest, {"denoiser": "int8"}, calib.root, strict, search=False)
     kept = apply.quantize_bundle(work, manifest, {"denoiser": "int8"}, calib.root, strict, search=False,
                                  allow_quality_loss=True)
-    assert kept["quantization"]["passed"] is False and kept["components"]["denoiser"]["precision"] == "int8"
+    assert kept.quantization["passed"] is False and kept.components["denoiser"].precision == "int8"
     report = json.loads((work / "quantization" / "report.json").read_text())
     assert report["allow_quality_loss"] and "video: PSNR" in report["failures"][0]
 

@@ -5,7 +5,10 @@ import subprocess
 import sys
 
 from osx.commands.doctor import gather_facts, report
+from osx.families import component_specs
 from osx.engine_key import engine_key
+from osx.manifest import ComponentEntry, EngineEntry, Manifest
+from osx.models import get_model_config
 
 GIB = 1 << 30
 
@@ -58,12 +61,14 @@ def _entry(cc="8.9", trt="10.8.0.43", portable=False):
     key = engine_key(onnx_sha256="a" * 64, tensorrt_version=trt, gpu_name="NVIDIA GeForce RTX 4070", compute_capability=cc,
                      hardware_compatibility="ampere_plus" if portable else "none", version_compatible=portable,
                      precision="fp16", calibration_hash=None, build_flags={}, profiles=[], buckets={})
-    return {"file": f"engines/denoiser-{key['id']}.plan", "key": key, "runtime": "tensorrt_dispatch" if portable else "tensorrt"}
+    return EngineEntry(file=f"engines/denoiser-{key['id']}.plan", key=key, runtime="tensorrt_dispatch" if portable else "tensorrt")
 
 
 def _manifest(*entries):
-    return {"components": {"text_encoder": {"precision": "fp32", "backend": "onnxruntime"},
-                           "denoiser": {"precision": "fp16", "backend": "tensorrt", "engines": list(entries)}}}
+    specs = component_specs(get_model_config("opensora-v1.2-tiny"))
+    return Manifest(model={}, tokenizer={}, scheduler={}, components={
+        "text_encoder": ComponentEntry(file="t.onnx", precision="fp32", io=specs["text_encoder"]),
+        "denoiser": ComponentEntry(file="d.onnx", precision="fp16", io=specs["denoiser"], backend="tensorrt", engines=entries)})
 
 
 def test_report_bundle_engines():

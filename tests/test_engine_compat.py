@@ -1,13 +1,15 @@
 """Every decision the TensorRT build and backend depend on, tested without a GPU: engine keys, the
 load-time compatibility check and its `osx build` command, builder flags, optimisation-profile shapes,
-which ONNX an engine builds from, engine selection, bf16 transport, and `osx build`'s manifest merge."""
+which ONNX an engine builds from, engine selection, bf16 transport, and ComponentEntry.with_engine (`osx build`)."""
+
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
-from osx.commands.build import merge_engines
-from osx.components import DimRange, component_specs
+from osx.components import DimRange
+from osx.families import component_specs
 from osx.errors import BundleError, OsxError
 from osx.export.engines import (
     build_settings, check_build_machine, engine_file, onnx_source, profile_shapes, timing_cache_path,
@@ -15,6 +17,7 @@ from osx.export.engines import (
 from osx.models import get_model_config
 from osx.profiles import load_profile, make_plan
 from osx.engine_key import Machine, check_engine_compat, engine_key, pick_profile, select_engine
+from osx.manifest import ComponentEntry, EngineEntry, FileEntry, Manifest
 from osx.runtime.backend_trt import check_key, from_bfloat16_bits, to_bfloat16_bits
 
 TINY = get_model_config("opensora-v1.2-tiny")
@@ -33,7 +36,7 @@ def _key(**changes):
 
 def _entry(**changes):
     key = _key(**changes)
-    return {"file": f"engines/denoiser-{key['id']}.plan", "key": key, "onnx_file": "denoiser.fp8.onnx"}
+    return EngineEntry(file=f"engines/denoiser-{key['id']}.plan", key=key, onnx_file="denoiser.fp8.onnx")
 
 
 RTX4070 = Machine("NVIDIA GeForce RTX 4070", (8, 9), {"tensorrt": "10.8.0.43"})
@@ -94,11 +97,11 @@ def test_select_engine_prefers_native_and_explains_the_rest():
 
 def test_check_key_catches_edits_and_stale_onnx():
     entry = _entry()
-    manifest = {"files": {"denoiser.fp8.onnx": {"sha256": "a" * 64}}}
+    manifest = Manifest(model={}, components={}, tokenizer={}, scheduler={}, files={"denoiser.fp8.onnx": FileEntry("a" * 64, 1)})
     check_key(entry, manifest, "denoiser", "/b")
     with pytest.raises(BundleError, match="different denoiser.fp8.onnx"):
-        check_key(entry, {"files": {"denoiser.fp8.onnx": {"sha256": "f" * 64}}}, "denoiser", "/b")
-    edited = {**entry, "key": {**entry["key"], "compute_capability": "8.6"}}
+        check_key(entry, manifest.replace(files={"denoiser.fp8.onnx": FileEntry("f" * 64, 1)}), "denoiser", "/b")
+    edited = EngineEntry(entry.file, {**entry.key, "compute_capability": "8.6"}, entry.onnx_file)
     with pytest.raises(BundleError, match="does not match its own id"):
         check_key(edited, manifest, "denoiser", "/b")
 
@@ -136,16 +139,17 @@ def test_profile_shapes_follow_the_spec():
 
 def test_onnx_source():
     """Strongly typed: the graph's types are the engine's; fp16/bf16 graphs are cast from fp32 if missing."""
-    entry = {"file": "denoiser.onnx", "precision": "fp32", "onnx_files": {"fp8": "denoiser.fp8.onnx"}}
+    spec = component_specs(TINY)["denoiser"]
+    entry = ComponentEntry(file="denoiser.onnx", precision="fp32", io=spec, onnx_files={"fp8": "denoiser.fp8.onnx"})
     assert onnx_source(entry, "fp8") == ("denoiser.fp8.onnx", None)
     assert onnx_source(entry, "fp32") == ("denoiser.onnx", None)
     assert onnx_source(entry, "fp16") == ("denoiser.fp16.onnx", "denoiser.onnx")
     assert onnx_source(entry, "bf16") == ("denoiser.bf16.onnx", "denoiser.onnx")
-    typed = {**entry, "onnx_files": {**entry["onnx_files"], "bf16": "denoiser.bf16.onnx"}}
+    typed = dataclasses.replace(entry, onnx_files={**entry.onnx_files, "bf16": "denoiser.bf16.onnx"})
     assert onnx_source(typed, "bf16") == ("denoiser.bf16.onnx", None)  # already in the bundle: reused
     with pytest.raises(OsxError, match="no calibrated int8 QDQ graph"):
         onnx_source(entry, "int8")
-    fp16_only = {"file": "denoiser.onnx", "precision": "fp16", "io": {"name": "denoiser"}}
+    fp16_only = ComponentEntry(file="denoiser.onnx", precision="fp16", io=spec)
     assert onnx_source(fp16_only, "fp16") == ("denoiser.onnx", None)
     with pytest.raises(OsxError, match="no bf16 ONNX graph"):
         onnx_source(fp16_only, "bf16")
@@ -183,14 +187,13 @@ def test_bfloat16_transport_matches_torch():
     np.testing.assert_array_equal(from_bfloat16_bits(to_bfloat16_bits(x)), expected)
 
 
-def test_merge_engines_replaces_the_same_target_and_keeps_others():
+def test_with_engine_replaces_the_same_target_and_keeps_others():
     old_native, other_gpu = _entry(), _entry(compute_capability="8.6", gpu_name="NVIDIA GeForce RTX 3090")
-    manifest = {"components": {"denoiser": {"file": "d.onnx", "engines": [old_native, other_gpu]}}}
+    comp = ComponentEntry(file="d.onnx", precision="fp32", io=component_specs(TINY)["denoiser"], engines=(old_native, other_gpu))
     new = _entry(onnx_sha256="b" * 64)
-    merged = merge_engines(manifest, {"denoiser": new})
-    assert merged["components"]["denoiser"]["engines"] == [other_gpu, new]
-    assert merged["components"]["denoiser"]["backend"] == "tensorrt"
-    assert manifest["components"]["denoiser"]["engines"] == [old_native, other_gpu]  # input untouched
+    merged = comp.with_engine(new)
+    assert merged.engines == (other_gpu, new) and merged.backend == "tensorrt"
+    assert comp.engines == (old_native, other_gpu)  # input untouched
 
 
 def test_lean_runtime_loads_only_plans_of_its_own_version():
@@ -198,12 +201,12 @@ def test_lean_runtime_loads_only_plans_of_its_own_version():
 
     entry = _entry(hardware_compatibility="ampere_plus", version_compatible=True, precision="int8")  # built 10.8.0.43
     a10g = lambda runtimes: Machine("NVIDIA A10G", (8, 6), runtimes)  # noqa: E731
-    assert loader_for(entry["key"], a10g({"tensorrt_lean": "10.8.0.43"})) == "tensorrt_lean"
+    assert loader_for(entry.key, a10g({"tensorrt_lean": "10.8.0.43"})) == "tensorrt_lean"
     why = check_engine_compat(entry, a10g({"tensorrt_lean": "10.9.0.34"}))
     assert why is not None and "tensorrt_lean of exactly that version" in why and "tensorrt-dispatch>=10.8.0.43" in why
     # the dispatch runtime of a later version loads it (through the lean runtime the plan embeds)
-    assert loader_for(entry["key"], a10g({"tensorrt_lean": "10.9.0.34", "tensorrt_dispatch": "10.9.0.34"})) == "tensorrt_dispatch"
-    assert loader_for(_entry()["key"], RTX4070) == "tensorrt"
+    assert loader_for(entry.key, a10g({"tensorrt_lean": "10.9.0.34", "tensorrt_dispatch": "10.9.0.34"})) == "tensorrt_dispatch"
+    assert loader_for(_entry().key, RTX4070) == "tensorrt"
 
 
 def test_cuda_failures_are_osx_errors_with_a_hint():

@@ -20,7 +20,7 @@ import torch
 from tokenizers import Tokenizer
 
 from osx.bundle import Bundle
-from osx.components import PIPELINE_COMPONENTS, component_specs
+from osx.families import component_specs, get_family
 from osx.errors import BundleError, ValidationError
 from osx.export import exporter
 from osx.export.reference import build_reference
@@ -39,25 +39,26 @@ def reference():
 def test_manifest_describes_every_component(tiny_bundle):
     b = Bundle.open(tiny_bundle)  # schema + checksums
     m = b.manifest
-    assert list(b.components) == list(PIPELINE_COMPONENTS)
-    assert ModelConfig.from_dict(m["model"]["config"]) == TINY and m["model"]["family"] == "opensora-v1.2"
-    assert m["scheduler"] == dataclasses.asdict(TINY.scheduler)
-    assert m["tokenizer"] == {"file": "tokenizer.json", "max_length": TINY.text_encoder.max_length}
-    assert m["profile"]["name"] == "cpu" and m["profile"]["backend"] == "onnxruntime"
-    assert {"osx", "torch", "onnx", "onnxruntime"} <= set(m["build"])
+    assert list(b.components) == list(get_family("opensora-v1.2").names(pipeline_only=True))
+    assert ModelConfig.from_dict(m.model["config"]) == TINY and m.model["family"] == "opensora-v1.2"
+    assert m.scheduler == dataclasses.asdict(TINY.scheduler)
+    assert m.tokenizer == {"file": "tokenizer.json", "max_length": TINY.text_encoder.max_length}
+    assert m.plan["name"] == "cpu" and m.plan["backend"] == "onnxruntime"
+    assert m.runtime.load_one_at_a_time and m.runtime.cfg_batching  # the cpu profile's
+    assert {"osx", "torch", "onnx", "onnxruntime"} <= set(m.build)
     specs = component_specs(TINY)
     for name, c in b.components.items():
-        assert c["file"] == f"{name}.onnx" and c["file"] in m["files"] and "data_file" not in c
-        assert (c["precision"], c["backend"]) == ("fp32", "onnxruntime")
-        assert c["io"] == specs[name].to_dict()  # the CPU plan: the model's full ranges at fp32
-        graph = onnx.load(b.path(c["file"]), load_external_data=False).graph
-        assert c["op_counts"] == dict(Counter(n.op_type for n in graph.node))
-        assert "dynamo=True" in c["exporter"] and c["cleanup"].startswith("onnxslim")
-        rows = c["validation"]["rows"]
+        assert c.file == f"{name}.onnx" and c.file in m.files and c.file_of("data_file") is None
+        assert (c.precision, c.backend) == ("fp32", "onnxruntime")
+        assert c.io.to_dict() == specs[name].to_dict() and c.onnx_dims == specs[name].dims  # the CPU plan: full ranges, fp32
+        graph = onnx.load(b.path(c.file), load_external_data=False).graph
+        assert c.report["op_counts"] == dict(Counter(n.op_type for n in graph.node))
+        assert "dynamo=True" in c.report["exporter"] and c.report["cleanup"].startswith("onnxslim")
+        rows = c.report["validation"]["rows"]
         shapes = [r["shape"] for r in rows]
         assert len(shapes) == 2 and shapes[0] != shapes[1]
-        assert all(r["ok"] and r["max_rel"] <= 1e-4 == c["validation"]["tolerance"] for r in rows)
-    assert b.components["denoiser"]["null_text_file"] == "null_text.npy"
+        assert all(r["ok"] and r["max_rel"] <= 1e-4 == c.report["validation"]["tolerance"] for r in rows)
+    assert b.components["denoiser"].file_of("null_text_file") == "null_text.npy"
 
 
 def test_onnxruntime_graphs_are_fused_and_validated(tiny_bundle):
@@ -66,13 +67,13 @@ def test_onnxruntime_graphs_are_fused_and_validated(tiny_bundle):
     b = Bundle.open(tiny_bundle)
     for name, c in b.components.items():
         if name == "vae_decoder":
-            assert "onnxruntime_file" not in c
+            assert c.onnxruntime_file is None and "onnxruntime_graph" not in c.report
             continue
-        assert c["onnxruntime_file"] == f"{name}.ort.onnx" and c["onnxruntime_file"] in b.manifest["files"]
-        graph = onnx.load(b.path(c["onnxruntime_file"])).graph
+        assert c.onnxruntime_file == f"{name}.ort.onnx" and c.onnxruntime_file in b.manifest.files
+        graph = onnx.load(b.path(c.onnxruntime_file)).graph
         ops = Counter(n.op_type for n in graph.node)
-        g = c["onnxruntime_graph"]
-        assert g["nodes"] == [c["nodes"], len(graph.node)] and len(graph.node) < c["nodes"]
+        g = c.report["onnxruntime_graph"]
+        assert g["nodes"] == [c.report["nodes"], len(graph.node)] and len(graph.node) < c.report["nodes"]
         assert g["fused"] == {op: ops[op] for op in g["fused"]}
         assert ops["FastGelu"] > 0 and ops["SimplifiedLayerNormalization"] > 0 and ops["Tanh"] == 0
         assert all(r["ok"] and r["max_rel"] <= 1e-4 for r in g["rows"])
@@ -81,7 +82,7 @@ def test_onnxruntime_graphs_are_fused_and_validated(tiny_bundle):
 def test_every_onnx_passes_the_full_checker(tiny_bundle):
     """The portable graphs (standard ONNX operators only; the fused .ort.onnx graphs use onnxruntime's)."""
     files = sorted(f for f in tiny_bundle.glob("*.onnx") if not f.name.endswith(".ort.onnx"))
-    assert [f.stem for f in files] == sorted(PIPELINE_COMPONENTS)
+    assert [f.stem for f in files] == sorted(get_family("opensora-v1.2").names(pipeline_only=True))
     for f in files:
         onnx.checker.check_model(str(f), full_check=True)
 
@@ -141,7 +142,7 @@ def _flip_byte(path: Path, offset: int = 100) -> None:
     (lambda b: _edit(b, lambda m: m["files"]["text_encoder.onnx"].update(sha256="0" * 64)),
      "checksum mismatch for text_encoder.onnx"),
     (lambda b: _edit(b, lambda m: m["files"].pop("null_text.npy")), "files not in the manifest: \\['null_text.npy'\\]"),
-    (lambda b: _edit(b, lambda m: m.pop("components")), "manifest lacks \\['components'\\]"),
+    (lambda b: _edit(b, lambda m: m.pop("components")), "manifest lacks components"),
 ])
 def test_verify_catches_damage(tiny_bundle, tmp_path, damage, message):
     copy = tmp_path / "b"
@@ -201,11 +202,11 @@ def test_interrupted_export_leaves_nothing(tmp_path, sig):
 def test_fp16_bundle(tmp_path):
     m = exporter.export_bundle("opensora-v1.2-tiny", tmp_path / "b", random_weights=True, dtype="fp16",
                                progress=lambda m: None)
-    te, dn = m["components"]["text_encoder"], m["components"]["denoiser"]
-    assert te["precision"] == "fp32" and "overflows in float16" in te["notes"][0]
-    assert dn["precision"] == "fp16" and dn["io"]["float_dtype"] == "float16"
+    te, dn = m.components["text_encoder"], m.components["denoiser"]
+    assert te.precision == "fp32" and "overflows in float16" in te.report["notes"][0]
+    assert dn.precision == "fp16" and dn.io.float_dtype == "float16"
     graph = onnx.load(tmp_path / "b" / "denoiser.onnx", load_external_data=False).graph
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
-    assert 0 < dn["validation"]["torch_fp16_vs_fp32"] < 1e-2  # PyTorch's own fp16 error on the tiny model
-    assert dn["validation"]["tolerance"] == 1e-2
-    assert all(r["ok"] and r["max_rel"] <= 1e-2 for r in dn["validation"]["rows"])
+    assert 0 < dn.report["validation"]["torch_fp16_vs_fp32"] < 1e-2  # PyTorch's own fp16 error on the tiny model
+    assert dn.report["validation"]["tolerance"] == 1e-2
+    assert all(r["ok"] and r["max_rel"] <= 1e-2 for r in dn.report["validation"]["rows"])

@@ -202,13 +202,13 @@ def exported(tiny_bundle, tmp_path_factory):
     from osx.bundle import Bundle
     from osx.calibration import quantize
     from osx.calibration.shards import ShardWriter
-    from osx.components import component_specs
+    from osx.families import component_specs
     from osx.export.onnx_export import export_component
     from osx.export.reference import build_reference
     from osx.models import OPENSORA_V1_2_TINY as TINY
 
     bundle = Bundle.open(tiny_bundle)
-    graphs = {f"{name}.fp32": bundle.path(c["file"]) for name, c in bundle.components.items()}
+    graphs = {f"{name}.fp32": bundle.path(c.file) for name, c in bundle.components.items()}
     out = tmp_path_factory.mktemp("tiny_onnx")
     ref = build_reference(TINY)  # the bundle's weights
     specs = component_specs(TINY)  # the manifest's io has concrete float32 dtypes; the export needs the placeholders

@@ -5,7 +5,8 @@ import sys
 import numpy as np
 import pytest
 
-from osx.components import component_specs, ComponentSpec, DimRange
+from osx.components import ComponentSpec, DimRange
+from osx.families import component_specs
 from osx.errors import InputError, OsxError
 from osx.models import MODELS, ModelConfig, get_model_config, latent_frames
 

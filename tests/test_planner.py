@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from osx.components import DimRange, component_specs
+from osx.components import DimRange
+from osx.families import component_specs
 from osx.errors import OsxError
 from osx.export.stdit3 import STDiT3
 from osx.export.t5 import T5TextEncoder

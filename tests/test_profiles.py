@@ -184,16 +184,17 @@ def test_gpu_auto_with_a_detected_gpu(monkeypatch):
 
 def test_cli_build_gpu_auto_without_gpu_exits_cleanly(no_gpu, tmp_path, capsys):
     from osx.bundle import BundleWriter
-    from osx.components import component_specs
+    from osx.manifest import ComponentEntry, Manifest
+    from osx.families import component_specs
 
     specs = component_specs(get_model_config("opensora-v1.2-tiny"))
     with BundleWriter(tmp_path / "b") as w:
         (w.dir / "denoiser.onnx").write_bytes(b"not really onnx")
         (w.dir / "tokenizer.json").write_text("{}")
-        w.commit({"model": {"name": "opensora-v1.2-tiny", "family": "opensora-v1.2",
-                            "config": get_model_config("opensora-v1.2-tiny").to_dict()},
-                  "components": {"denoiser": {"file": "denoiser.onnx", "precision": "fp32", "io": specs["denoiser"].to_dict()}},
-                  "tokenizer": {"file": "tokenizer.json", "max_length": 32}, "scheduler": {}})
+        w.commit(Manifest(model={"name": "opensora-v1.2-tiny", "family": "opensora-v1.2",
+                                 "config": get_model_config("opensora-v1.2-tiny").to_dict()},
+                          components={"denoiser": ComponentEntry(file="denoiser.onnx", precision="fp32", io=specs["denoiser"])},
+                          tokenizer={"file": "tokenizer.json", "max_length": 32}, scheduler={}))
     with pytest.raises(SystemExit) as e:
         main(["build", str(tmp_path / "b"), "--gpu", "auto"])
     assert e.value.code == 2

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from osx.components import component_specs
+from osx.families import component_specs
 from osx.models import OPENSORA_V1_2, OPENSORA_V1_2_TINY
 from osx.export.init import seeded_init_
 from osx.export.stdit3 import STDiT3, apply_rope, pos_embed_2d, round_to_bf16

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from osx.components import component_specs
+from osx.families import component_specs
 from osx.errors import CheckpointError
 from osx.export.checkpoint import CheckpointReader, save_safetensors, write_safetensors_streamed
 from osx.export.onnx_export import export_component, export_streamed

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import T5EncoderModel
 
-from osx.components import component_specs
+from osx.families import component_specs
 from osx.models import OPENSORA_V1_2, OPENSORA_V1_2_TINY
 from osx.export.checkpoint import load_into, read_state_dict
 from osx.export.init import seeded_init_

@@ -37,7 +37,7 @@ def test_configs_parse_and_match_the_bundle(tiny_bundle, tmp_path):
         cfg, spec = configs[f"osx_{component}"], bundle.spec(component)
         assert cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 0
         assert (tmp_path / "repo" / cfg.name / "1" / cfg.default_model_filename).read_bytes() == \
-            (tiny_bundle / bundle.components[component]["file"]).read_bytes()
+            (tiny_bundle / bundle.components[component].file).read_bytes()
         for got, want in ((cfg.input, spec.inputs), (cfg.output, spec.outputs)):
             assert [t.name for t in got] == [t.name for t in want]
             for g, w in zip(got, want):

@@ -90,15 +90,15 @@ def test_build_is_strongly_typed_from_typed_graphs(standin, bundle, tmp_path, ve
     assert [c for c in calls if c[0] == "set_timing_cache"] == [("set_timing_cache", False)] * 3  # mismatch not ignored
     for name, precision in PLANNED.items():
         comp = b.components[name]
-        (engine,) = comp["engines"]
-        assert engine["onnx_file"] == f"{name}.{precision}.onnx" == comp["onnx_files"][precision]
-        assert engine["key"]["build_flags"]["strongly_typed"]
-        graph = onnx.load(b.path(engine["onnx_file"]), load_external_data=False).graph
+        (engine,) = comp.engines
+        assert engine.onnx_file == f"{name}.{precision}.onnx" == comp.onnx_files[precision]
+        assert engine.key["build_flags"]["strongly_typed"]
+        graph = onnx.load(b.path(engine.onnx_file), load_external_data=False).graph
         floats = {t.data_type for t in graph.initializer} - {onnx.TensorProto.INT64, onnx.TensorProto.BOOL}
         # Only the engine's type, plus float32 Resize scales (ONNX allows nothing else there).
         assert ONNX_TYPE[precision] in floats and floats <= {ONNX_TYPE[precision], onnx.TensorProto.FLOAT}
-        plan = plan_of(b.path(engine["file"]))
-        assert plan["onnx"] == engine["onnx_file"]
+        plan = plan_of(b.path(engine.file))
+        assert plan["onnx"] == engine.onnx_file
         assert len(plan["profiles"]) == (1 if name == "text_encoder" else 2)  # one per bucket (T5: bucket-free)
     assert ("cudaDeviceGetByPCIBusId", b"0000:01:00.0") in calls and ("cudaSetDevice", 0) in calls
 
@@ -124,7 +124,7 @@ def test_weight_streaming_build_and_load(standin, bundle, tmp_path, monkeypatch,
     flags = {Path(c[1]).name.split(".")[0]: c[2] for c in calls if c[0] == "build"}
     assert "WEIGHT_STREAMING" in flags["denoiser"] and not any("WEIGHT_STREAMING" in flags[n] for n in ("text_encoder", "vae_decoder"))
     b = Bundle.open(bundle)
-    budgets = {n: b.components[n]["engines"][0]["key"]["build_flags"].get("weight_streaming_budget") for n in PLANNED}
+    budgets = {n: b.components[n].engines[0].key["build_flags"].get("weight_streaming_budget") for n in PLANNED}
     assert budgets["denoiser"] > 0 and budgets["text_encoder"] is None is budgets["vae_decoder"]
     with TrtBackend(b, "denoiser") as backend:
         assert backend.engine.weight_streaming_budget_v2 == budgets["denoiser"]
@@ -135,7 +135,9 @@ def test_weight_streaming_build_and_load(standin, bundle, tmp_path, monkeypatch,
 @pytest.mark.parametrize("version", VERSIONS)
 def test_backend_load_path(standin, bundle, tmp_path, version):
     """Load and run each engine through TrtBackend: outputs equal onnxruntime's on the fp32 graph (the
-    stand-in runs that graph), so shapes, profiles, pinned staging and dtypes are carried exactly."""
+    stand-in runs that graph), so shapes, profiles, pinned staging and dtypes are carried exactly. The
+    onnxruntime side runs the bundle's fused graph (GELU/norm fusions), which rounds differently from the
+    portable graph the stand-in runs: 1.9e-6 absolute measured, so 1e-5 of each output's scale."""
     from osx.runtime.backend_trt import TrtBackend
     from osx.runtime.backends import OrtBackend
 
@@ -146,14 +148,12 @@ def test_backend_load_path(standin, bundle, tmp_path, version):
         spec = b.spec(name)
         trt_backend, ort_backend = TrtBackend(b, name), OrtBackend(b, name)
         try:
-            for i, bucket in enumerate(b.manifest["profile"]["buckets"]):
-                sizes = {d: bucket[d] for d in ("latent_frames", "latent_height", "latent_width") if d in spec.dims}
-                if name == "vae_decoder":
-                    sizes["latent_frames"] = 5  # one chunk
+            for i, dims in enumerate(trt_backend.limits()):  # each profile of the engine, at its largest
+                sizes = {d: r.max for d, r in dims.items() if d != "batch"}
                 inputs = spec.sample_inputs(sizes, seed=i)
                 got, want = trt_backend.run(inputs), ort_backend.run(inputs)
                 for out, ref in want.items():
-                    np.testing.assert_array_equal(got[out], ref)
+                    np.testing.assert_allclose(got[out], ref, rtol=0, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
         finally:
             trt_backend.release()
             ort_backend.release()
@@ -188,7 +188,7 @@ def test_timing_cache_mismatch_is_reported(standin, bundle, tmp_path):
     b = Bundle.open(bundle)
     plan = make_plan(load_profile(_profile(tmp_path / "gpu.toml")), b.model_config())
     built = build_engines(bundle, {"text_encoder": b.components["text_encoder"]}, plan, timing_cache=cache, progress=False)
-    assert "written by another TensorRT version or GPU" in built["text_encoder"]["notes"][0]
+    assert "written by another TensorRT version or GPU" in built["text_encoder"].report["notes"][0]
     assert b"11.4.0.106" in cache.read_bytes()  # replaced by this build's cache
 
 
@@ -225,6 +225,6 @@ def test_export_for_a_gpu_builds_strongly_typed_engines(standin, tmp_path):
     b = Bundle.open(tmp_path / "tiny")
     for name, precision in PLANNED.items():
         comp = b.components[name]
-        assert comp["backend"] == "tensorrt" and comp["onnx_files"] == {precision: f"{name}.{precision}.onnx"}
-        assert [e["onnx_file"] for e in comp["engines"]] == [f"{name}.{precision}.onnx"]
+        assert comp.backend == "tensorrt" and comp.onnx_files == {precision: f"{name}.{precision}.onnx"}
+        assert [e.onnx_file for e in comp.engines] == [f"{name}.{precision}.onnx"]
     assert all(strongly for *_, strongly in (c for c in calls if c[0] == "build"))

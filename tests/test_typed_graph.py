@@ -21,7 +21,7 @@ def test_cast_keeps_io_and_passes_the_lint(tiny_bundle, tmp_path, precision):
     b = Bundle.open(tiny_bundle)
     target = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}[precision]
     for name in COMPONENTS:
-        src = b.path(b.components[name]["file"])
+        src = b.path(b.components[name].file)
         dst = tmp_path / f"{name}.{precision}.onnx"
         cast_onnx_file(src, dst, precision)
         before, after = onnx.load(src), onnx.load(dst)
@@ -47,7 +47,7 @@ def test_fp16_graph_computes_what_the_fp32_graph_does(tiny_bundle, tmp_path):
     measured 1.5e-3 text encoder, 2.7e-2 denoiser, 1.9e-3 VAE decoder on these random weights)."""
     b = Bundle.open(tiny_bundle)
     for name in COMPONENTS:
-        src = b.path(b.components[name]["file"])
+        src = b.path(b.components[name].file)
         cast_onnx_file(src, tmp_path / "x.onnx", "fp16")
         spec = b.spec(name)
         inputs = spec.sample_inputs({d: v for d, v in SIZES.items() if d in spec.dims}, seed=3)

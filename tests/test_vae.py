@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from osx.components import component_specs
+from osx.families import component_specs
 from osx.errors import CheckpointError, InputError
 from osx.models import OPENSORA_V1_2, OPENSORA_V1_2_TINY
 from osx.export.vae import CausalConv3d, VideoAutoencoder

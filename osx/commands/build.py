@@ -3,8 +3,9 @@ bundle, so a team can ship one bundle and let every machine build for its own ca
 
 The bundle is rewritten atomically: a new folder beside it gets the same files (hard links where the
 filesystem allows, copies otherwise) plus the new engines, then replaces the old one. Engines for other
-GPUs are kept; an engine for the same target (compute capability, TensorRT version, compatibility
-level and precision) is replaced.
+GPUs are kept, each with the buckets and settings of its own plan; an engine for the same target (compute
+capability, TensorRT version, compatibility level and precision) is replaced (ComponentEntry.with_engine).
+The bundle-wide runtime settings and plan report (the export's) are left as they are.
 """
 
 from __future__ import annotations
@@ -16,23 +17,6 @@ from pathlib import Path
 import click
 
 from osx.errors import OsxError
-
-
-def _same_target(a: dict, b: dict) -> bool:
-    keys = ("compute_capability", "tensorrt_version", "hardware_compatibility", "version_compatible", "precision")
-    return all(a["key"].get(k) == b["key"].get(k) for k in keys)
-
-
-def merge_engines(manifest: dict, built: dict[str, dict]) -> dict:
-    """The manifest with each component's new engine added (replacing one for the same target)."""
-    from osx.export.engines import record_engine
-
-    manifest = {**manifest, "components": {n: dict(c) for n, c in manifest["components"].items()}}
-    for name, entry in built.items():
-        comp = manifest["components"][name]
-        comp["engines"] = [e for e in comp.get("engines", []) if not _same_target(e, entry)]
-        manifest["components"][name] = {**record_engine(comp, entry), "backend": "tensorrt"}
-    return manifest
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -92,16 +76,15 @@ def build(bundle_dir: Path, gpu: str, precision: str, portable: bool, timing_cac
 
     check_build_machine(plan, this_machine(), portable)  # before linking or copying anything
     with BundleWriter(bundle_dir, force=True) as w:
-        for rel in bundle.manifest["files"]:
+        for rel in bundle.manifest.files:
             _link_or_copy(bundle.path(rel), w.dir / rel)
         built = build_engines(w.dir, components, plan, portable=portable, timing_cache=timing_cache, bundle_path=bundle_dir)
-        manifest = merge_engines(bundle.manifest, built)
-        manifest["profile"] = plan.to_dict()
-        manifest.pop("files")
+        manifest = bundle.manifest.replace(components={n: c.with_engine(built[n]) if n in built else c
+                                                      for n, c in bundle.manifest.components.items()})
         # Engines this build replaced are no longer referenced: drop their files from the new folder.
-        kept = {e["file"] for c in manifest["components"].values() for e in c.get("engines", [])}
-        for rel in bundle.manifest["files"]:
+        kept = {e.file for c in manifest.components.values() for e in c.engines}
+        for rel in bundle.manifest.files:
             if rel.startswith("engines/") and rel not in kept:
                 (w.dir / rel).unlink()
-        w.commit({k: v for k, v in manifest.items() if k not in ("format", "format_version", "created_by")})
+        w.commit(manifest)
     click.echo(f"engines written to {bundle_dir / 'engines'}; {MANIFEST} updated")

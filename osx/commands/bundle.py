@@ -8,7 +8,6 @@ from pathlib import Path
 import click
 
 from osx import archive
-from osx.bundle import _referenced_files
 from osx.errors import BundleError
 from osx.numeric import format_bytes
 
@@ -29,101 +28,81 @@ def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> None
         click.echo(indent + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
-def _component_files(comp: dict) -> list[str]:
-    """Every file a component entry names: `file`, each `*_file` key and each engine's file."""
-    return _referenced_files({"components": {"_": comp}}, "components")
+def _dims(io) -> str:
+    return ", ".join(f"{d} {r.min}..{r.max} (opt {r.opt})" for d, r in io.dims.items())
 
 
-def _first(d: dict, *keys: str, default: str = "-") -> str:
-    for k in keys:
-        if d.get(k) not in (None, ""):
-            return str(d[k])
-    return default
+def _tensor_rows(io) -> list[list[str]]:
+    return [[direction, t.name, io.dtype_of(t), "[" + ", ".join(str(d) for d in t.shape) + "]"]
+            for direction, tensors in (("in", io.inputs), ("out", io.outputs)) for t in tensors]
 
 
-def _dims(io: dict) -> str:
-    return ", ".join(f"{d} {r['min']}..{r['max']} (opt {r['opt']})" for d, r in io.get("dims", {}).items())
+def _engine_needs(entry) -> list[str]:
+    """[precision, built on, needs GPU, needs TensorRT] of one engine entry, from its key."""
+    key = entry.key
+    needs_gpu = ("compute capability >= 8.0 (Ampere+)" if key["hardware_compatibility"] == "ampere_plus"
+                 else f"compute capability {key['compute_capability']}")
+    trt = key["tensorrt_version"]
+    needs_trt = f">= {trt} (version-compatible)" if key["version_compatible"] else trt
+    return [key.get("precision", "-"), key.get("gpu_name") or "-", needs_gpu, needs_trt]
 
 
-def _tensor_row(direction: str, t: dict) -> list[str]:
-    return [direction, t["name"], t["dtype"], "[" + ", ".join(str(d) for d in t["shape"]) + "]"]
-
-
-def _engine_needs(entry: dict, profile: dict, build: dict) -> list[str]:
-    """[precision, built on, needs GPU, needs TensorRT] of one engine entry. The build records the
-    engine's key under `key` (osx.engine_key.engine_key); fields it lacks fall back to the
-    bundle's profile / build, so older or hand-written manifests still print."""
-    key = {**entry, **entry.get("key", {})}
-    cc = _first(key, "compute_capability", default=_first(profile, "compute_capability"))
-    level = key.get("hardware_compatibility", "none")
-    needs_gpu = "compute capability >= 8.0 (Ampere+)" if level == "ampere_plus" else f"compute capability {cc}"
-    trt = _first(key, "tensorrt_version", default=_first(build, "tensorrt"))
-    needs_trt = f">= {trt} (version-compatible)" if key.get("version_compatible") else trt
-    built_on = _first(key, "gpu_name", "gpu", default=_first(profile, "gpu_name", "name"))
-    return [_first(key, "precision"), built_on, needs_gpu, needs_trt]
+def _buckets(entry) -> str:
+    return ", ".join(f"{w}x{h}x{f}" for h, w, f in entry.buckets()) or "-"
 
 
 @bundle.command("info")
 @click.argument("path", type=_PATH)
 def info(path: Path):
     """What a bundle holds: components, precision, backend, shapes and ranges, sizes, and for TensorRT
-    engines the GPU, compute capability and TensorRT version each one needs. Does not check checksums
-    (use `osx bundle verify`)."""
+    engines the GPU, compute capability and TensorRT version each one needs and the shapes (WxHxframes)
+    it runs. Does not check checksums (use `osx bundle verify`)."""
     manifest, kind = archive.open_manifest(path)
-    files = manifest["files"]
-    size_of = lambda rels: sum(files.get(r, {}).get("bytes", 0) for r in rels)  # noqa: E731
-    model = manifest["model"]
-    click.echo(f"bundle    {path} ({kind}, format {manifest['format_version']}, {manifest.get('created_by', 'unknown writer')})")
-    click.echo(f"model     {model.get('name', '?')} (family {model.get('family', '?')})")
-    profile = manifest.get("profile") or {}
-    if profile:
-        click.echo(f"profile   {_first(profile, 'name', 'gpu')}: {_first(profile, 'marketing_name', 'gpu_name', default='')}".rstrip(": "))
-    build = manifest.get("build") or {}
-    if build:
-        click.echo("build     " + ", ".join(f"{k} {v}" for k, v in build.items() if isinstance(v, (str, int, float))))
+    files = manifest.files
+    size_of = lambda rels: sum(files[r].bytes for r in rels if r in files)  # noqa: E731
+    model = manifest.model
+    click.echo(f"bundle    {path} ({kind}, format {manifest.format_version}, {manifest.created_by or 'unknown writer'})")
+    click.echo(f"model     {model['name']} (family {model['family']})")
+    if manifest.plan:
+        click.echo(f"planned   for {manifest.plan.get('name', '?')} ({manifest.plan.get('display_name', '')})")
+    if manifest.build:
+        click.echo("build     " + ", ".join(f"{k} {v}" for k, v in manifest.build.items() if isinstance(v, (str, int, float))))
 
     click.echo("\ncomponents")
-    comps = manifest["components"]
+    comps = manifest.components
     _table(["name", "backend", "precision", "file", "size"],
-           [[name, c.get("backend", "onnxruntime"), c["precision"], c["file"], format_bytes(size_of(_component_files(c)))]
-            for name, c in comps.items()])
+           [[name, c.backend, c.precision, c.file, format_bytes(size_of(c.referenced_files()))] for name, c in comps.items()])
 
     click.echo("\nshapes")
     for name, c in comps.items():
-        io = c["io"]
-        click.echo(f"  {name}: {_dims(io) or 'all dimensions fixed'}")
-        _table(["", "tensor", "dtype", "shape"],
-               [_tensor_row("in", t) for t in io["inputs"]] + [_tensor_row("out", t) for t in io["outputs"]], indent="    ")
+        click.echo(f"  {name}: {_dims(c.io) or 'all dimensions fixed'}")
+        _table(["", "tensor", "dtype", "shape"], _tensor_rows(c.io), indent="    ")
 
     click.echo(f"\ngenerate  {_generate_limits(manifest)}")
 
-    engines = [(name, e) for name, c in comps.items() for e in c.get("engines", [])]
+    engines = [(name, e) for name, c in comps.items() for e in c.engines]
     if engines:
         click.echo("\nTensorRT engines (each runs only on the GPU and TensorRT version it needs)")
-        _table(["component", "file", "precision", "built on", "needs GPU", "needs TensorRT", "size"],
-               [[name, e.get("file", "-"), *_engine_needs(e, profile, build), format_bytes(size_of([e["file"]])) if e.get("file") else "-"]
-                for name, e in engines])
+        _table(["component", "file", "precision", "built on", "needs GPU", "needs TensorRT", "shapes", "size"],
+               [[name, e.file, *_engine_needs(e), _buckets(e), format_bytes(size_of([e.file]))] for name, e in engines])
 
-    tok = manifest["tokenizer"]
-    click.echo(f"\ntokenizer {tok.get('file', '-')} (max_length {tok.get('max_length', '?')})")
-    sched = manifest["scheduler"]
-    if sched:
-        click.echo("scheduler " + ", ".join(f"{k} {v}" for k, v in sched.items() if isinstance(v, (str, int, float))))
+    tok = manifest.tokenizer
+    click.echo(f"\ntokenizer {tok['file']} (max_length {tok['max_length']})")
+    if manifest.scheduler:
+        click.echo("scheduler " + ", ".join(f"{k} {v}" for k, v in manifest.scheduler.items() if isinstance(v, (str, int, float))))
     click.echo(f"files     {len(files)}, {format_bytes(size_of(files))} (+ {archive.MANIFEST})")
 
 
-def _generate_limits(manifest: dict) -> str:
-    """The pixel sizes and frame counts `osx generate` accepts, from the manifest alone."""
-    from osx.components import ComponentSpec
-    from osx.models import ModelConfig
-    from osx.runtime.pipeline import describe_limits, shape_limits, static_buckets
+def _generate_limits(manifest) -> str:
+    """The pixel sizes and frame counts `osx generate` accepts on onnxruntime (the manifest's ONNX ranges);
+    TensorRT engines run the shapes listed with each engine below."""
+    from osx.runtime.pipeline import describe_limits, shape_limits
 
-    comps = manifest["components"]
+    comps = manifest.components
     if "denoiser" not in comps or "vae_decoder" not in comps:
         return "- (no denoiser and VAE decoder: not a text-to-video bundle)"
-    specs = {n: ComponentSpec.from_dict(comps[n]["io"]) for n in ("denoiser", "vae_decoder")}
-    buckets = static_buckets(manifest.get("profile") or {}, comps["denoiser"].get("backend"))
-    return describe_limits(shape_limits(ModelConfig.from_dict(manifest["model"]["config"]), specs, buckets))
+    limits = {n: [comps[n].io.dims] for n in ("denoiser", "vae_decoder")}
+    return describe_limits(shape_limits(manifest.model_config(), limits))
 
 
 # --- verify / pack / unpack -----------------------------------------------------------------------------
@@ -141,8 +120,8 @@ def verify(path: Path):
         if e.hint:
             click.echo(f"  hint: {e.hint}", err=True)
         sys.exit(1)
-    total = sum(m["bytes"] for m in manifest["files"].values())
-    click.echo(f"OK: {path}: {len(manifest['files'])} files + {archive.MANIFEST}, {format_bytes(total)}, all sha256 match")
+    total = sum(m.bytes for m in manifest.files.values())
+    click.echo(f"OK: {path}: {len(manifest.files)} files + {archive.MANIFEST}, {format_bytes(total)}, all sha256 match")
 
 
 @bundle.command("pack")
@@ -152,7 +131,7 @@ def verify(path: Path):
 def pack(bundle_dir: Path, out: Path, force: bool):
     """Pack a bundle folder into one deterministic .osx.tar (same bundle, same bytes)."""
     manifest = archive.pack(bundle_dir, out, force=force)
-    click.echo(f"packed {bundle_dir} -> {out}: {len(manifest['files'])} files + {archive.MANIFEST}, {format_bytes(out.stat().st_size)}")
+    click.echo(f"packed {bundle_dir} -> {out}: {len(manifest.files)} files + {archive.MANIFEST}, {format_bytes(out.stat().st_size)}")
 
 
 @bundle.command("unpack")
@@ -163,7 +142,7 @@ def unpack(archive_path: Path, out_dir: Path, force: bool):
     """Unpack an archive into DIR. Unsafe members (absolute paths, `..`, links, devices) are refused and
     every checksum is verified before DIR appears."""
     b = archive.unpack(archive_path, out_dir, force=force)
-    click.echo(f"unpacked {archive_path} -> {out_dir}: {len(b.manifest['files'])} files + {archive.MANIFEST}, all sha256 match")
+    click.echo(f"unpacked {archive_path} -> {out_dir}: {len(b.manifest.files)} files + {archive.MANIFEST}, all sha256 match")
 
 
 # --- triton -------------------------------------------------------------------------------------------

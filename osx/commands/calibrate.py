@@ -6,9 +6,11 @@ from pathlib import Path
 
 import click
 
+from osx.families import MODELS
+
 
 @click.command("calibrate")
-@click.option("--model", "model_name", required=True, help="Model config name, e.g. opensora-v1.2 or opensora-v1.2-tiny.")
+@click.option("--model", "model_name", required=True, help=f"Model name: {', '.join(MODELS)}.")
 @click.option("--random-weights", is_flag=True, help="Seeded random weights instead of a checkpoint (tests, dry runs).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Folder holding the denoiser, VAE and T5 weights, as for `osx export`.")
@@ -35,7 +37,7 @@ def calibrate(model_name, random_weights, checkpoint, denoiser, vae, t5, prompts
               height, width, num_frames, seed, shard_mb, out, force):
     """Run the PyTorch reference pipeline over calibration and held-out prompts and record the text
     encoder's and the denoiser's real inputs (cond and uncond, at steps across the whole schedule)."""
-    from osx.models import get_model_config
+    from osx.families import get_model_config
 
     cfg = get_model_config(model_name)  # an unknown name fails before torch is imported
     from osx.calibration import capture as cap

@@ -14,6 +14,9 @@ import click
 
 from osx import __version__
 from osx.errors import OsxError
+from osx.families import MODELS
+
+DEFAULT_MODEL = next(iter(MODELS))  # the first declared model
 
 
 def _version(dist: str) -> str | None:
@@ -69,9 +72,9 @@ def _machine(facts: dict):
     return Machine(g["name"] if g else None, cc, dict(facts["tensorrt"]))
 
 
-def report(facts: dict, model: str = "opensora-v1.2", manifest: dict | None = None, bundle: str = "BUNDLE") -> tuple[list[str], bool]:
+def report(facts: dict, model: str = DEFAULT_MODEL, manifest=None, bundle: str = "BUNDLE") -> tuple[list[str], bool]:
     """Lines to print, and whether everything asked about (the bundle, if given) can run here."""
-    from osx.models import get_model_config
+    from osx.families import get_model_config
     from osx.profiles import allowed_precisions, load_profile, make_plan, nearest_profile, shipped_profiles
     from osx.engine_key import select_engine
     from osx.gpu import GpuInfo
@@ -125,16 +128,16 @@ def report(facts: dict, model: str = "opensora-v1.2", manifest: dict | None = No
     if manifest is not None:
         lines += ["", f"bundle {bundle}:"]
         machine = _machine(facts)
-        for name, comp in manifest["components"].items():
-            engines = comp.get("engines", [])
+        for name, comp in manifest.components.items():
+            engines = comp.engines
             if not engines:
-                lines.append(f"  {name}: {comp.get('backend', 'onnxruntime')} ({comp['precision']}): " +
+                lines.append(f"  {name}: {comp.backend} ({comp.precision}): " +
                              ("ok" if cpu_ok else "needs onnxruntime"))
                 ok &= cpu_ok
                 continue
             entry, reasons = select_engine(engines, machine, bundle)
             if entry is not None:
-                lines.append(f"  {name}: ok: {entry['file']} (needs {entry.get('runtime', 'tensorrt')}, installed)")
+                lines.append(f"  {name}: ok: {entry.file} (needs {entry.runtime}, installed)")
             else:
                 ok = False
                 lines.append(f"  {name}: cannot run here:")
@@ -144,7 +147,7 @@ def report(facts: dict, model: str = "opensora-v1.2", manifest: dict | None = No
 
 @click.command("doctor")
 @click.argument("bundle", required=False, type=click.Path(exists=True, path_type=Path))
-@click.option("--model", default="opensora-v1.2", show_default=True, help="Model to check the nearest profile's plan for.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model to check the nearest profile's plan for.")
 @click.option("--json", "as_json", is_flag=True, help="Print the probed facts as JSON.")
 def doctor(bundle: Path | None, model: str, as_json: bool):
     """Report GPU, driver, CUDA, TensorRT and onnxruntime providers, and what this machine can run.

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from osx.families import MODELS
+
 
 def _terminated(signum, frame):
     # SIGTERM (kill, a CI timeout) unwinds like Ctrl-C, so the bundle's temporary folder is removed.
@@ -14,7 +16,7 @@ def _terminated(signum, frame):
 
 
 @click.command("export")
-@click.option("--model", "model_name", required=True, help="Model config name: opensora-v1.2 or opensora-v1.2-tiny (--dry-run also plans opensora-v2.0).")
+@click.option("--model", "model_name", required=True, help=f"Model name: {', '.join(MODELS)}.")
 @click.option("--random-weights", is_flag=True, help="Seeded random weights instead of a checkpoint (tests, dry runs).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Folder holding the denoiser (STDiT3), VAE and T5 weights, as files or subfolders; "
@@ -51,7 +53,7 @@ def export(model_name, random_weights, checkpoint, denoiser, vae, t5, gpu, out, 
            allow_quality_loss, gate_min_cosine, gate_min_psnr, opset, with_vae_encoder, portable, dry_run, as_json):
     """Export a model to a bundle: every component to ONNX, validated against PyTorch with onnxruntime
     at two shapes; the manifest, tokenizer and null caption beside them. Written atomically."""
-    from osx.models import get_model_config
+    from osx.families import get_model_config
 
     if dry_run:  # plans cover every family (Open-Sora v2.0 too, whose export is not built yet)
         from osx.profiles import dry_run as plan_text
@@ -74,9 +76,9 @@ def export(model_name, random_weights, checkpoint, denoiser, vae, t5, gpu, out, 
         opset=opset, with_vae_encoder=with_vae_encoder, portable=portable, only=tuple(only),
         progress=lambda m: click.echo(m, err=True),
     )
-    worst = max(r["max_rel"] for c in manifest["components"].values() for r in c["validation"]["rows"])
-    click.echo(f"{out}: {', '.join(manifest['components'])} validated (worst relative error {worst:.1e}); "
+    worst = max(r["max_rel"] for c in manifest.components.values() for r in c.report["validation"]["rows"])
+    click.echo(f"{out}: {', '.join(manifest.components)} validated (worst relative error {worst:.1e}); "
                f"run `osx bundle verify {out}`")
-    if q := manifest.get("quantization"):
+    if q := manifest.quantization:
         click.echo(f"{out}: quality gate {'passed' if q['passed'] else 'FAILED (kept by --allow-quality-loss)'}; "
                    f"report: {out}/{q['files'][0]}")

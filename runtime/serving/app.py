@@ -41,7 +41,7 @@ app = FastAPI(title="osx serve", docs_url=None, redoc_url=None)
 
 def gpu_bundle(bundle) -> bool:
     """True when any component runs on a GPU backend (a replica then takes one GPU, else CPUs)."""
-    return any(c.get("backend", "onnxruntime") != "onnxruntime" for c in bundle.components.values())
+    return any(c.backend != "onnxruntime" for c in bundle.components.values())
 
 
 @serve.deployment(max_ongoing_requests=1)

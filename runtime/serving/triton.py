@@ -43,15 +43,14 @@ def component_config(bundle: Bundle, component: str) -> tuple[str, dict[str, str
     """(config.pbtxt text, {file in the version folder: file in the bundle}) for one component.
     max_batch_size 0: osx's batch is a dimension of each tensor (cond + uncond in one call)."""
     meta, spec = bundle.components[component], bundle.spec(component)
-    engines = meta.get("engines") or []
-    if meta.get("backend") == "tensorrt" and engines:
-        platform, files, kind = "tensorrt_plan", {"model.plan": engines[0]["file"]}, "KIND_GPU"
+    if meta.backend == "tensorrt" and meta.engines:
+        platform, files, kind = "tensorrt_plan", {"model.plan": meta.engines[0].file}, "KIND_GPU"
     else:
-        files = {Path(meta[k]).name: meta[k] for k in ("file", "data_file") if meta.get(k)}
-        platform, kind = "onnxruntime_onnx", "KIND_GPU" if meta.get("backend", "onnxruntime") != "onnxruntime" else "KIND_CPU"
+        files = {Path(f).name: f for f in (meta.file, meta.file_of("data_file")) if f}
+        platform, kind = "onnxruntime_onnx", "KIND_GPU" if meta.backend != "onnxruntime" else "KIND_CPU"
     text = f'name: "{PREFIX}{component}"\nplatform: "{platform}"\nmax_batch_size: 0\n'
     if platform == "onnxruntime_onnx":
-        text += f'default_model_filename: "{Path(meta["file"]).name}"\n'
+        text += f'default_model_filename: "{Path(meta.file).name}"\n'
     text += _tensors("input", spec, spec.inputs) + _tensors("output", spec, spec.outputs)
     text += f"instance_group [\n  {{\n    count: 1\n    kind: {kind}\n  }}\n]\n"
     return text, files
@@ -88,8 +87,8 @@ def write_repository(bundle_path: str | os.PathLike, out: str | os.PathLike) -> 
         pipeline = tmp / f"{PREFIX}pipeline"
         _write(pipeline / "config.pbtxt", pipeline_config(bundle))
         shutil.copyfile(MODEL_PY, pipeline / "1" / "model.py")
-        for rel in ["manifest.json", *bundle.manifest["files"]]:
-            if rel not in placed and not any(rel == e["file"] for m in bundle.components.values() for e in m.get("engines") or []):
+        for rel in ["manifest.json", *bundle.manifest.files]:
+            if rel not in placed and not any(rel == e.file for m in bundle.components.values() for e in m.engines):
                 _place(bundle.path(rel), pipeline / "1" / "bundle" / rel)
         os.replace(tmp, out)
     except OSError as e:

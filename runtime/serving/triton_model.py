@@ -19,12 +19,23 @@ from osx.runtime.pipeline import Pipeline
 
 
 class BlsBackend:
-    """A Pipeline backend whose `run` is an inference request to another model of this server."""
+    """A Pipeline backend whose `run` is an inference request to another model of this server. Its shapes
+    are those of what the model serves: the component's first engine (the one `osx bundle triton` puts in
+    the repository) or the ONNX ranges."""
 
     loaded = True
+    load_one_at_a_time = False  # Triton keeps every model loaded
 
-    def __init__(self, name: str, model: str, outputs: list[str]):
+    def __init__(self, name: str, model: str, outputs: list[str], entry):
         self.name, self.model, self.outputs = name, model, outputs
+        self.engine = entry.engines[0] if entry.backend == "tensorrt" and entry.engines else None
+        self.spec = entry.io
+
+    def limits(self) -> list[dict]:
+        return self.engine.profiles() if self.engine else [self.spec.dims]
+
+    def buckets(self) -> list[tuple[int, int, int]]:
+        return self.engine.buckets() if self.engine else []
 
     def load(self) -> None:
         pass
@@ -58,9 +69,8 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         bundle = Bundle.open(Path(args["model_repository"]) / args["model_version"] / "bundle", verify=False)
         models = read_components(config["parameters"])
-        backends = {c: BlsBackend(c, m, [t.name for t in bundle.spec(c).outputs]) for c, m in models.items()}
-        # the bundle's backend names: a TensorRT bundle's static shape buckets hold here too
-        self.pipeline = Pipeline(bundle, backends, {c: bundle.components[c].get("backend", "onnxruntime") for c in models})
+        backends = {c: BlsBackend(c, m, [t.name for t in bundle.spec(c).outputs], bundle.components[c]) for c, m in models.items()}
+        self.pipeline = Pipeline(bundle, backends)  # a TensorRT bundle's static shape buckets hold here too
 
     def execute(self, requests):
         responses = []

@@ -1,0 +1,100 @@
+"""What a model family declares (the role optimum's per-model OnnxConfig plays), torch-free.
+
+One `Family` object per family names everything generic code needs to know about it: its components
+and their I/O specs, where each component's weights come from, the dtype policy, which components are
+quantizable, how many denoiser passes a guided step takes and whether they share a batch, the export
+forward adapter, the sampler kind and its defaults, the prompt handling and the reference dtype. Export,
+validation, calibration, the planner, the engine build, the manifest, the bundle tools and the runtime read
+it; none of them names a family. Code that belongs to one family (torch modules, a NumPy sampler) is
+named here by dotted path ("package.module:attribute") and imported only by the stage that runs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from osx.components import ComponentSpec
+from osx.errors import OsxError
+
+REFERENCE_DTYPES = ("bf16", "fp32")
+
+
+def resolve(path: str) -> Any:
+    """"package.module:attribute" -> the attribute (imported on first use)."""
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Where one checkpoint part comes from: a file or folder of a checkpoint directory, recognised by
+    its tensor-name prefixes (after wrapper prefixes) or else by words in its file name."""
+
+    part: str  # "denoiser", "vae", "t5", ... (also the --PART option of `osx export`)
+    description: str  # for messages: "denoiser (STDiT3) weights"
+    key_prefixes: tuple[str, ...]
+    name_hints: tuple[str, ...]
+    folder_file: str | None = None  # a file the part's folder must hold (T5: spiece.model)
+
+
+@dataclass(frozen=True)
+class ComponentDecl:
+    name: str  # the manifest's component name
+    module: str  # the attribute of the family's torch reference model that exports it
+    weights: str  # the WeightSource.part its weights come from
+    in_pipeline: bool = True  # text-to-video runs it (False: exported on request, e.g. the VAE encoder)
+    quantizable: bool = False  # INT8/FP8 from calibrated Q/DQ graphs
+    never_fp16: str | None = None  # why it must not run in float16 (None: it may)
+
+
+@dataclass(frozen=True)
+class SamplerDecl:
+    kind: str  # the runtime's NumPy sampler (osx.runtime sampler registry)
+    guidance_passes: int  # denoiser passes per guided step: 2 (cond, uncond), 3 (text, image, none)
+    cfg_batching: bool = True  # the passes may share one batched call
+    defaults: Any = None  # the family's sampler settings dataclass, recorded in the manifest's `scheduler`
+
+
+@dataclass(frozen=True)
+class PromptDecl:
+    kind: str  # the runtime's prompt preparation ("aesthetic-score", ...)
+    tokenizer_file: str = "tokenizer.json"  # the bundle file of each text encoder's tokenizer
+    text_encoders: tuple[str, ...] = ("text_encoder",)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    configs: dict[str, Any]  # model name -> its config (released sizes, tiny test sizes, ...)
+    config_from_dict: Callable[[dict], Any]  # the manifest's model.config back to the config
+    components: tuple[ComponentDecl, ...]  # in export order
+    component_specs: Callable[[Any], dict[str, ComponentSpec]]  # config -> the specs at the full ranges
+    weights: tuple[WeightSource, ...]
+    sampler: SamplerDecl
+    prompt: PromptDecl
+    reference: str  # "module:function": config, checkpoint parts or None -> the torch reference model
+    forward_adapter: str | None = None  # "module:function": (component, module) -> what torch.onnx.export traces
+    reference_dtype: str = "bf16"  # the dtype the reference rounds its conditioning to; "fp32" available
+    extras: dict = field(default_factory=dict)
+
+    def component(self, name: str) -> ComponentDecl:
+        for c in self.components:
+            if c.name == name:
+                return c
+        raise OsxError(f"{self.name} has no component {name!r}", hint=f"it has {', '.join(self.names())}")
+
+    def names(self, pipeline_only: bool = False) -> tuple[str, ...]:
+        return tuple(c.name for c in self.components if c.in_pipeline or not pipeline_only)
+
+    @property
+    def never_fp16(self) -> dict[str, str]:
+        return {c.name: c.never_fp16 for c in self.components if c.never_fp16}
+
+    @property
+    def quantizable(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.components if c.quantizable)
+
+    def weight_source(self, part: str) -> WeightSource:
+        return next(w for w in self.weights if w.part == part)
