@@ -135,7 +135,9 @@ def test_weight_streaming_build_and_load(standin, bundle, tmp_path, monkeypatch,
 @pytest.mark.parametrize("version", VERSIONS)
 def test_backend_load_path(standin, bundle, tmp_path, version):
     """Load and run each engine through TrtBackend: outputs equal onnxruntime's on the fp32 graph (the
-    stand-in runs that graph), so shapes, profiles, pinned staging and dtypes are carried exactly."""
+    stand-in runs that graph), so shapes, profiles, pinned staging and dtypes are carried exactly. The
+    onnxruntime side runs the bundle's fused graph (GELU/norm fusions), which rounds differently from the
+    portable graph the stand-in runs: 1.9e-6 absolute measured, so 1e-5 of each output's scale."""
     from osx.runtime.backend_trt import TrtBackend
     from osx.runtime.backends import OrtBackend
 
@@ -153,7 +155,7 @@ def test_backend_load_path(standin, bundle, tmp_path, version):
                 inputs = spec.sample_inputs(sizes, seed=i)
                 got, want = trt_backend.run(inputs), ort_backend.run(inputs)
                 for out, ref in want.items():
-                    np.testing.assert_array_equal(got[out], ref)
+                    np.testing.assert_allclose(got[out], ref, rtol=0, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
         finally:
             trt_backend.release()
             ort_backend.release()
