@@ -138,11 +138,12 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_six_concurrent_requests_equal_osx_generate(service, tiny_bundle, tmp_path, capsys):
-    """Six requests at once over two replicas; each video is `osx generate`'s with the same seed.
-    libx264 (through PyAV) does not write byte-identical files for identical frames even within one
-    process, so the videos are compared decoded: two encodes of the same frames measure 31.8-32.6 dB
-    PSNR here, videos of neighbouring seeds 17.3 dB; the test asks for >= 28 dB with the same seed
-    and < 22 dB with every other seed, so a wrong seed, prompt or step count cannot pass."""
+    """Six requests at once over two replicas; each video is close to `osx generate`'s with the same seed.
+    KNOWN GAP (issue #17): a served video is not yet identical to the CLI's. Encoding is not the cause:
+    `Pipeline.generate` twice in one process, preloaded or not, gives equal frames and byte-identical
+    mp4s, equal to the CLI's. Served vs CLI measured 31.8-32.6 dB PSNR, neighbouring seeds 17.3 dB, so
+    the test asks for >= 28 dB with the same seed and < 22 dB with every other seed (a wrong seed,
+    prompt or step count cannot pass) until the difference inside the replica is found."""
     seeds = [11, 12, 13, 14, 15, 16]
     ids = {}
 

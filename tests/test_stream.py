@@ -140,10 +140,12 @@ def test_streamed_safetensors_and_reader(tmp_path):
         CheckpointReader(tmp_path / "p.bin").get("y")
 
 
-def test_random_checkpoint_holds_the_reference_weights(reference, tmp_path):
+def test_random_checkpoint_holds_the_reference_weights(tmp_path):
     """--random-weights writes each part as a checkpoint, one tensor at a time; its tensors are exactly
     build_reference's (tied tensors once), so the streamed bundle is the reference model's export."""
     from osx.export.reference import write_random_checkpoint
+
+    reference = build_reference(TINY)  # its own: the module fixture is cast in place by the fp16 exports above
 
     for part, attr in (("t5", "text_encoder"), ("denoiser", "denoiser"), ("vae", "vae")):
         reader = CheckpointReader(write_random_checkpoint(TINY, part, tmp_path / f"{part}.safetensors", torch.float32))
