@@ -166,9 +166,9 @@ def test_large_components_validate_at_reduced_depth(tmp_path, monkeypatch):
     monkeypatch.setattr(exporter, "VALIDATION_BYTES", 1000)
     m = exporter.export_bundle("opensora-v1.2-tiny", tmp_path / "b", random_weights=True, only=("denoiser",),
                                progress=lambda m: None)
-    c = m["components"]["denoiser"]
-    assert list(m["components"]) == ["denoiser"]
-    assert c["validation"]["depth"] == [1, 2] and "first 1 of 2 blocks" in c["validation"]["graph"]
-    assert all(r["ok"] for r in c["validation"]["rows"])
-    assert c["weights_check"]["from_checkpoint_sha256_ok"] > 0
+    c = m.components["denoiser"]
+    assert list(m.components) == ["denoiser"]
+    assert c.report["validation"]["depth"] == [1, 2] and "first 1 of 2 blocks" in c.report["validation"]["graph"]
+    assert all(r["ok"] for r in c.report["validation"]["rows"])
+    assert c.report["weights_check"]["from_checkpoint_sha256_ok"] > 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # scratch removed
