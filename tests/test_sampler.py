@@ -73,7 +73,7 @@ class ConstantVelocity(torch.nn.Module):
         super().__init__()
         self.a, self.b, self.calls = a, b, []
 
-    def forward(self, x, timestep, y, mask, fps, height, width):
+    def forward(self, x, timestep, y, mask, fps, height, width, x_mask=None):
         self.calls.append(dict(x=x, timestep=timestep, mask=mask, fps=fps, height=height, width=width))
         cond = y.mean(dim=(1, 2)).view(-1, 1, 1, 1, 1)
         v = cond * self.a + (1 - cond) * self.b

@@ -46,11 +46,14 @@ def component_config(bundle: Bundle, component: str) -> tuple[str, dict[str, str
     if meta.backend == "tensorrt" and meta.engines:
         platform, files, kind = "tensorrt_plan", {"model.plan": meta.engines[0].file}, "KIND_GPU"
     else:
-        files = {Path(f).name: f for f in (meta.file, meta.file_of("data_file")) if f}
+        # the graph osx's own onnxruntime backend runs: the fused one on the CPU (its contrib ops are
+        # onnxruntime's, which Triton's onnxruntime backend has), so Triton's frames equal Pipeline's
+        model = meta.onnxruntime_file if meta.backend == "onnxruntime" and meta.onnxruntime_file else meta.file
+        files = {Path(f).name: f for f in (model, meta.file_of("data_file")) if f}
         platform, kind = "onnxruntime_onnx", "KIND_GPU" if meta.backend != "onnxruntime" else "KIND_CPU"
     text = f'name: "{PREFIX}{component}"\nplatform: "{platform}"\nmax_batch_size: 0\n'
     if platform == "onnxruntime_onnx":
-        text += f'default_model_filename: "{Path(meta.file).name}"\n'
+        text += f'default_model_filename: "{Path(model).name}"\n'
     text += _tensors("input", spec, spec.inputs) + _tensors("output", spec, spec.outputs)
     text += f"instance_group [\n  {{\n    count: 1\n    kind: {kind}\n  }}\n]\n"
     return text, files
@@ -87,8 +90,9 @@ def write_repository(bundle_path: str | os.PathLike, out: str | os.PathLike) -> 
         pipeline = tmp / f"{PREFIX}pipeline"
         _write(pipeline / "config.pbtxt", pipeline_config(bundle))
         shutil.copyfile(MODEL_PY, pipeline / "1" / "model.py")
+        graphs = {f for m in bundle.components.values() for f in _graph_files(m)}
         for rel in ["manifest.json", *bundle.manifest.files]:
-            if rel not in placed and not any(rel == e.file for m in bundle.components.values() for e in m.engines):
+            if rel not in placed and rel not in graphs:  # the pipeline model calls the components; it needs no graph
                 _place(bundle.path(rel), pipeline / "1" / "bundle" / rel)
         os.replace(tmp, out)
     except OSError as e:
@@ -96,6 +100,12 @@ def write_repository(bundle_path: str | os.PathLike, out: str | os.PathLike) -> 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return [f"{PREFIX}{c}" for c in COMPONENTS] + [f"{PREFIX}pipeline"]
+
+
+def _graph_files(meta) -> set[str]:
+    """Every graph or engine file of a component entry (not its other files, such as null_text.npy)."""
+    return {f for f in (meta.file, meta.file_of("data_file"), meta.onnxruntime_file, *meta.onnx_files.values(),
+                        *(e.file for e in meta.engines)) if f}
 
 
 def _write(path: Path, text: str) -> None:
