@@ -334,9 +334,77 @@ class FluxAEConfig:
 
 
 FLUX1_AE = FluxAEConfig()
-FLUX1_AE_TINY = FluxAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)  # GroupNorm(32): widths stay multiples of 32
+# Four levels (8x, the real geometry) with one channel change; GroupNorm(32): widths stay multiples of 32
+FLUX1_AE_TINY = FluxAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
+
+
+@dataclass(frozen=True)
+class T2IConfig:
+    """t2i2v's image step (configs/diffusion/inference/plugins/t2i2v.py, `modify_option_to_t2i`): Flux.1-dev
+    makes the first frame in one guidance-distilled pass per step (the scale goes in as `guidance`, no CFG),
+    at `image_resolution` with the training aspect-ratio buckets (`t2i_image_size`), from the raw prompt;
+    the schedule is the v2.0 one (same fields, same rule) at one latent frame."""
+
+    mmdit: MMDiTConfig
+    ae: FluxAEConfig
+    image_resolution: str = "768px"
+    num_steps: int = 50
+    guidance: float = 4.0  # the distilled guidance embedding's input
+    shift: bool = True
+    flow_shift: float | None = None
+    base_seq: int = 256
+    max_seq: int = 4096
+    base_shift: float = 1.0
+    max_shift: float = 3.0
+
+
+# Open-Sora's bucket list (opensora/datasets/aspect.py ASPECT_RATIO_LD_LIST, W:H); portrait ones are added
+# as the transposes of these, after them, so "16:9" ends up as the transpose of "9:16"'s bucket.
+_BUCKET_RATIOS = ("2.39:1", "2:1", "16:9", "1.85:1", "9:16", "5:8", "3:2", "4:3", "1:1")
+
+
+def aspect_buckets(side: int, training: bool, block: int = 16) -> dict[str, tuple[int, int]]:
+    """Open-Sora's `get_aspect_ratios_dict(side**2, training)`: {"W:H": (height, width)}.
+
+    width = floor(sqrt(P*w/h)/16)*16, height = floor(P/width/16)*16. With `training` the pair then moves by
+    one 16 px step on one side when that brings H*W closer to P, and a bucket equal to an earlier one is
+    dropped (with its transpose). At 768px training moves 2:1, 1.85:1, 3:2 and 4:3 (e.g. 4:3 -> 672x880)."""
+    area = side * side
+    buckets, portrait = {}, {}
+    for ratio in _BUCKET_RATIOS:
+        w_r, h_r = (float(v) for v in ratio.split(":"))
+        width = int(math.sqrt(area * (w_r / h_r)) // block) * block
+        height = int((area / width) // block) * block
+        if training:
+            best = abs(height * width - area)
+            for h, w in ((height - block, width), (height + block, width), (height, width - block), (height, width + block)):
+                if abs(h * w - area) < best:
+                    height, width, best = h, w, abs(h * w - area)
+        if not training or (height, width) not in buckets.values():
+            buckets[ratio] = (height, width)
+            portrait[":".join(ratio.split(":")[::-1])] = (width, height)
+    buckets.update(portrait)
+    return buckets
+
+
+def t2i_image_size(t2i: T2IConfig, aspect_ratio: str) -> tuple[int, int]:
+    """(height, width) of t2i2v's image: the video's aspect ratio in the training buckets at the image
+    resolution ("768px": a 768x768 area; Open-Sora's `get_image_size(img_resolution, ar)`, training=True)."""
+    if not re.fullmatch(r"[1-9]\d*px", t2i.image_resolution):
+        raise InputError(f"image resolution {t2i.image_resolution!r} is not NNNpx", hint="e.g. 768px")
+    buckets = aspect_buckets(int(t2i.image_resolution[:-2]), training=True)
+    if aspect_ratio not in buckets:
+        raise InputError(f"aspect ratio {aspect_ratio} has no text-to-image bucket",
+                         hint=f"t2i2v takes {', '.join(buckets)} (Open-Sora's training buckets)")
+    return buckets[aspect_ratio]
 
 MODELS_V2: dict[str, OpenSoraV2Config] = {m.name: m for m in (OPENSORA_V2_0, OPENSORA_V2_0_TINY)}
+
+# The image step of each v2.0 model's t2i2v flow (the tiny one: tiny Flux at 112 px, larger than its 64 px video)
+T2I_CONFIGS: dict[str, T2IConfig] = {
+    OPENSORA_V2_0.name: T2IConfig(mmdit=FLUX1_DEV, ae=FLUX1_AE),
+    OPENSORA_V2_0_TINY.name: T2IConfig(mmdit=FLUX1_DEV_TINY, ae=FLUX1_AE_TINY, image_resolution="112px", num_steps=6),
+}
 
 
 def get_model_config_v2(name: str) -> OpenSoraV2Config:
