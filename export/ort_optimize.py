@@ -14,8 +14,10 @@ that `osx build` and calibration read. onnxruntime's INT8 Q/DQ graphs are fused 
 (osx.calibration.apply), and the quality gate judges the fused graph. Large weights are not copied: the fused graph refers to the
 portable graph's external data file (`<component>.onnx.data`) where it has one.
 
-Attention is not fused: onnxruntime's attention fusions look for BERT/UNet projections and masks, not
-the exported scaled_dot_product_attention with QK-norm and RoPE (README "Benchmarks" has the profile).
+Attention: onnxruntime's attention fusions look for BERT/UNet projections and masks, not the exported
+scaled_dot_product_attention with QK-norm and RoPE; `osx.export.ort_attention` fuses that form (self
+attention, and cross attention with its key padding mask) into com.microsoft MultiHeadAttention.
+T5's attention (relative position bias) stays unfused.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from pathlib import Path
 
 import onnx
 
+from osx.export.ort_attention import fuse_attention
+
 SUFFIX = ".ort.onnx"
 # Components built from transformer blocks, where these fusions apply (the VAE is convolutions).
 FUSABLE = ("text_encoder", "denoiser")
 FUSED_OPS = ("FastGelu", "BiasGelu", "Gelu", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
-             "LayerNormalization", "SkipLayerNormalization")
+             "LayerNormalization", "SkipLayerNormalization", "MultiHeadAttention")
 
 
 def fusion_options():
@@ -49,9 +53,10 @@ def fusion_options():
     return options
 
 
-def optimize_for_onnxruntime(src: str | Path, dst: str | Path) -> dict:
-    """Write the fused graph of `src` to `dst` (same folder, so external data paths stay valid).
-    Returns {"nodes": [before, after], "fused": {op: count}}."""
+def optimize_for_onnxruntime(src: str | Path, dst: str | Path, attention: bool = True) -> dict:
+    """Write the fused graph of `src` to `dst` (same folder, so external data paths stay valid);
+    `attention`: fuse attention too (osx.export.ort_attention).
+    Returns {"nodes": [before, after], "fused": {op: count}, "attention_unfused": count}."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     src, dst = Path(src), Path(dst)
@@ -64,6 +69,7 @@ def optimize_for_onnxruntime(src: str | Path, dst: str | Path) -> dict:
     with _quiet():
         optimized = optimize_model(model, model_type="bert", num_heads=0, hidden_size=0, opt_level=0,
                                    optimization_options=fusion_options(), use_gpu=False)
+    left = fuse_attention(optimized.model)["attention_left"] if attention else None
     tmp = dst.with_name(f".{dst.name}.tmp")
     try:
         onnx.save(optimized.model, tmp)  # external initializers stay references to src's data file
@@ -71,7 +77,8 @@ def optimize_for_onnxruntime(src: str | Path, dst: str | Path) -> dict:
     finally:
         tmp.unlink(missing_ok=True)
     counts = Counter(n.op_type for n in optimized.model.graph.node)
-    return {"nodes": [before, len(optimized.model.graph.node)], "fused": {op: counts[op] for op in FUSED_OPS if counts[op]}}
+    return {"nodes": [before, len(optimized.model.graph.node)], "fused": {op: counts[op] for op in FUSED_OPS if counts[op]},
+            "attention_unfused": left}
 
 
 def _load_small_external_tensors(model: onnx.ModelProto, folder: Path) -> None:

@@ -62,8 +62,9 @@ def test_manifest_describes_every_component(tiny_bundle):
 
 
 def test_onnxruntime_graphs_are_fused_and_validated(tiny_bundle):
-    """The text encoder and denoiser get a second graph fused for onnxruntime (GELU, RMSNorm), validated
-    against PyTorch like the portable one; the VAE (convolutions) does not."""
+    """The text encoder and denoiser get a second graph fused for onnxruntime (GELU, RMSNorm, the
+    denoiser's attention), validated against the portable graph; the VAE (convolutions) does not. Both
+    are compared with PyTorch in test_parity_with_torch_at_other_shapes (padded text keys included)."""
     b = Bundle.open(tiny_bundle)
     for name, c in b.components.items():
         if name == "vae_decoder":
@@ -77,6 +78,13 @@ def test_onnxruntime_graphs_are_fused_and_validated(tiny_bundle):
         assert g["fused"] == {op: ops[op] for op in g["fused"]}
         assert ops["FastGelu"] > 0 and ops["SimplifiedLayerNormalization"] > 0 and ops["Tanh"] == 0
         assert all(r["ok"] and r["max_rel"] <= 1e-4 for r in g["rows"])
+        if name == "denoiser":  # self and cross attention of every spatial and temporal block, nothing left
+            assert ops["MultiHeadAttention"] == 4 * TINY.denoiser.depth and ops["Softmax"] == 0
+            assert g["attention_unfused"] == 0
+            cross = [n for n in graph.node if n.op_type == "MultiHeadAttention" and len(n.input) > 4]
+            assert len(cross) == 2 * TINY.denoiser.depth and all(n.input[4] for n in cross)  # key padding mask
+        else:  # T5's relative position bias is no key padding mask: left as it was
+            assert ops["MultiHeadAttention"] == 0 and g["attention_unfused"] == ops["Softmax"] > 0
 
 
 def test_every_onnx_passes_the_full_checker(tiny_bundle):
@@ -110,6 +118,7 @@ def test_parity_with_torch_at_other_shapes(tiny_bundle, reference):
         close(_ort(tiny_bundle / graph).run(None, {"input_ids": ids, "attention_mask": mask})[0], want)
 
     inputs = specs["denoiser"].sample_inputs({"batch": 2, "latent_frames": 3, "latent_height": 5, "latent_width": 9}, seed=11)
+    assert (inputs["mask"] == 0).any()  # padded text keys: the fused cross attention's key padding mask is used
     with torch.no_grad():
         want = reference.denoiser(*(torch.from_numpy(inputs[t.name]) for t in specs["denoiser"].inputs))[:, :4].numpy()
     for graph in ("denoiser.onnx", "denoiser.ort.onnx"):
