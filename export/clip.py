@@ -23,12 +23,10 @@ from transformers import CLIPTextConfig as HFCLIPTextConfig
 from transformers import CLIPTextModel
 
 from osx.export.tokenizer import META, SPECIALS, build_tiny_tokenizer
+from osx.families.opensora_v2_0 import CLIP_UNUSED_PREFIXES  # noqa: F401 (the family declares them)
 from osx.models import TextEncoderConfig
 from osx.models_v2 import CLIPTextConfig
 
-# Keys of the released openai/clip-vit-large-patch14 weights that the text tower does not use.
-CLIP_UNUSED_PREFIXES = ("vision_model.", "visual_projection.", "text_projection.", "logit_scale",
-                        "text_model.embeddings.position_ids")
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 

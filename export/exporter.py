@@ -91,6 +91,10 @@ def export_bundle(
         progress(f"[{time.perf_counter() - start:6.1f}s] {msg}")
 
     model_cfg = get_model_config(model_name)
+    family = family_of(model_cfg)
+    if family.reference != "osx.export.reference:build_reference":  # the part factories this exporter builds from
+        raise OsxError(f"{model_cfg.name}: exporting {family.name} is not built yet (its declaration and plans are)",
+                       hint="plan it with `osx export --dry-run`; run its PyTorch reference with osx.export.pipeline_v2")
     if dtype not in (*DTYPES, "plan"):
         raise OsxError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}, plan")
     if opset not in OPSETS:

@@ -199,24 +199,14 @@ OPENSORA_V1_2_TINY = ModelConfig(
 MODELS: dict[str, ModelConfig] = {m.name: m for m in (OPENSORA_V1_2, OPENSORA_V1_2_TINY)}
 
 
-# Open-Sora v2.0 (osx/models_v2.py, which imports this module): only its PyTorch reference exists so far,
-# so the stages that read these configs name it and refuse (tests check the two lists agree).
-REFERENCE_ONLY_MODELS = ("opensora-v2.0", "opensora-v2.0-tiny")
-
-
+# Open-Sora v1.2's configs; every family's (v2.0: osx/models_v2.py) by name: osx.families.get_model_config.
 def get_model_config(name: str) -> ModelConfig:
     try:
         return MODELS[name]
     except KeyError:
-        if name in REFERENCE_ONLY_MODELS:
-            raise OsxError(
-                f"{name}: osx has Open-Sora v2.0's PyTorch reference, not yet its export, plans or bundles",
-                hint="run it with osx.export.pipeline_v2 (README 'Open-Sora v2.0'); the other stages take "
-                + ", ".join(sorted(MODELS)),
-            ) from None
         raise OsxError(
             f"unknown model {name!r}",
-            hint=f"known models: {', '.join(sorted(MODELS) + list(REFERENCE_ONLY_MODELS))}",
+            hint=f"known models: {', '.join(sorted(MODELS))} (every family's: osx.families.get_model_config)",
         ) from None
 
 

@@ -135,6 +135,11 @@ class OpenSoraV2Config:
         return self.vae.spatial_compression_ratio
 
     @property
+    def scheduler(self) -> SamplerV2Config:
+        """The sampler settings under the name every family's config gives them (the manifest's `scheduler`)."""
+        return self.sampler
+
+    @property
     def temporal_downsample(self) -> int:
         return self.vae.time_compression_ratio
 
@@ -198,6 +203,46 @@ def latent_shape(cfg: OpenSoraV2Config, height: int, width: int, num_frames: int
     p = cfg.mmdit.patch_size
     return (cfg.mmdit.latent_channels, latent_frames_v2(num_frames, cfg.temporal_downsample),
             p * -(-height // block), p * -(-width // block))
+
+
+def image_tokens(cfg: OpenSoraV2Config, height: int, width: int, num_frames: int) -> int:
+    """The MMDiT's image tokens for a video: T_lat * ceil(H/16) * ceil(W/16) (whole 2x2 patches of latents)."""
+    _, T, h, w = latent_shape(cfg, height, width, num_frames)
+    return T * (h // cfg.mmdit.patch_size) * (w // cfg.mmdit.patch_size)
+
+
+def bucket_sizes(cfg: OpenSoraV2Config) -> list[tuple[int, int]]:
+    """(height, width) of every resolution bucket and aspect ratio the model takes."""
+    sizes = []
+    for r in cfg.resolutions:
+        for a in ASPECT_RATIOS:
+            try:
+                sizes.append(image_size(cfg, r, a))
+            except InputError:  # a ratio too extreme for a tiny resolution
+                pass
+    return sizes
+
+
+def rope_tables(m: MMDiTConfig, latent_frames: int, patch_rows: int, patch_cols: int):
+    """RoPE cos and sin [T*h*w, head_dim] float32 of the image tokens (in `pack`'s (t, h, w) order), NumPy.
+
+    What the denoiser graph takes as `rope_cos`/`rope_sin` (the text tokens sit at position (0, 0, 0), whose
+    rotation is the identity: the graph adds them). Per axis a (dims d_a): angles pos_a * theta**(-2j/d_a),
+    j < d_a/2, concatenated over (t, h, w) and laid out for the config's pairing (rotate-half: the angle list
+    twice; interleaved: each angle twice in place). As export/mmdit.py `rope_tables` computes them in torch:
+    frequencies and angles rounded to float32, cos/sin of the float32 angle rounded once to float32.
+    """
+    import numpy as np
+
+    pos = np.stack(np.meshgrid(np.arange(latent_frames), np.arange(patch_rows), np.arange(patch_cols), indexing="ij"),
+                   axis=-1).reshape(-1, 3).astype(np.float32)
+    angles = []
+    for a, d in enumerate(m.axes_dim):
+        omega = (1.0 / np.float32(m.theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))).astype(np.float32)
+        angles.append(pos[:, a : a + 1] * omega)
+    angles = np.concatenate(angles, axis=-1).astype(np.float64)
+    angles = np.repeat(angles, 2, axis=-1) if m.interleaved_rope else np.concatenate([angles, angles], axis=-1)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
 # --- prompts -------------------------------------------------------------------------------------------

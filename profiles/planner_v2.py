@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 from osx.components import DimRange
 from osx.errors import InputError, OsxError
-from osx.models_v2 import ASPECT_RATIOS, OpenSoraV2Config, check_frames, image_size, latent_shape
+from osx.families import component_specs
+from osx.models_v2 import ASPECT_RATIOS, OpenSoraV2Config, check_frames, image_size, latent_frames_v2, latent_shape
 from osx.numeric import GIB, format_bytes
 from osx.profiles.params_v2 import component_params_v2
 from osx.profiles.planner import (
@@ -119,10 +120,9 @@ def activation_bytes_v2(cfg: OpenSoraV2Config, component: str, sizes: dict[str, 
         c = cfg.clip
         return encoder_activation_bytes(B, c.max_length, c.hidden_size, c.hidden_size, c.intermediate_size,
                                         c.num_attention_heads, e)
-    T, h, w = sizes["latent_frames"], sizes["latent_height"], sizes["latent_width"]
-    if component == "denoiser":
+    if component == "denoiser":  # its graph takes packed tokens (osx.families.opensora_v2_0)
         m, L = cfg.mmdit, cfg.t5.max_length
-        n_img = T * (h // m.patch_size) * (w // m.patch_size)
+        n_img = sizes["tokens"]
         N = n_img + L
         live = B * N * MMDIT_LIVE_WIDTH * m.hidden_size * e
         io = B * (n_img * (2 * m.in_channels + m.cond_channels) + L * m.context_in_dim + m.vec_in_dim + 1) * 4
@@ -130,8 +130,14 @@ def activation_bytes_v2(cfg: OpenSoraV2Config, component: str, sizes: dict[str, 
         scores = 0 if fused_attention else B * m.num_heads * N * N * 4
         return live + io + rope + scores
     vae, s = cfg.vae, cfg.spatial_downsample
+    h, w = sizes["latent_height"], sizes["latent_width"]
+    if component == "vae_encoder":  # its input is pixel frames
+        frames = sizes["frames"]
+        T = latent_frames_v2(frames, vae.time_compression_ratio)
+    else:
+        T = sizes["latent_frames"]
+        frames = (T - 1) * vae.time_compression_ratio + 1
     th, tw = _vae_tile(cfg, h, w)
-    frames = (T - 1) * vae.time_compression_ratio + 1
     boc = vae.block_out_channels
     maps = VAE_LIVE_MAPS * (boc[1] if component == "vae_decoder" else boc[0]) + boc[0]
     widest = frames * (th * s) * (tw * s) * maps * e
@@ -145,10 +151,11 @@ def weight_bytes_v2(cfg: OpenSoraV2Config, component: str, precision: str) -> in
 
 
 def _full_dims(cfg: OpenSoraV2Config, component: str, cfg_batching: bool) -> dict[str, DimRange]:
-    """The model's whole range (the CPU plan): every resolution bucket and aspect ratio, 1 to max frames."""
-    sizes = [image_size(cfg, r, a) for r in cfg.resolutions for a in ASPECT_RATIOS]
-    _, T, h, w = latent_shape(cfg, max(s[0] for s in sizes), max(s[1] for s in sizes), cfg.max_frames)
-    return _dims(cfg, component, {"latent_frames": T, "latent_height": h, "latent_width": w}, cfg_batching, low=1)
+    """The model's whole range (the CPU plan): the family's component spec, every bucket, 1 to max frames."""
+    dims = dict(component_specs(cfg)[component].dims)
+    if not cfg_batching and component == "denoiser":
+        dims["batch"] = DimRange(1, 1, 1)
+    return dims
 
 
 def _default_bucket(cfg: OpenSoraV2Config) -> Bucket:
@@ -162,12 +169,18 @@ def _dims(cfg, component: str, lat: dict[str, int], cfg_batching: bool, low: int
 
     if component in ("text_encoder", "clip"):
         return {"batch": DimRange(1, 2, 2)}
-    if component == "denoiser":
+    if component == "denoiser":  # packed image tokens (the family's denoiser spec)
         rows = GUIDANCE_PASSES if cfg_batching else 1
-        return {"batch": DimRange(1, rows, rows), **{d: fixed(n) for d, n in lat.items()}}
-    T = lat["latent_frames"] if component == "vae_decoder" else min(lat["latent_frames"], (REFERENCE_FRAMES - 1) // 4 + 1)
+        p = cfg.mmdit.patch_size
+        return {"batch": DimRange(1, rows, rows),
+                "tokens": fixed(lat["latent_frames"] * (lat["latent_height"] // p) * (lat["latent_width"] // p))}
     h, w = _vae_tile(cfg, lat["latent_height"], lat["latent_width"])
-    return {"batch": DimRange(1, 1, 1), "latent_frames": DimRange(1, T, T), "latent_height": fixed(h), "latent_width": fixed(w)}
+    tile = {"latent_height": fixed(h), "latent_width": fixed(w)}
+    if component == "vae_encoder":  # pixel frames of the reference
+        F = min((lat["latent_frames"] - 1) * cfg.temporal_downsample + 1, REFERENCE_FRAMES)
+        return {"batch": DimRange(1, 1, 1), "frames": DimRange(1, F, F), **tile}
+    T = lat["latent_frames"]
+    return {"batch": DimRange(1, 1, 1), "latent_frames": DimRange(1, T, T), **tile}
 
 
 def _streaming(cfg: OpenSoraV2Config, fam: Profile, c: ComponentPlan) -> Streaming | None:

@@ -37,7 +37,6 @@ COMPONENT_PRECISIONS = {
     c: tuple(p for p in PRECISIONS if (p != "fp16" or not never_fp16(c)) and (p not in QUANTIZED or quantizable(c)))
     for c in component_names()
 }
-COMPONENT_PRECISIONS["clip"] = ("fp32", "bf16", "fp16")  # Open-Sora v2.0's CLIP text tower: float only
 CPU_PRECISIONS = ("fp32", "int8")  # onnxruntime on the CPU: fp32, or the INT8 QDQ graph
 
 

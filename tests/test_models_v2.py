@@ -63,17 +63,13 @@ def test_tiny_keeps_the_structure():
 
 def test_model_names():
     from osx.errors import OsxError
-    from osx.models import REFERENCE_ONLY_MODELS, get_model_config
-    from osx.models_v2 import MODELS_V2, get_model_config_v2
-
-    assert set(REFERENCE_ONLY_MODELS) == set(MODELS_V2)
+    from osx.families import get_model_config
+    from osx.models_v2 import get_model_config_v2
 
     assert get_model_config_v2("opensora-v2.0") is OPENSORA_V2_0
     assert get_model_config_v2("opensora-v2.0-tiny") is OPENSORA_V2_0_TINY
-    # the v1.2 stages (export, plans, calibration) know the names and say what exists
-    with pytest.raises(OsxError, match="PyTorch reference") as e:
-        get_model_config("opensora-v2.0")
-    assert e.value.exit_code == 2 and "pipeline_v2" in e.value.hint
+    # every stage reads the declared families (osx.families): v2.0 is one of them
+    assert get_model_config("opensora-v2.0") is OPENSORA_V2_0
     with pytest.raises(OsxError, match="unknown model") as e:
         get_model_config("opensora-v9")
     assert "opensora-v2.0-tiny" in e.value.hint

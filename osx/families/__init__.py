@@ -15,13 +15,16 @@ from typing import Any
 
 from osx.components import ComponentSpec
 from osx.errors import BundleError, OsxError
-from osx.families.base import REFERENCE_DTYPES, ComponentDecl, Family, PromptDecl, SamplerDecl, WeightSource, resolve
+from osx.families.base import (
+    REFERENCE_DTYPES, ComponentDecl, Family, PromptDecl, SamplerDecl, TokenizerDecl, WeightSource, resolve,
+)
 from osx.families.opensora_v1_2 import OPENSORA_V1_2_FAMILY
+from osx.families.opensora_v2_0 import OPENSORA_V2_0_FAMILY
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (OPENSORA_V1_2_FAMILY,)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (OPENSORA_V1_2_FAMILY, OPENSORA_V2_0_FAMILY)}
 MODELS: dict[str, Any] = {name: cfg for f in FAMILIES.values() for name, cfg in f.configs.items()}
 
-__all__ = ["FAMILIES", "MODELS", "REFERENCE_DTYPES", "ComponentDecl", "Family", "PromptDecl", "SamplerDecl", "WeightSource",
+__all__ = ["FAMILIES", "MODELS", "REFERENCE_DTYPES", "ComponentDecl", "Family", "PromptDecl", "SamplerDecl", "TokenizerDecl", "WeightSource",
            "component_names", "component_specs", "config_from_manifest", "family_of", "get_family", "get_model_config",
            "never_fp16", "quantizable", "resolve"]
 
@@ -30,9 +33,7 @@ def get_model_config(name: str):
     """A model's config by name, whatever its family; an OsxError listing the known names otherwise."""
     if name in MODELS:
         return MODELS[name]
-    from osx.models import get_model_config as not_declared  # names only a torch reference exists for (its message)
-
-    return not_declared(name)
+    raise OsxError(f"unknown model {name!r}", hint=f"known models: {', '.join(sorted(MODELS))}")
 
 
 def get_family(name: str) -> Family:

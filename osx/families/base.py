@@ -37,6 +37,7 @@ class WeightSource:
     key_prefixes: tuple[str, ...]
     name_hints: tuple[str, ...]
     folder_file: str | None = None  # a file the part's folder must hold (T5: spiece.model)
+    unused_prefixes: tuple[str, ...] = ()  # keys the released file holds that the module does not use
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,28 @@ class SamplerDecl:
 
 
 @dataclass(frozen=True)
+class TokenizerDecl:
+    """The tokenizer of one text encoder: the bundle file (tokenizers' JSON) and the token it pads with.
+    Its length is the encoder's `input_ids` length (the component spec)."""
+
+    encoder: str  # the text-encoder component whose input_ids it makes
+    file: str = "tokenizer.json"
+    pad_token: str = "<pad>"
+
+
+@dataclass(frozen=True)
 class PromptDecl:
     kind: str  # the runtime's prompt preparation ("aesthetic-score", ...)
-    tokenizer_file: str = "tokenizer.json"  # the bundle file of each text encoder's tokenizer
-    text_encoders: tuple[str, ...] = ("text_encoder",)
+    tokenizers: tuple[TokenizerDecl, ...] = (TokenizerDecl("text_encoder"),)  # one per text encoder
+
+    @property
+    def text_encoders(self) -> tuple[str, ...]:
+        return tuple(t.encoder for t in self.tokenizers)
+
+    @property
+    def tokenizer_file(self) -> str:
+        """The first text encoder's tokenizer file (the manifest's `tokenizer.file`)."""
+        return self.tokenizers[0].file
 
 
 @dataclass(frozen=True)
