@@ -161,8 +161,8 @@ def suggest_fits(profile: Profile, model: ModelConfig, precision: str = "auto") 
     return out
 
 
-def _v2_suggestions(profile: Profile, model, precision: str = "auto") -> list[Suggestion]:
-    return [Suggestion(*s) for s in suggest_fits_v2(profile, model, precision)]
+def _v2_suggestions(profile: Profile, model, precision: str = "auto", **options) -> list[Suggestion]:
+    return [Suggestion(*s) for s in suggest_fits_v2(profile, model, precision, **options)]
 
 
 # A model family's planner and fit search; Open-Sora v1.2's are this package's defaults.
@@ -173,10 +173,12 @@ def _planner(model):
     return FAMILY_PLANNERS.get(getattr(model, "family", None), (make_plan, suggest_fits))
 
 
-def plan_that_fits(profile: Profile, model: ModelConfig, precision: str = "auto", host_ram_bytes: int | None = None) -> Plan:
+def plan_that_fits(profile: Profile, model: ModelConfig, precision: str = "auto", host_ram_bytes: int | None = None,
+                   **options) -> Plan:
     """make_plan, refused with the numbers and the nearest settings that fit when the plan does not fit.
-    `host_ram_bytes`: the RAM of the machine that will run it, when known; the CPU components must fit it."""
-    plan = _planner(model)[0](profile, model, precision)
+    `host_ram_bytes`: the RAM of the machine that will run it, when known; the CPU components must fit it.
+    `options`: the family planner's (Open-Sora v2.0: with_t2i)."""
+    plan = _planner(model)[0](profile, model, precision, **options)
     plan.host_ram_bytes = host_ram_bytes
     if not plan.host_fits:
         cpu = ", ".join(f"{c.name} at {c.precision}" for c in plan.components.values() if c.device == "cpu")
@@ -200,7 +202,7 @@ def _refusal(plan: Plan, precision: str) -> str:
 
 
 def _suggestion_hint(plan: Plan, precision: str) -> str:
-    suggestions = _planner(plan.model)[1](plan.profile, plan.model, precision)
+    suggestions = _planner(plan.model)[1](plan.profile, plan.model, precision, **plan.options)
     if not suggestions:
         return "no smaller setting fits this card; use a GPU with more memory or --gpu cpu"
     lines = ["nearest settings that fit:"]

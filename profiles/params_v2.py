@@ -7,8 +7,10 @@ encoder), export/clip.py, export/hunyuan_vae.py; shared/design/opensora-v2.0.md 
 
 from __future__ import annotations
 
-from osx.models_v2 import CLIPTextConfig, HunyuanVAEConfig, MMDiTConfig, OpenSoraV2Config
-from osx.profiles.params import Params, linear, norm, spatial_decoder_params, spatial_encoder_params, t5_params
+from types import SimpleNamespace
+
+from osx.models_v2 import T2I_CONFIGS, CLIPTextConfig, FluxAEConfig, HunyuanVAEConfig, MMDiTConfig, OpenSoraV2Config
+from osx.profiles.params import Params, conv, linear, norm, spatial_decoder_params, spatial_encoder_params, t5_params
 
 
 def mmdit_params(m: MMDiTConfig) -> Params:
@@ -39,11 +41,22 @@ def hunyuan_encoder_params(v: HunyuanVAEConfig) -> Params:
     return spatial_encoder_params(v, taps=27)
 
 
+def flux_ae_decoder_params(a: FluxAEConfig) -> Params:
+    """BFL's AE decoder (export/flux_ae.py): AutoencoderKL's decoder layout, without post_quant_conv."""
+    layout = SimpleNamespace(latent_channels=a.z_channels, block_out_channels=tuple(a.ch * m for m in a.ch_mult),
+                             layers_per_block=a.num_res_blocks, out_channels=a.out_ch)
+    with_quant, quant = spatial_decoder_params(layout), conv(a.z_channels, a.z_channels, 1)
+    return Params(with_quant.matrix - quant.matrix, with_quant.other - quant.other)
+
+
 def component_params_v2(cfg: OpenSoraV2Config, component: str) -> Params:
+    """`t2i_denoiser` (Flux.1-dev) and `t2i_decoder` (its AE decoder): t2i2v's image step, T2I_CONFIGS."""
     return {
         "text_encoder": lambda: t5_params(cfg.t5),
         "clip": lambda: clip_params(cfg.clip),
         "denoiser": lambda: mmdit_params(cfg.mmdit),
         "vae_decoder": lambda: hunyuan_decoder_params(cfg.vae),
         "vae_encoder": lambda: hunyuan_encoder_params(cfg.vae),
+        "t2i_denoiser": lambda: mmdit_params(T2I_CONFIGS[cfg.name].mmdit),
+        "t2i_decoder": lambda: flux_ae_decoder_params(T2I_CONFIGS[cfg.name].ae),
     }[component]()

@@ -101,6 +101,7 @@ class Plan:
     budget_bytes: int  # 0: not planned against a budget (CPU)
     notes: list[str] = field(default_factory=list)
     host_ram_bytes: int | None = None  # the RAM of the machine that runs the plan, when known (--gpu auto)
+    options: dict = field(default_factory=dict)  # a family planner's options it was made with (the fit search reuses them)
 
     def _run_peak(self, device: str) -> int:
         values = [c.run_bytes for c in self.components.values() if c.device == device]

@@ -37,6 +37,10 @@ COMPONENT_PRECISIONS = {
     c: tuple(p for p in PRECISIONS if (p != "fp16" or not never_fp16(c)) and (p not in QUANTIZED or quantizable(c)))
     for c in component_names()
 }
+# Open-Sora v2.0's t2i2v image step, planned with --with-t2i: Flux.1-dev (a 12B MMDiT, quantizable as the
+# denoiser) and its AE decoder; declared here until the family declares them with their export (#20)
+COMPONENT_PRECISIONS["t2i_denoiser"] = PRECISIONS
+COMPONENT_PRECISIONS["t2i_decoder"] = ("fp32", "bf16", "fp16")
 CPU_PRECISIONS = ("fp32", "int8")  # onnxruntime on the CPU: fp32, or the INT8 QDQ graph
 
 

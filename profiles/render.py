@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from osx.errors import OsxError
 from osx.numeric import format_bytes
 from osx.profiles.detect import detect_profile
 from osx.profiles.fit import plan_that_fits
@@ -69,8 +70,9 @@ def render_plan(plan: Plan) -> str:
     return "\n".join(head + table + tail)
 
 
-def dry_run(gpu: str, model_name: str, precision: str = "auto", as_json: bool = False) -> str:
-    """What `osx export --gpu GPU --model MODEL --dry-run [--json]` prints. Raises OsxError if it does not fit."""
+def dry_run(gpu: str, model_name: str, precision: str = "auto", as_json: bool = False, with_t2i: bool = False) -> str:
+    """What `osx export --gpu GPU --model MODEL --dry-run [--json] [--with-t2i]` prints. Raises OsxError if it
+    does not fit."""
     from osx.families import get_model_config
     from osx.models_v2 import MODELS_V2
 
@@ -80,7 +82,11 @@ def dry_run(gpu: str, model_name: str, precision: str = "auto", as_json: bool = 
     else:
         profile = load_profile(gpu)
     model = MODELS_V2[model_name] if model_name in MODELS_V2 else get_model_config(model_name)
-    plan = plan_that_fits(profile, model, precision, machine_ram_bytes() if gpu == "auto" else None)
+    if with_t2i and getattr(model, "family", None) != "opensora-v2.0":
+        raise OsxError(f"--with-t2i is for Open-Sora v2.0's t2i2v; {model_name} has no text-to-image step",
+                       hint="use --model opensora-v2.0, or drop --with-t2i")
+    options = {"with_t2i": True} if with_t2i else {}
+    plan = plan_that_fits(profile, model, precision, machine_ram_bytes() if gpu == "auto" else None, **options)
     if as_json:
         d = plan.to_dict()
         if explanation:

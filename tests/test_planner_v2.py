@@ -67,19 +67,24 @@ def vae_decoder_activations(frames: int) -> int:
     return frames * 192 * 256 * (3 * 256 + 128) * 2 + (T * 24 * 32) ** 2 + frames * 3 * 192 * 256 * 4 + 2 * 16 * T * 24 * 32 * 4
 
 
-def dry_run(*args) -> tuple[int, str]:
-    """`osx export --model opensora-v2.0 --dry-run ARGS`: (exit code, what it printed)."""
+def run_cli(*args) -> tuple[int, str]:
+    """`osx ARGS`: (exit code, what it printed)."""
     import contextlib
     import io
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         try:
-            main(["export", "--model", FAMILY, "--dry-run", *args])
+            main(list(args))
             code = 0
         except SystemExit as e:
             code = e.code
     return code, out.getvalue()
+
+
+def dry_run(*args) -> tuple[int, str]:
+    """`osx export --model opensora-v2.0 --dry-run ARGS`."""
+    return run_cli("export", "--model", FAMILY, "--dry-run", *args)
 
 
 def plan_json(gpu: str) -> dict:
@@ -180,3 +185,103 @@ def test_every_shipped_gpu_plans_v2_and_fits(gpu):
     whole = den.weight_bytes + den.activation_bytes + den.workspace_bytes
     assert ("denoiser" in plan.streaming) == (whole > plan.budget_bytes)
     assert profile.pcie_gbps and profile.pcie_gbps > 0
+
+
+# --- t2i2v: Flux.1-dev and its AE decoder (--with-t2i) ---------------------------------------------------
+
+FLUX_PARAMS, FLUX_AE_DECODER_PARAMS = 11_901_408_320, 49_545_475  # the design doc; tests/test_flux_ae.py (meta count)
+FLUX_OTHER = MMDIT_OTHER + C  # guidance_in's two biases (2C) instead of cond_in's one (C); blocks alike
+FP8_FLUX = (FLUX_PARAMS - FLUX_OTHER) + 2 * FLUX_OTHER
+
+
+def flux_activations(tokens: int = 36 * 64) -> int:
+    """The 16:9 image, 576x1024 (768px training bucket): latent 72x128, 36x64 = 2304 tokens + 512 text, one row;
+    float32 I/O: img, velocity (64 each), text, pooled, t, guidance; RoPE tables."""
+    N = tokens + 512
+    return N * 16 * C * 2 + (tokens * 128 + 512 * 4096 + 768 + 2) * 4 + 2 * N * 128 * 4
+
+
+def flux_decoder_activations() -> int:
+    """576x1024 px: 3 maps of the 256 channels entering the last level + one of its 128 (bf16); the mid
+    block's one-head scores over 72x128 latent pixels (bf16); float32 pixels out and latent in."""
+    return 576 * 1024 * (3 * 256 + 128) * 2 + (72 * 128) ** 2 * 2 + (3 * 576 * 1024 + 16 * 72 * 128) * 4
+
+
+def test_t2i_parameter_counts():
+    torch = pytest.importorskip("torch")
+    from osx.export.flux_ae import FluxAEDecoder
+    from osx.export.mmdit import MMDiT
+    from osx.models_v2 import T2I_CONFIGS
+
+    assert component_params_v2(OPENSORA_V2_0, "t2i_denoiser").total == FLUX_PARAMS
+    assert component_params_v2(OPENSORA_V2_0, "t2i_decoder").total == FLUX_AE_DECODER_PARAMS
+    tiny = T2I_CONFIGS[OPENSORA_V2_0_TINY.name]
+    with torch.device("meta"):
+        flux, ae = MMDiT(tiny.mmdit), FluxAEDecoder(tiny.ae)
+    assert component_params_v2(OPENSORA_V2_0_TINY, "t2i_denoiser").total == sum(p.numel() for p in flux.parameters())
+    assert component_params_v2(OPENSORA_V2_0_TINY, "t2i_denoiser").other == sum(p.numel() for p in flux.parameters() if p.dim() == 1)
+    assert component_params_v2(OPENSORA_V2_0_TINY, "t2i_decoder").total == sum(p.numel() for p in ae.parameters())
+
+
+def test_rtx4090_holds_both_fp8_transformers_one_at_a_time():
+    d = plan_json_t2i("rtx4090")
+    flux, dec, den = (d["components"][n] for n in ("t2i_denoiser", "t2i_decoder", "denoiser"))
+    assert flux["precision"] == "fp8" and flux["needs_calibration"] and dec["precision"] == "bf16"
+    assert flux["profiles"] == [{"batch": {"min": 1, "opt": 1, "max": 1}, "tokens": {"min": 2304, "opt": 2304, "max": 2304}}]
+    assert dec["profiles"] == [{"batch": {"min": 1, "opt": 1, "max": 1}, "latent_height": {"min": 72, "opt": 72, "max": 72},
+                                "latent_width": {"min": 128, "opt": 128, "max": 128}}]
+    assert flux["memory"]["weights"] == FP8_FLUX and flux["memory"]["activations"] == flux_activations()
+    assert flux["memory"]["run"] == FP8_FLUX + flux_activations() + 3 * GIB and flux["memory"]["streamed"] == 0
+    assert dec["memory"]["weights"] == 2 * FLUX_AE_DECODER_PARAMS and dec["memory"]["activations"] == flux_decoder_activations()
+    # one at a time: the peak is the larger transformer's run, not the two together
+    assert d["memory"]["run_peak"] == den["memory"]["run"] > flux["memory"]["run"]
+    assert FP8_FLUX + FP8_DENOISER > 23 * GIB - 6 * GIB  # both together would not leave room for activations
+    assert d["memory"]["fits"] and d["weight_streaming"] == {} and any("one transformer loaded at a time" in n for n in d["notes"])
+
+
+def test_12_gb_card_streams_both_transformers_16_gb_only_the_video_one():
+    d = plan_json_t2i("rtx4070")  # budget 11 GiB, workspace 1.5 GiB
+    scratch = 2 * C * 6 * C
+    device = 11 * GIB - (flux_activations() + scratch) - int(1.5 * GIB)
+    ws = d["weight_streaming"]["t2i_denoiser"]
+    assert ws["weight_streaming_budget"] == device and ws["streamed_per_call"] == FP8_FLUX - device
+    assert ws["calls_per_step"] == 1 and ws["seconds_per_run"] == pytest.approx(50 * (FP8_FLUX - device) / 25e9)
+    assert "denoiser" in d["weight_streaming"] and d["memory"]["fits"]
+    d16 = plan_json_t2i("rtx4080")  # 15 GiB: Flux at 2304 tokens fits whole, the video denoiser streams
+    assert FP8_FLUX + flux_activations() + 2 * GIB < 15 * GIB
+    assert set(d16["weight_streaming"]) == {"denoiser"} and d16["memory"]["fits"]
+
+
+def test_t2i_image_of_the_video_bucket():
+    from osx.profiles.planner_v2 import t2i_image
+
+    assert t2i_image(OPENSORA_V2_0, 192, 336) == (576, 1024)  # 16:9
+    assert t2i_image(OPENSORA_V2_0, 256, 256) == (768, 768)
+    assert t2i_image(OPENSORA_V2_0, 224, 288) == (672, 880)  # 4:3: the training bucket, not 656x880
+    assert t2i_image(OPENSORA_V2_0, 336, 192) == (1024, 576)
+
+
+def test_without_with_t2i_nothing_changes_and_wrong_uses_are_refused():
+    assert not {"t2i_denoiser", "t2i_decoder"} & set(plan_json("rtx4090")["components"])
+    code, text = dry_run_model("opensora-v1.2", "--gpu", "rtx4090", "--with-t2i")
+    assert code == 2 and "--with-t2i is for Open-Sora v2.0" in text
+    code, text = dry_run_model(FAMILY, "--gpu", "rtx4090", "--with-t2i", "--json")
+    assert code == 0 and "t2i_denoiser" in json.loads(text)["components"]
+    code, text = run_cli("export", "--model", FAMILY, "--random-weights", "--with-t2i", "--out", "/nonexistent/x")
+    assert code == 2 and "not built yet" in text
+
+
+@pytest.mark.parametrize("gpu", [g for g in shipped_profiles() if g != "cpu"])
+def test_every_shipped_gpu_plans_t2i2v_and_fits(gpu):
+    plan = plan_that_fits(load_profile(gpu), OPENSORA_V2_0, with_t2i=True)
+    assert plan.fits and plan.components["t2i_denoiser"].precision == plan.components["denoiser"].precision
+
+
+def dry_run_model(model: str, *args) -> tuple[int, str]:
+    return run_cli("export", "--model", model, "--dry-run", *args)
+
+
+def plan_json_t2i(gpu: str) -> dict:
+    code, text = dry_run_model(FAMILY, "--gpu", gpu, "--with-t2i", "--json")
+    assert code == 0, text
+    return json.loads(text)

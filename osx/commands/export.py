@@ -45,12 +45,14 @@ def _terminated(signum, frame):
               help="Quality gate: least PSNR (dB) of any decoded frame vs the full-precision video, same seed.")
 @click.option("--opset", type=click.IntRange(18, 20), default=18, show_default=True, help="ONNX opset (18-20).")
 @click.option("--with-vae-encoder", is_flag=True, help="Also export the VAE encoder, which `osx generate --image` (image-to-video) needs.")
+@click.option("--with-t2i", is_flag=True, help="Open-Sora v2.0: also Flux.1-dev and its AE decoder, the image step of "
+              "text-to-image-to-video (t2i2v); with --dry-run, plan them (both 12B transformers).")
 @click.option("--portable", is_flag=True, help="TensorRT engines for every Ampere-or-newer GPU, version-compatible "
               "(slower; end users need only TensorRT's dispatch/lean runtime).")
 @click.option("--dry-run", is_flag=True, help="Print the plan for --gpu (precision, shapes, memory, fit) and exit; no GPU needed.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
 def export(model_name, random_weights, checkpoint, denoiser, vae, t5, gpu, out, force, dtype, only, precision, calibration,
-           allow_quality_loss, gate_min_cosine, gate_min_psnr, opset, with_vae_encoder, portable, dry_run, as_json):
+           allow_quality_loss, gate_min_cosine, gate_min_psnr, opset, with_vae_encoder, with_t2i, portable, dry_run, as_json):
     """Export a model to a bundle: every component to ONNX, validated against PyTorch with onnxruntime
     at two shapes; the manifest, tokenizer and null caption beside them. Written atomically."""
     from osx.families import get_model_config
@@ -58,8 +60,13 @@ def export(model_name, random_weights, checkpoint, denoiser, vae, t5, gpu, out, 
     if dry_run:  # plans cover every family (Open-Sora v2.0 too, whose export is not built yet)
         from osx.profiles import dry_run as plan_text
 
-        click.echo(plan_text(gpu, model_name, precision, as_json=as_json))
+        click.echo(plan_text(gpu, model_name, precision, as_json=as_json, with_t2i=with_t2i))
         return
+    if with_t2i:
+        from osx.errors import InputError
+
+        raise InputError("exporting the t2i2v components (Flux.1-dev, its AE decoder) is not built yet",
+                         hint="--with-t2i --dry-run plans them; export the bundle without --with-t2i")
     get_model_config(model_name)  # an unknown name fails before torch is imported
     if as_json or out is None:
         raise click.UsageError("--json needs --dry-run" if as_json else "--out is required (except with --dry-run)")
