@@ -40,7 +40,7 @@ from osx.bundle import Bundle
 from osx.components import DimRange
 from osx.engine_key import pick_profile
 from osx.errors import BundleError, InputError, OsxError
-from osx.families import get_family
+from osx.families import get_family, resolve
 from osx.models import IMAGE_FPS, ModelConfig, SchedulerConfig, latent_frames, latent_size
 from osx.runtime import scheduler as rf
 from osx.runtime.backends import Backend, create_backend
@@ -72,13 +72,16 @@ class Request:
 
 
 class Pipeline:
+    SAMPLER = SAMPLER  # the sampler kind (osx.families SamplerDecl.kind) of the families this class runs
+    FAMILIES = "Open-Sora v1.2"
+
     def __init__(self, bundle: Bundle, backends: dict[str, Backend]):
         m = bundle.manifest
         self.bundle = bundle
         self.model: ModelConfig = bundle.model_config()
         self.scheduler = SchedulerConfig(**m.scheduler)
         self.backends = backends
-        self.components = _components(bundle)
+        self.components = self._components(bundle)
         self.specs = {name: bundle.spec(name) for name in self.components}
         own = [getattr(b, "load_one_at_a_time", None) for b in backends.values()]
         self.load_one_at_a_time = any(m.runtime.load_one_at_a_time if v is None else v for v in own)
@@ -102,11 +105,26 @@ class Pipeline:
         if not isinstance(bundle, Bundle):
             bundle = Bundle.open(bundle, verify=False)
             bundle.verify(checksums=verify)
-        missing = [c for c in _components(bundle) if c not in bundle.components]
+        runs = pipeline_class(bundle)  # the pipeline of the bundle's family: this one, or (from Pipeline) its own
+        if runs is not cls:
+            if cls is not Pipeline:
+                cls._components(bundle)  # refuses with the reason
+            return runs.load(bundle, backend, verify=verify)
+        missing = [c for c in cls._components(bundle) if c not in bundle.components]
         if missing:
             raise BundleError(f"{bundle.root}: bundle lacks {', '.join(missing)}", hint="re-export it with `osx export`")
-        used = _components(bundle) + (("vae_encoder",) if "vae_encoder" in bundle.components else ())  # image conditioning
+        used = cls._components(bundle) + (("vae_encoder",) if "vae_encoder" in bundle.components else ())  # image conditioning
         return cls(bundle, {c: create_backend(bundle, c, backend) for c in used})
+
+    @classmethod
+    def _components(cls, bundle: Bundle) -> tuple[str, ...]:
+        """The text-to-video components of the bundle's family; refused if its sampler is not this class's."""
+        family = get_family(bundle.manifest.model["family"])
+        if family.sampler.kind != cls.SAMPLER:
+            raise BundleError(f"{bundle.root}: {family.name} samples with {family.sampler.kind!r}; {cls.__name__} runs "
+                              f"{cls.SAMPLER!r} ({cls.FAMILIES})",
+                              hint="open it with osx.runtime.Pipeline.load, which picks the pipeline of the bundle's family")
+        return family.names(pipeline_only=True)
 
     # --- request ---------------------------------------------------------------------------------
     def supported(self) -> str:
@@ -122,9 +140,15 @@ class Pipeline:
 
     def prepare_request(self, prompt: str, negative_prompt: str | None = None, *, num_frames: int | None = None,
                         height: int | None = None, width: int | None = None, fps: float | None = None,
-                        steps: int | None = None, guidance_scale: float | None = None, seed: int | None = None) -> Request:
+                        steps: int | None = None, guidance_scale: float | None = None, seed: int | None = None,
+                        resolution: str | None = None, aspect_ratio: str | None = None) -> Request:
         """Fill in defaults and check everything against the bundle. Raises InputError naming the
-        problem and what is supported; nothing has been computed yet."""
+        problem and what is supported; nothing has been computed yet. (`resolution` names and `aspect_ratio`
+        are Open-Sora v2.0's size buckets: refused here, where sizes are width and height.)"""
+        if resolution is not None or aspect_ratio is not None:
+            raise InputError(f"{self.model.name} takes a size as width x height (e.g. --resolution 426x240), "
+                             f"not a resolution name or aspect ratio ({resolution or aspect_ratio!r})",
+                             hint=f"{self.model.name} bundle {self.bundle.root}: {self.supported()}")
         check_prompt(prompt)
         check_prompt(negative_prompt, "negative prompt")
         d, s = self.model.defaults, self.scheduler
@@ -390,13 +414,18 @@ def _frames_ok(model: ModelConfig, limits: dict[str, list[dict]], f: int) -> boo
     return (f == 1 or f >= model.vae.micro_frame_size) and any(p["latent_frames"].contains(t) for p in limits["denoiser"])
 
 
-def _components(bundle: Bundle) -> tuple[str, ...]:
-    """The text-to-video components of the bundle's family; refused if its sampler is not this loop's."""
+# The runtime pipeline of each sampler kind a family declares (osx.families SamplerDecl.kind).
+PIPELINES = {SAMPLER: "osx.runtime.pipeline:Pipeline", "flow-match-v2.0": "osx.runtime.pipeline_v2:PipelineV2"}
+
+
+def pipeline_class(bundle: Bundle) -> type[Pipeline]:
+    """The Pipeline class that runs `bundle`, by its family's sampler kind; a BundleError if none does."""
+    bundle.model_config()  # a family this osx does not know: a BundleError saying so
     family = get_family(bundle.manifest.model["family"])
-    if family.sampler.kind != SAMPLER:
-        raise BundleError(f"{bundle.root}: {family.name} samples with {family.sampler.kind!r}; this runtime pipeline runs {SAMPLER!r}",
-                          hint="use the osx version whose runtime has that sampler")
-    return family.names(pipeline_only=True)
+    if family.sampler.kind not in PIPELINES:
+        raise BundleError(f"{bundle.root}: {family.name} samples with {family.sampler.kind!r}, which this osx runtime does not run",
+                          hint=f"this runtime runs {', '.join(PIPELINES)}; use the osx version that wrote the bundle")
+    return resolve(PIPELINES[family.sampler.kind])
 
 
 def _limits(backend: Backend, spec) -> list[dict]:

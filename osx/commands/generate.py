@@ -20,11 +20,14 @@ from osx.runtime.video import CODECS
 
 
 def _resolution(ctx, param, value):
+    """WxH -> (width, height); a bucket name such as 256px (Open-Sora v2.0) stays a string."""
     if value is None:
         return None
+    if re.fullmatch(r"\d+px", value.strip()):
+        return value.strip()
     m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", value)
     if not m:
-        raise click.BadParameter(f"{value!r} is not WIDTHxHEIGHT, e.g. 426x240")
+        raise click.BadParameter(f"{value!r} is not WIDTHxHEIGHT (e.g. 426x240) or a resolution name (e.g. 256px)")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -36,8 +39,12 @@ def _resolution(ctx, param, value):
 @click.option("--seed", type=int, default=None, help="Noise seed (default: the bundle's, 42). Same seed, same video.")
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: the bundle's).")
 @click.option("--guidance-scale", type=float, default=None, help="Classifier-free guidance scale (default: the bundle's).")
-@click.option("--frames", "num_frames", type=int, default=None, help="Number of frames (default: the bundle's).")
-@click.option("--resolution", callback=_resolution, default=None, metavar="WxH", help="Width x height in pixels, e.g. 426x240.")
+@click.option("--frames", "--num-frames", "num_frames", type=int, default=None,
+              help="Number of frames (default: the bundle's). Open-Sora v2.0: 4k+1 (1, 5, ..., 129).")
+@click.option("--resolution", callback=_resolution, default=None, metavar="WxH|NAME",
+              help="Width x height in pixels, e.g. 426x240; Open-Sora v2.0: a resolution (256px, 768px) or a size of one.")
+@click.option("--aspect-ratio", default=None, metavar="W:H",
+              help="Open-Sora v2.0: the aspect ratio of the --resolution bucket, e.g. 16:9, 9:16, 1:1 (default: the bundle's).")
 @click.option("--fps", type=float, default=None, help="Frame rate, for the model's conditioning and the file (default 24).")
 @click.option("--codec", type=click.Choice(CODECS), default="auto", show_default=True,
               help="h264 needs PyAV (GPL x264, README); auto = vp9 for .webm, h264 if PyAV is installed, else mp4v.")
@@ -51,8 +58,8 @@ def _resolution(ctx, param, value):
               help="Where --image goes: the first frame, the last, or both.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files (sizes are still checked).")
 @click.option("--progress-json", is_flag=True, help="Print progress and the result as JSON lines on stdout instead of a bar.")
-def generate(bundle, prompt, out, negative_prompt, seed, steps, guidance_scale, num_frames, resolution, fps, codec, preview,
-             backend, image, condition, no_verify, progress_json):
+def generate(bundle, prompt, out, negative_prompt, seed, steps, guidance_scale, num_frames, resolution, aspect_ratio, fps, codec,
+             preview, backend, image, condition, no_verify, progress_json):
     """Generate a video from PROMPT with the bundle at BUNDLE (a folder written by `osx export`)."""
     from osx.runtime.conditioning import load_image
     from osx.runtime.pipeline import Pipeline
@@ -63,14 +70,16 @@ def generate(bundle, prompt, out, negative_prompt, seed, steps, guidance_scale, 
     codec = resolve_codec(out, codec)
     if preview is not None:
         check_writable(preview, suffixes=(".png",))
-    width, height = resolution or (None, None)
+    width, height = resolution if isinstance(resolution, tuple) else (None, None)
+    bucket = {k: v for k, v in (("resolution", resolution if isinstance(resolution, str) else None),
+                                ("aspect_ratio", aspect_ratio)) if v is not None}  # v2.0's size buckets
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = lambda message, *_, **__: click.secho(f"warning: {message}", fg="yellow", err=True)
         pipe = Pipeline.load(bundle, backend, verify=not no_verify)
         request = pipe.prepare_request(prompt, negative_prompt, num_frames=num_frames, height=height, width=width, fps=fps,
-                                       steps=steps, guidance_scale=guidance_scale, seed=seed)
+                                       steps=steps, guidance_scale=guidance_scale, seed=seed, **bucket)
         pixels = None if image is None else load_image(image)  # a bad file fails here, before any compute
         show = _json_progress if progress_json else _BarProgress(request.steps)
         try:
@@ -118,7 +127,7 @@ class _BarProgress:
             self.bar.update(event["step"] - self.bar.n)
         elif event["phase"] == "vae_decode" and event["step"] == event["total"]:
             self.close()
-            click.echo(f"decoded {event['total']} VAE chunk(s)", err=True)
+            click.echo(f"decoded in {event['total']} VAE call(s)", err=True)
 
     def close(self) -> None:
         if self.bar is not None:

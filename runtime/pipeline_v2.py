@@ -1,0 +1,389 @@
+"""Open-Sora v2.0 text to video from a bundle, without torch.
+
+    pipe = Pipeline.load("bundles/v2-tiny")    # osx.runtime.Pipeline picks this class by the bundle's family
+    frames = pipe.generate("a red fox in the snow", seed=7, resolution="256px", aspect_ratio="16:9")
+
+The public interface is osx.runtime.pipeline.Pipeline's (load, prepare_request, run, generate, progress
+events, cancel, preload, release, timings); what differs is the model (design/opensora-v2.0.md):
+
+  request  sizes are v2.0's buckets: a resolution ("256px", "768px") and an aspect ratio "W:H"
+           (osx.models_v2.image_size), or a height x width equal to one of them; frames 4k+1.
+  text     the prompt gets Open-Sora's suffixes (" 24 FPS. 4 motion score.", osx.models_v2.prepare_prompt_v2),
+           the negative prompt none; both go through T5 (all tokens attended: Open-Sora passes no mask) and
+           through CLIP's text tower (pooled output). Open-Sora's third text row repeats the negative.
+  denoise  osx.runtime.sampler_v2 (the NumPy sampler, bit-exact against the torch reference) over the
+           denoiser backend: the guidance passes of a step in one batched call where the backend's batch range
+           allows, else one call per pass; the RoPE tables computed here once per video.
+  decode   the VAE decoder per spatial tile as Open-Sora tiles it (osx.vae_tiling), then the first F frames
+           as uint8, clamped and rounded as Open-Sora saves them.
+
+Progress phases: "text_encoder" (step 1 = T5, 2 = CLIP), "denoise" (one per step), "vae_decode" (one per tile).
+Image / video conditioning (i2v, v2v) goes in `condition_on`: sampler_v2.condition builds the masks from the
+reference latents; this runtime does not run the VAE encoder for v2.0 yet and refuses `image`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from osx.bundle import Bundle
+from osx.engine_key import pick_profile
+from osx.errors import BundleError, InputError
+from osx.models_v2 import ASPECT_RATIOS, OpenSoraV2Config, SamplerV2Config, check_frames, image_size
+from osx.models_v2 import latent_shape as latent_shape_v2
+from osx.models_v2 import negative_prompt_v2, prepare_prompt_v2
+from osx.runtime import sampler_v2
+from osx.runtime.backends import Backend
+from osx.runtime.pipeline import Pipeline, Progress, _check_finite, _limits
+from osx.runtime.request import MAX_FPS, MAX_GUIDANCE_SCALE, MAX_SEED, as_float, as_int, as_size, check_int_range, check_prompt
+from osx.runtime.scheduler import initial_noise
+from osx.runtime.tokenizer import TextTokenizer, check_vocabulary
+from osx.runtime.video import to_uint8_frames
+from osx.vae_tiling import tile_starts, tiled_decode
+
+F32 = np.float32
+MAX_STEPS = 1000  # Open-Sora's reference refuses more
+CLIP_PAD = "<|endoftext|>"  # CLIP pads with its end-of-text token
+TEXT_ENCODERS = {"text_encoder": "T5", "clip": "CLIP"}
+
+
+@dataclass(frozen=True)
+class RequestV2:
+    prompt: str
+    negative_prompt: str | None
+    num_frames: int
+    height: int
+    width: int
+    fps: float  # the prompt's "<fps> FPS." suffix and the video file's rate
+    steps: int
+    guidance_scale: float  # text guidance
+    seed: int
+    resolution: str | None = None  # the bucket the size came from (None: given as height x width)
+    aspect_ratio: str | None = None
+    guidance_img: float | None = None  # image guidance (i2v / v2v); None: the bundle's
+
+
+class PipelineV2(Pipeline):
+    SAMPLER = "flow-match-v2.0"
+    FAMILIES = "Open-Sora v2.0"
+
+    def __init__(self, bundle: Bundle, backends: dict[str, Backend]):
+        m = bundle.manifest
+        self.bundle = bundle
+        self.model: OpenSoraV2Config = bundle.model_config()
+        self.sampler = _sampler_config(m.scheduler, self.model.sampler)
+        self.backends = backends
+        self.components = self._components(bundle)
+        self.specs = {name: bundle.spec(name) for name in self.components}
+        own = [getattr(b, "load_one_at_a_time", None) for b in backends.values()]
+        self.load_one_at_a_time = any(m.runtime.load_one_at_a_time if v is None else v for v in own)
+        self.run_limits = {name: _limits(backends[name], self.specs[name]) for name in ("denoiser", "vae_decoder")}
+        batch = [p["batch"].max for p in self.run_limits["denoiser"] if "batch" in p]
+        self.max_rows = max(batch) if m.runtime.cfg_batching and batch else 1  # guidance passes per denoiser call
+        self.tokenizers = {name: _tokenizer(bundle, name, self._max_length(name)) for name in TEXT_ENCODERS}
+        for name, tok in self.tokenizers.items():
+            check_vocabulary(tok.vocab_size, self.specs[name].vocab_size, f"{bundle.root}: {name} tokenizer")
+        self.timings: dict = {}
+        self._cancel = threading.Event()
+
+    def _max_length(self, component: str) -> int:
+        return (self.model.t5 if component == "text_encoder" else self.model.clip).max_length
+
+    # --- request ---------------------------------------------------------------------------------
+    def sizes(self) -> list[dict]:
+        """Every (resolution, aspect ratio) this bundle runs at one frame, with its pixel size (each size once)."""
+        return size_buckets(self.model, self.specs, self.run_limits)
+
+    def limits(self) -> dict:
+        """{"sizes": [{"resolution", "aspect_ratio", "height", "width"}], "frames": [[first, last], ...]}."""
+        return shape_limits_v2(self.model, self.specs, self.run_limits)
+
+    def supported(self) -> str:
+        return describe_limits_v2(self.limits())
+
+    def prepare_request(self, prompt: str, negative_prompt: str | None = None, *, num_frames: int | None = None,
+                        height: int | None = None, width: int | None = None, fps: float | None = None,
+                        steps: int | None = None, guidance_scale: float | None = None, seed: int | None = None,
+                        resolution: str | None = None, aspect_ratio: str | None = None,
+                        guidance_img: float | None = None) -> RequestV2:
+        """Defaults filled in, everything checked against the bundle before any work: InputError otherwise.
+        The size: `resolution` + `aspect_ratio` (each defaults to the model's), or `height` + `width` of a bucket."""
+        check_prompt(prompt)
+        check_prompt(negative_prompt, "negative prompt")
+        d, s = self.model.defaults, self.sampler
+        hint = f"{self.model.name} bundle {self.bundle.root}: {self.supported()}"
+        if (height is None) != (width is None):
+            raise InputError("give both height and width, or neither (then resolution and aspect ratio pick the size)", hint=hint)
+        if height is not None and (resolution is not None or aspect_ratio is not None):
+            raise InputError("give a height x width or a resolution and aspect ratio, not both", hint=hint)
+        if height is None:
+            resolution, aspect_ratio = resolution or d.resolution, aspect_ratio or d.aspect_ratio
+            height, width = image_size(self.model, resolution, aspect_ratio)
+        else:
+            height, width = as_size("height", height), as_size("width", width)
+            named = [b for b in self.sizes() if (b["height"], b["width"]) == (height, width)]
+            if not named:
+                raise InputError(f"{width}x{height} (WxH) is not one of {self.model.name}'s sizes",
+                                 hint=f"use a resolution and aspect ratio, or one of their sizes; {hint}")
+            resolution, aspect_ratio = named[0]["resolution"], named[0]["aspect_ratio"]
+        num_frames = d.num_frames if num_frames is None else as_size("frames", num_frames)
+        check_frames(self.model, num_frames)
+        fps = s.fps if fps is None else as_float("fps", fps, 0, MAX_FPS, low_open=True)
+        steps = check_int_range("steps", s.num_steps if steps is None else as_int("steps", steps), 1, MAX_STEPS,
+                                hint=f"the bundle's default is {s.num_steps}")
+        guidance_scale = s.guidance if guidance_scale is None else as_float("guidance scale", guidance_scale, 0, MAX_GUIDANCE_SCALE)
+        guidance_img = s.guidance_img if guidance_img is None else as_float("image guidance scale", guidance_img, 0, MAX_GUIDANCE_SCALE)
+        seed = check_int_range("seed", d.seed if seed is None else as_int("seed", seed), 0, MAX_SEED)
+        problem = self._size_problem(height, width, num_frames)
+        if problem:
+            raise InputError(f"{problem}: outside what this bundle supports", hint=hint)
+        return RequestV2(prompt, negative_prompt, num_frames, height, width, fps, steps, guidance_scale, seed,
+                         resolution, aspect_ratio, guidance_img)
+
+    def _size_problem(self, height: int, width: int, num_frames: int) -> str | None:
+        return size_problem(self.model, self.specs, self.run_limits, height, width, num_frames)
+
+    # --- stages ----------------------------------------------------------------------------------
+    def text_rows(self, request: RequestV2) -> list[str]:
+        """[prompt with Open-Sora's suffixes, negative prompt as given ("" when none)]."""
+        return [prepare_prompt_v2(request.prompt, f"{request.fps:g}", self.sampler.motion_score),
+                negative_prompt_v2(request.negative_prompt)]
+
+    def encode_text(self, request: RequestV2, progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """-> txt [2, L, D] (T5 states) and y_vec [2, V] (CLIP pooled) of the prompt and the negative prompt."""
+        texts, out = self.text_rows(request), []
+        t0 = time.perf_counter()
+        for step, name in enumerate(TEXT_ENCODERS, 1):
+            ids, _ = self.tokenizers[name].encode(texts)
+            spec = self.specs[name]
+            # all ones: Open-Sora gives T5 no attention mask, so the pads are attended
+            feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+            result = self._loaded(name).run({t.name: feed[t.name] for t in spec.inputs})
+            out.append(np.asarray(result[spec.outputs[0].name], dtype=F32))
+            self._done_with(name)
+            self._report(progress, "text_encoder", step, len(TEXT_ENCODERS), 0.0)
+        self.timings["text_encoder_s"] = time.perf_counter() - t0
+        return out[0], out[1]
+
+    def latent_shape(self, request: RequestV2) -> tuple[int, ...]:
+        return (1, *latent_shape_v2(self.model, request.height, request.width, request.num_frames))
+
+    def initial_noise(self, request: RequestV2) -> np.ndarray:
+        return initial_noise(request.seed, self.latent_shape(request))
+
+    def denoise(self, request: RequestV2, txt: np.ndarray, y_vec: np.ndarray, noise: np.ndarray | None = None,
+                progress: Progress | None = None, condition=None) -> np.ndarray:
+        """The sampler from `noise` (default: seeded by the request) -> the final latent [1, 16, T, h, w]
+        (float32 holding bf16 values). `condition`: (cond_type, masks, masked_ref) of sampler_v2.condition."""
+        shape = self.latent_shape(request)
+        z = self.initial_noise(request) if noise is None else np.asarray(noise, dtype=F32)
+        if z.shape != shape:
+            raise InputError(f"noise has shape {z.shape}, expected {shape}", hint="or pass a seed")
+        cond_type, masks, masked_ref = condition or ("t2v", *sampler_v2.condition("t2v", shape, []))
+        _, _, T, h, w = shape
+        p = self.model.mmdit.patch_size
+        rope = rope_tables(self.model.mmdit, txt.shape[1], T, h // p, w // p)
+        denoiser = self._loaded("denoiser")
+        names = [t.name for t in self.specs["denoiser"].inputs]
+        out_name = self.specs["denoiser"].outputs[0].name
+        steps, t_start, model_s = [], time.perf_counter(), [0.0]
+
+        def model(img, txt_rows, t, y, cond):
+            """The denoiser on these rows, in calls of at most max_rows rows."""
+            outs = []
+            for a in range(0, img.shape[0], self.max_rows):
+                rows = slice(a, a + self.max_rows)
+                feed = {"img": img[rows], "txt": txt_rows[rows], "timesteps": t[rows], "y_vec": y[rows], "cond": cond[rows],
+                        "cos": rope[0], "sin": rope[1]}
+                t1 = time.perf_counter()
+                outs.append(denoiser.run({k: feed[k] for k in names})[out_name])
+                model_s[0] += time.perf_counter() - t1
+            return np.concatenate(outs).astype(F32, copy=False)
+
+        def on_step(i: int, x: np.ndarray) -> None:
+            _check_finite(x, f"the latent after denoising step {i + 1} of {request.steps}")
+            done = time.perf_counter() - t_start
+            steps.append({"total_s": done - sum(s["total_s"] for s in steps), "denoiser_s": model_s[0]})
+            model_s[0] = 0.0
+            self._report(progress, "denoise", i + 1, request.steps, done / (i + 1) * (request.steps - i - 1))
+
+        latent = sampler_v2.denoise(model, z, txt, y_vec, masks=masks, masked_ref=masked_ref, cond_type=cond_type,
+                                    cfg=self.sampler, patch_size=p, num_steps=request.steps, guidance=request.guidance_scale,
+                                    guidance_img=request.guidance_img, on_step=on_step)
+        self._done_with("denoiser")
+        self.timings.update(denoise_s=time.perf_counter() - t_start, steps=steps)
+        return latent
+
+    def condition_on(self, image, where: str, request: RequestV2):
+        raise InputError(f"image-to-video is not available for {self.model.name} bundles in this osx version",
+                         hint="generate from the prompt alone (no --image)")
+
+    def decode(self, latent: np.ndarray, num_frames: int, progress: Progress | None = None) -> np.ndarray:
+        """Latent [1, 16, T, h, w] -> video [3, num_frames, 8h, 8w] float32 in about [-1, 1]: the decoder per
+        tile as Open-Sora tiles (overlapping tiles cross-faded), then the first `num_frames` frames."""
+        vae = self.model.vae
+        spec = self.specs["vae_decoder"]
+        decoder = self._loaded("vae_decoder")
+        total, done, t_start = decode_tile_count(vae, latent.shape), [0], time.perf_counter()
+
+        def decode_tile(z: np.ndarray) -> np.ndarray:
+            video = np.array(decoder.run({spec.inputs[0].name: np.ascontiguousarray(z)})[spec.outputs[0].name], dtype=F32)
+            done[0] += 1
+            _check_finite(video, f"the frames of VAE tile {done[0]} of {total}")
+            seconds = time.perf_counter() - t_start
+            self._report(progress, "vae_decode", done[0], total, seconds / done[0] * max(total - done[0], 0))
+            return video
+
+        video = tiled_decode(decode_tile, latent.astype(F32), vae, vae.use_spatial_tiling, vae.use_temporal_tiling)
+        self._done_with("vae_decoder")
+        self.timings["vae_decode_s"] = time.perf_counter() - t_start
+        return video[0, :, :num_frames]
+
+    def generate(self, prompt: str, negative_prompt: str | None = None, *, noise: np.ndarray | None = None,
+                 progress: Progress | None = None, image=None, condition: str = "head", **request) -> np.ndarray:
+        """One video: uint8 frames [num_frames, H, W, 3]. `request`: prepare_request's keywords (num_frames,
+        resolution, aspect_ratio or height and width, fps, steps, guidance_scale, seed); unset ones take the
+        bundle's defaults. `noise` [1, 16, T_lat, h, w] replaces the seeded noise."""
+        return self.run(self.prepare_request(prompt, negative_prompt, **request), noise, progress, image=image, condition=condition)
+
+    def run(self, request: RequestV2, noise: np.ndarray | None = None, progress: Progress | None = None, *,
+            image=None, condition: str = "head") -> np.ndarray:
+        if noise is not None and tuple(np.shape(noise)) != self.latent_shape(request):
+            raise InputError(f"noise has shape {np.shape(noise)}, expected {self.latent_shape(request)}", hint="or pass a seed")
+        self._cancel.clear()
+        self.timings = {}
+        self._t0 = time.perf_counter()
+        cond = None if image is None else self.condition_on(image, condition, request)
+        txt, y_vec = self.encode_text(request, progress)
+        latent = self.denoise(request, txt, y_vec, noise, progress, cond)
+        frames = to_uint8_frames(self.decode(latent, request.num_frames, progress))
+        self.timings["total_s"] = time.perf_counter() - self._t0
+        return frames
+
+
+# --- what a bundle runs (from its specs and the backends' shape profiles) -------------------------------
+
+
+def denoiser_inputs(model: OpenSoraV2Config, rows: int, T: int, h: int, w: int) -> dict[str, np.ndarray]:
+    """Placeholders (shapes only, no memory) of one denoiser call on `rows` rows of a [16, T, h, w] latent."""
+    m = model.mmdit
+    p, L = m.patch_size, model.t5.max_length
+    n = T * (h // p) * (w // p)
+    shapes = {"img": (rows, n, m.in_channels), "txt": (rows, L, m.context_in_dim), "timesteps": (rows,),
+              "y_vec": (rows, m.vec_in_dim), "cond": (rows, n, m.cond_channels), "cos": (1, L + n, m.head_dim),
+              "sin": (1, L + n, m.head_dim)}
+    return {k: np.broadcast_to(F32(0), s) for k, s in shapes.items()}
+
+
+def decode_tile_shape(vae, T: int, h: int, w: int) -> tuple[int, ...]:
+    """The largest latent tile osx.vae_tiling hands the VAE decoder."""
+    t = vae.tile_latent_size
+    if vae.use_spatial_tiling and max(h, w) > t:
+        h, w = min(h, t), min(w, t)
+    if vae.use_temporal_tiling and T > vae.tile_latent_tsize:
+        T = vae.tile_latent_tsize + 1
+    return (1, vae.latent_channels, T, h, w)
+
+
+def size_problem(model: OpenSoraV2Config, specs: dict, run_limits: dict, height: int, width: int, num_frames: int) -> str | None:
+    """What of this size the denoiser or the VAE decoder cannot run (`run_limits`: their engine profiles or
+    ONNX ranges), or None."""
+    _, T, h, w = latent_shape_v2(model, height, width, num_frames)
+    den, vae = specs["denoiser"], specs["vae_decoder"]
+    feed = denoiser_inputs(model, 1, T, h, w)
+    sizes = den.sizes_of({t.name: feed[t.name] for t in den.inputs})
+    if pick_profile(run_limits["denoiser"], sizes) is None:
+        return f"{width}x{height} (WxH) with {num_frames} frames"
+    tile = np.broadcast_to(F32(0), decode_tile_shape(model.vae, T, h, w))
+    if pick_profile(run_limits["vae_decoder"], vae.sizes_of({vae.inputs[0].name: tile})) is None:
+        return f"{width}x{height} (WxH) with {num_frames} frames (VAE decoder)"
+    return None
+
+
+def size_buckets(model: OpenSoraV2Config, specs: dict, run_limits: dict) -> list[dict]:
+    """Every (resolution, aspect ratio) the bundle runs at one frame, with its pixel size (each size once)."""
+    out, seen = [], set()
+    for res in model.resolutions:
+        for ar in ASPECT_RATIOS:
+            try:
+                h, w = image_size(model, res, ar)
+            except InputError:
+                continue
+            if (h, w) not in seen and size_problem(model, specs, run_limits, h, w, 1) is None:
+                seen.add((h, w))
+                out.append({"resolution": res, "aspect_ratio": ar, "height": h, "width": w})
+    return out
+
+
+def shape_limits_v2(model: OpenSoraV2Config, specs: dict, run_limits: dict) -> dict:
+    """{"sizes": size_buckets, "frames": [[first, last], ...]}: the 4k+1 frame counts the smallest size runs."""
+    sizes = size_buckets(model, specs, run_limits)
+    frames = [] if not sizes else [f for f in range(1, model.max_frames + 1, model.temporal_downsample)
+                                   if size_problem(model, specs, run_limits, sizes[0]["height"], sizes[0]["width"], f) is None]
+    return {"sizes": sizes, "frames": [[f, f] for f in frames]}
+
+
+def describe_limits_v2(lim: dict) -> str:
+    sizes = ", ".join(f"{b['resolution']} {b['aspect_ratio']} = {b['width']}x{b['height']} (WxH)" for b in lim["sizes"])
+    frames = [f for f, _ in lim["frames"]]
+    counts = ", ".join(map(str, frames)) if len(frames) <= 6 else f"{frames[0]}, {frames[1]}, ..., {frames[-1]} (4k+1)"
+    return f"sizes {sizes or '(none)'}; frames {counts or '(none)'}"
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+
+
+def rope_tables(mmdit, txt_len: int, T: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [1, txt_len + T*h*w, head_dim] float32 of one video (h, w in patches), as the MMDiT takes them:
+    text tokens at position (0, 0, 0), image tokens at (t, h, w) in pack order; per axis a (dims d_a) the
+    angles pos_a * theta**(-2j/d_a), j < d_a/2, concatenated over the axes and laid out for rotate-half pairs
+    (j, j + D/2) (v2.0), or each repeated in place for interleaved pairs (Flux)."""
+    t_i, h_i, w_i = np.meshgrid(np.arange(T), np.arange(h), np.arange(w), indexing="ij")
+    ids = np.concatenate([np.zeros((txt_len, 3), F32), np.stack([t_i, h_i, w_i], -1).reshape(-1, 3).astype(F32)])
+    angles = []
+    for a, d in enumerate(mmdit.axes_dim):
+        omega = F32(1.0) / F32(mmdit.theta) ** (np.arange(0, d, 2, dtype=F32) / F32(d))
+        angles.append(ids[:, a : a + 1] * omega)
+    angles = np.concatenate(angles, axis=-1)
+    angles = np.repeat(angles, 2, axis=-1) if mmdit.interleaved_rope else np.concatenate([angles, angles], axis=-1)
+    return np.cos(angles)[None], np.sin(angles)[None]
+
+
+def decode_tile_count(vae, shape: tuple[int, ...]) -> int:
+    """How many times osx.vae_tiling.tiled_decode calls the decoder for latents of `shape` [B, C, T, h, w]."""
+    T, h, w = shape[2:]
+    t = vae.tile_latent_size
+    spatial = 1
+    if vae.use_spatial_tiling and max(h, w) > t:
+        stride = int(t * (1 - vae.tile_overlap_factor))
+        spatial = len(tile_starts(h, stride)) * len(tile_starts(w, stride))
+    tt = vae.tile_latent_tsize
+    temporal = len(tile_starts(T, int(tt * (1 - vae.tile_overlap_factor)))) if vae.use_temporal_tiling and T > tt else 1
+    return spatial * temporal
+
+
+def _sampler_config(scheduler: dict, default: SamplerV2Config) -> SamplerV2Config:
+    """The manifest's sampler settings over the model config's (unknown keys refused as a bundle error)."""
+    known = {f.name for f in dataclasses.fields(SamplerV2Config)}
+    unknown = sorted(set(scheduler) - known)
+    if unknown:
+        raise BundleError(f"the bundle's scheduler has settings this osx does not know: {unknown}",
+                          hint="install the osx version that wrote it, or re-export the bundle")
+    return dataclasses.replace(default, **scheduler)
+
+
+def _tokenizer(bundle: Bundle, component: str, max_length: int) -> TextTokenizer:
+    """The text encoder's tokenizer: its component's `tokenizer_file`, else (T5) the manifest's tokenizer."""
+    entry = bundle.components.get(component)
+    rel = entry.file_of("tokenizer_file") if entry is not None else None
+    if rel is None and component == "text_encoder":
+        rel = bundle.manifest.tokenizer["file"]
+    if rel is None:
+        raise BundleError(f"{bundle.root}: no tokenizer for {component}", hint="re-export the bundle with `osx export`")
+    return TextTokenizer(bundle.path(rel), max_length, **({"pad_token": CLIP_PAD} if component == "clip" else {}))
+
