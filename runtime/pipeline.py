@@ -40,6 +40,7 @@ from osx.bundle import Bundle
 from osx.components import DimRange
 from osx.engine_key import pick_profile
 from osx.errors import BundleError, InputError, OsxError
+from osx.manifest import Manifest
 from osx.families import get_family, resolve
 from osx.models import IMAGE_FPS, ModelConfig, SchedulerConfig, latent_frames, latent_size
 from osx.runtime import scheduler as rf
@@ -81,7 +82,7 @@ class Pipeline:
         self.model: ModelConfig = bundle.model_config()
         self.scheduler = SchedulerConfig(**m.scheduler)
         self.backends = backends
-        self.components = self._components(bundle)
+        self.components = self.required_components(bundle)
         self.specs = {name: bundle.spec(name) for name in self.components}
         own = [getattr(b, "load_one_at_a_time", None) for b in backends.values()]
         self.load_one_at_a_time = any(m.runtime.load_one_at_a_time if v is None else v for v in own)
@@ -108,16 +109,16 @@ class Pipeline:
         runs = pipeline_class(bundle)  # the pipeline of the bundle's family: this one, or (from Pipeline) its own
         if runs is not cls:
             if cls is not Pipeline:
-                cls._components(bundle)  # refuses with the reason
+                cls.required_components(bundle)  # refuses with the reason
             return runs.load(bundle, backend, verify=verify)
-        missing = [c for c in cls._components(bundle) if c not in bundle.components]
+        missing = [c for c in cls.required_components(bundle) if c not in bundle.components]
         if missing:
             raise BundleError(f"{bundle.root}: bundle lacks {', '.join(missing)}", hint="re-export it with `osx export`")
-        used = cls._components(bundle) + (("vae_encoder",) if "vae_encoder" in bundle.components else ())  # image conditioning
+        used = cls.required_components(bundle) + (("vae_encoder",) if "vae_encoder" in bundle.components else ())  # image conditioning
         return cls(bundle, {c: create_backend(bundle, c, backend) for c in used})
 
     @classmethod
-    def _components(cls, bundle: Bundle) -> tuple[str, ...]:
+    def required_components(cls, bundle: Bundle) -> tuple[str, ...]:
         """The text-to-video components of the bundle's family; refused if its sampler is not this class's."""
         family = get_family(bundle.manifest.model["family"])
         if family.sampler.kind != cls.SAMPLER:
@@ -125,6 +126,12 @@ class Pipeline:
                               f"{cls.SAMPLER!r} ({cls.FAMILIES})",
                               hint="open it with osx.runtime.Pipeline.load, which picks the pipeline of the bundle's family")
         return family.names(pipeline_only=True)
+
+    @classmethod
+    def describe_onnx_limits(cls, manifest: Manifest) -> str:
+        """What `generate` accepts on onnxruntime (the manifest's ONNX ranges), without loading anything."""
+        limits = {n: [manifest.components[n].io.dims] for n in ("denoiser", "vae_decoder")}
+        return describe_limits(shape_limits(manifest.model_config(), limits))
 
     # --- request ---------------------------------------------------------------------------------
     def supported(self) -> str:
@@ -418,12 +425,13 @@ def _frames_ok(model: ModelConfig, limits: dict[str, list[dict]], f: int) -> boo
 PIPELINES = {SAMPLER: "osx.runtime.pipeline:Pipeline", "flow-match-v2.0": "osx.runtime.pipeline_v2:PipelineV2"}
 
 
-def pipeline_class(bundle: Bundle) -> type[Pipeline]:
-    """The Pipeline class that runs `bundle`, by its family's sampler kind; a BundleError if none does."""
-    bundle.model_config()  # a family this osx does not know: a BundleError saying so
-    family = get_family(bundle.manifest.model["family"])
+def pipeline_class(bundle: Bundle | Manifest) -> type[Pipeline]:
+    """The Pipeline class that runs a bundle, by its family's sampler kind; a BundleError if none does."""
+    manifest, where = (bundle.manifest, bundle.root) if isinstance(bundle, Bundle) else (bundle, "the bundle")
+    manifest.model_config()  # a family this osx does not know: a BundleError saying so
+    family = get_family(manifest.model["family"])
     if family.sampler.kind not in PIPELINES:
-        raise BundleError(f"{bundle.root}: {family.name} samples with {family.sampler.kind!r}, which this osx runtime does not run",
+        raise BundleError(f"{where}: {family.name} samples with {family.sampler.kind!r}, which this osx runtime does not run",
                           hint=f"this runtime runs {', '.join(PIPELINES)}; use the osx version that wrote the bundle")
     return resolve(PIPELINES[family.sampler.kind])
 

@@ -34,6 +34,7 @@ import numpy as np
 from osx.bundle import Bundle
 from osx.engine_key import pick_profile
 from osx.errors import BundleError, InputError
+from osx.families import get_family
 from osx.models_v2 import ASPECT_RATIOS, OpenSoraV2Config, SamplerV2Config, check_frames, image_size
 from osx.models_v2 import latent_shape as latent_shape_v2
 from osx.models_v2 import negative_prompt_v2, prepare_prompt_v2
@@ -48,8 +49,6 @@ from osx.vae_tiling import tile_starts, tiled_decode
 
 F32 = np.float32
 MAX_STEPS = 1000  # Open-Sora's reference refuses more
-CLIP_PAD = "<|endoftext|>"  # CLIP pads with its end-of-text token
-TEXT_ENCODERS = {"text_encoder": "T5", "clip": "CLIP"}
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ class RequestV2:
 
 
 class PipelineV2(Pipeline):
-    SAMPLER = "flow-match-v2.0"
+    SAMPLER = "rectified-flow-v2.0"
     FAMILIES = "Open-Sora v2.0"
 
     def __init__(self, bundle: Bundle, backends: dict[str, Backend]):
@@ -78,21 +77,22 @@ class PipelineV2(Pipeline):
         self.model: OpenSoraV2Config = bundle.model_config()
         self.sampler = _sampler_config(m.scheduler, self.model.sampler)
         self.backends = backends
-        self.components = self._components(bundle)
+        self.components = self.required_components(bundle)
         self.specs = {name: bundle.spec(name) for name in self.components}
         own = [getattr(b, "load_one_at_a_time", None) for b in backends.values()]
         self.load_one_at_a_time = any(m.runtime.load_one_at_a_time if v is None else v for v in own)
         self.run_limits = {name: _limits(backends[name], self.specs[name]) for name in ("denoiser", "vae_decoder")}
         batch = [p["batch"].max for p in self.run_limits["denoiser"] if "batch" in p]
         self.max_rows = max(batch) if m.runtime.cfg_batching and batch else 1  # guidance passes per denoiser call
-        self.tokenizers = {name: _tokenizer(bundle, name, self._max_length(name)) for name in TEXT_ENCODERS}
-        for name, tok in self.tokenizers.items():
-            check_vocabulary(tok.vocab_size, self.specs[name].vocab_size, f"{bundle.root}: {name} tokenizer")
+        # one tokenizer per text encoder (T5, CLIP), as the family declares them; lengths from the encoders' specs
+        self.tokenizers = {}
+        for decl in get_family(m.model["family"]).prompt.tokenizers:
+            spec = self.specs[decl.encoder]
+            tok = TextTokenizer(bundle.path(decl.file), spec.inputs[0].shape[1], pad_token=decl.pad_token)
+            check_vocabulary(tok.vocab_size, spec.vocab_size, f"{bundle.root}: {decl.file}")
+            self.tokenizers[decl.encoder] = tok
         self.timings: dict = {}
         self._cancel = threading.Event()
-
-    def _max_length(self, component: str) -> int:
-        return (self.model.t5 if component == "text_encoder" else self.model.clip).max_length
 
     # --- request ---------------------------------------------------------------------------------
     def sizes(self) -> list[dict]:
@@ -105,6 +105,11 @@ class PipelineV2(Pipeline):
 
     def supported(self) -> str:
         return describe_limits_v2(self.limits())
+
+    @classmethod
+    def describe_onnx_limits(cls, manifest) -> str:
+        specs = {n: c.io for n, c in manifest.components.items()}
+        return describe_limits_v2(shape_limits_v2(manifest.model_config(), specs, {n: [s.dims] for n, s in specs.items()}))
 
     def prepare_request(self, prompt: str, negative_prompt: str | None = None, *, num_frames: int | None = None,
                         height: int | None = None, width: int | None = None, fps: float | None = None,
@@ -158,15 +163,12 @@ class PipelineV2(Pipeline):
         """-> txt [2, L, D] (T5 states) and y_vec [2, V] (CLIP pooled) of the prompt and the negative prompt."""
         texts, out = self.text_rows(request), []
         t0 = time.perf_counter()
-        for step, name in enumerate(TEXT_ENCODERS, 1):
-            ids, _ = self.tokenizers[name].encode(texts)
-            spec = self.specs[name]
-            # all ones: Open-Sora gives T5 no attention mask, so the pads are attended
-            feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-            result = self._loaded(name).run({t.name: feed[t.name] for t in spec.inputs})
-            out.append(np.asarray(result[spec.outputs[0].name], dtype=F32))
+        for step, (name, tokenizer) in enumerate(self.tokenizers.items(), 1):
+            ids, _ = tokenizer.encode(texts)  # no attention mask: Open-Sora's T5 attends to the pads
+            result = self._loaded(name).run({"input_ids": ids})
+            out.append(np.asarray(result[self.specs[name].outputs[0].name], dtype=F32))
             self._done_with(name)
-            self._report(progress, "text_encoder", step, len(TEXT_ENCODERS), 0.0)
+            self._report(progress, "text_encoder", step, len(self.tokenizers), 0.0)
         self.timings["text_encoder_s"] = time.perf_counter() - t0
         return out[0], out[1]
 
@@ -187,7 +189,7 @@ class PipelineV2(Pipeline):
         cond_type, masks, masked_ref = condition or ("t2v", *sampler_v2.condition("t2v", shape, []))
         _, _, T, h, w = shape
         p = self.model.mmdit.patch_size
-        rope = rope_tables(self.model.mmdit, txt.shape[1], T, h // p, w // p)
+        rope = rope_tables(self.model.mmdit, T, h // p, w // p)
         denoiser = self._loaded("denoiser")
         names = [t.name for t in self.specs["denoiser"].inputs]
         out_name = self.specs["denoiser"].outputs[0].name
@@ -198,8 +200,8 @@ class PipelineV2(Pipeline):
             outs = []
             for a in range(0, img.shape[0], self.max_rows):
                 rows = slice(a, a + self.max_rows)
-                feed = {"img": img[rows], "txt": txt_rows[rows], "timesteps": t[rows], "y_vec": y[rows], "cond": cond[rows],
-                        "cos": rope[0], "sin": rope[1]}
+                feed = {"img": img[rows], "txt": txt_rows[rows], "timestep": t[rows], "y_vec": y[rows], "cond": cond[rows],
+                        "rope_cos": rope[0], "rope_sin": rope[1]}
                 t1 = time.perf_counter()
                 outs.append(denoiser.run({k: feed[k] for k in names})[out_name])
                 model_s[0] += time.perf_counter() - t1
@@ -274,9 +276,9 @@ def denoiser_inputs(model: OpenSoraV2Config, rows: int, T: int, h: int, w: int) 
     m = model.mmdit
     p, L = m.patch_size, model.t5.max_length
     n = T * (h // p) * (w // p)
-    shapes = {"img": (rows, n, m.in_channels), "txt": (rows, L, m.context_in_dim), "timesteps": (rows,),
-              "y_vec": (rows, m.vec_in_dim), "cond": (rows, n, m.cond_channels), "cos": (1, L + n, m.head_dim),
-              "sin": (1, L + n, m.head_dim)}
+    shapes = {"img": (rows, n, m.in_channels), "txt": (rows, L, m.context_in_dim), "timestep": (rows,),
+              "y_vec": (rows, m.vec_in_dim), "cond": (rows, n, m.cond_channels), "rope_cos": (n, m.head_dim),
+              "rope_sin": (n, m.head_dim)}
     return {k: np.broadcast_to(F32(0), s) for k, s in shapes.items()}
 
 
@@ -338,20 +340,20 @@ def describe_limits_v2(lim: dict) -> str:
 # --- helpers ---------------------------------------------------------------------------------------------
 
 
-def rope_tables(mmdit, txt_len: int, T: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin [1, txt_len + T*h*w, head_dim] float32 of one video (h, w in patches), as the MMDiT takes them:
-    text tokens at position (0, 0, 0), image tokens at (t, h, w) in pack order; per axis a (dims d_a) the
-    angles pos_a * theta**(-2j/d_a), j < d_a/2, concatenated over the axes and laid out for rotate-half pairs
-    (j, j + D/2) (v2.0), or each repeated in place for interleaved pairs (Flux)."""
+def rope_tables(mmdit, T: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [T*h*w, head_dim] float32 of the image tokens (h, w in patches; `pack` order), as the denoiser
+    takes them (its graph adds the text tokens' identity rotation): per axis a (dims d_a) the angles
+    pos_a * theta**(-2j/d_a), j < d_a/2, concatenated over (t, h, w), laid out for rotate-half pairs (j, j + D/2)
+    (v2.0), or each repeated in place for interleaved pairs (Flux)."""
     t_i, h_i, w_i = np.meshgrid(np.arange(T), np.arange(h), np.arange(w), indexing="ij")
-    ids = np.concatenate([np.zeros((txt_len, 3), F32), np.stack([t_i, h_i, w_i], -1).reshape(-1, 3).astype(F32)])
+    ids = np.stack([t_i, h_i, w_i], -1).reshape(-1, 3).astype(F32)
     angles = []
     for a, d in enumerate(mmdit.axes_dim):
         omega = F32(1.0) / F32(mmdit.theta) ** (np.arange(0, d, 2, dtype=F32) / F32(d))
         angles.append(ids[:, a : a + 1] * omega)
     angles = np.concatenate(angles, axis=-1)
     angles = np.repeat(angles, 2, axis=-1) if mmdit.interleaved_rope else np.concatenate([angles, angles], axis=-1)
-    return np.cos(angles)[None], np.sin(angles)[None]
+    return np.cos(angles), np.sin(angles)
 
 
 def decode_tile_count(vae, shape: tuple[int, ...]) -> int:
@@ -375,15 +377,3 @@ def _sampler_config(scheduler: dict, default: SamplerV2Config) -> SamplerV2Confi
         raise BundleError(f"the bundle's scheduler has settings this osx does not know: {unknown}",
                           hint="install the osx version that wrote it, or re-export the bundle")
     return dataclasses.replace(default, **scheduler)
-
-
-def _tokenizer(bundle: Bundle, component: str, max_length: int) -> TextTokenizer:
-    """The text encoder's tokenizer: its component's `tokenizer_file`, else (T5) the manifest's tokenizer."""
-    entry = bundle.components.get(component)
-    rel = entry.file_of("tokenizer_file") if entry is not None else None
-    if rel is None and component == "text_encoder":
-        rel = bundle.manifest.tokenizer["file"]
-    if rel is None:
-        raise BundleError(f"{bundle.root}: no tokenizer for {component}", hint="re-export the bundle with `osx export`")
-    return TextTokenizer(bundle.path(rel), max_length, **({"pad_token": CLIP_PAD} if component == "clip" else {}))
-

@@ -96,13 +96,12 @@ def info(path: Path):
 def _generate_limits(manifest) -> str:
     """The pixel sizes and frame counts `osx generate` accepts on onnxruntime (the manifest's ONNX ranges);
     TensorRT engines run the shapes listed with each engine below."""
-    from osx.runtime.pipeline import describe_limits, shape_limits
+    from osx.runtime.pipeline import pipeline_class
 
     comps = manifest.components
     if "denoiser" not in comps or "vae_decoder" not in comps:
         return "- (no denoiser and VAE decoder: not a text-to-video bundle)"
-    limits = {n: [comps[n].io.dims] for n in ("denoiser", "vae_decoder")}
-    return describe_limits(shape_limits(manifest.model_config(), limits))
+    return pipeline_class(manifest).describe_onnx_limits(manifest)  # the pipeline of the bundle's family
 
 
 # --- verify / pack / unpack -----------------------------------------------------------------------------

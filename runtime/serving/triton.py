@@ -20,6 +20,7 @@ from pathlib import Path
 
 from osx.bundle import Bundle
 from osx.errors import OsxError
+from osx.runtime.pipeline import Pipeline
 
 PREFIX = "osx_"
 COMPONENTS = ("text_encoder", "denoiser", "vae_decoder")  # the order the pipeline runs them in
@@ -73,6 +74,7 @@ def write_repository(bundle_path: str | os.PathLike, out: str | os.PathLike) -> 
     """Write the repository to `out` (which must not exist yet); returns its model names."""
     bundle = Bundle.open(bundle_path, verify=False)
     bundle.verify(checksums=False)
+    Pipeline.required_components(bundle)  # the pipeline model runs v1.2's loop: other families are refused, saying why
     out = Path(out)
     if out.exists():
         raise OsxError(f"{out} already exists", hint="give a new folder (nothing is overwritten)")
