@@ -78,16 +78,9 @@ class Pipeline:
 
     def __init__(self, bundle: Bundle, backends: dict[str, Backend]):
         m = bundle.manifest
-        self.bundle = bundle
-        self.model: ModelConfig = bundle.model_config()
+        self._open(bundle, backends)
+        self.model: ModelConfig
         self.scheduler = SchedulerConfig(**m.scheduler)
-        self.backends = backends
-        self.components = self.required_components(bundle)
-        self.specs = {name: bundle.spec(name) for name in self.components}
-        own = [getattr(b, "load_one_at_a_time", None) for b in backends.values()]
-        self.load_one_at_a_time = any(m.runtime.load_one_at_a_time if v is None else v for v in own)
-        # The shapes each backend runs: its engine's profiles for this GPU, or the ONNX ranges
-        self.run_limits = {name: _limits(backends[name], self.specs[name]) for name in ("denoiser", "vae_decoder")}
         self.cfg_batching = m.runtime.cfg_batching and max(p["batch"].max for p in self.run_limits["denoiser"]) >= 2
         # Engines built for static buckets run those shapes; name them (the ranges would say nothing)
         static = all(r.min == r.max for p in self.run_limits["denoiser"] for d, r in p.items() if d != "batch")
@@ -96,6 +89,19 @@ class Pipeline:
         self.tokenizer = TextTokenizer(bundle.path(tok["file"]), tok["max_length"])
         check_vocabulary(self.tokenizer.vocab_size, self.specs["text_encoder"].vocab_size, f"{bundle.root}: {tok['file']}")
         self.null_text = _load_null_text(bundle, self.specs["denoiser"])
+
+    def _open(self, bundle: Bundle, backends: dict[str, Backend]) -> None:
+        """What every family's pipeline holds: the bundle, its model config, the components, their specs and
+        backends, the shapes each backend runs (its engine's profiles for this GPU, or the ONNX ranges)."""
+        m = bundle.manifest
+        self.bundle = bundle
+        self.model = bundle.model_config()
+        self.backends = backends
+        self.components = self.required_components(bundle)
+        self.specs = {name: bundle.spec(name) for name in self.components}
+        own = [getattr(b, "load_one_at_a_time", None) for b in backends.values()]
+        self.load_one_at_a_time = any(m.runtime.load_one_at_a_time if v is None else v for v in own)
+        self.run_limits = {name: _limits(backends[name], self.specs[name]) for name in ("denoiser", "vae_decoder")}
         self.timings: dict = {}
         self._cancel = threading.Event()
 

@@ -25,7 +25,6 @@ reference latents; this runtime does not run the VAE encoder for v2.0 yet and re
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from dataclasses import dataclass
 
@@ -40,11 +39,10 @@ from osx.models_v2 import latent_shape as latent_shape_v2
 from osx.models_v2 import negative_prompt_v2, prepare_prompt_v2
 from osx.runtime import sampler_v2
 from osx.runtime.backends import Backend
-from osx.runtime.pipeline import Pipeline, Progress, _check_finite, _limits
+from osx.runtime.pipeline import Pipeline, Progress, _check_finite
 from osx.runtime.request import MAX_FPS, MAX_GUIDANCE_SCALE, MAX_SEED, as_float, as_int, as_size, check_int_range, check_prompt
 from osx.runtime.scheduler import initial_noise
 from osx.runtime.tokenizer import TextTokenizer, check_vocabulary
-from osx.runtime.video import to_uint8_frames
 from osx.vae_tiling import tile_starts, tiled_decode
 
 F32 = np.float32
@@ -73,15 +71,9 @@ class PipelineV2(Pipeline):
 
     def __init__(self, bundle: Bundle, backends: dict[str, Backend]):
         m = bundle.manifest
-        self.bundle = bundle
-        self.model: OpenSoraV2Config = bundle.model_config()
+        self._open(bundle, backends)
+        self.model: OpenSoraV2Config
         self.sampler = _sampler_config(m.scheduler, self.model.sampler)
-        self.backends = backends
-        self.components = self.required_components(bundle)
-        self.specs = {name: bundle.spec(name) for name in self.components}
-        own = [getattr(b, "load_one_at_a_time", None) for b in backends.values()]
-        self.load_one_at_a_time = any(m.runtime.load_one_at_a_time if v is None else v for v in own)
-        self.run_limits = {name: _limits(backends[name], self.specs[name]) for name in ("denoiser", "vae_decoder")}
         batch = [p["batch"].max for p in self.run_limits["denoiser"] if "batch" in p]
         self.max_rows = max(batch) if m.runtime.cfg_batching and batch else 1  # guidance passes per denoiser call
         # one tokenizer per text encoder (T5, CLIP), as the family declares them; lengths from the encoders' specs
@@ -91,8 +83,6 @@ class PipelineV2(Pipeline):
             tok = TextTokenizer(bundle.path(decl.file), spec.inputs[0].shape[1], pad_token=decl.pad_token)
             check_vocabulary(tok.vocab_size, spec.vocab_size, f"{bundle.root}: {decl.file}")
             self.tokenizers[decl.encoder] = tok
-        self.timings: dict = {}
-        self._cancel = threading.Event()
 
     # --- request ---------------------------------------------------------------------------------
     def sizes(self) -> list[dict]:
@@ -252,20 +242,6 @@ class PipelineV2(Pipeline):
         resolution, aspect_ratio or height and width, fps, steps, guidance_scale, seed); unset ones take the
         bundle's defaults. `noise` [1, 16, T_lat, h, w] replaces the seeded noise."""
         return self.run(self.prepare_request(prompt, negative_prompt, **request), noise, progress, image=image, condition=condition)
-
-    def run(self, request: RequestV2, noise: np.ndarray | None = None, progress: Progress | None = None, *,
-            image=None, condition: str = "head") -> np.ndarray:
-        if noise is not None and tuple(np.shape(noise)) != self.latent_shape(request):
-            raise InputError(f"noise has shape {np.shape(noise)}, expected {self.latent_shape(request)}", hint="or pass a seed")
-        self._cancel.clear()
-        self.timings = {}
-        self._t0 = time.perf_counter()
-        cond = None if image is None else self.condition_on(image, condition, request)
-        txt, y_vec = self.encode_text(request, progress)
-        latent = self.denoise(request, txt, y_vec, noise, progress, cond)
-        frames = to_uint8_frames(self.decode(latent, request.num_frames, progress))
-        self.timings["total_s"] = time.perf_counter() - self._t0
-        return frames
 
 
 # --- what a bundle runs (from its specs and the backends' shape profiles) -------------------------------

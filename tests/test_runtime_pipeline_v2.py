@@ -46,3 +46,18 @@ def test_decode_tile_count_at_real_size():
     assert decode_tile_count(HUNYUAN_VAE, (1, 16, 33, 24, 42)) == 2
     assert decode_tile_count(HUNYUAN_VAE, (1, 16, 33, 72, 128)) == 18
     assert decode_tile_count(HUNYUAN_VAE, (1, 16, 33, 32, 32)) == 1
+
+
+def test_a_v1_2_bundle_refuses_v2_0_sizes_and_the_v2_0_pipeline(tiny_bundle):
+    from osx.errors import BundleError, InputError
+    from osx.runtime.pipeline import Pipeline
+    from osx.runtime.pipeline_v2 import PipelineV2
+
+    pipe = Pipeline.load(tiny_bundle, verify=False)
+    assert type(pipe) is Pipeline
+    with pytest.raises(InputError, match="takes a size as width x height.*'256px'"):
+        pipe.prepare_request("x", resolution="256px")
+    with pytest.raises(InputError, match="not a resolution name or aspect ratio \\('16:9'\\)"):
+        pipe.prepare_request("x", aspect_ratio="16:9")
+    with pytest.raises(BundleError, match="opensora-v1.2 samples with 'rectified-flow-v1.2'; PipelineV2 runs 'rectified-flow-v2.0'"):
+        PipelineV2.load(tiny_bundle, verify=False)
