@@ -95,8 +95,7 @@ def export_bundle(
     if family.reference != "osx.export.reference:build_reference":  # the part factories this exporter builds from
         raise OsxError(f"{model_cfg.name}: exporting {family.name} is not built yet (its declaration and plans are)",
                        hint="plan it with `osx export --dry-run`; run its PyTorch reference with osx.export.pipeline_v2")
-    if dtype not in (*DTYPES, "plan"):
-        raise OsxError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}, plan")
+    asked = parse_dtypes(dtype)
     if opset not in OPSETS:
         raise OsxError(f"--opset {opset} is not supported", hint=f"use one of {', '.join(map(str, OPSETS))} "
                        "(onnxruntime and TensorRT 10 parse these; from 23 on, attention becomes an op onnxruntime rejects)")
@@ -119,7 +118,7 @@ def export_bundle(
             raise OsxError(f"--component {', '.join(unknown)} is not exported for this plan",
                            hint=f"choose from {', '.join(names)} (vae_encoder needs --with-vae-encoder)")
         names = [n for n in names if n in only]
-    dtypes = {n: component_dtype(n, dtype, plan.components.get(n)) for n in names}
+    dtypes = component_dtypes(asked, names, plan)
     with BundleWriter(out, force=force) as writer, _scratch_folder(Path(out)) as scratch:
         components: dict[str, ComponentEntry] = {}
         readers: dict[str, CheckpointReader] = {}
@@ -149,7 +148,7 @@ def export_bundle(
                 "backend": cplan.backend if cplan else "onnxruntime",
                 "plan_precision": cplan.precision if cplan else dtypes[name],
                 "shape_ranges": [{d: dataclasses.asdict(r) for d, r in p.items()} for p in cplan.profiles] if cplan else [],
-                "notes": _dtype_notes(name, dtype, dtypes[name]) + entry["notes"],
+                "notes": _dtype_notes(name, asked.get(name, asked[""]), dtypes[name]) + entry["notes"],
             }, name)
             if all(_part(model_cfg, n) != part for n in names[i + 1:]):  # last use of this part's checkpoint
                 del readers[part]
@@ -202,6 +201,29 @@ DEPTH = {"denoiser": ("denoiser", "depth"), "text_encoder": ("text_encoder", "nu
 
 # ONNX Conv takes bfloat16 only from opset 22; osx exports at 18-20 (what onnxruntime and TensorRT 10 parse).
 NO_BF16 = {"denoiser": "Conv3d patch embedding", "vae_decoder": "convolutions", "vae_encoder": "convolutions"}
+
+
+def parse_dtypes(dtype: str) -> dict[str, str]:
+    """--dtype: `D` for every component, or per component, `denoiser=fp16,text_encoder=bf16` (a bare `D`
+    among them is the rest's; `plan` where none). D is fp32, fp16, bf16 or plan. {component or "": D}."""
+    out: dict[str, str] = {}
+    for item in (i.strip() for i in dtype.split(",")):
+        name, _, value = item.rpartition("=")
+        if value not in (*DTYPES, "plan") or name in out:
+            raise OsxError(f"--dtype {dtype!r}: {'repeats ' + (name or 'the default') if name in out else f'{value!r} is not a dtype'}",
+                           hint=f"use one of {', '.join(DTYPES)}, plan, or per component: denoiser=fp16,text_encoder=bf16")
+        out[name] = value
+    out.setdefault("", "plan")
+    return out
+
+
+def component_dtypes(asked: dict[str, str], names: list[str], plan) -> dict[str, str]:
+    """Each exported component's float type from parse_dtypes' {component or "": D} (see component_dtype)."""
+    unknown = [n for n in asked if n and n not in names]
+    if unknown:
+        raise OsxError(f"--dtype names {', '.join(unknown)}, which this export does not write",
+                       hint=f"components: {', '.join(names)}")
+    return {n: component_dtype(n, asked.get(n, asked[""]), plan.components.get(n)) for n in names}
 
 
 def component_dtype(name: str, dtype: str, cplan) -> str:

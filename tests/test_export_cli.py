@@ -73,7 +73,8 @@ def test_weights_arguments(capsys, tmp_path, monkeypatch, args, message):
     (["--calibration", "calib"], "--calibration calib was given, but no component is planned at int8 or fp8"),
     (["--gpu", "no-such-gpu"], "unknown GPU profile 'no-such-gpu'"),
     (["--opset", "23"], "Invalid value for '--opset'"),
-    (["--dtype", "int8"], "Invalid value for '--dtype'"),
+    (["--dtype", "int8"], "--dtype 'int8': 'int8' is not a dtype"),
+    (["--dtype", "vae=fp16"], "--dtype names vae, which this export does not write"),
 ])
 def test_plan_and_option_errors(capsys, tmp_path, args, message):
     code, text = osx(capsys, "--model", "opensora-v1.2-tiny", "--random-weights", "--out", tmp_path / "b", *args)
