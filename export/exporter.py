@@ -193,7 +193,10 @@ def export_bundle(
 # width with its first blocks (DEPTH: the config field), exported by the same streamed path from the
 # same checkpoint, and its full-depth graph is checked structurally (checker, shape inference, every
 # initializer's dtype, shape and sha256 against its checkpoint tensor). onnxruntime's CPU provider does
-# not run bfloat16 graphs: a bf16 component is validated as the same export in float32.
+# not run bfloat16 graphs: a bf16 component is validated as the same export in float32, and the bf16
+# graph (this file, or the same cut exported in bf16) is shown to be that graph with cast weights
+# (osx.export.structure: same nodes, attributes and edges once float Casts are bypassed; manifest
+# validation.structure).
 
 VALIDATION_BYTES = 2**30
 DEPTH = {"denoiser": ("denoiser", "depth"), "text_encoder": ("text_encoder", "num_layers")}
@@ -277,18 +280,30 @@ def validate_streamed(name, model_cfg, factories, reader, io, dtype, graph: Path
     depth). Returns the manifest's validation entry and extras (the denoiser's null caption)."""
     from osx.export.onnx_export import export_streamed
     from osx.export.stream import Weights
+    from osx.export.structure import compare_cast_graphs
 
     cfg, depth = validation_config(name, model_cfg, reader)
     val_dtype = "fp32" if dtype == "bf16" else dtype
     what = {"graph": "this file"}
+
+    def cut(dtype: str) -> Path:  # the validation depth's graph, exported by the same streamed path
+        weights = Weights(factories(cfg)[_part(cfg, name)], reader, unused_ok=True)
+        return scratch / export_streamed(weights, component_specs(cfg)[name], scratch / f"{name}.validate.{dtype}.onnx",
+                                         dtype=dtype, opset=opset).file
+
     if cfg is not model_cfg or val_dtype != dtype:
         what = {"graph": f"the same checkpoint exported by the same path in {val_dtype}"
                          + (f" with its first {depth[0]} of {depth[1]} blocks" if depth else ""),
                 "depth": list(depth) if depth else None, "dtype": val_dtype}
         say(f"validation graph: {what['graph']}")
-        graph = export_streamed(Weights(factories(cfg)[_part(cfg, name)], reader, unused_ok=True), component_specs(cfg)[name],
-                                scratch / f"{name}.validate.onnx", dtype=val_dtype, opset=opset).file
-        graph = scratch / graph
+        validated = cut(val_dtype)
+        if val_dtype != dtype:  # onnxruntime runs no bf16: show the bf16 graph is the validated one, weights cast
+            typed = cut(dtype) if depth else graph
+            say(f"comparing the {dtype} graph{' (same cut)' if depth else ''} with the validated {val_dtype} one, node by node")
+            what["structure"] = {"typed_graph": f"the same cut exported in {dtype}" if depth else "this file",
+                                 **compare_cast_graphs(validated, typed)}
+            _remove_graph(typed, scratch)
+        graph = validated
     module = Weights(factories(cfg)[_part(cfg, name)], reader, unused_ok=True).materialize(torch.float32)
     extra = {"null_text": module.null_text(1)[0].float().numpy()} if hasattr(module, "null_text") else {}
     io = io.with_precision(DTYPES[val_dtype][0])
@@ -302,10 +317,14 @@ def validate_streamed(name, model_cfg, factories, reader, io, dtype, graph: Path
     noise = {"torch_fp16_vs_fp32": fp16_noise(fp32_cases, cases)} if fp32_cases else {}
     tolerance = fp16_tolerance(noise["torch_fp16_vs_fp32"]) if fp32_cases else None
     rows = compare_onnx(graph, io, cases, val_dtype, tolerance)
+    _remove_graph(graph, scratch)
+    return {"tolerance": rows[0]["tolerance"], **noise, **what, "rows": rows}, extra
+
+
+def _remove_graph(graph: Path, scratch: Path) -> None:
     if graph.parent == scratch:
         for p in (graph, Path(f"{graph}.data")):
             p.unlink(missing_ok=True)
-    return {"tolerance": rows[0]["tolerance"], **noise, **what, "rows": rows}, extra
 
 
 def validation_config(name: str, model_cfg: ModelConfig, reader) -> tuple[ModelConfig, tuple[int, int] | None]:
@@ -331,7 +350,8 @@ def _dtype_notes(name: str, asked: str, used: str) -> list[str]:
         return [f"{never_fp16(name)}: exported in float32"]
     if used == "fp32" and name in NO_BF16 and asked != "fp32":
         return [f"{NO_BF16[name]}: ONNX Conv has no bfloat16 before opset 22, exported in float32"]
-    return [f"bfloat16: validated as the same export in float32 (onnxruntime's CPU provider runs no bfloat16)"] if used == "bf16" else []
+    return [f"bfloat16: validated as the same export in float32 (onnxruntime's CPU provider runs no bfloat16), which "
+            "the bf16 graph matches node by node with every weight cast (validation.structure)"] if used == "bf16" else []
 
 
 @contextlib.contextmanager
