@@ -68,7 +68,7 @@ def export_bundle(
     vae: str | os.PathLike | None = None,
     denoiser: str | os.PathLike | None = None,
     random_weights: bool = False,
-    dtype: str = "fp32",
+    dtype: str = "plan",
     precision: str = "auto",
     quantize=None,
     force: bool = False,
@@ -148,7 +148,7 @@ def export_bundle(
                 "backend": cplan.backend if cplan else "onnxruntime",
                 "plan_precision": cplan.precision if cplan else dtypes[name],
                 "shape_ranges": [{d: dataclasses.asdict(r) for d, r in p.items()} for p in cplan.profiles] if cplan else [],
-                "notes": _dtype_notes(name, asked.get(name, asked[""]), dtypes[name]) + entry["notes"],
+                "notes": _dtype_notes(name, wanted_dtype(asked.get(name, asked[""]), cplan), dtypes[name]) + entry["notes"],
             }, name)
             if all(_part(model_cfg, n) != part for n in names[i + 1:]):  # last use of this part's checkpoint
                 del readers[part]
@@ -230,13 +230,21 @@ def component_dtypes(asked: dict[str, str], names: list[str], plan) -> dict[str,
 
 
 def component_dtype(name: str, dtype: str, cplan) -> str:
-    """The float type a component is exported in: --dtype, or with `plan` the plan's precision (the float
-    graph under an int8/fp8 plan is fp16); fp32 instead of fp16 for components a family never runs in fp16 and instead of
-    bf16 for NO_BF16 ones."""
-    if dtype == "plan":
-        precision = cplan.precision if cplan else "fp32"
-        dtype = precision if precision in DTYPES else "fp16"
+    """The float type a component is exported in: `wanted_dtype`, but fp32 instead of fp16 for components a
+    family never runs in fp16 and instead of bf16 for NO_BF16 ones."""
+    dtype = wanted_dtype(dtype, cplan)
     return "fp32" if (dtype == "fp16" and never_fp16(name)) or (dtype == "bf16" and name in NO_BF16) else dtype
+
+
+def wanted_dtype(dtype: str, cplan) -> str:
+    """--dtype, or with `plan` the plan's precision: its float type; under an int8/fp8 plan the float graph
+    the Q/DQ one is made from, fp16 for TensorRT (strongly typed: fp16 outside the Q/DQ pairs) and fp32
+    for onnxruntime on the CPU (its INT8 quantizer and kernels are fp32)."""
+    if dtype != "plan":
+        return dtype
+    if cplan is None or cplan.precision in DTYPES:
+        return cplan.precision if cplan else "fp32"
+    return "fp16" if cplan.backend == "tensorrt" else "fp32"
 
 
 def export_one(name, model_cfg, factories, reader, io, dtype, out_dir: Path, scratch: Path, *, opset, external_data_threshold,
@@ -345,10 +353,10 @@ def _part(model_cfg, name: str) -> str:
     return family_of(model_cfg).component(name).weights
 
 
-def _dtype_notes(name: str, asked: str, used: str) -> list[str]:
-    if used == "fp32" and never_fp16(name) and asked != "fp32":
+def _dtype_notes(name: str, wanted: str, used: str) -> list[str]:
+    if used == "fp32" and wanted == "fp16":
         return [f"{never_fp16(name)}: exported in float32"]
-    if used == "fp32" and name in NO_BF16 and asked != "fp32":
+    if used == "fp32" and wanted == "bf16":
         return [f"{NO_BF16[name]}: ONNX Conv has no bfloat16 before opset 22, exported in float32"]
     return [f"bfloat16: validated as the same export in float32 (onnxruntime's CPU provider runs no bfloat16), which "
             "the bf16 graph matches node by node with every weight cast (validation.structure)"] if used == "bf16" else []

@@ -29,9 +29,10 @@ def _terminated(signum, frame):
               help="GPU profile the bundle is planned for: a shipped name (rtx4090, ...), a .toml path, auto, or cpu.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Bundle folder to write (not needed with --dry-run).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-@click.option("--dtype", default="fp32", show_default=True,
-              help="Float type of the ONNX graphs: fp32, fp16, bf16, or plan = each component in the plan's precision "
-              "(fp16 graphs under int8/fp8); per component as denoiser=fp16,text_encoder=bf16 (the rest: plan, or a "
+@click.option("--dtype", default="plan", show_default=True,
+              help="Float type of the ONNX graphs: plan = each component in the plan's precision (--gpu cpu: fp32; "
+              "under int8/fp8 the float graph they are made from: fp16 for TensorRT, fp32 on the CPU), or fp32, fp16, "
+              "bf16; per component as denoiser=fp16,text_encoder=bf16 (the rest: plan, or a "
               "bare type among them). The T5 encoder is never fp16 (it overflows) and convolutions never bf16 "
               "(no bf16 Conv before opset 22): fp32 instead.")
 @click.option("--component", "only", multiple=True,
