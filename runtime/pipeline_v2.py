@@ -36,7 +36,7 @@ from osx.errors import BundleError, InputError
 from osx.families import get_family
 from osx.models_v2 import ASPECT_RATIOS, OpenSoraV2Config, SamplerV2Config, check_frames, image_size
 from osx.models_v2 import latent_shape as latent_shape_v2
-from osx.models_v2 import negative_prompt_v2, prepare_prompt_v2
+from osx.models_v2 import negative_prompt_v2, prepare_prompt_v2, rope_tables
 from osx.runtime import sampler_v2
 from osx.runtime.backends import Backend
 from osx.runtime.pipeline import Pipeline, Progress, _check_finite
@@ -314,22 +314,6 @@ def describe_limits_v2(lim: dict) -> str:
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
-
-
-def rope_tables(mmdit, T: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin [T*h*w, head_dim] float32 of the image tokens (h, w in patches; `pack` order), as the denoiser
-    takes them (its graph adds the text tokens' identity rotation): per axis a (dims d_a) the angles
-    pos_a * theta**(-2j/d_a), j < d_a/2, concatenated over (t, h, w), laid out for rotate-half pairs (j, j + D/2)
-    (v2.0), or each repeated in place for interleaved pairs (Flux)."""
-    t_i, h_i, w_i = np.meshgrid(np.arange(T), np.arange(h), np.arange(w), indexing="ij")
-    ids = np.stack([t_i, h_i, w_i], -1).reshape(-1, 3).astype(F32)
-    angles = []
-    for a, d in enumerate(mmdit.axes_dim):
-        omega = F32(1.0) / F32(mmdit.theta) ** (np.arange(0, d, 2, dtype=F32) / F32(d))
-        angles.append(ids[:, a : a + 1] * omega)
-    angles = np.concatenate(angles, axis=-1)
-    angles = np.repeat(angles, 2, axis=-1) if mmdit.interleaved_rope else np.concatenate([angles, angles], axis=-1)
-    return np.cos(angles), np.sin(angles)
 
 
 def decode_tile_count(vae, shape: tuple[int, ...]) -> int:
