@@ -22,7 +22,7 @@ component is released after its stage (T5 before the denoising loop), so at most
 
 Progress and cancelling: `progress(event)` is called with a dict {"phase": "text_encoder" | "denoise" |
 "vae_decode", "step": k, "total": n, "elapsed": seconds since generate started, "eta": seconds the
-phase still needs}. Returning False from it, or calling `pipeline.cancel()` from another thread, stops
+phase still needs} (osx.runtime.progress: every family's phases; `progress_phases(request)` lists a run's). Returning False from it, or calling `pipeline.cancel()` from another thread, stops
 the run between two steps with `GenerationCancelled`.
 """
 
@@ -32,7 +32,6 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -46,12 +45,12 @@ from osx.models import IMAGE_FPS, ModelConfig, SchedulerConfig, latent_frames, l
 from osx.runtime import scheduler as rf
 from osx.runtime.backends import Backend, create_backend
 from osx.runtime.conditioning import CONDITIONS, Condition, MaskSchedule, load_image, preprocess
+from osx.runtime.progress import Progress
 from osx.runtime.prompt import prepare_prompt
 from osx.runtime.request import MAX_FPS, MAX_GUIDANCE_SCALE, MAX_SEED, as_float, as_int, as_size, check_int_range, check_prompt
 from osx.runtime.tokenizer import TextTokenizer, check_vocabulary
 from osx.runtime.video import to_uint8_frames
 
-Progress = Callable[[dict], "bool | None"]
 SAMPLER = "rectified-flow-v1.2"  # the sampler kind (osx.families.SamplerDecl) this loop implements
 
 
@@ -220,6 +219,11 @@ class Pipeline:
 
     def initial_noise(self, request: Request) -> np.ndarray:
         return rf.initial_noise(request.seed, self.latent_shape(request))
+
+    def progress_phases(self, request: Request) -> list[tuple[str, int]]:
+        """The (phase, total) events `run(request)` reports, in order (osx.runtime.progress)."""
+        chunks = -(-self.latent_shape(request)[2] // self.model.vae.micro_z_frame_size)
+        return [("text_encoder", 1), ("denoise", request.steps), ("vae_decode", chunks)]
 
     def latent_shape(self, request: Request) -> tuple[int, ...]:
         vae = self.model.vae

@@ -32,8 +32,9 @@ frees the handle. Calling generate or close on a handle from inside its own prog
 refused (ERR_INVALID_ARGUMENT) rather than deadlocking.
 
 Progress: the callback receives one JSON line (str) per event: {"handle", "phase" ("text_encoder" |
-"denoise" | "vae_decode"), "step", "total", "elapsed" (s since the generation started), "eta" (s the
-phase still needs)}. It runs on the generating thread. If it raises anything (SystemExit and other
+"denoise" | "vae_decode"; with Open-Sora v2.0 also "t2i" and "t2i_decode", t2i2v's image loop and decoder,
+and "vae_encode": osx.runtime.progress), "step", "total", "elapsed" (s since the generation started), "eta"
+(s the phase still needs)}. It runs on the generating thread. If it raises anything (SystemExit and other
 BaseExceptions included), the generation stops with ERR_CALLBACK.
 """
 

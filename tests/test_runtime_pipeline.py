@@ -124,6 +124,8 @@ def test_one_component_at_a_time_and_progress_events(tiny_bundle):
 
     p.generate(PROMPT, steps=4, progress=progress)
     assert [e["phase"] for e in events] == ["text_encoder"] + ["denoise"] * 4 + ["vae_decode"] * 2
+    announced = p.progress_phases(p.prepare_request(PROMPT, steps=4))  # what osx serve weighs its fraction by
+    assert [(p_, n) for p_, n in announced for _ in range(n)] == [(e["phase"], e["total"]) for e in events]
     assert [e["step"] for e in events[1:5]] == [1, 2, 3, 4] and all(e["total"] == 4 for e in events[1:5])
     assert all(e["eta"] >= 0 for e in events) and events[-1]["eta"] == 0
     assert [e["elapsed"] for e in events] == sorted(e["elapsed"] for e in events)

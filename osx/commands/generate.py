@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from osx.runtime.backends import BACKENDS
+from osx.runtime.progress import SAMPLING_LOOPS
 from osx.runtime.video import CODECS
 
 
@@ -81,7 +82,7 @@ def generate(bundle, prompt, out, negative_prompt, seed, steps, guidance_scale, 
         request = pipe.prepare_request(prompt, negative_prompt, num_frames=num_frames, height=height, width=width, fps=fps,
                                        steps=steps, guidance_scale=guidance_scale, seed=seed, **bucket)
         pixels = None if image is None else load_image(image)  # a bad file fails here, before any compute
-        show = _json_progress if progress_json else _BarProgress(request.steps)
+        show = _json_progress if progress_json else _BarProgress()
         try:
             frames = pipe.run(request, progress=show, image=pixels, condition=condition)
         finally:
@@ -111,24 +112,30 @@ def _json_progress(event: dict) -> None:
 
 
 class _BarProgress:
-    """A tqdm bar over the denoising steps (it/s), opened at the first step so that warnings from the
-    prompt stage print on their own lines; a line when the VAE is done."""
+    """A tqdm bar (it/s) per sampling loop (osx.runtime.progress.SAMPLING_LOOPS: t2i2v's image, then the
+    video), each opened at its first step so that warnings from the prompt stage print on their own lines; a
+    line when a decoder is done."""
 
-    def __init__(self, steps: int):
-        self.steps = steps
-        self.bar = None
+    LABELS = {"t2i": "image (Flux)", "denoise": "denoising"}
+
+    def __init__(self):
+        self.bar = self.phase = None
 
     def __call__(self, event: dict) -> None:
-        if event["phase"] == "denoise":
-            if self.bar is None:
+        phase = event["phase"]
+        if phase in SAMPLING_LOOPS:
+            if self.phase != phase:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=self.steps, desc="denoising", unit="it", file=sys.stderr, dynamic_ncols=True)
+                self.close()
+                self.bar = tqdm(total=event["total"], desc=self.LABELS[phase], unit="it", file=sys.stderr, dynamic_ncols=True)
+                self.phase = phase
             self.bar.update(event["step"] - self.bar.n)
-        elif event["phase"] == "vae_decode" and event["step"] == event["total"]:
+        elif phase in ("vae_decode", "t2i_decode") and event["step"] == event["total"]:
             self.close()
-            click.echo(f"decoded in {event['total']} VAE call(s)", err=True)
+            click.echo(f"decoded in {event['total']} VAE call(s)" if phase == "vae_decode" else "decoded the first frame", err=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        self.bar = None

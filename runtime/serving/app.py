@@ -30,6 +30,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from ray import serve
 
 from osx.errors import OsxError
+from osx.runtime.progress import Fractions
 from osx.runtime.serving.jobs import FINAL, JobStore
 from osx.runtime.shim import _GENERATE_OPTIONS, _parse_options, _ShimError
 
@@ -84,17 +85,15 @@ class Generator:
 
     def _progress(self, status: dict, request):
         """The pipeline's progress callback: progress into the store; False (stop) once cancelled.
-        Work units: the text encoder, each step, each VAE chunk, and writing the file."""
-        chunks = -(-self.pipeline.latent_shape(request)[2] // self.pipeline.model.vae.micro_z_frame_size)
-        total = 2 + request.steps + chunks
-        before = {"text_encoder": 0, "denoise": 1, "vae_decode": 1 + request.steps}
+        Work units: each step of each phase the pipeline announces (osx.runtime.progress), and writing the file."""
+        fractions = Fractions(self.pipeline.progress_phases(request), extra=1)
         t0 = time.perf_counter()
 
         def progress(event: dict) -> bool:
-            fraction = (before[event["phase"]] + event["step"]) / total
+            fraction = fractions(event)
             elapsed = time.perf_counter() - t0
             status["progress"] = {"phase": event["phase"], "step": event["step"], "total": event["total"],
-                                  "fraction": round(fraction, 4), "eta": round(elapsed * (1 - fraction) / fraction, 2)}
+                                  "fraction": round(fraction, 4), "eta": round(elapsed * (1 - fraction) / fraction, 2) if fraction else None}
             self.store.write(status)
             return not self.store.cancel_requested(status["id"])
 
