@@ -17,7 +17,8 @@ events, cancel, preload, release, timings); what differs is the model (design/op
   decode   the VAE decoder per spatial tile as Open-Sora tiles it (osx.vae_tiling), then the first F frames
            as uint8, clamped and rounded as Open-Sora saves them.
 
-Progress phases: "text_encoder" (step 1 = T5, 2 = CLIP), "denoise" (one per step), "vae_decode" (one per tile).
+Progress phases: "text_encoder" (step 1 = T5, 2 = CLIP), "denoise" (one per step), "vae_decode" (one per tile);
+`progress_phases(request)` announces them (osx.runtime.progress).
 Image / video conditioning (i2v, v2v) goes in `condition_on`: sampler_v2.condition builds the masks from the
 reference latents; this runtime does not run the VAE encoder for v2.0 yet and refuses `image`.
 """
@@ -167,6 +168,11 @@ class PipelineV2(Pipeline):
 
     def initial_noise(self, request: RequestV2) -> np.ndarray:
         return initial_noise(request.seed, self.latent_shape(request))
+
+    def progress_phases(self, request: RequestV2) -> list[tuple[str, int]]:
+        """The (phase, total) events `run(request)` reports, in order (osx.runtime.progress)."""
+        return [("text_encoder", len(self.tokenizers)), ("denoise", request.steps),
+                ("vae_decode", decode_tile_count(self.model.vae, self.latent_shape(request)))]
 
     def denoise(self, request: RequestV2, txt: np.ndarray, y_vec: np.ndarray, noise: np.ndarray | None = None,
                 progress: Progress | None = None, condition=None) -> np.ndarray:

@@ -58,3 +58,14 @@ def test_cli_bar_for_v1_2_events_is_unchanged(capsys):
         bar(e)
     err = capsys.readouterr().err
     assert "denoising: 100%" in err and "3/3" in err and "image" not in err and "decoded in 1 VAE call(s)" in err
+
+
+def test_v2_0_pipeline_announces_its_phases():
+    """Open-Sora v2.0 at 256px 16:9, 129 frames: T5 then CLIP, 50 steps, 1x2 VAE tiles (design doc 4.3)."""
+    from osx.models_v2 import OPENSORA_V2_0
+    from osx.runtime.pipeline_v2 import PipelineV2, RequestV2
+
+    pipe = object.__new__(PipelineV2)
+    pipe.model, pipe.tokenizers = OPENSORA_V2_0, {"text_encoder": None, "clip": None}
+    request = RequestV2("x", None, num_frames=129, height=192, width=336, fps=24, steps=50, guidance_scale=7.5, seed=1)
+    assert pipe.progress_phases(request) == [("text_encoder", 2), ("denoise", 50), ("vae_decode", 2)]
