@@ -12,6 +12,7 @@ Every file is written under a temporary name beside the target and renamed into 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import math
@@ -27,6 +28,7 @@ from osx.errors import OsxError
 log = logging.getLogger(__name__)
 
 CODECS = ("auto", "h264", "mp4v", "vp9")
+X264_THREADS = 4  # fixed, so the bytes do not depend on the machine (see _write_pyav)
 EXTENSIONS = {"h264": (".mp4", ".mkv", ".mov"), "mp4v": (".mp4",), "vp9": (".webm",)}
 
 
@@ -119,9 +121,27 @@ def _write_pyav(frames: np.ndarray, path: Path, fps: float, codec: str) -> None:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
+        # The same frames must give the same file (a served video equals `osx generate`'s). Measured with
+        # PyAV 18 (x264 core 165): x264's AVX-512 code wrote different files for the same frames depending
+        # on what ran before in the process (an onnxruntime denoising run, other encoders in other threads);
+        # its AVX2, SSE2 and plain C code did not. So AVX-512 is left out (every AVX-512 CPU has AVX2). The
+        # thread count is fixed too: x264's output follows it, and its default follows the machine's cores.
+        stream.codec_context.thread_count = X264_THREADS
+        if _has_avx512():
+            stream.codec_context.options = {"x264-params": "asm=AVX2"}
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())  # flush
+
+
+@functools.cache
+def _has_avx512() -> bool:
+    """True where the CPU (Linux's /proc/cpuinfo) has AVX-512, which x264 would use (see _write_pyav)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False
 
 
 def _write_cv2(frames: np.ndarray, path: Path, fps: float, codec: str) -> None:

@@ -55,6 +55,43 @@ def test_h264_content_survives_and_odd_sizes_are_padded(tmp_path):
     assert np.abs(decoded[:, :33, :47].astype(int) - frames).mean() < 6  # lossy, but the same picture
 
 
+def _noisy_frames():
+    """Like the tiny bundle's frames: 34 noisy 64x64 frames."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:64, 0:64]
+    waves = np.sin(x[None, ..., None] / 5 + rng.normal(0, 1, (34, 1, 1, 3)).cumsum(0)) * np.cos(y[None, ..., None] / 7)
+    return np.clip(128 + 100 * waves + rng.normal(0, 10, (34, 64, 64, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("codec", ["h264", "mp4v"])
+def test_same_frames_give_the_same_file_from_threads(codec, tmp_path):
+    """What makes a served video equal `osx generate`'s: the file is a function of the frames. Written 12
+    times from 4 threads at once: with x264's AVX-512 code (before it was left out) 5-10 different files."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if codec == "h264" and not video.has_pyav():
+        pytest.skip("PyAV (the h264 extra) not installed")
+    frames = _noisy_frames()
+    with ThreadPoolExecutor(4) as pool:
+        paths = pool.map(lambda i: video.write_video(frames, tmp_path / f"{i}.mp4", fps=24, codec=codec), range(12))
+        files = {p.read_bytes() for p in paths}
+    assert len(files) == 1
+
+
+def test_same_frames_give_the_same_file_after_a_generation(tiny_bundle, tmp_path):
+    """The served-vs-CLI difference itself: a replica encodes after denoising in the same process, the
+    CLI too, after other work. With x264's AVX-512 code each write after a generation differed."""
+    if not video.has_pyav():
+        pytest.skip("PyAV (the h264 extra) not installed")
+    from osx.runtime.pipeline import Pipeline
+
+    pipe, frames, files = Pipeline.load(tiny_bundle, verify=False), _noisy_frames(), set()
+    for seed in range(3):
+        files.add(video.write_video(frames, tmp_path / f"{seed}.mp4", fps=24, codec="h264").read_bytes())
+        pipe.generate("a fox", seed=seed, steps=2)
+    assert len(files) == 1
+
+
 def test_auto_codec_and_log_line(tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="osx.runtime.video")
     assert video.resolve_codec("a.webm") == "vp9"
