@@ -20,7 +20,29 @@ def test_job_lifecycle_is_atomic_and_claims_are_exclusive(tmp_path):
     done = store.update(job["id"], state="cancelled")
     assert done["finished"] == done["updated"]
     # only the status and the markers: no temporary file left behind
-    assert sorted(p.name for p in (tmp_path / "store" / job["id"]).iterdir()) == ["cancel", "claim.1", "claim.2", "status.json"]
+    assert sorted(p.name for p in (tmp_path / "store" / job["id"]).iterdir()) == ["cancel", "claim.1", "claim.2", "status.1.json"]
+
+
+def test_a_dead_replicas_late_write_cannot_overwrite_the_retry(tmp_path):
+    """Ray can report a replica dead while its process still writes a progress update: the retry's
+    status (attempt 2, retried_because) must survive it, and so must everything attempt 2 writes."""
+    store = JobStore(tmp_path / "store").check()
+    job = store.create("tiny", {"prompt": "x"})
+    assert store.claim(job["id"], 1)
+    zombie = store.update(job["id"], state="running", progress={"step": 2})
+    store.write({**store.read(job["id"]), "state": "queued", "attempt": 2, "progress": None, "retried_because": "died"})
+    store.write({**zombie, "progress": {"step": 3}})  # the dead replica's late write (attempt 1)
+    assert store.claim(job["id"], 2)
+    status = store.read(job["id"])
+    assert status["state"] == "queued" and status["attempt"] == 2 and status["retried_because"] == "died"
+    store.write({**status, "state": "succeeded"})
+    store.write({**zombie, "progress": {"step": 4}})
+    assert store.read(job["id"])["state"] == "succeeded" and store.read(job["id"])["retried_because"] == "died"
+    # the ingress failing attempt 2 for good writes as the holder of claim 3, outranking attempt 2's writes
+    assert store.claim(job["id"], 3)
+    store.write({**status, "state": "failed"}, epoch=3)
+    store.write({**status, "progress": {"step": 9}})
+    assert store.read(job["id"])["state"] == "failed" and store.read(job["id"])["attempt"] == 2
 
 
 def test_ids_never_leave_the_store(tmp_path):

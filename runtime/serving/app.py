@@ -208,7 +208,7 @@ class Ingress:
                         self.store.write({**status, "state": "queued", "attempt": 2, "progress": None, "retried_because": reason})
                     elif self.store.claim(job_id, attempt + 1):  # no replica will write to it any more
                         final = "cancelled" if self.store.cancel_requested(job_id) else "failed"
-                        self.store.write({**status, "state": final, "error": f"{reason}; tried {attempt} time(s)"})
+                        self.store.write({**status, "state": final, "error": f"{reason}; tried {attempt} time(s)"}, epoch=attempt + 1)
                         break
         finally:
             self.open[name].pop(job_id, None)
@@ -246,7 +246,8 @@ class Ingress:
         self.store.request_cancel(job_id)
         attempt = self.open.get(status["model"], {}).get(job_id, status["attempt"])
         if self.store.claim(job_id, attempt):  # no replica has started it: it ends here
-            status = self.store.write({**self.store.read(job_id), "state": "cancelled", "error": "cancelled before it started"})
+            status = self.store.write({**self.store.read(job_id), "state": "cancelled", "error": "cancelled before it started"},
+                                      epoch=attempt)
         return JSONResponse({**status, "cancel_requested": True}, status_code=202)
 
     async def _sweep(self) -> None:

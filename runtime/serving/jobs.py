@@ -1,7 +1,8 @@
 """The jobs of `osx serve`, kept as files in one folder that the ingress and every replica can read
 (`--store`; shared storage when replicas run on several machines).
 
-    STORE/<id>/status.json   the job: state, progress, error, request, times; replaced atomically
+    STORE/<id>/status.<n>.json  the job: state, progress, error, request, times; replaced atomically by
+                             the writer of attempt n (see below); the highest n is the job's status
     STORE/<id>/video.mp4     the result, renamed into place before the state says `succeeded`
     STORE/<id>/cancel        present once someone asked to cancel it
     STORE/<id>/claim.<n>     who runs attempt n: created exclusively (O_EXCL) by the replica that starts
@@ -9,7 +10,10 @@
 
 States: queued -> running -> succeeded | failed | cancelled. One writer at a time, decided by the claim:
 the ingress until a replica claims the attempt, then that replica; the ingress again only after that
-replica died. Finished jobs are removed `keep` seconds after they finished.
+replica died. A replica that Ray reported dead can still be running for a moment and write: its writes
+go to its own attempt's file, which the next attempt's file outranks, so it can overwrite nothing (it
+once overwrote the retry's "queued, retried_because" status). Finished jobs are removed `keep` seconds
+after they finished.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from osx.errors import OsxError
 
 FINAL = ("succeeded", "failed", "cancelled")
 _ID = re.compile(r"vid_[0-9a-f]{24}")
+_STATUS = re.compile(r"status\.(\d+)\.json")
 
 
 class JobStore:
@@ -64,18 +69,21 @@ class JobStore:
         return status
 
     def read(self, job_id: str) -> dict | None:
+        """The job's status: its highest-numbered status file."""
         folder = self.folder(job_id)
         try:
-            return json.loads((folder / "status.json").read_text()) if folder else None
+            epochs = [int(m.group(1)) for m in map(_STATUS.fullmatch, os.listdir(folder)) if m] if folder else []
+            return json.loads((folder / f"status.{max(epochs)}.json").read_text()) if epochs else None
         except (OSError, ValueError):
             return None
 
-    def write(self, status: dict) -> dict:
-        """Replace status.json atomically (temp file in the same folder + rename)."""
+    def write(self, status: dict, epoch: int | None = None) -> dict:
+        """Replace the status file of `epoch` (default: the status's attempt) atomically (temp file in the
+        same folder + rename). The writer must hold that claim, or be the ingress before anyone does."""
         status["updated"] = time.time()
         if status["state"] in FINAL and not status.get("finished"):
             status["finished"] = status["updated"]
-        path = self.root / status["id"] / "status.json"
+        path = self.root / status["id"] / f"status.{status['attempt'] if epoch is None else epoch}.json"
         tmp = path.with_name(f".status.{secrets.token_hex(4)}.tmp")
         try:
             tmp.write_text(json.dumps(status))
