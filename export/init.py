@@ -12,6 +12,9 @@ so parity tests would not see errors there. Norm scales are 1 + N(0, 0.02), bias
 from __future__ import annotations
 
 import hashlib
+import os
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -61,3 +64,27 @@ def seeded_init_(module: torch.nn.Module, seed: int, std: float | None = None, l
     for name, tensor in seeded_targets(module, learned_buffers):
         tensor.copy_(seeded_value(module, name, tuple(tensor.shape), seed, std))
     return module
+
+
+def write_random_part(factory: Callable[[], torch.nn.Module], path: str | os.PathLike, dtype: torch.dtype, seed: int,
+                      std: float | None = None) -> Path:
+    """The seeded random weights of the module `factory` builds (exactly `seeded_init_(module, seed, std)`'s
+    values, cast to `dtype`) as a safetensors file with the module's tensor names, written one tensor at a
+    time: a model larger than RAM gets its random checkpoint without ever being built."""
+    from osx.export.checkpoint import tied_names, write_safetensors_streamed
+    from osx.export.stream import trainable_params_on_meta
+
+    with trainable_params_on_meta():
+        module = factory()
+    random = {name for name, _ in seeded_targets(module)}
+    state, aliases, tensors = module.state_dict(keep_vars=True), tied_names(module), {}
+    for name, t in state.items():
+        if not any(a in tensors for a in aliases.get(name, ())):  # a tied tensor is stored once
+            tensors[name] = (tuple(t.shape), dtype if t.is_floating_point() else t.dtype)
+
+    def make(name: str) -> torch.Tensor:
+        if name in random:
+            return seeded_value(module, name, tensors[name][0], seed, std)
+        return state[name].detach()  # a constant the module computes (RoPE frequencies, VAE scale/shift)
+
+    return write_safetensors_streamed(path, tensors, make)

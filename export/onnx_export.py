@@ -79,18 +79,25 @@ class SpecModule(torch.nn.Module):
     """Calls a component's torch module with the spec's inputs (in spec order) and returns exactly the
     spec's outputs, so the exported graph's signature is the spec's.
 
-    The reference modules' own signatures differ per component: STDiT3 returns 8 channels of which the
-    denoiser spec keeps the first `in_channels` (the 4 "sigma" channels are unused at inference); the
-    VAE exports one chunk each way. Any other spec name calls `module(*inputs)`.
+    `adapter`: a family's forward adapter (osx.families.Family.forward_adapter, resolved): (component name,
+    module) -> the callable that takes the spec's inputs. Without one, the Open-Sora v1.2 modules' own
+    signatures: STDiT3 returns 8 channels of which the denoiser spec keeps the first `in_channels` (the 4
+    "sigma" channels are unused at inference); the VAE exports one chunk each way; any other spec name
+    calls `module(*inputs)`.
     """
 
-    def __init__(self, module: torch.nn.Module, spec: ComponentSpec):
+    def __init__(self, module: torch.nn.Module, spec: ComponentSpec, adapter: Callable | None = None):
         super().__init__()
         self.module = module
         self.spec = spec
+        # set past nn.Module's registration: an adapter may return the module itself, which must not be
+        # registered a second time (its weights would get a second name)
+        object.__setattr__(self, "call", adapter(spec.name, module) if adapter is not None else None)
 
     def forward(self, *inputs: torch.Tensor):
         m, name = self.module, self.spec.name
+        if self.call is not None:
+            return self.call(*inputs)
         if name == "denoiser":
             return m(*inputs)[:, : self.spec.outputs[0].shape[1]]
         if name == "vae_decoder" and hasattr(m, "decode_chunk"):
@@ -184,6 +191,7 @@ def export_component(
     sample_sizes: dict[str, int] | None = None,
     external_data_threshold: int = EXTERNAL_DATA_BYTES,
     progress: Callable[[str], None] | None = None,
+    adapter: Callable | None = None,
 ) -> ExportInfo:
     """Export `module` as `spec` to `path` (an .onnx file; `<path>.data` beside it if the weights are
     over `external_data_threshold` bytes). The module is cast in place to `dtype` and put in eval mode.
@@ -195,7 +203,7 @@ def export_component(
     """
     _check_args(dtype, opset)
     module.to(DTYPES[dtype][1]).eval()
-    return _export(module, spec, path, dtype, opset, sample_sizes, external_data_threshold, progress)[0]
+    return _export(module, spec, path, dtype, opset, sample_sizes, external_data_threshold, progress, adapter=adapter)[0]
 
 
 def export_streamed(
@@ -208,6 +216,7 @@ def export_streamed(
     sample_sizes: dict[str, int] | None = None,
     external_data_threshold: int = EXTERNAL_DATA_BYTES,
     progress: Callable[[str], None] | None = None,
+    adapter: Callable | None = None,
 ) -> ExportInfo:
     """`export_component` for an `osx.export.stream.Weights` (a module on the meta device + its
     checkpoint): traced without weights, each initializer streamed from the checkpoint and cast to
@@ -216,7 +225,8 @@ def export_streamed(
 
     _check_args(dtype, opset)
     weights.module.to(DTYPES[dtype][1])
-    info, sources = _export(weights.module, spec, path, dtype, opset, sample_sizes, external_data_threshold, progress, weights)
+    info, sources = _export(weights.module, spec, path, dtype, opset, sample_sizes, external_data_threshold, progress, weights,
+                            adapter)
     (progress or (lambda m: None))(f"checking {info.file}'s initializers against the checkpoint (sha256, one at a time)")
     info.weights_check = check_initializers(path, sources, weights)
     return info
@@ -230,7 +240,7 @@ def _check_args(dtype: str, opset: int) -> None:
 
 
 def _export(module, spec, path, dtype, opset, sample_sizes, external_data_threshold, progress,
-            weights=None) -> tuple[ExportInfo, dict | None]:
+            weights=None, adapter=None) -> tuple[ExportInfo, dict | None]:
     """The export steps both entry points share; with `weights`, initializers are streamed (and the
     map of initializer -> checkpoint key is returned beside the info)."""
     say = progress or (lambda msg: None)
@@ -246,7 +256,7 @@ def _export(module, spec, path, dtype, opset, sample_sizes, external_data_thresh
         say(f"tracing {spec.name} ({dtype}, opset {opset}{', weights streamed from the checkpoint' if weights else ''}) "
             f"at {_fmt_sizes(sizes)}")
         with torch.no_grad(), _quiet():
-            program, dropped = trace(SpecModule(module, spec), spec, sizes)
+            program, dropped = trace(SpecModule(module, spec, adapter), spec, sizes)
             names = dict(input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs])
             if weights is None:
                 torch.onnx.export(program, (), raw, opset_version=opset, **names,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -88,7 +89,7 @@ def build_reference_v2(
         seed = cfg.random_init_seed if seed is None else seed
         for module in modules.values():
             seeded_init_(module, seed)
-        t5_tok, clip_tok = build_tiny_tokenizer(cfg.t5), build_tiny_clip_tokenizer(cfg.clip)
+        paths = None
     else:
         paths = resolve_parts(checkpoint, **(parts or {}))
         # The large parts are built without memory and take the checkpoint's tensors, read one at a time and
@@ -97,19 +98,39 @@ def build_reference_v2(
         modules = build_modules(cfg, meta=("mmdit", "t5"))
         for part, module in modules.items():
             load_part(module, paths[part], part, dtype=dtype)
-        t5_tok = convert_t5_sentencepiece(_required(paths["t5"], "spiece.model", "T5"))
-        clip_tok = Tokenizer.from_file(str(_required(paths["clip"], "tokenizer.json", "CLIP")))
+    toks = tokenizers(cfg, paths)
     for module in modules.values():
         module.to(device, dtype).eval().requires_grad_(False)
-    return ReferenceV2(cfg, modules["t5"], modules["clip"], modules["mmdit"], modules["vae"], t5_tok, clip_tok)
+    return ReferenceV2(cfg, modules["t5"], modules["clip"], modules["mmdit"], modules["vae"], toks["text_encoder"], toks["clip"])
+
+
+# --- what the exporter builds from (the family declaration's `export_parts`) -----------------------------
+
+
+def part_factories(cfg: OpenSoraV2Config) -> dict[str, Callable[[], torch.nn.Module]]:
+    """How to build each checkpoint part's torch module (float32, weights left to the caller)."""
+    return {"t5": lambda: T5TextEncoder(cfg.t5), "clip": lambda: CLIPTextEncoder(cfg.clip),
+            "mmdit": lambda: MMDiT(cfg.mmdit), "vae": lambda: HunyuanVideoVAE(cfg.vae)}
+
+
+def random_init_std(cfg: OpenSoraV2Config) -> dict[str, float | None]:
+    """Random weights' std per part: None, each tensor's own 1/sqrt(fan_in) (osx.export.init)."""
+    return dict.fromkeys(part_factories(cfg))
+
+
+def tokenizers(cfg: OpenSoraV2Config, paths: dict[str, os.PathLike] | None) -> dict[str, Tokenizer]:
+    """{text encoder component: tokenizer}: the tiny deterministic ones for random weights, else the T5
+    folder's sentencepiece model (converted) and the CLIP folder's tokenizer.json."""
+    if paths is None:
+        return {"text_encoder": build_tiny_tokenizer(cfg.t5), "clip": build_tiny_clip_tokenizer(cfg.clip)}
+    return {"text_encoder": convert_t5_sentencepiece(_required(paths["t5"], "spiece.model", "T5")),
+            "clip": Tokenizer.from_file(str(_required(paths["clip"], "tokenizer.json", "CLIP")))}
 
 
 def build_modules(cfg: OpenSoraV2Config, meta: tuple[str, ...] = ()) -> dict[str, torch.nn.Module]:
     """The four parts, float32; those named in `meta` on the meta device (shapes only, no memory)."""
-    makers = {"t5": lambda: T5TextEncoder(cfg.t5), "clip": lambda: CLIPTextEncoder(cfg.clip),
-              "mmdit": lambda: MMDiT(cfg.mmdit), "vae": lambda: HunyuanVideoVAE(cfg.vae)}
     modules = {}
-    for part, make in makers.items():
+    for part, make in part_factories(cfg).items():
         with torch.device("meta" if part in meta else "cpu"):
             modules[part] = make()
     return modules

@@ -16,10 +16,9 @@ import torch
 from tokenizers import Tokenizer
 
 from osx.errors import CheckpointError, OsxError
-from osx.export.checkpoint import load_into, read_state_dict, tied_names, write_safetensors_streamed
-from osx.export.init import seeded_init_, seeded_targets, seeded_value
+from osx.export.checkpoint import load_into, read_state_dict
+from osx.export.init import seeded_init_, write_random_part
 from osx.export.stdit3 import STDiT3
-from osx.export.stream import trainable_params_on_meta
 from osx.export.t5 import T5TextEncoder
 from osx.export.tokenizer import build_tiny_tokenizer, convert_t5_sentencepiece
 from osx.export.vae import VideoAutoencoder
@@ -118,21 +117,11 @@ def build_tokenizer(model_cfg: ModelConfig, checkpoint: dict[str, str | os.PathL
 def write_random_checkpoint(model_cfg: ModelConfig, part: str, path: str | os.PathLike, dtype: torch.dtype,
                             seed: int | None = None) -> Path:
     """The seeded random weights of one part (exactly `build_reference`'s values, cast to `dtype`) as a
-    safetensors file with the released checkpoint's tensor names, written one tensor at a time: a
-    model larger than RAM gets its random checkpoint without ever being built."""
+    safetensors file with the released checkpoint's tensor names (osx.export.init.write_random_part)."""
     seed = model_cfg.random_init_seed if seed is None else seed
-    with trainable_params_on_meta():
-        module = part_factories(model_cfg)[part]()
-    random = {name for name, _ in seeded_targets(module)}
-    state, aliases, tensors = module.state_dict(keep_vars=True), tied_names(module), {}
-    for name, t in state.items():
-        if not any(a in tensors for a in aliases.get(name, ())):  # a tied tensor is stored once
-            tensors[name] = (tuple(t.shape), dtype if t.is_floating_point() else t.dtype)
-    std = random_init_std(model_cfg)[part]
+    return write_random_part(part_factories(model_cfg)[part], path, dtype, seed, random_init_std(model_cfg)[part])
 
-    def make(name: str) -> torch.Tensor:
-        if name in random:
-            return seeded_value(module, name, tensors[name][0], seed, std)
-        return state[name].detach()  # a constant the module computes (RoPE frequencies, VAE scale/shift)
 
-    return write_safetensors_streamed(path, tensors, make)
+def tokenizers(model_cfg: ModelConfig, checkpoint: dict[str, str | os.PathLike] | None) -> dict[str, Tokenizer]:
+    """{text encoder component: tokenizer} (the exporter writes each into the bundle)."""
+    return {"text_encoder": build_tokenizer(model_cfg, checkpoint)}

@@ -70,7 +70,9 @@ class Weights:
             module = factory()
         self.reader, self.key_of = reader, key_of or (lambda name: name)
         self.aliases = tied_names(module)
-        self.constants = {k: v.detach().clone() for k, v in module.state_dict().items() if v.device.type != "meta"}
+        # computed constants: real buffers and frozen parameters, non-persistent buffers too (CLIP's position ids)
+        tensors = {**dict(module.named_buffers()), **module.state_dict()}
+        self.constants = {k: v.detach().clone() for k, v in tensors.items() if v.device.type != "meta"}
         keys = {self.key_of(k): k for k in module.state_dict()}
         shapes = {keys.get(k, k): reader.shape(k) for k in reader.keys()}
         check_fit(module, shapes, reader.source, recomputable, unused_ok)
@@ -101,6 +103,10 @@ class Weights:
             t = self.tensor(name)
             state[name] = t.to(dtype) if t.is_floating_point() and meta.is_floating_point() else t
         module.load_state_dict(state, assign=True)
+        for name, buf in list(module.named_buffers()):  # non-persistent buffers are in no state dict
+            if buf.is_meta and name in self.constants:
+                owner, _, leaf = name.rpartition(".")
+                module.get_submodule(owner)._buffers[leaf] = self.constants[name]
         self.module = None  # the meta module now holds real weights; it is the caller's
         return module.eval().requires_grad_(False)
 

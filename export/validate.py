@@ -54,10 +54,12 @@ def validation_shapes(spec: ComponentSpec) -> list[dict[str, int]]:
     return [low, high] if high != low else [low]
 
 
-def torch_reference(module: torch.nn.Module, spec: ComponentSpec, shapes: list[dict[str, int]], dtype: str) -> list[Case]:
-    """Run the module as `spec` (at `dtype`) on seeded sample inputs at each shape."""
+def torch_reference(module: torch.nn.Module, spec: ComponentSpec, shapes: list[dict[str, int]], dtype: str,
+                    adapter=None) -> list[Case]:
+    """Run the module as `spec` (at `dtype`; `adapter`: the family's forward adapter, see SpecModule) on
+    seeded sample inputs at each shape."""
     spec = spec.with_precision(DTYPES[dtype][0])
-    wrapper = SpecModule(module, spec).eval()
+    wrapper = SpecModule(module, spec, adapter).eval()
     cases = []
     for i, sizes in enumerate(shapes):
         inputs = spec.sample_inputs(sizes, seed=i)
@@ -120,10 +122,11 @@ def compare_onnx(onnx_path: str | os.PathLike, spec: ComponentSpec, cases: list[
 
 
 def validate_component(module: torch.nn.Module, onnx_path: str | os.PathLike, spec: ComponentSpec,
-                       shapes: list[dict[str, int]], dtype: str = "fp32", tolerance: float | None = None) -> list[dict]:
+                       shapes: list[dict[str, int]], dtype: str = "fp32", tolerance: float | None = None,
+                       adapter=None) -> list[dict]:
     """Compare `onnx_path` (onnxruntime CPU) with `module` (torch) at each of `shapes`; rows of errors.
     Raises ValidationError naming component, output and error when above the tolerance."""
-    return compare_onnx(onnx_path, spec, torch_reference(module, spec, shapes, dtype), dtype, tolerance)
+    return compare_onnx(onnx_path, spec, torch_reference(module, spec, shapes, dtype, adapter), dtype, tolerance)
 
 
 def _compare(component: str, sizes: dict, output: str, expected: np.ndarray, actual: np.ndarray, tol: float,

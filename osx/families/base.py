@@ -48,6 +48,9 @@ class ComponentDecl:
     in_pipeline: bool = True  # text-to-video runs it (False: exported on request, e.g. the VAE encoder)
     quantizable: bool = False  # INT8/FP8 from calibrated Q/DQ graphs
     never_fp16: str | None = None  # why it must not run in float16 (None: it may)
+    no_bf16: str | None = None  # why its ONNX graph cannot be bfloat16 at opsets 18-20 (Conv has none before 22)
+    depth: tuple[str, ...] = ()  # config fields ("section.field") counting its blocks: validation of a model
+    #                              too large to run whole cuts them (osx.export.exporter.validation_config)
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,9 @@ class Family:
     prompt: PromptDecl
     reference: str  # "module:function": config, checkpoint parts or None -> the torch reference model
     forward_adapter: str | None = None  # "module:function": (component, module) -> what torch.onnx.export traces
+    # "module" providing part_factories(config) -> {part: module factory}, random_init_std(config) -> {part: std
+    # or None} and tokenizers(config, {part: path} or None) -> {text encoder: tokenizers.Tokenizer}
+    export_parts: str | None = None
     reference_dtype: str = "bf16"  # the dtype the reference rounds its conditioning to; "fp32" available
     extras: dict = field(default_factory=dict)
 

@@ -11,6 +11,7 @@ from osx.families.base import ComponentDecl, Family, PromptDecl, SamplerDecl, We
 from osx.models import OPENSORA_V1_2, OPENSORA_V1_2_TINY, ModelConfig, SchedulerConfig, latent_frames
 
 T5_FP16 = "T5 v1.1 overflows in float16 (its feed-forward activations exceed 65504)"
+CONVOLUTIONS = "convolutions"
 
 # --- the four components ---------------------------------------------------------------------------
 
@@ -80,10 +81,12 @@ OPENSORA_V1_2_FAMILY = Family(
     configs={c.name: c for c in (OPENSORA_V1_2, OPENSORA_V1_2_TINY)},
     config_from_dict=ModelConfig.from_dict,
     components=(
-        ComponentDecl("text_encoder", module="text_encoder", weights="t5", quantizable=True, never_fp16=T5_FP16),
-        ComponentDecl("denoiser", module="denoiser", weights="denoiser", quantizable=True),
-        ComponentDecl("vae_decoder", module="vae", weights="vae"),
-        ComponentDecl("vae_encoder", module="vae", weights="vae", in_pipeline=False),  # image-to-video only
+        ComponentDecl("text_encoder", module="text_encoder", weights="t5", quantizable=True, never_fp16=T5_FP16,
+                      depth=("text_encoder.num_layers",)),
+        ComponentDecl("denoiser", module="denoiser", weights="denoiser", quantizable=True, no_bf16="Conv3d patch embedding",
+                      depth=("denoiser.depth",)),
+        ComponentDecl("vae_decoder", module="vae", weights="vae", no_bf16=CONVOLUTIONS),
+        ComponentDecl("vae_encoder", module="vae", weights="vae", in_pipeline=False, no_bf16=CONVOLUTIONS),  # image-to-video only
     ),
     component_specs=v1_2_component_specs,
     weights=(
@@ -95,5 +98,6 @@ OPENSORA_V1_2_FAMILY = Family(
     sampler=SamplerDecl(kind="rectified-flow-v1.2", guidance_passes=2, cfg_batching=True, defaults=SchedulerConfig()),
     prompt=PromptDecl(kind="aesthetic-score"),
     reference="osx.export.reference:build_reference",
+    export_parts="osx.export.reference",
     reference_dtype="bf16",
 )

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from osx.components import FLOAT, ComponentSpec, DimRange, TensorSpec
 from osx.families.base import ComponentDecl, Family, PromptDecl, SamplerDecl, TokenizerDecl, WeightSource
-from osx.families.opensora_v1_2 import T5_FP16
+from osx.families.opensora_v1_2 import CONVOLUTIONS, T5_FP16
 from osx.models_v2 import (
     OPENSORA_V2_0, OPENSORA_V2_0_TINY, OpenSoraV2Config, SamplerV2Config, bucket_sizes, image_size, image_tokens,
     latent_frames_v2,
@@ -129,11 +129,12 @@ OPENSORA_V2_0_FAMILY = Family(
     configs={c.name: c for c in (OPENSORA_V2_0, OPENSORA_V2_0_TINY)},
     config_from_dict=OpenSoraV2Config.from_dict,
     components=(
-        ComponentDecl("text_encoder", module="t5", weights="t5", never_fp16=T5_FP16),
+        ComponentDecl("text_encoder", module="t5", weights="t5", never_fp16=T5_FP16, depth=("t5.num_layers",)),
         ComponentDecl("clip", module="clip", weights="clip"),
-        ComponentDecl("denoiser", module="mmdit", weights="mmdit", quantizable=True),
-        ComponentDecl("vae_decoder", module="vae", weights="vae"),
-        ComponentDecl("vae_encoder", module="vae", weights="vae", in_pipeline=False),  # image/video-to-video only
+        ComponentDecl("denoiser", module="mmdit", weights="mmdit", quantizable=True,
+                      depth=("mmdit.depth", "mmdit.depth_single_blocks")),
+        ComponentDecl("vae_decoder", module="vae", weights="vae", no_bf16=CONVOLUTIONS),
+        ComponentDecl("vae_encoder", module="vae", weights="vae", in_pipeline=False, no_bf16=CONVOLUTIONS),  # i2v / v2v
     ),
     component_specs=v2_0_component_specs,
     # Released names: export/checkpoint_v2.py RELEASED_NAMES. The MMDiT is told from Flux.1-dev (same class and
@@ -151,5 +152,7 @@ OPENSORA_V2_0_FAMILY = Family(
     prompt=PromptDecl(kind="fps-motion-score", tokenizers=(TokenizerDecl("text_encoder", "tokenizer.json"),
                                                            TokenizerDecl("clip", "clip_tokenizer.json", CLIP_PAD))),
     reference="osx.export.pipeline_v2:build_reference_v2",
+    forward_adapter="osx.export.adapters_v2:forward_adapter",
+    export_parts="osx.export.pipeline_v2",
     reference_dtype="bf16",
 )
