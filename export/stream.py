@@ -61,11 +61,12 @@ class Weights:
 
     `factory()` is built with its parameters on the meta device; `check_fit` compares the checkpoint's
     names and shapes (read from headers) with the module before anything is traced (`unused_ok`: the
-    module may use a subset, e.g. the first blocks of a deep model for validation)."""
+    module may use a subset, e.g. the first blocks of a deep model for validation; `unused_prefixes`: keys
+    the released file holds beyond the module, e.g. CLIP's vision tower, osx.families.WeightSource)."""
 
     def __init__(self, factory: Callable[[], torch.nn.Module], reader: CheckpointReader,
                  key_of: Callable[[str], str] | None = None, recomputable: tuple[str, ...] = ("rope.freqs",),
-                 unused_ok: bool = False):
+                 unused_ok: bool = False, unused_prefixes: tuple[str, ...] = ()):
         with trainable_params_on_meta():
             module = factory()
         self.reader, self.key_of = reader, key_of or (lambda name: name)
@@ -74,7 +75,7 @@ class Weights:
         tensors = {**dict(module.named_buffers()), **module.state_dict()}
         self.constants = {k: v.detach().clone() for k, v in tensors.items() if v.device.type != "meta"}
         keys = {self.key_of(k): k for k in module.state_dict()}
-        shapes = {keys.get(k, k): reader.shape(k) for k in reader.keys()}
+        shapes = {keys.get(k, k): reader.shape(k) for k in reader.keys() if not k.startswith(unused_prefixes) or k in keys}
         check_fit(module, shapes, reader.source, recomputable, unused_ok)
         self.module = module.to("meta").eval().requires_grad_(False)
 

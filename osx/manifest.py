@@ -12,7 +12,8 @@ Format version 2 (version 1 is read and upgraded: its `profile` section becomes 
                 onnxruntime_file (the graph fused for onnxruntime, NAME.ort.onnx),
                 engines (EngineEntry: file, complete key with the buckets and shape profiles it was built
                 for, onnx_file, runtime package, load_one_at_a_time), plus stage reports kept verbatim
-    tokenizer:  {file, max_length}
+    tokenizer:  {file, max_length} of the (first) text encoder's tokenizer; with several text encoders also
+                `encoders`: {component: {file, max_length, pad_token}} (the family's PromptDecl)
     scheduler:  the family's sampler settings
     runtime:    RuntimeSettings the runtime reads for ONNX components (engines carry their own)
     plan:       the planner's report of the export, for people; the runtime never reads it
@@ -212,7 +213,8 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def referenced_files(self) -> list[str]:
-        return [self.tokenizer["file"], *(f for c in self.components.values() for f in c.referenced_files())]
+        tokenizers = dict.fromkeys([self.tokenizer["file"], *(e["file"] for e in self.tokenizer.get("encoders", {}).values())])
+        return [*tokenizers, *(f for c in self.components.values() for f in c.referenced_files())]
 
     def replace(self, **changes) -> "Manifest":
         return dataclasses.replace(self, **changes)
@@ -247,6 +249,9 @@ class Manifest:
         model.get("name", str), model.get("family", str), model.get("config", dict)
         tokenizer = r.sub("tokenizer")
         tokenizer.get("file", str), tokenizer.get("max_length", int)
+        encoders = tokenizer.sub("encoders", {})
+        for n in encoders.d:
+            encoders.sub(n).get("file", str), encoders.sub(n).get("max_length", int)
         runtime = r.sub("runtime", {})
         files = r.sub("files")
         components = r.sub("components")
