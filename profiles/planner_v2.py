@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from osx.components import DimRange
 from osx.errors import InputError, OsxError
 from osx.families import component_specs
+from osx.families.opensora_v2_0 import t2i_component_specs
 from osx.models_v2 import (
     T2I_CONFIGS, MMDiTConfig, OpenSoraV2Config, T2IConfig, aspect_buckets, check_frames, image_size, latent_frames_v2,
     latent_shape,
@@ -197,12 +198,9 @@ def weight_bytes_v2(cfg: OpenSoraV2Config, component: str, precision: str) -> in
 
 def _full_dims(cfg: OpenSoraV2Config, component: str, cfg_batching: bool) -> dict[str, DimRange]:
     """The model's whole range (the CPU plan): the family's component spec, every bucket, 1 to max frames;
-    t2i2v's (not in the family's specs yet): every training bucket of the image."""
-    if component in T2I_COMPONENTS:
-        sizes = aspect_buckets(int(T2I_CONFIGS[cfg.name].image_resolution[:-2]), training=True).values()
-        lat = latent_dims(cfg, Bucket(max(h for h, _ in sizes), max(w for _, w in sizes), 1))
-        return _dims(cfg, component, lat, cfg_batching, low=1)
-    dims = dict(component_specs(cfg)[component].dims)
+    t2i2v's: every training bucket of the image."""
+    specs = t2i_component_specs(cfg) if component in T2I_COMPONENTS else component_specs(cfg)
+    dims = dict(specs[component].dims)
     if not cfg_batching and component == "denoiser":
         dims["batch"] = DimRange(1, 1, 1)
     return dims

@@ -51,6 +51,7 @@ from osx.runtime.request import MAX_FPS, MAX_GUIDANCE_SCALE, MAX_SEED, as_float,
 from osx.runtime.tokenizer import TextTokenizer, check_vocabulary
 from osx.runtime.video import to_uint8_frames
 
+OPTIONAL_COMPONENTS = ("vae_encoder", "t2i_denoiser", "t2i_decoder")  # loaded when the bundle has them
 SAMPLER = "rectified-flow-v1.2"  # the sampler kind (osx.families.SamplerDecl) this loop implements
 
 
@@ -119,7 +120,8 @@ class Pipeline:
         missing = [c for c in cls.required_components(bundle) if c not in bundle.components]
         if missing:
             raise BundleError(f"{bundle.root}: bundle lacks {', '.join(missing)}", hint="re-export it with `osx export`")
-        used = cls.required_components(bundle) + (("vae_encoder",) if "vae_encoder" in bundle.components else ())  # image conditioning
+        # optional: the VAE encoder (image conditioning), Flux.1-dev and its decoder (v2.0's t2i2v image step)
+        used = cls.required_components(bundle) + tuple(c for c in OPTIONAL_COMPONENTS if c in bundle.components)
         return cls(bundle, {c: create_backend(bundle, c, backend) for c in used})
 
     @classmethod

@@ -203,6 +203,8 @@ def test_progress_events_and_cancelling(pipe):
     assert frames.shape == (9, 64, 64, 3)
     assert [(e["phase"], e["step"], e["total"]) for e in events] == [
         ("text_encoder", 1, 2), ("text_encoder", 2, 2), ("denoise", 1, 3), ("denoise", 2, 3), ("denoise", 3, 3), ("vae_decode", 1, 1)]
+    announced = pipe.progress_phases(pipe.prepare_request(PROMPT, steps=3))  # what osx serve weighs its fraction by
+    assert [(p, n) for p, n in announced for _ in range(n)] == [(e["phase"], e["total"]) for e in events]
     assert set(pipe.timings) >= {"text_encoder_s", "denoise_s", "steps", "vae_decode_s", "total_s"} and len(pipe.timings["steps"]) == 3
 
     calls = pipe.backends["denoiser"].calls

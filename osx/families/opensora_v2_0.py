@@ -32,8 +32,8 @@ from osx.components import FLOAT, ComponentSpec, DimRange, TensorSpec
 from osx.families.base import ComponentDecl, Family, PromptDecl, SamplerDecl, TokenizerDecl, WeightSource
 from osx.families.opensora_v1_2 import CONVOLUTIONS, T5_FP16
 from osx.models_v2 import (
-    OPENSORA_V2_0, OPENSORA_V2_0_TINY, OpenSoraV2Config, SamplerV2Config, bucket_sizes, image_size, image_tokens,
-    latent_frames_v2,
+    OPENSORA_V2_0, OPENSORA_V2_0_TINY, T2I_CONFIGS, OpenSoraV2Config, SamplerV2Config, aspect_buckets, bucket_sizes, image_size,
+    image_tokens, latent_frames_v2, t2i_image_size,
 )
 
 CLIP_PAD = "<|endoftext|>"  # CLIP pads with its EOS
@@ -122,6 +122,45 @@ def v2_0_component_specs(cfg: OpenSoraV2Config) -> dict[str, ComponentSpec]:
               "latent_height": lat_h, "latent_width": lat_w},
     )
     return {s.name: s for s in (text_encoder, clip_spec, denoiser, vae_decoder, vae_encoder)}
+
+
+def t2i_component_specs(cfg: OpenSoraV2Config) -> dict[str, ComponentSpec]:
+    """t2i2v's image step (osx.models_v2.T2I_CONFIGS; runtime/sampler_flux.py), optional components of a v2.0
+    bundle: Flux.1-dev with the denoiser's packed I/O (its `guidance` scale instead of `cond`, interleaved RoPE
+    tables) over one latent frame, and Flux's AE decoder (its own z / 0.3611 + 0.1159 inside) on one image.
+    Ranges: every training bucket of the image resolution (osx.models_v2.aspect_buckets)."""
+    t2i = T2I_CONFIGS[cfg.name]
+    m, L, p = t2i.mmdit, cfg.t5.max_length, t2i.mmdit.patch_size
+    sizes = list(aspect_buckets(int(t2i.image_resolution[:-2]), training=True).values())
+    latent = [(p * -(-h // (8 * p)), p * -(-w // (8 * p))) for h, w in sizes]
+    tokens = sorted(h * w // p**2 for h, w in latent)
+    opt_h, opt_w = (p * -(-n // (8 * p)) for n in t2i_image_size(t2i, cfg.defaults.aspect_ratio))  # the default video's
+    packed = ("batch", "tokens", m.in_channels)
+    flux = ComponentSpec(
+        name="t2i_denoiser",
+        inputs=(
+            TensorSpec("img", FLOAT, packed, "normal", "noisy image latent, 2x2-packed"),
+            TensorSpec("txt", FLOAT, ("batch", L, m.context_in_dim), "normal", "T5 states of the raw prompt"),
+            TensorSpec("timestep", "float32", ("batch",), "uniform:0:1", "rectified-flow time t in [0, 1]"),
+            TensorSpec("y_vec", FLOAT, ("batch", m.vec_in_dim), "normal", "CLIP pooled output"),
+            TensorSpec("guidance", "float32", ("batch",), "uniform:1:8", "the distilled guidance scale (4.0), embedded like t"),
+            TensorSpec("rope_cos", "float32", ("tokens", m.head_dim), "uniform:-1:1",
+                       "RoPE cos of the image tokens, interleaved pairs (osx.models_v2.rope_tables)"),
+            TensorSpec("rope_sin", "float32", ("tokens", m.head_dim), "uniform:-1:1", "RoPE sin of the image tokens"),
+        ),
+        outputs=(TensorSpec("v", FLOAT, packed, doc="velocity, packed like img"),),
+        dims={"batch": DimRange(1, 1, 1), "tokens": DimRange(tokens[0], opt_h * opt_w // p**2, tokens[-1])},
+    )
+    lat_h = DimRange(min(h for h, _ in latent), opt_h, max(h for h, _ in latent))
+    lat_w = DimRange(min(w for _, w in latent), opt_w, max(w for _, w in latent))
+    decoder = ComponentSpec(
+        name="t2i_decoder",
+        inputs=(TensorSpec("z", FLOAT, ("batch", t2i.ae.z_channels, "latent_height", "latent_width"), "normal",
+                           "the image latent (normalised, as Flux samples it)"),),
+        outputs=(TensorSpec("image", FLOAT, ("batch", 3, "8*latent_height", "8*latent_width"), doc="pixels about [-1, 1]"),),
+        dims={"batch": DimRange(1, 1, 1), "latent_height": lat_h, "latent_width": lat_w},
+    )
+    return {flux.name: flux, decoder.name: decoder}
 
 
 OPENSORA_V2_0_FAMILY = Family(
