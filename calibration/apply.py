@@ -31,16 +31,17 @@ VideoCheck = Callable[[Path], "dict | None"]
 def quantize_component(component: str, src: Path, dst: Path, precision: str, calib: CalibrationSet,
                        thresholds: gate_mod.Thresholds, *, backend: str = "onnxruntime",
                        video_check: VideoCheck | None = None, search: bool = True, heldout_limit: int | None = None,
+                       method: str = "static",
                        say: Callable[[str], None] = lambda m: None) -> tuple[gate_mod.GateResult, dict]:
-    """Quantize `src` to `dst` for `backend` (which picks the quantizer); returns the final gate result
-    and the component's report entry."""
+    """Quantize `src` to `dst` for `backend` (which picks the quantizer; `method`: INT8 on onnxruntime,
+    static or dynamic); returns the final gate result and the component's report entry."""
     calib_files = calib.shards("calibration", component)
     heldout = calib.shards("heldout", component)
-    quantizer = choose_quantizer(precision, component, backend, source_dtype(src))
+    quantizer = choose_quantizer(precision, component, backend, source_dtype(src), method)
     with tempfile.TemporaryDirectory(prefix=f"osx-{component}-quant-") as tmp:
         tmp = Path(tmp)
-        # onnxruntime: calibrate once, reuse the ranges in the search
-        cache = tmp / "ranges.json" if quantizer.tool == "onnxruntime" else None
+        # onnxruntime static: calibrate once, reuse the ranges in the search
+        cache = tmp / "ranges.json" if quantizer.tool == "onnxruntime" and quantizer.method == "static" else None
         # onnxruntime runs the Q/DQ graph fused like the fp32 one (osx.export.ort_optimize), so that is the
         # graph the gate judges; the unfused Q/DQ graph stays the portable one (TensorRT, `osx build`).
         fused = dst.with_name(dst.name.removesuffix(".onnx") + SUFFIX) if quantizer.tool == "onnxruntime" else None
@@ -153,20 +154,27 @@ class QuantizeStep:
     thresholds: gate_mod.Thresholds = field(default_factory=gate_mod.Thresholds)
     allow_quality_loss: bool = False
     search: bool = True  # when the gate fails: keep the most sensitive layers in full precision until it passes
+    int8_method: str = "static"  # INT8 on onnxruntime: "static" (calibrated Q/DQ) or "dynamic" (quantize.py)
 
     def check(self, precisions: dict[str, str], model_name: str, random_seed: int, checkpoint: dict | None) -> None:
+        if self.int8_method != "static" and "int8" not in precisions.values():
+            from osx.errors import OsxError
+
+            raise OsxError(f"--int8-method {self.int8_method} was given, but no component is planned at int8",
+                           hint="pass --precision int8 (or a --gpu profile that plans int8), or drop --int8-method")
         check_request(precisions, self.calibration, model_name, weights_identity(random_seed, checkpoint))
 
     def apply(self, bundle_dir: Path, manifest: Manifest, precisions: dict[str, str], say: Callable[[str], None]) -> Manifest:
         if self.calibration is None:
             return manifest
         return quantize_bundle(bundle_dir, manifest, precisions, self.calibration, self.thresholds,
-                               allow_quality_loss=self.allow_quality_loss, search=self.search, say=say)
+                               allow_quality_loss=self.allow_quality_loss, search=self.search,
+                               int8_method=self.int8_method, say=say)
 
 
 def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str], calibration: str | Path,
                     thresholds: gate_mod.Thresholds = gate_mod.Thresholds(), *, allow_quality_loss: bool = False,
-                    search: bool = True, video_gate: bool = True,
+                    search: bool = True, video_gate: bool = True, int8_method: str = "static",
                     say: Callable[[str], None] = lambda m: None) -> Manifest:
     """Quantize the bundle-in-progress at `bundle_dir` (its fp32/fp16 ONNX files and `manifest`, before
     BundleWriter.commit) in place: each component whose precision is int8/fp8 is replaced by its Q/DQ
@@ -237,9 +245,10 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
         src = bundle_dir / manifest.components[component].file
         dst = bundle_dir / f"{component}.{targets[component]}.onnx"
         backend = manifest.components[component].backend
+        method = int8_method if targets[component] == "int8" else "static"
         final, entries[component] = quantize_component(component, src, dst, targets[component], calib, thresholds,
                                                        backend=backend, video_check=video_check_for(component),
-                                                       search=search, say=say)
+                                                       search=search, method=method, say=say)
         quantized[component] = dst
         fused = entries[component].get("onnxruntime_graph")
         running[component] = bundle_dir / fused["file"] if fused else dst

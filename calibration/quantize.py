@@ -1,8 +1,13 @@
 """Insert Q/DQ nodes into an exported ONNX graph from captured activations.
 
 Two quantizers, picked by where the graph will run (`choose_quantizer`):
-  * onnxruntime's static quantization for INT8 graphs that run on onnxruntime (the CPU path): QDQ
-    format, symmetric int8 activations, per-channel int8 weights; everything else stays fp32.
+  * onnxruntime for INT8 graphs that run on onnxruntime (the CPU path), in one of two modes:
+    static (the default): QDQ format, symmetric int8 activations with calibrated ranges, per-channel
+    int8 weights; everything else stays fp32. dynamic (`method="dynamic"`): per-channel int8 weights of
+    the MatMuls (and Gemms) with constant weights only, activations quantized per call from their own range
+    (DynamicQuantizeLinear + MatMulInteger, u8 x s8); the attention's activation x activation MatMuls
+    stay fp32. Dynamic needs no ranges, but the quality gate still runs on the calibration set's
+    held-out inputs and videos.
   * NVIDIA ModelOpt's ONNX PTQ (the tool TensorRT's own diffusion demo uses) for FP8 (float8e4m3fn),
     for INT8 bound for TensorRT, and for fp16 graphs. Outside the Q/DQ pairs the graph is cast to the
     `high_precision` type (fp16 for a TensorRT denoiser: its strongly typed engine keeps the graph's
@@ -44,24 +49,40 @@ MODELOPT_ENV = "OSX_MODELOPT_PYTHON"
 WORKER = Path(__file__).with_name("modelopt_worker.py")
 
 
+METHODS = ("static", "dynamic")  # INT8 on onnxruntime
+INTEGER_OPS = {"MatMulInteger": "MatMul", "ConvInteger": "Conv"}  # what dynamic quantization runs them as
+
+
 @dataclass(frozen=True)
 class Quantizer:
     tool: str  # "onnxruntime" | "modelopt"
     high_precision: str  # "fp32" | "fp16": the type outside the Q/DQ pairs
+    method: str = "static"  # onnxruntime only: "static" (calibrated Q/DQ) | "dynamic"
 
     def describe(self, precision: str) -> str:
+        if self.tool == "onnxruntime" and self.method == "dynamic":
+            return ("onnxruntime quantize_dynamic (int8 per-channel weights of constant-weight MatMuls, "
+                    "uint8 activations quantized per call)")
         if self.tool == "onnxruntime":
             return "onnxruntime quantize_static (QDQ, symmetric int8, per-channel weights, MinMax ranges)"
         kind = "FP8 E4M3" if precision == "fp8" else "INT8"
         return f"NVIDIA ModelOpt ONNX PTQ ({kind}, max calibration, {self.high_precision} outside Q/DQ)"
 
 
-def choose_quantizer(precision: str, component: str, backend: str, source_dtype: str) -> Quantizer:
+def choose_quantizer(precision: str, component: str, backend: str, source_dtype: str, method: str = "static") -> Quantizer:
     """onnxruntime for INT8 run by onnxruntime from an fp32 graph; ModelOpt otherwise. TensorRT keeps a
-    strongly typed graph's types, so its denoiser gets fp16 outside the Q/DQ pairs; T5 never (overflow)."""
+    strongly typed graph's types, so its denoiser gets fp16 outside the Q/DQ pairs; T5 never (overflow).
+    `method` "dynamic": onnxruntime's dynamic INT8, which only that case can run."""
+    if method not in METHODS:
+        raise OsxError(f"unknown INT8 method {method!r}", hint=f"choose one of {', '.join(METHODS)}")
     fp16 = source_dtype == "float16" or (backend == "tensorrt" and not never_fp16(component))
     if precision == "int8" and backend != "tensorrt" and not fp16:
-        return Quantizer("onnxruntime", "fp32")
+        return Quantizer("onnxruntime", "fp32", method)
+    if method == "dynamic":
+        raise OsxError(f"dynamic INT8 runs on onnxruntime from an fp32 graph; {component} is {precision} for "
+                       f"{backend} from a {source_dtype} graph",
+                       hint="use --int8-method static (TensorRT gets ModelOpt's Q/DQ), or export that component "
+                       "for onnxruntime in fp32")
     return Quantizer("modelopt", "fp16" if fp16 else "fp32")
 
 
@@ -92,7 +113,9 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, precision: str, sha
     dst.parent.mkdir(parents=True, exist_ok=True)
     if quantizer is None:
         quantizer = choose_quantizer(precision, "", "onnxruntime", source_dtype(src))
-    if quantizer.tool == "onnxruntime":
+    if quantizer.tool == "onnxruntime" and quantizer.method == "dynamic":
+        _quantize_dynamic(src, dst, list(exclude), only)
+    elif quantizer.tool == "onnxruntime":
         _quantize_onnxruntime(src, dst, shards, list(exclude), only, op_types, cache)
     else:
         _quantize_modelopt(src, dst, precision, shards, list(exclude), only, op_types, quantizer.high_precision)
@@ -139,6 +162,22 @@ def _quantize_onnxruntime(src: Path, dst: Path, shards: list[Path], exclude: lis
             # QuantizeBias False: biases stay float. Quantized (INT32) biases add DequantizeLinear nodes on
             # int32 inputs, which TensorRT's parser rejects (onnx-tensorrt#850); export/lint.py flags them.
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+        )
+
+
+def _quantize_dynamic(src: Path, dst: Path, exclude: list[str], only: list[str] | None) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet_root_logger():
+        quantize_dynamic(
+            str(src), str(dst),
+            op_types_to_quantize=["MatMul"],  # (and Gemm, which it quantizes as a MatMul); Conv stays fp32
+            per_channel=True,
+            weight_type=QuantType.QInt8,  # u8 activations x s8 weights: the VNNI / AMX kernels
+            nodes_to_exclude=exclude,
+            nodes_to_quantize=only,
+            use_external_data_format=_is_large(src),
+            extra_options={"MatMulConstBOnly": True},  # weights only; attention scores stay fp32
         )
 
 
@@ -229,6 +268,7 @@ def count_qdq(path: Path) -> dict:
     # A compute op runs in 8 bit when both its data and its weight (inputs 0 and 1) are dequantized.
     quantized = collections.Counter(n.op_type for n in model.graph.node
                                     if n.op_type in OP_TYPES and all(i in dq_outputs for i in n.input[:2]))
+    quantized.update(INTEGER_OPS[n.op_type] for n in model.graph.node if n.op_type in INTEGER_OPS)  # dynamic INT8
     return {k: dict(v) for k, v in counts.items()} | {"quantized_ops": dict(quantized)}
 
 

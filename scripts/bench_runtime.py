@@ -1,7 +1,8 @@
 """Runtime benchmark, fair: osx (onnxruntime, CPU) vs torch eager, per denoising step, side by side.
 
     python scripts/bench.py runtime [--sizes 64x64,128x128,256x256] [--frames 34] [--steps 5] [--warmup 1]
-                                    [--threads N] [--no-int8] [--no-ablation] [--workdir DIR]
+                                    [--threads N] [--no-int8] [--int8-methods static,dynamic] [--no-int8-search]
+                                    [--no-ablation] [--workdir DIR]
 
 What makes it fair (README "Benchmarks"): both sides run in one process tree, one worker process per
 side, each holding its models loaded; the parent asks for one step at a time, interleaved (torch fp32,
@@ -15,11 +16,13 @@ One step is what a generation repeats: the denoiser's cond + uncond call (batch 
 sampler update. torch: the reference sampler (`osx.export.sampler.sample`, one step) over the reference
 STDiT3 in float32 and in bfloat16 (what Open-Sora users run). osx: `Pipeline.denoise` (one step) over the
 bundle's graphs; fp32, and int8 (the denoiser quantized by `osx export --precision int8` from a
-calibration set captured here, through the quality gate, whose verdict is reported beside the speed).
+calibration set captured here, static Q/DQ and dynamic, each through the quality gate, whose verdict is
+reported beside the speed).
 
 The ablation (--ablation-size, default 128x128) measures the onnxruntime session changes one by one,
 interleaved with the rows above: the session as shipped before (portable graph, no memory arena,
-spinning threads), then + arena, + no spinning, and the shipped default (+ the graph fused at export).
+spinning threads), then + arena, + no spinning, + the graph fused at export without attention fusion,
+and the shipped default (+ attention fused into MultiHeadAttention).
 
 The model: --model NAME (a registered config), default the "small" bench config below. Targets are
 reported, not asserted: osx fp32 >= 1.5x torch fp32 at 128x128; the fastest gate-passing osx precision
@@ -35,6 +38,7 @@ import json
 import os
 import re
 import select
+import shutil
 import statistics
 import subprocess
 import sys
@@ -62,11 +66,13 @@ STEP_TIMEOUT_S = 900  # one worker call (a step, or loading) may take at most th
 TARGET = {"fp32_vs_torch_fp32": 1.5, "best_vs_torch_bf16": 1.5, "outside_denoiser_share": 0.01}
 
 # row -> (worker, what it runs)
-ROWS = {"torch fp32": "torch", "torch bf16": "torch", "osx fp32": "osx", "osx int8": "osx"}
+ROWS = {"torch fp32": "torch", "torch bf16": "torch", "osx fp32": "osx", "osx int8": "osx", "osx int8 dynamic": "osx"}
+INT8 = {"osx int8": "static", "osx int8 dynamic": "dynamic"}  # row -> QuantizeStep.int8_method
 ABLATION = {  # name -> (graph, arena, spinning); the last step is the shipped "osx fp32" row
     "ort before: portable graph, no arena, spinning": ("portable", False, True),
     "ort + arena": ("portable", True, True),
     "ort + arena, no spinning": ("portable", True, False),
+    "ort + arena, no spinning, fused graph without attention fusion": ("no-attention", True, False),
 }
 
 
@@ -88,11 +94,13 @@ def main(argv: list[str]) -> dict:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="both sides (default: physical cores)")
     ap.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--int8-methods", default="static,dynamic", help="INT8 rows: static (Q/DQ), dynamic, or both")
     ap.add_argument("--int8-search", action=argparse.BooleanOptionalAction, default=True,
                     help="let the quality gate keep layers in fp32 until it passes (slow)")
     ap.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--ablation-size", default="128x128")
     ap.add_argument("--workdir", type=Path, help="bundles and calibration go here, reused if present")
+    ap.add_argument("--markdown", type=Path, help="also write the README's tables of this run to this file")
     args = ap.parse_args(argv)
     if args.steps < 5:
         sys.exit("--steps: at least 5 (the figures are medians)")
@@ -106,27 +114,34 @@ def main(argv: list[str]) -> dict:
     t_start = time.perf_counter()
 
     bundles = {"osx fp32": prepare_bundle(args.model, work / "bundle-fp32")}
-    gate = None
-    if args.int8:
-        bundles["osx int8"] = prepare_bundle(args.model, work / "bundle-int8", work / "calibration", args.int8_search)
-        gate = gate_verdict(bundles["osx int8"])
+    gates = {}
+    methods = args.int8_methods.split(",") if args.int8 else []
+    for row, method in INT8.items():
+        if method in methods:
+            folder = work / ("bundle-int8" if method == "static" else f"bundle-int8-{method}")
+            bundles[row] = prepare_bundle(args.model, folder, work / "calibration", args.int8_search, method)
+            gates[row] = gate_verdict(bundles[row])
     rows = [r for r in ROWS if ROWS[r] == "torch" or r in bundles]
     ablation_size = tuple(int(v) for v in args.ablation_size.split("x")) if args.ablation else None
 
     config = {"model": args.model, "threads": threads, "bundles": {k: str(v) for k, v in bundles.items()}}
+    if ablation_size:  # made here: the osx worker cannot import onnx
+        config["no_attention_graph"] = str(_graph_without_attention_fusion(bundles["osx fp32"], work / "graph-no-attention"))
     workers = {"torch": Worker("torch", config, {"OMP_WAIT_POLICY": "PASSIVE"}), "osx": Worker("osx", config)}
     try:
         results = {}
         for h, w in sizes:
             size_rows = rows + (list(ABLATION) if (h, w) == ablation_size else [])
             results[f"{h}x{w}"] = measure(workers, size_rows, (h, w, args.frames), args.steps, args.warmup)
+            for row, gate in gates.items():  # the gate's verdict beside the speed
+                results[f"{h}x{w}"]["rows"][row]["quality_gate"] = "passed" if gate["passed"] else "failed"
         rss = {name: wk.call({"op": "rss"})["peak_rss_mib"] for name, wk in workers.items()}
     finally:
         for wk in workers.values():
             wk.close()
 
     cfg = model_config(args.model)
-    return {
+    result = {
         "config": {
             "model": cfg.name,
             "denoiser": {"hidden_size": cfg.denoiser.hidden_size, "depth": cfg.denoiser.depth, "heads": cfg.denoiser.num_heads},
@@ -138,8 +153,8 @@ def main(argv: list[str]) -> dict:
         },
         "load_average": {"before": [round(v, 2) for v in load_before], "after": [round(v, 2) for v in os.getloadavg()]},
         "sizes": {k: v for k, v in results.items()},
-        "int8_gate": gate,
-        "targets": targets(results, gate, sizes),
+        "int8_gates": gates,
+        "targets": targets(results, gates),
         "peak_rss_mib": {**rss, "note": "each worker holds every row it runs (torch: fp32 + bf16 models)"},
         "import_s": {"osx_runtime": import_seconds("import osx.runtime, onnxruntime"),
                      "torch_reference": import_seconds("import torch, osx.export.pipeline")},
@@ -147,6 +162,50 @@ def main(argv: list[str]) -> dict:
         "seconds": round(time.perf_counter() - t_start, 1),
         "workdir": str(work),
     }
+    if args.markdown:
+        args.markdown.write_text(markdown(result))
+    return result
+
+
+def markdown(r: dict) -> str:
+    """The run as README tables: seconds per step with both ratios, the ablation, the gates, the targets."""
+    sizes = list(r["sizes"])
+    rows = list(r["sizes"][sizes[0]]["rows"])
+    load = r["load_average"]
+    out = [f"Load average (1/5/15 min) before the run {'/'.join(map(str, load['before']))}, after "
+           f"{'/'.join(map(str, load['after']))}; {r['config']['threads_both_sides']} threads both sides.", "",
+           "| seconds per step (speed-up vs torch fp32 / vs torch bf16) | " + " | ".join(f"{s} px" for s in sizes) + " |",
+           "|---" * (len(sizes) + 1) + "|"]
+    for row in [x for x in rows if x not in ABLATION]:
+        gate = r["sizes"][sizes[0]]["rows"][row].get("quality_gate")
+        cells = []
+        for size in sizes:
+            res = r["sizes"][size]
+            cell = f"{res['rows'][row]['median_s']:.3f}"
+            if row.startswith("osx"):
+                cell += f" ({res['speedup'][f'{row} vs torch fp32']:.2f}x / {res['speedup'][f'{row} vs torch bf16']:.2f}x)"
+            cells.append(cell)
+        out.append(f"| {row}{f' (gate: {gate})' if gate else ''} | " + " | ".join(cells) + " |")
+    for size, res in r["sizes"].items():
+        if "ablation_speedup_vs_before" in res:
+            steps = "; ".join(f"{k}: {res['rows'][k]['median_s']:.3f} s ({v:.2f}x)" for k, v in res["ablation_speedup_vs_before"].items())
+            out += ["", f"onnxruntime session changes one by one at {size} px: {steps} (`osx fp32` = + attention fused)."]
+    for row, g in r["int8_gates"].items():
+        video = g["video"] or {}
+        out += ["", f"{row}: {g['quantizer']}; gate **{'passed' if g['passed'] else 'failed'}**"
+                f"{' (' + '; '.join(g['failures']) + ')' if g['failures'] else ''}; worst per-step cosine "
+                f"{g['denoiser_min_cosine']}, worst frame PSNR {video.get('psnr_min', float('nan')):.2f} dB; "
+                f"{len(g['layers_kept_fp32'])} layer(s) kept in fp32 {g['layers_kept_fp32'] or ''} after {g['gate_attempts']} attempt(s)."]
+    t = r["targets"]
+    parts = []
+    for name, v in t.items():
+        if "per_size" in v:
+            vals = ", ".join(f"{k} {x['precision']} {x['vs_torch_bf16']:.2f}x" if isinstance(x, dict) else f"{k} {100 * x:.3f} %"
+                             for k, x in v["per_size"].items())
+        else:
+            vals = f"{v['value']:.2f}x"
+        parts.append(f"{name} (target {v['target']}): {vals} (**{'met' if v['met'] else 'not met'}**)")
+    return "\n".join(out + ["", "Targets: " + "; ".join(parts) + "."]) + "\n"
 
 
 def measure(workers: dict, rows: list[str], size: tuple[int, int, int], steps: int, warmup: int) -> dict:
@@ -174,8 +233,8 @@ def measure(workers: dict, rows: list[str], size: tuple[int, int, int], steps: i
     return out
 
 
-def targets(results: dict, gate: dict | None, sizes: list) -> dict:
-    passing = ["osx fp32"] + (["osx int8"] if gate and gate["passed"] else [])
+def targets(results: dict, gates: dict) -> dict:
+    passing = ["osx fp32"] + [row for row, gate in gates.items() if gate["passed"]]
     out = {}
     if "128x128" in results:
         v = results["128x128"]["speedup"]["osx fp32 vs torch fp32"]
@@ -231,10 +290,11 @@ class Worker:
 # --- bundles --------------------------------------------------------------------------------------------
 
 
-def prepare_bundle(model: str, out: Path, calibration: Path | None = None, search: bool = True) -> Path:
+def prepare_bundle(model: str, out: Path, calibration: Path | None = None, search: bool = True,
+                   method: str = "static") -> Path:
     """Export `model` with seeded random weights through the normal exporter, in a subprocess (this
-    process never holds torch); with `calibration`, the denoiser at int8 through the quality gate
-    (capturing the calibration set first). Reused if `out` holds a bundle."""
+    process never holds torch); with `calibration`, the denoiser at int8 (`method`: static or dynamic)
+    through the quality gate (capturing the calibration set first). Reused if `out` holds a bundle."""
     if (out / "manifest.json").exists():
         return out
     code = f"""
@@ -248,7 +308,7 @@ cfg = model_config({model!r})
 models.MODELS[cfg.name] = cfg  # the exporter looks configs up by name
 calibration = {str(calibration) if calibration else None!r}
 if calibration:
-    int8_export(cfg, Path({str(out)!r}), Path(calibration), {search!r})
+    int8_export(cfg, Path({str(out)!r}), Path(calibration), {search!r}, {method!r})
 else:
     export_bundle(cfg.name, {str(out)!r}, gpu="cpu", random_weights=True, force=True, progress=lambda m: None)
 """
@@ -256,7 +316,7 @@ else:
     return out
 
 
-def int8_export(cfg, out: Path, calib_dir: Path, search: bool) -> None:
+def int8_export(cfg, out: Path, calib_dir: Path, search: bool, method: str = "static") -> None:
     """`osx calibrate` then `osx export --precision int8` (denoiser only) with a CPU profile; the gate's
     failure does not stop the benchmark (allow_quality_loss): its verdict is reported instead. `search`:
     the gate's layer search (slow: one quantization and video check per layer kept in fp32)."""
@@ -282,7 +342,7 @@ def int8_export(cfg, out: Path, calib_dir: Path, search: bool) -> None:
     profile.write_text((importlib.resources.files("osx.profiles") / "cpu.toml").read_text().replace('name = "cpu"', 'name = "cpu-int8"')
                        .replace('denoiser = "fp32"', 'denoiser = "int8"'))
     export_bundle(cfg.name, out, gpu=str(profile), random_weights=True, force=True, progress=lambda m: None,
-                  quantize=QuantizeStep(calib_dir, allow_quality_loss=True, search=search))
+                  quantize=QuantizeStep(calib_dir, allow_quality_loss=True, search=search, int8_method=method))
 
 
 def gate_verdict(bundle: Path) -> dict:
@@ -393,9 +453,10 @@ class OsxSide:
         self.pipes = {}
         for row, bundle in config["bundles"].items():
             self.pipes[row] = Pipeline.load(bundle)
-        for row, (graph, arena, spinning) in ABLATION.items():
+        for row, (graph, arena, spinning) in ABLATION.items() if "no_attention_graph" in config else ():
             pipe = Pipeline.load(config["bundles"]["osx fp32"])
-            pipe.backends["denoiser"] = ablation_backend(pipe.bundle, graph, arena, spinning, self.threads)
+            pipe.backends["denoiser"] = ablation_backend(pipe.bundle, graph, arena, spinning, self.threads,
+                                                         config.get("no_attention_graph"))
             self.pipes[row] = pipe
         for pipe in self.pipes.values():
             pipe.load_one_at_a_time = False
@@ -417,7 +478,7 @@ class OsxSide:
         return {"s": s["total_s"], "denoiser_s": s["denoiser_s"]}
 
 
-def ablation_backend(bundle, graph: str, arena: bool, spinning: bool, threads: int):
+def ablation_backend(bundle, graph: str, arena: bool, spinning: bool, threads: int, no_attention_graph: str | None = None):
     """The denoiser's OrtBackend with a session made from explicit settings (the runtime's otherwise)."""
     import onnxruntime as ort
 
@@ -426,12 +487,30 @@ def ablation_backend(bundle, graph: str, arena: bool, spinning: bool, threads: i
     backend = OrtBackend(bundle, "denoiser", threads=threads)
     if graph == "portable":
         backend.path = bundle.path(bundle.components["denoiser"].file)
+    elif graph == "no-attention":
+        backend.path = Path(no_attention_graph)
     options = session_options(threads)
     options.enable_cpu_mem_arena = arena
     options = _with_spinning(options, spinning)
     backend.session = ort.InferenceSession(str(backend.path), options, providers=["CPUExecutionProvider"])
     backend.output_names = [t.name for t in backend.spec.outputs]
     return backend
+
+
+def _graph_without_attention_fusion(bundle: Path, folder: Path) -> Path:
+    """The export's fusions of the bundle's denoiser except attention (osx.export.ort_optimize), in
+    `folder` beside links to the portable graph and its data (a bundle holds only its manifest's files)."""
+    from osx.bundle import Bundle
+    from osx.export.ort_optimize import optimize_for_onnxruntime
+
+    b = Bundle.open(bundle)
+    portable = b.path(b.components["denoiser"].file)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for f in portable.parent.glob(portable.name + "*"):  # the graph and its external data, if any
+        (folder / f.name).symlink_to(f.resolve())
+    optimize_for_onnxruntime(folder / portable.name, folder / "denoiser.no-attention.onnx", attention=False)
+    return folder / "denoiser.no-attention.onnx"
 
 
 def _with_spinning(options, spinning: bool):

@@ -9,6 +9,7 @@ import importlib.resources
 import json
 import logging
 import shutil
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -323,6 +324,8 @@ def test_export_checks_the_request_before_any_work(calib):
         apply.check_request({"denoiser": "fp32"}, calib.root, TINY.name, "random:seed=0")
     with pytest.raises(OsxError, match="captured from"):  # other weights
         apply.check_request({"denoiser": "int8"}, calib.root, TINY.name, "random:seed=5")
+    with pytest.raises(OsxError, match="--int8-method dynamic was given, but no component is planned at int8"):
+        apply.QuantizeStep(calib.root, int8_method="dynamic").check({"denoiser": "fp32"}, TINY.name, 0, None)
     with pytest.raises(OsxError, match="cannot quantize vae_decoder"):
         apply.check_request({"vae_decoder": "int8"}, calib.root, TINY.name, "random:seed=0")
 
@@ -342,6 +345,42 @@ def test_quantizer_choice():
     assert quantize.choose_quantizer("fp8", "text_encoder", "tensorrt", "float32") == mo
     assert quantize.choose_quantizer("fp8", "denoiser", "onnxruntime", "float32") == mo
     assert quantize.choose_quantizer("int8", "denoiser", "onnxruntime", "float16") == quantize.Quantizer("modelopt", "fp16")
+    dynamic = quantize.choose_quantizer("int8", "denoiser", "onnxruntime", "float32", "dynamic")
+    assert dynamic == quantize.Quantizer("onnxruntime", "fp32", "dynamic")
+    with pytest.raises(OsxError, match="dynamic INT8 runs on onnxruntime from an fp32 graph"):
+        quantize.choose_quantizer("int8", "denoiser", "tensorrt", "float32", "dynamic")
+    with pytest.raises(OsxError, match="unknown INT8 method"):
+        quantize.choose_quantizer("int8", "denoiser", "onnxruntime", "float32", "weights-only")
+
+
+def test_dynamic_int8_quantizes_weights_per_channel_and_passes_the_gate(calib, onnx_fp32, tmp_path):
+    """onnxruntime's dynamic INT8 of the denoiser: every constant-weight MatMul runs as MatMulInteger
+    with int8 weights per output column (checked by hand: round(w / s), s = max |w| of the column / 127),
+    the attention's activation x activation MatMuls stay fp32, and the gate judges the graph onnxruntime
+    runs (fused, attention included) on the held-out inputs."""
+    src = onnx_fp32["denoiser"]
+    dst = tmp_path / "denoiser.int8.onnx"
+    g, entry = apply.quantize_component("denoiser", src, dst, "int8", calib, gate.Thresholds(), search=False,
+                                        method="dynamic")
+    assert "quantize_dynamic" in entry["quantizer"] and g.passed, g.failures
+    assert entry["gate"]["max_rel_l2"] > 1e-4  # quantization did change the numbers
+    assert entry["onnxruntime_graph"]["fused"]["MultiHeadAttention"] == 4 * TINY.denoiser.depth
+    fp32 = onnx.load(str(src))
+    weights = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer}
+    const_b = [n for n in fp32.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    activations = [n for n in fp32.graph.node if n.op_type == "MatMul" and n.input[1] not in weights]
+    gemms = [n for n in fp32.graph.node if n.op_type == "Gemm"]  # onnxruntime quantizes them as MatMuls too
+    integer = len(const_b) + len(gemms)
+    assert entry["qdq"]["quantized_ops"] == {"MatMul": integer} and not entry["qdq"]["QuantizeLinear"]
+    q = onnx.load(str(dst))
+    ops = Counter(n.op_type for n in q.graph.node)
+    assert ops["MatMulInteger"] == integer and ops["MatMul"] == len(activations) > 0 and ops["Gemm"] == 0
+    qw = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    w = weights[const_b[0].input[1]]
+    scale = np.abs(w).max(axis=0) / 127
+    np.testing.assert_allclose(qw[f"{const_b[0].input[1]}_scale"], scale, rtol=1e-6)
+    want = np.clip(np.round(w / scale), -127, 127)
+    assert (qw[f"{const_b[0].input[1]}_quantized"] == want).mean() > 0.999  # ties may round either way
 
 
 @needs_modelopt

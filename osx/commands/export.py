@@ -41,6 +41,9 @@ def _terminated(signum, frame):
               help="Denoiser precision for the plan (auto = the profile's; fp32, bf16, fp16, int8, fp8).")
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
               help="Calibration set from `osx calibrate`, for --precision int8/fp8.")
+@click.option("--int8-method", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
+              help="INT8 run by onnxruntime (CPU): static Q/DQ with calibrated ranges, or dynamic (int8 weights, "
+              "activations quantized per call); both pass the quality gate on --calibration's held-out set.")
 @click.option("--allow-quality-loss", is_flag=True, help="Keep an int8/fp8 bundle that fails the quality gate.")
 @click.option("--gate-min-cosine", type=float, default=0.99, show_default=True,
               help="Quality gate: least cosine similarity of a quantized component's output vs full precision, per step.")
@@ -55,7 +58,7 @@ def _terminated(signum, frame):
 @click.option("--dry-run", is_flag=True, help="Print the plan for --gpu (precision, shapes, memory, fit) and exit; no GPU needed.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
 def export(model_name, random_weights, checkpoint, denoiser, vae, t5, gpu, out, force, dtype, only, precision, calibration,
-           allow_quality_loss, gate_min_cosine, gate_min_psnr, opset, with_vae_encoder, with_t2i, portable, dry_run, as_json):
+           int8_method, allow_quality_loss, gate_min_cosine, gate_min_psnr, opset, with_vae_encoder, with_t2i, portable, dry_run, as_json):
     """Export a model to a bundle: every component to ONNX, validated against PyTorch with onnxruntime
     at two shapes; the manifest, tokenizer and null caption beside them. Written atomically."""
     from osx.families import get_model_config
@@ -79,7 +82,8 @@ def export(model_name, random_weights, checkpoint, denoiser, vae, t5, gpu, out, 
     from osx.calibration.apply import QuantizeStep
     from osx.calibration.gate import Thresholds
 
-    quantize = QuantizeStep(calibration, Thresholds(min_cosine=gate_min_cosine, min_psnr=gate_min_psnr), allow_quality_loss)
+    quantize = QuantizeStep(calibration, Thresholds(min_cosine=gate_min_cosine, min_psnr=gate_min_psnr), allow_quality_loss,
+                            int8_method=int8_method)
     manifest = export_bundle(
         model_name, out, gpu=gpu, checkpoint=checkpoint, t5=t5, vae=vae, denoiser=denoiser,
         random_weights=random_weights, dtype=dtype, precision=precision, quantize=quantize, force=force,
