@@ -195,7 +195,8 @@ def markdown(r: dict) -> str:
         out += ["", f"{row}: {g['quantizer']}; gate **{'passed' if g['passed'] else 'failed'}**"
                 f"{' (' + '; '.join(g['failures']) + ')' if g['failures'] else ''}; worst per-step cosine "
                 f"{g['denoiser_min_cosine']}, worst frame PSNR {video.get('psnr_min', float('nan')):.2f} dB; "
-                f"{len(g['layers_kept_fp32'])} layer(s) kept in fp32 {g['layers_kept_fp32'] or ''} after {g['gate_attempts']} attempt(s)."]
+                f"{len(g['layers_kept_fp32'])} layer(s) kept in fp32{': ' + ', '.join(g['layers_kept_fp32']) if g['layers_kept_fp32'] else ''}, "
+                f"{g['gate_attempts']} gate attempt(s)."]
     t = r["targets"]
     parts = []
     for name, v in t.items():
