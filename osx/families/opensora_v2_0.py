@@ -149,7 +149,7 @@ def t2i_component_specs(cfg: OpenSoraV2Config) -> dict[str, ComponentSpec]:
             TensorSpec("rope_sin", "float32", ("tokens", m.head_dim), "uniform:-1:1", "RoPE sin of the image tokens"),
         ),
         outputs=(TensorSpec("v", FLOAT, packed, doc="velocity, packed like img"),),
-        dims={"batch": DimRange(1, 1, 1), "tokens": DimRange(tokens[0], opt_h * opt_w // p**2, tokens[-1])},
+        dims={"batch": DimRange(1, 1, 2), "tokens": DimRange(tokens[0], opt_h * opt_w // p**2, tokens[-1])},
     )
     lat_h = DimRange(min(h for h, _ in latent), opt_h, max(h for h, _ in latent))
     lat_w = DimRange(min(w for _, w in latent), opt_w, max(w for _, w in latent))
@@ -158,7 +158,7 @@ def t2i_component_specs(cfg: OpenSoraV2Config) -> dict[str, ComponentSpec]:
         inputs=(TensorSpec("z", FLOAT, ("batch", t2i.ae.z_channels, "latent_height", "latent_width"), "normal",
                            "the image latent (normalised, as Flux samples it)"),),
         outputs=(TensorSpec("image", FLOAT, ("batch", 3, "8*latent_height", "8*latent_width"), doc="pixels about [-1, 1]"),),
-        dims={"batch": DimRange(1, 1, 1), "latent_height": lat_h, "latent_width": lat_w},
+        dims={"batch": DimRange(1, 1, 2), "latent_height": lat_h, "latent_width": lat_w},
     )
     return {flux.name: flux, decoder.name: decoder}
 
