@@ -155,6 +155,7 @@ class QuantizeStep:
     allow_quality_loss: bool = False
     search: bool = True  # when the gate fails: keep the most sensitive layers in full precision until it passes
     int8_method: str = "static"  # INT8 on onnxruntime: "static" (calibrated Q/DQ) or "dynamic" (quantize.py)
+    video_gate: bool = True  # also compare decoded videos (held-out prompts) full precision vs quantized
 
     def check(self, precisions: dict[str, str], model_name: str, random_seed: int, checkpoint: dict | None) -> None:
         if self.int8_method != "static" and "int8" not in precisions.values():
@@ -167,22 +168,19 @@ class QuantizeStep:
     def apply(self, bundle_dir: Path, manifest: Manifest, precisions: dict[str, str], say: Callable[[str], None]) -> Manifest:
         if self.calibration is None:
             return manifest
-        return quantize_bundle(bundle_dir, manifest, precisions, self.calibration, self.thresholds,
-                               allow_quality_loss=self.allow_quality_loss, search=self.search,
-                               int8_method=self.int8_method, say=say)
+        return quantize_bundle(bundle_dir, manifest, precisions, self, say)
 
 
-def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str], calibration: str | Path,
-                    thresholds: gate_mod.Thresholds = gate_mod.Thresholds(), *, allow_quality_loss: bool = False,
-                    search: bool = True, video_gate: bool = True, int8_method: str = "static",
+def quantize_bundle(bundle_dir: Path, manifest: Manifest, precisions: dict[str, str], step: QuantizeStep,
                     say: Callable[[str], None] = lambda m: None) -> Manifest:
     """Quantize the bundle-in-progress at `bundle_dir` (its fp32/fp16 ONNX files and `manifest`, before
-    BundleWriter.commit) in place: each component whose precision is int8/fp8 is replaced by its Q/DQ
-    graph, the report goes to `quantization/`, and the manifest is updated and returned.
+    BundleWriter.commit) in place as `step` says (its calibration set, gate thresholds, search): each
+    component whose precision is int8/fp8 is replaced by its Q/DQ graph, the report goes to
+    `quantization/`, and the manifest is updated and returned.
 
     The end-to-end gate generates each held-out prompt of the calibration set (its seed, resolution and
     frames) with this bundle on onnxruntime, full precision vs quantized, and compares the videos.
-    Raises gate.QualityGateError when the gate fails, unless `allow_quality_loss`.
+    Raises gate.QualityGateError when the gate fails, unless `step.allow_quality_loss`.
     """
     from osx.bundle import Bundle
     from osx.calibration import metrics
@@ -192,8 +190,9 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
     targets = _targets({c: p for c, p in precisions.items() if c in manifest.components}, quantizable)
     if not targets:
         return manifest
-    calib = CalibrationSet.open(calibration)
+    calib = CalibrationSet.open(step.calibration)
     calib.check_model(manifest.model["name"])
+    thresholds, video_gate = step.thresholds, step.video_gate
     bundle_dir = Path(bundle_dir)
     # The gate runs the graphs on onnxruntime over the ranges they were exported with, so calibrating
     # below the sizes a GPU plan narrowed the bundle to still works.
@@ -245,10 +244,10 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
         src = bundle_dir / manifest.components[component].file
         dst = bundle_dir / f"{component}.{targets[component]}.onnx"
         backend = manifest.components[component].backend
-        method = int8_method if targets[component] == "int8" else "static"
+        method = step.int8_method if targets[component] == "int8" else "static"
         final, entries[component] = quantize_component(component, src, dst, targets[component], calib, thresholds,
                                                        backend=backend, video_check=video_check_for(component),
-                                                       search=search, method=method, say=say)
+                                                       search=step.search, method=method, say=say)
         quantized[component] = dst
         fused = entries[component].get("onnxruntime_graph")
         running[component] = bundle_dir / fused["file"] if fused else dst
@@ -263,13 +262,13 @@ def quantize_bundle(bundle_dir: Path, manifest: dict, precisions: dict[str, str]
         "thresholds": thresholds.to_dict(),
         "passed": not failures,
         "failures": failures,
-        "allow_quality_loss": allow_quality_loss,
+        "allow_quality_loss": step.allow_quality_loss,
         "components": entries,
         "video": video,
     }
     files = write_report(bundle_dir / REPORT_DIR, report, ref_videos[0] if ref_videos else None,
                          last_videos[0] if last_videos else None)
-    gate_mod.enforce(gate_mod.GateResult(not failures, failures), report["precision"], allow_quality_loss)
+    gate_mod.enforce(gate_mod.GateResult(not failures, failures), report["precision"], step.allow_quality_loss)
 
     components = dict(manifest.components)
     for component, dst in quantized.items():

@@ -1,4 +1,5 @@
-"""Read, check and write checkpoints: safetensors (single or sharded) and plain torch pickles.
+"""Read, check and write checkpoints: safetensors (single or sharded) and plain torch pickles; find a
+model family's parts in a checkpoint folder (`resolve_parts`, driven by the family's WeightSources).
 
 Pickles are only read with `torch.load(weights_only=True)`, which refuses anything but tensors and plain
 containers, so a checkpoint can never run code. Every failure is a CheckpointError naming the file.
@@ -13,13 +14,14 @@ import re
 import struct
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from osx.errors import CheckpointError
+from osx.families.base import WeightSource
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 # Top-level keys of training checkpoints that wrap the weights, most preferred first (EMA weights are
@@ -420,3 +422,105 @@ def write_safetensors_streamed(path: str | os.PathLike, tensors: dict[str, tuple
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+# --- finding a family's parts in a checkpoint folder --------------------------------------------------
+# The family declares each part (osx.families.WeightSource): its tensor-name prefixes, file-name words,
+# a file its folder must hold. Entries are files of weights or model folders (a folder holding weights
+# counts as one entry), searched to FOLDER_DEPTH (ckpts/google/t5-v1_1-xxl/<weights>).
+
+FOLDER_DEPTH = 3
+_DISCOVERY_PREFIXES = (*WRAPPER_PREFIXES, "ema.")
+
+
+def identify_part(keys: list[str], sources: Sequence[WeightSource]) -> str | None:
+    """The part whose rule a state dict's tensor names match (the first in declaration order), or None."""
+    stripped = list(keys)
+    for prefix in _DISCOVERY_PREFIXES:
+        stripped = [k.removeprefix(prefix) for k in stripped]
+    return next((s.part for s in sources if s.matches(stripped)), None)
+
+
+def find_parts(folder: str | os.PathLike, sources: Sequence[WeightSource]) -> dict[str, Path]:
+    """{part: path} for every part of `sources` found in `folder` (to FOLDER_DEPTH), identified by tensor
+    names where they can be read without loading weights (safetensors headers, shard indexes), else (pickles)
+    by file name. Two entries for one part are a CheckpointError naming both."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist or is not a folder",
+                              hint="pass the folder holding " + ", ".join(s.description for s in sources))
+    found: dict[str, Path] = {}
+    for entry, keys in _weight_entries(folder, FOLDER_DEPTH):
+        part = identify_part(keys, sources) if keys else _by_name(entry, sources)
+        if part is None:
+            continue
+        if part in found:
+            source = next(s for s in sources if s.part == part)
+            raise CheckpointError(f"{folder} holds two {source.description}: {found[part].relative_to(folder)} and "
+                                  f"{entry.relative_to(folder)}", hint=f"keep one, or choose with {source.option} PATH")
+        found[part] = entry
+    return found
+
+
+def resolve_parts(sources: Sequence[WeightSource], folder: str | os.PathLike | None = None,
+                  paths: Mapping[str, str | os.PathLike] | None = None) -> dict[str, Path]:
+    """Every required part of `sources` (and the optional ones found): explicit `paths` win over what
+    `folder` holds. A missing part is a CheckpointError naming it and the option that passes it."""
+    by_part = {s.part: s for s in sources}
+    parts = {k: Path(v) for k, v in (paths or {}).items() if v is not None}
+    unknown = sorted(set(parts) - set(by_part))
+    if unknown:
+        raise CheckpointError(f"unknown checkpoint part(s) {', '.join(unknown)}", hint=f"parts: {', '.join(by_part)}")
+    if folder is not None:
+        parts = {**find_parts(folder, sources), **parts}
+    missing = [s for s in sources if s.required and s.part not in parts]
+    if missing:
+        released = [f"{s.released_name} ({s.option})" for s in missing if s.released_name]
+        if folder is None:
+            raise CheckpointError(f"no {', '.join(s.part for s in missing)} weights given",
+                                  hint=f"pass --checkpoint DIR (holding {', '.join(s.description for s in sources)}), or "
+                                  + " ".join(f"{s.option} PATH" for s in missing))
+        raise CheckpointError(f"checkpoint folder {folder} has no {', '.join(s.description for s in missing)}",
+                              hint="put it in the folder (a file or subfolder), or pass "
+                              + ", ".join(f"{s.option} PATH" for s in missing)
+                              + (f"; released as {', '.join(released)}" if released else ""))
+    for part, path in parts.items():
+        source = by_part[part]
+        if not path.exists():
+            raise CheckpointError(f"{source.description} {path} does not exist", hint=f"check the {source.option} path")
+        if source.folder_file and not (path.is_dir() and (path / source.folder_file).is_file()):
+            raise CheckpointError(f"{source.description} {path} is not a folder with {source.folder_file}",
+                                  hint=f"point {source.option} at the folder holding its weights and {source.folder_file}"
+                                  + (f" ({source.released_name})" if source.released_name else ""))
+    return parts
+
+
+def _weight_entries(folder: Path, depth: int):
+    """(entry, tensor names) of each weights file or model folder under `folder`; names [] for pickles."""
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            keys = _folder_keys(entry)
+            if keys is not None:
+                yield entry, keys
+            elif depth > 1:
+                yield from _weight_entries(entry, depth - 1)
+        elif entry.name.endswith(".index.json") or entry.suffix == ".safetensors" or entry.suffix in PICKLE_SUFFIXES:
+            yield entry, tensor_names(entry)
+
+
+def _folder_keys(folder: Path) -> list[str] | None:
+    """Tensor names of a model folder (the group read_state_dict(folder) reads: shard indexes, else
+    safetensors, else pickles); [] when they cannot be read without loading; None if it holds no weights."""
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    for group in ([p for p in files if p.name.endswith(".index.json")], [p for p in files if p.suffix == ".safetensors"],
+                  [p for p in files if p.suffix in PICKLE_SUFFIXES]):
+        if group:
+            return [k for p in group for k in tensor_names(p)]
+    return None
+
+
+def _by_name(entry: Path, sources: Sequence[WeightSource]) -> str | None:
+    name = entry.name.lower()
+    return next((s.part for s in sources if any(h in name for h in s.name_hints)), None)

@@ -21,87 +21,44 @@ from pathlib import Path
 import torch
 
 from osx.errors import CheckpointError
-from osx.export.checkpoint import PICKLE_SUFFIXES, CheckpointReader, check_fit, tensor_names
-from osx.export.clip import CLIP_UNUSED_PREFIXES
+from osx.export import checkpoint
+from osx.export.checkpoint import CheckpointReader, check_fit, identify_part
+from osx.families.base import WeightSource
+from osx.families.opensora_v2_0 import OPENSORA_V2_0_FAMILY
 
-PARTS = ("mmdit", "vae", "t5", "clip")  # required
-OPTIONAL_PARTS = ("flux", "flux_ae")  # t2i2v only; found and checked like the others, missing is no error
-RELEASED_NAMES = {
-    "mmdit": "Open_Sora_v2.safetensors",
-    "vae": "hunyuan_vae.safetensors",
-    "t5": "google/t5-v1_1-xxl",
-    "clip": "openai/clip-vit-large-patch14",
-    "flux": "flux1-dev.safetensors",
-    "flux_ae": "flux1-dev-ae.safetensors",
-}
-PART_NAMES = {"mmdit": "MMDiT weights", "vae": "HunyuanVideo VAE weights", "t5": "T5 folder", "clip": "CLIP folder",
-              "flux": "Flux.1-dev weights", "flux_ae": "Flux autoencoder weights"}
+# The parts: the family's (osx/families/opensora_v2_0.py), then Flux.1-dev for t2i2v, optional (found and
+# checked like the others, missing is no error). Order matters: the first whose rule matches wins (the MMDiT
+# has cond_in, Flux.1-dev not).
+T2I_WEIGHTS = (
+    WeightSource("flux", "Flux.1-dev weights", ("double_blocks.",), ("flux1-dev.",), required=False,
+                 released_name="flux1-dev.safetensors"),
+    WeightSource("flux_ae", "Flux autoencoder weights", ("decoder.up.",), ("flux1-dev-ae",), requires=("decoder.mid.attn_1.",),
+                 unused_prefixes=("encoder.",), required=False, released_name="flux1-dev-ae.safetensors"),
+)
+WEIGHTS = OPENSORA_V2_0_FAMILY.weights + T2I_WEIGHTS
+PARTS = tuple(w.part for w in WEIGHTS if w.required)
+OPTIONAL_PARTS = tuple(w.part for w in WEIGHTS if not w.required)
+RELEASED_NAMES = {w.part: w.released_name for w in WEIGHTS}
+PART_NAMES = {w.part: w.description for w in WEIGHTS}
 # Keys a released file holds beyond what osx's module uses (the rest of a Hugging Face model).
-UNUSED_PREFIXES = {"mmdit": (), "vae": (), "t5": ("decoder.", "lm_head."), "clip": CLIP_UNUSED_PREFIXES, "flux": (),
-                   "flux_ae": ("encoder.",)}
-# Names to fall back on when a pickle's tensor names cannot be read without loading it.
-NAME_HINTS = {"mmdit": ("open_sora", "mmdit"), "vae": ("hunyuan", "vae"), "t5": ("t5",), "clip": ("clip",),
-              "flux": ("flux1-dev.",), "flux_ae": ("flux1-dev-ae",)}
-MAX_DEPTH = 3  # ckpts/google/t5-v1_1-xxl/<weights>
+UNUSED_PREFIXES = {w.part: w.unused_prefixes for w in WEIGHTS}
 
 
 def identify(keys: list[str]) -> str | None:
-    """Which part a state dict is, from its tensor names: one of PARTS + OPTIONAL_PARTS ("flux": Flux.1-dev,
-    the same class with fused q/k/v and no cond_in; "flux_ae": its autoencoder, BFL's `down.N`/`up.N`
-    names), or None."""
-    keys = [k.removeprefix("module.") for k in keys]
-    if any(k.startswith("double_blocks.") for k in keys):
-        return "mmdit" if "cond_in.weight" in keys else "flux"
-    if any(k.startswith("encoder.down_blocks.") for k in keys) and any(k.startswith("decoder.up_blocks.") for k in keys):
-        return "vae"
-    if any(k.startswith("decoder.up.") for k in keys) and any(k.startswith("decoder.mid.attn_1.") for k in keys):
-        return "flux_ae"
-    if any(k.startswith("text_model.encoder.layers.") for k in keys):
-        return "clip"
-    if any(k.startswith("encoder.block.") for k in keys):
-        return "t5"
-    return None
+    """Which part a state dict is, from its tensor names ("flux": Flux.1-dev, the same class with fused
+    q/k/v and no cond_in; "flux_ae": its autoencoder, BFL's `down.N`/`up.N` names), or None."""
+    return identify_part(keys, WEIGHTS)
 
 
 def find_parts(folder: str | os.PathLike) -> dict[str, Path]:
-    """{part: path} for every part found in `folder` or its subfolders (to depth 3), by tensor names where
-    they can be read without loading weights (safetensors headers, shard indexes), else by file name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder {folder} does not exist or is not a folder",
-                              hint="pass the folder holding " + ", ".join(RELEASED_NAMES.values()))
-    found: dict[str, Path] = {}
-    for entry, keys in _weight_entries(folder, MAX_DEPTH):
-        part = identify(keys) if keys else _by_name(entry)
-        if part is None:
-            continue
-        if part in found:
-            raise CheckpointError(f"{folder} holds two {PART_NAMES[part]}: {found[part]} and {entry}",
-                                  hint=f"keep one, or pass --{part} PATH")
-        found[part] = entry
-    return found
+    """{part: path} for every part found in `folder` or its subfolders (osx.export.checkpoint.find_parts)."""
+    return checkpoint.find_parts(folder, WEIGHTS)
 
 
 def resolve_parts(folder: str | os.PathLike | None = None, **paths) -> dict[str, Path]:
     """All four parts, and Flux.1-dev where present: explicit `paths` (mmdit=..., vae=..., t5=..., clip=...,
     flux=...) win over what `folder` holds."""
-    parts = {k: Path(v) for k, v in paths.items() if v is not None}
-    unknown = set(parts) - set(PARTS + OPTIONAL_PARTS)
-    if unknown:
-        raise CheckpointError(f"unknown checkpoint part(s) {', '.join(sorted(unknown))}",
-                              hint=f"parts: {', '.join(PARTS + OPTIONAL_PARTS)}")
-    if folder is not None:
-        parts = {**find_parts(folder), **parts}
-    missing = [p for p in PARTS if p not in parts]
-    if missing:
-        raise CheckpointError(
-            "no " + ", ".join(PART_NAMES[p] for p in missing) + (f" in {folder}" if folder else ""),
-            hint="released names: " + ", ".join(f"{RELEASED_NAMES[p]} ({p})" for p in missing),
-        )
-    for part, path in parts.items():
-        if not path.exists():
-            raise CheckpointError(f"{PART_NAMES[part]} {path} does not exist", hint=f"check the {part} path")
-    return parts
+    return checkpoint.resolve_parts(WEIGHTS, folder, paths)
 
 
 def load_part(module: torch.nn.Module, path: str | os.PathLike, part: str, dtype: torch.dtype | None = None) -> None:
@@ -127,36 +84,3 @@ def load_part(module: torch.nn.Module, path: str | os.PathLike, part: str, dtype
     left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left:  # a non-persistent buffer has no value in any checkpoint: such modules must not be built on meta
         raise CheckpointError(f"{path}: {', '.join(left[:5])} still unset after loading", hint="an osx bug: please report it")
-
-
-def _weight_entries(folder: Path, depth: int):
-    """(entry, tensor names) of each weights file or model folder under `folder`; names [] for pickles."""
-    for entry in sorted(folder.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            keys = _folder_keys(entry)
-            if keys is not None:
-                yield entry, keys
-            elif depth > 1:
-                yield from _weight_entries(entry, depth - 1)
-        elif entry.name.endswith(".index.json") or entry.suffix == ".safetensors" or entry.suffix in PICKLE_SUFFIXES:
-            yield entry, tensor_names(entry)
-
-
-def _folder_keys(folder: Path) -> list[str] | None:
-    """Tensor names of a model folder (what read_state_dict(folder) reads); None if it holds no weights."""
-    files = sorted(p for p in folder.iterdir() if p.is_file())
-    for group in ([p for p in files if p.name.endswith(".index.json")], [p for p in files if p.suffix == ".safetensors"],
-                  [p for p in files if p.suffix in PICKLE_SUFFIXES]):
-        if group:
-            return tensor_names(group[0]) if len(group) == 1 else []
-    return None
-
-
-def _by_name(entry: Path) -> str | None:
-    name = entry.name.lower()
-    for part, hints in NAME_HINTS.items():
-        if any(h in name for h in hints):
-            return part
-    return None

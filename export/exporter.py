@@ -22,27 +22,25 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import json
 import math
-import os
 import platform
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from osx import __version__
-from osx.bundle import EXTERNAL_DATA_BYTES, BundleWriter
+from osx.bundle import BundleWriter
 from osx.components import DimRange
 from osx.errors import CheckpointError, OsxError
 from osx.export.checkpoint import CheckpointReader
-from osx.export.onnx_export import DTYPES, OPSETS
+from osx.export.onnx_export import DTYPES
 from osx.export.ort_optimize import FUSABLE, add_onnxruntime_graph
+from osx.export.request import ExportRequest
 from osx.export.validate import (
     compare_onnx, format_table, fp16_noise, fp16_tolerance, torch_reference, validation_shapes,
 )
@@ -54,137 +52,130 @@ from osx.numeric import format_bytes
 
 TOKENIZER_FILE = "tokenizer.json"
 NULL_TEXT_FILE = "null_text.npy"
-CHECKPOINT_PARTS = ("denoiser", "vae", "t5")
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 
-def export_bundle(
-    model_name: str,
-    out: str | os.PathLike,
-    *,
-    gpu: str = "cpu",
-    checkpoint: str | os.PathLike | None = None,
-    t5: str | os.PathLike | None = None,
-    vae: str | os.PathLike | None = None,
-    denoiser: str | os.PathLike | None = None,
-    random_weights: bool = False,
-    dtype: str = "plan",
-    precision: str = "auto",
-    quantize=None,
-    force: bool = False,
-    opset: int = 18,
-    portable: bool = False,
-    with_vae_encoder: bool = False,
-    external_data_threshold: int = EXTERNAL_DATA_BYTES,
-    only: tuple[str, ...] = (),
-    progress: Callable[[str], None] = print,
-) -> Manifest:
-    """Export `model_name` to a bundle at `out`; returns the manifest. See `osx export --help`.
+def export_bundle(request: ExportRequest) -> Manifest:
+    """Run `request` (osx.export.request.ExportRequest): returns the committed bundle's manifest.
 
     Components: those of the plan (text_encoder, denoiser, vae_decoder for the shipped profiles), plus
-    vae_encoder with `with_vae_encoder` (image-to-video; text-to-video does not use it). `quantize`
+    `request.with_components` the pipeline does not run (vae_encoder: image-to-video). `request.quantize`
     (osx.calibration.apply.QuantizeStep, from the command layer) turns int8/fp8-planned components into
     calibrated Q/DQ graphs; without it such a plan is refused."""
     start = time.perf_counter()
 
     def say(msg: str) -> None:
-        progress(f"[{time.perf_counter() - start:6.1f}s] {msg}")
+        request.progress(f"[{time.perf_counter() - start:6.1f}s] {msg}")
 
-    model_cfg = get_model_config(model_name)
+    model_cfg = get_model_config(request.model)
     family = family_of(model_cfg)
     if family.reference != "osx.export.reference:build_reference":  # the part factories this exporter builds from
         raise OsxError(f"{model_cfg.name}: exporting {family.name} is not built yet (its declaration and plans are)",
                        hint="plan it with `osx export --dry-run`; run its PyTorch reference with osx.export.pipeline_v2")
-    asked = parse_dtypes(dtype)
-    if opset not in OPSETS:
-        raise OsxError(f"--opset {opset} is not supported", hint=f"use one of {', '.join(map(str, OPSETS))} "
-                       "(onnxruntime and TensorRT 10 parse these; from 23 on, attention becomes an op onnxruntime rejects)")
-    parts = resolve_checkpoint(checkpoint, t5=t5, vae=vae, denoiser=denoiser, random_weights=random_weights)
-    plan = _plan(gpu, model_cfg, precision)
+    asked = parse_dtypes(request.dtype)
+    parts = request.weights.resolve(family)
+    plan = _plan(request.gpu, model_cfg, request.precision)
     precisions = {n: c.precision for n, c in plan.components.items()}
-    if quantize is not None:
-        quantize.check(precisions, model_cfg.name, model_cfg.random_init_seed, parts)
+    if request.quantize is not None:
+        request.quantize.check(precisions, model_cfg.name, model_cfg.random_init_seed, parts)
     elif any(c.needs_calibration for c in plan.components.values()):
         raise OsxError(f"{', '.join(n for n, c in plan.components.items() if c.needs_calibration)} planned at int8/fp8 "
                        "needs calibrated graphs", hint="export with `osx export --calibration DIR` (from `osx calibrate`)")
-
-    from osx.export.reference import build_tokenizer, part_factories, write_random_checkpoint
-
-    specs = component_specs(model_cfg)
-    names = [c.name for c in family_of(model_cfg).components if c.name in plan.components or (not c.in_pipeline and with_vae_encoder)]
-    if only:
-        unknown = [n for n in only if n not in names]
-        if unknown:
-            raise OsxError(f"--component {', '.join(unknown)} is not exported for this plan",
-                           hint=f"choose from {', '.join(names)} (vae_encoder needs --with-vae-encoder)")
-        names = [n for n in names if n in only]
+    names = _component_names(request, family, plan)
     dtypes = component_dtypes(asked, names, plan)
-    with BundleWriter(out, force=force) as writer, _scratch_folder(Path(out)) as scratch:
-        components: dict[str, ComponentEntry] = {}
-        readers: dict[str, CheckpointReader] = {}
-        for i, name in enumerate(names):  # one component at a time; only the parts these need are read
-            part = _part(model_cfg, name)
-            if part not in readers:
-                if parts is None:
-                    say(f"{name}: writing seeded random weights of the {part} to a scratch checkpoint "
-                        f"({dtypes[name]}, one tensor at a time)")
-                    path = write_random_checkpoint(model_cfg, part, scratch / f"{part}.safetensors", DTYPES[dtypes[name]][1])
-                else:
-                    path = parts[part]
-                readers[part] = CheckpointReader(path)
-            cplan = plan.components.get(name)
-            io = specs[name].with_dims(**span(cplan.profiles)) if cplan else specs[name]
-            entry = export_one(name, model_cfg, part_factories, readers[part], io, dtypes[name], writer.dir, scratch,
-                               opset=opset, external_data_threshold=external_data_threshold,
-                               say=lambda m, n=name: say(f"{n}: {m}"), progress=progress)
-            # a graph fused for onnxruntime where onnxruntime runs it at fp32 (int8/fp8 are quantized from the portable one)
-            runs_as = (cplan.backend, cplan.precision) if cplan else ("onnxruntime", dtypes[name])
-            if name in FUSABLE and dtypes[name] == "fp32" and runs_as == ("onnxruntime", "fp32"):
-                say(f"{name}: fusing for onnxruntime (GELU, RMSNorm, LayerNorm), checking the fused graph")
-                entry.update(add_onnxruntime_graph(writer.dir, name, entry["file"], io.with_precision("float32"),
-                                                   entry["validation"]["tolerance"]))
-            components[name] = ComponentEntry.parse({
-                **entry,
-                "backend": cplan.backend if cplan else "onnxruntime",
-                "plan_precision": cplan.precision if cplan else dtypes[name],
-                "shape_ranges": [{d: dataclasses.asdict(r) for d, r in p.items()} for p in cplan.profiles] if cplan else [],
-                "notes": _dtype_notes(name, wanted_dtype(asked.get(name, asked[""]), cplan), dtypes[name]) + entry["notes"],
-            }, name)
-            if all(_part(model_cfg, n) != part for n in names[i + 1:]):  # last use of this part's checkpoint
-                del readers[part]
-                (scratch / f"{part}.safetensors").unlink(missing_ok=True)
-        say(f"writing {TOKENIZER_FILE}")
-        tokenizer = build_tokenizer(model_cfg, parts)  # after the weights: their errors come first
-        check_vocabulary(tokenizer.get_vocab_size(with_added_tokens=True), model_cfg.text_encoder.vocab_size,
-                         "T5 tokenizer" if parts is None else f"{parts['t5']}/spiece.model", error=CheckpointError)
-        tokenizer.save(str(writer.dir / TOKENIZER_FILE))
-        manifest = Manifest(
-            model={"name": model_cfg.name, "family": model_cfg.family, "config": model_cfg.to_dict()},
-            components=components,
-            tokenizer={"file": TOKENIZER_FILE, "max_length": model_cfg.text_encoder.max_length},
-            scheduler=dataclasses.asdict(model_cfg.scheduler),
-            runtime=RuntimeSettings(load_one_at_a_time=plan.load_one_at_a_time, cfg_batching=plan.cfg_batching),
-            plan=plan.to_dict(),
-        )
-        if quantize is not None:  # before engines: TensorRT builds from the Q/DQ graphs
-            manifest = quantize.apply(writer.dir, manifest, precisions, say)
-
+    with BundleWriter(request.out, force=request.force) as writer, _scratch_folder(request.out) as scratch:
+        components = _export_components(request, model_cfg, names, asked, dtypes, plan, parts, writer.dir, scratch, say)
+        manifest = _manifest(model_cfg, components, plan, parts, writer.dir, say)
+        if request.quantize is not None:  # before engines: TensorRT builds from the Q/DQ graphs
+            manifest = request.quantize.apply(writer.dir, manifest, precisions, say)
         if any(c.backend == "tensorrt" for c in plan.components.values()):
             from osx.export.engines import build_engines
 
             say(f"building TensorRT engines for {plan.profile.name}")
-            built = build_engines(writer.dir, manifest.components, plan, portable=portable)
+            built = build_engines(writer.dir, manifest.components, plan, portable=request.portable)
             manifest = manifest.replace(components={n: c.with_engine(built[n]) if n in built else c
                                                     for n, c in manifest.components.items()})
-
         manifest = writer.commit(manifest.replace(build=versions(), export={
             "weights": {"random_seed": model_cfg.random_init_seed} if parts is None
             else {k: str(v) for k, v in parts.items()},
-            "dtype": dtype, "precision": precision, "opset": opset, "gpu": gpu,
+            "dtype": request.dtype, "precision": request.precision, "opset": request.opset, "gpu": request.gpu,
             "seconds": round(time.perf_counter() - start, 1),
         }))
-    say(f"wrote {Path(out)} ({format_bytes(sum(f.bytes for f in manifest.files.values()))}, {len(manifest.files)} files)")
+    say(f"wrote {request.out} ({format_bytes(sum(f.bytes for f in manifest.files.values()))}, {len(manifest.files)} files)")
     return manifest
+
+
+def _component_names(request: ExportRequest, family, plan) -> list[str]:
+    """The components to export, in the family's order: the plan's, `with_components`, cut to `only`."""
+    extra = [n for n in request.with_components if n not in family.names()]
+    if extra:
+        raise OsxError(f"{family.name} has no component {', '.join(extra)}", hint=f"it has {', '.join(family.names())}")
+    names = [c.name for c in family.components if c.name in plan.components or c.name in request.with_components]
+    unknown = [n for n in request.only if n not in names]
+    if unknown:
+        raise OsxError(f"--component {', '.join(unknown)} is not exported for this plan",
+                       hint=f"choose from {', '.join(names)} (vae_encoder needs --with-vae-encoder)")
+    return [n for n in names if n in request.only] if request.only else names
+
+
+def _export_components(request, model_cfg, names, asked, dtypes, plan, parts, out_dir: Path, scratch: Path, say) -> dict[str, ComponentEntry]:
+    """Each component exported and validated, one at a time (`asked`: parse_dtypes, `dtypes`: component_dtypes);
+    only the checkpoint parts these need are read."""
+    from osx.export.reference import part_factories, write_random_checkpoint
+
+    specs = component_specs(model_cfg)
+    components: dict[str, ComponentEntry] = {}
+    readers: dict[str, CheckpointReader] = {}
+    for i, name in enumerate(names):
+        part = _part(model_cfg, name)
+        if part not in readers:
+            if parts is None:
+                say(f"{name}: writing seeded random weights of the {part} to a scratch checkpoint "
+                    f"({dtypes[name]}, one tensor at a time)")
+                path = write_random_checkpoint(model_cfg, part, scratch / f"{part}.safetensors", DTYPES[dtypes[name]][1])
+            else:
+                path = parts[part]
+            readers[part] = CheckpointReader(path)
+        cplan = plan.components.get(name)
+        io = specs[name].with_dims(**span(cplan.profiles)) if cplan else specs[name]
+        entry = export_one(name, model_cfg, part_factories, readers[part], io, dtypes[name], out_dir, scratch,
+                           opset=request.opset, external_data_threshold=request.external_data_threshold,
+                           say=lambda m, n=name: say(f"{n}: {m}"), progress=request.progress)
+        # a graph fused for onnxruntime where onnxruntime runs it at fp32 (int8/fp8 are quantized from the portable one)
+        runs_as = (cplan.backend, cplan.precision) if cplan else ("onnxruntime", dtypes[name])
+        if name in FUSABLE and dtypes[name] == "fp32" and runs_as == ("onnxruntime", "fp32"):
+            say(f"{name}: fusing for onnxruntime (GELU, RMSNorm, LayerNorm), checking the fused graph")
+            entry.update(add_onnxruntime_graph(out_dir, name, entry["file"], io.with_precision("float32"),
+                                               entry["validation"]["tolerance"]))
+        components[name] = ComponentEntry.parse({
+            **entry,
+            "backend": cplan.backend if cplan else "onnxruntime",
+            "plan_precision": cplan.precision if cplan else dtypes[name],
+            "shape_ranges": [{d: dataclasses.asdict(r) for d, r in p.items()} for p in cplan.profiles] if cplan else [],
+            "notes": _dtype_notes(name, wanted_dtype(asked.get(name, asked[""]), cplan), dtypes[name]) + entry["notes"],
+        }, name)
+        if all(_part(model_cfg, n) != part for n in names[i + 1:]):  # last use of this part's checkpoint
+            del readers[part]
+            (scratch / f"{part}.safetensors").unlink(missing_ok=True)
+    return components
+
+
+def _manifest(model_cfg, components, plan, parts, out_dir: Path, say) -> Manifest:
+    """The tokenizer written beside the graphs, and the manifest (before quantization, engines, commit)."""
+    from osx.export.reference import build_tokenizer
+
+    say(f"writing {TOKENIZER_FILE}")
+    tokenizer = build_tokenizer(model_cfg, parts)  # after the weights: their errors come first
+    check_vocabulary(tokenizer.get_vocab_size(with_added_tokens=True), model_cfg.text_encoder.vocab_size,
+                     "T5 tokenizer" if parts is None else f"{parts['t5']}/spiece.model", error=CheckpointError)
+    tokenizer.save(str(out_dir / TOKENIZER_FILE))
+    return Manifest(
+        model={"name": model_cfg.name, "family": model_cfg.family, "config": model_cfg.to_dict()},
+        components=components,
+        tokenizer={"file": TOKENIZER_FILE, "max_length": model_cfg.text_encoder.max_length},
+        scheduler=dataclasses.asdict(model_cfg.scheduler),
+        runtime=RuntimeSettings(load_one_at_a_time=plan.load_one_at_a_time, cfg_batching=plan.cfg_batching),
+        plan=plan.to_dict(),
+    )
 
 
 # --- one component ----------------------------------------------------------------------------------
@@ -400,101 +391,3 @@ def versions() -> dict[str, str]:
     return {"osx": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "onnxscript": onnxscript.__version__,
             "onnxslim": onnxslim.__version__, "python": sys.version.split()[0], "platform": platform.platform()}
-
-
-# --- checkpoint folders ---------------------------------------------------------------------------------
-
-
-def resolve_checkpoint(checkpoint, *, t5=None, vae=None, denoiser=None, random_weights: bool = False) -> dict[str, Path] | None:
-    """{"denoiser", "vae", "t5"} paths from a checkpoint folder and/or explicit paths (which win);
-    None for random weights. Every problem is a CheckpointError saying which part and where."""
-    given = {k: Path(v) for k, v in (("denoiser", denoiser), ("vae", vae), ("t5", t5)) if v is not None}
-    if random_weights:
-        if checkpoint is not None or given:
-            raise OsxError("--random-weights cannot be combined with --checkpoint/--denoiser/--vae/--t5",
-                           hint="drop --random-weights to export a checkpoint, or drop the checkpoint paths")
-        return None
-    if checkpoint is None and len(given) < len(CHECKPOINT_PARTS):
-        missing = [p for p in CHECKPOINT_PARTS if p not in given]
-        raise OsxError("no weights given" if not given else f"no {', '.join(missing)} weights given",
-                       hint="pass --checkpoint DIR (holding the denoiser, VAE and T5 files), or --random-weights")
-    parts = dict(given)
-    if checkpoint is not None:
-        found = find_checkpoint_parts(Path(checkpoint))
-        for part in CHECKPOINT_PARTS:
-            if part not in parts:
-                if part not in found:
-                    raise CheckpointError(
-                        f"checkpoint folder {checkpoint} has no {_PART_NAMES[part]}",
-                        hint=f"put it in the folder (file or subfolder), or pass --{part} PATH",
-                    )
-                parts[part] = found[part]
-    for part, path in parts.items():
-        if not path.exists():
-            raise CheckpointError(f"{_PART_NAMES[part]} {path} does not exist", hint=f"check the --{part} path")
-    if not (parts["t5"].is_dir() and (parts["t5"] / "spiece.model").is_file()):
-        raise CheckpointError(f"T5 {parts['t5']} is not a T5 folder with spiece.model",
-                              hint="point --t5 at the folder of DeepFloyd/t5-v1_1-xxl (weight shards, index, spiece.model)")
-    return parts
-
-
-_PART_NAMES = {"denoiser": "denoiser (STDiT3) weights", "vae": "VAE weights", "t5": "T5 text encoder folder"}
-# Key prefixes that identify each part's state dict (after wrapper prefixes such as "module.").
-_SIGNATURES = {"denoiser": ("x_embedder.", "spatial_blocks.", "y_embedder."), "vae": ("spatial_vae.", "temporal_vae."),
-               "t5": ("encoder.block.", "shared.")}
-_NAME_HINTS = {"denoiser": ("stdit", "denoiser", "dit"), "vae": ("vae",), "t5": ("t5",)}
-
-
-def find_checkpoint_parts(folder: Path) -> dict[str, Path]:
-    """Which entry of `folder` is the denoiser, the VAE and the T5 encoder: each entry (a weights file,
-    or a subfolder holding weights) is identified by its tensor names where they can be read without
-    loading the weights (safetensors headers, shard indexes), else by its name. The T5 entry is a
-    folder (it holds spiece.model); a folder holding spiece.model itself counts as the T5 part."""
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder {folder} does not exist or is not a folder",
-                              hint="pass the folder holding the denoiser, VAE and T5 files")
-    found: dict[str, Path] = {}
-    for entry in sorted(folder.iterdir()):
-        part = _identify(entry)
-        if part is None:
-            continue
-        if part in found:
-            raise CheckpointError(f"{folder} holds two {_PART_NAMES[part]}: {found[part].name} and {entry.name}",
-                                  hint=f"keep one, or choose with --{part} PATH")
-        found[part] = entry
-    return found
-
-
-def _identify(entry: Path) -> str | None:
-    if entry.name.startswith("."):
-        return None
-    keys = _peek_keys(entry)
-    if keys is None:  # not weights
-        return None
-    keys = [k.removeprefix("module.").removeprefix("ema.") for k in keys]
-    for part, prefixes in _SIGNATURES.items():
-        if any(k.startswith(prefixes) for k in keys):
-            return part
-    name = entry.name.lower()
-    for part, hints in _NAME_HINTS.items():
-        if any(h in name for h in hints):
-            return part
-    return None
-
-
-def _peek_keys(entry: Path) -> list[str] | None:
-    """Tensor names of a weights file or folder without reading the tensors ([] if only a pickle,
-    whose names need the whole file); None if `entry` holds no weights."""
-    if entry.is_dir():
-        inner = sorted(p for p in entry.iterdir() if p.name.endswith(".index.json") or p.suffix in WEIGHT_SUFFIXES)
-        if not inner:
-            return None
-        keys: list[str] = []
-        for p in inner:
-            keys += _peek_keys(p) or []
-        return keys
-    if entry.name.endswith(".index.json") or entry.suffix == ".safetensors":
-        from osx.export.checkpoint import tensor_names
-
-        return tensor_names(entry)
-    return [] if entry.suffix in WEIGHT_SUFFIXES else None

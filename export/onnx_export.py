@@ -45,9 +45,9 @@ import torch
 
 from osx.bundle import EXTERNAL_DATA_BYTES
 from osx.components import ComponentSpec
+from osx.export.request import OPSETS
 from osx.numeric import format_bytes
 
-OPSETS = (18, 19, 20)
 DTYPES = {"fp32": ("float32", torch.float32), "fp16": ("float16", torch.float16), "bf16": ("bfloat16", torch.bfloat16)}
 EXPORTER = f"torch.export + torch.onnx.export(dynamo=True), torch {torch.__version__}"
 

@@ -24,11 +24,6 @@ from osx.export.tokenizer import build_tiny_tokenizer, convert_t5_sentencepiece
 from osx.export.vae import VideoAutoencoder
 from osx.models import ModelConfig
 
-# What a real checkpoint consists of: denoiser = Open-Sora STDiT3 weights (hpcai-tech/OpenSora-STDiT-v3,
-# a .safetensors file or its folder), vae = hpcai-tech/OpenSora-VAE-v1.2 (file or folder), t5 = a
-# transformers T5 v1.1 folder (DeepFloyd/t5-v1_1-xxl: weight shards + index, and `spiece.model`).
-CHECKPOINT_PARTS = ("denoiser", "vae", "t5")
-
 
 def random_init_std(model_cfg: ModelConfig) -> dict[str, float]:
     """Per-component std of random weights: 1/sqrt(fan-in) of the component's typical layer.
@@ -75,11 +70,11 @@ def build_reference(
         for part, module in modules.items():
             seeded_init_(module, seed, std=stds[part])
     else:
-        missing = [part for part in CHECKPOINT_PARTS if part not in checkpoint]
+        missing = [part for part in modules if part not in checkpoint]  # the family's weight sources (osx.families)
         if missing:
             raise CheckpointError(
                 f"checkpoint is missing {', '.join(missing)}",
-                hint="give the paths of all of: " + ", ".join(CHECKPOINT_PARTS),
+                hint="give the paths of all of: " + ", ".join(modules),
             )
         for part, module in modules.items():
             load_into(module, read_state_dict(checkpoint[part]), source=str(checkpoint[part]))

@@ -305,13 +305,14 @@ from pathlib import Path
 from bench_runtime import int8_export, model_config
 from osx import models
 from osx.export.exporter import export_bundle
+from osx.export.request import RANDOM_WEIGHTS, ExportRequest
 cfg = model_config({model!r})
 models.MODELS[cfg.name] = cfg  # the exporter looks configs up by name
 calibration = {str(calibration) if calibration else None!r}
 if calibration:
     int8_export(cfg, Path({str(out)!r}), Path(calibration), {search!r}, {method!r})
 else:
-    export_bundle(cfg.name, {str(out)!r}, gpu="cpu", random_weights=True, force=True, progress=lambda m: None)
+    export_bundle(ExportRequest(cfg.name, {str(out)!r}, RANDOM_WEIGHTS, gpu="cpu", force=True, progress=lambda m: None))
 """
     subprocess.run([sys.executable, "-c", code], check=True)
     return out
@@ -329,6 +330,7 @@ def int8_export(cfg, out: Path, calib_dir: Path, search: bool, method: str = "st
     from osx.calibration.prompts import CALIBRATION, HELDOUT, load_prompts
     from osx.export.exporter import export_bundle
     from osx.export.reference import build_reference
+    from osx.export.request import RANDOM_WEIGHTS, ExportRequest
 
     d = cfg.defaults
     from osx.calibration.calibset import MANIFEST
@@ -342,8 +344,8 @@ def int8_export(cfg, out: Path, calib_dir: Path, search: bool, method: str = "st
     profile = out.parent / "cpu-int8.toml"  # a custom profile, as a user would write one
     profile.write_text((importlib.resources.files("osx.profiles") / "cpu.toml").read_text().replace('name = "cpu"', 'name = "cpu-int8"')
                        .replace('denoiser = "fp32"', 'denoiser = "int8"'))
-    export_bundle(cfg.name, out, gpu=str(profile), random_weights=True, force=True, progress=lambda m: None,
-                  quantize=QuantizeStep(calib_dir, allow_quality_loss=True, search=search, int8_method=method))
+    export_bundle(ExportRequest(cfg.name, out, RANDOM_WEIGHTS, gpu=str(profile), force=True, progress=lambda m: None,
+                                quantize=QuantizeStep(calib_dir, allow_quality_loss=True, search=search, int8_method=method)))
 
 
 def gate_verdict(bundle: Path) -> dict:

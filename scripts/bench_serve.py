@@ -58,8 +58,9 @@ def _through_service(base, body, timeout=600.0, parts=None):
 
 def _tiny_bundle(folder: Path) -> Path:
     from osx.export.exporter import export_bundle
+    from osx.export.request import RANDOM_WEIGHTS, ExportRequest
 
-    export_bundle("opensora-v1.2-tiny", folder / "tiny", gpu="cpu", random_weights=True, progress=lambda msg: None)
+    export_bundle(ExportRequest("opensora-v1.2-tiny", folder / "tiny", RANDOM_WEIGHTS, gpu="cpu", progress=lambda msg: None))
     return folder / "tiny"
 
 

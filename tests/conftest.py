@@ -72,9 +72,10 @@ def tiny_bundle(tmp_path_factory):
     that damage a bundle copy it first. Its weights are `build_reference(tiny config)`'s."""
     pytest.importorskip("torch", reason="exporting needs the `export` extra")
     from osx.export.exporter import export_bundle
+    from osx.export.request import RANDOM_WEIGHTS, ExportRequest
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
-    export_bundle("opensora-v1.2-tiny", out, gpu="cpu", random_weights=True, progress=lambda msg: None)
+    export_bundle(ExportRequest("opensora-v1.2-tiny", out, RANDOM_WEIGHTS, gpu="cpu", progress=lambda msg: None))
     return out
 
 

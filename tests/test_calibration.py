@@ -307,9 +307,9 @@ def test_a_failed_gate_stops_the_export_unless_allowed(tiny_bundle, calib, tmp_p
     (work / "manifest.json").unlink()
     strict = gate.Thresholds(min_psnr=99.0)
     with pytest.raises(gate.QualityGateError, match=r"int8 quantization failed the quality gate: video: PSNR"):
-        apply.quantize_bundle(work, manifest, {"denoiser": "int8"}, calib.root, strict, search=False)
-    kept = apply.quantize_bundle(work, manifest, {"denoiser": "int8"}, calib.root, strict, search=False,
-                                 allow_quality_loss=True)
+        apply.quantize_bundle(work, manifest, {"denoiser": "int8"}, apply.QuantizeStep(calib.root, strict, search=False))
+    kept = apply.quantize_bundle(work, manifest, {"denoiser": "int8"},
+                                 apply.QuantizeStep(calib.root, strict, allow_quality_loss=True, search=False))
     assert kept.quantization["passed"] is False and kept.components["denoiser"].precision == "int8"
     report = json.loads((work / "quantization" / "report.json").read_text())
     assert report["allow_quality_loss"] and "video: PSNR" in report["failures"][0]

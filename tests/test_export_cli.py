@@ -4,9 +4,11 @@ checkpoint folder's parts are recognised."""
 import pytest
 
 from osx.cli import main
-from osx.errors import CheckpointError
+from osx.errors import CheckpointError, OsxError
 from osx.export.checkpoint import save_safetensors
-from osx.export.exporter import find_checkpoint_parts, resolve_checkpoint
+from osx.export.checkpoint import find_parts
+from osx.export.request import WeightFiles
+from osx.families import FAMILIES, family_of
 from osx.export.init import seeded_init_
 from osx.export.stdit3 import STDiT3
 from osx.export.t5 import T5TextEncoder
@@ -14,6 +16,7 @@ from osx.export.vae import VideoAutoencoder
 from osx.models import get_model_config
 
 TINY = get_model_config("opensora-v1.2-tiny")
+WEIGHTS = family_of(TINY).weights
 
 
 def osx(capsys, *args):
@@ -83,7 +86,7 @@ def test_plan_and_option_errors(capsys, tmp_path, args, message):
 
 
 def test_parts_found_by_tensor_names(checkpoint_dir, tmp_path):
-    assert find_checkpoint_parts(checkpoint_dir) == {
+    assert find_parts(checkpoint_dir, WEIGHTS) == {
         "denoiser": checkpoint_dir / "OpenSora-STDiT-v3",
         "vae": checkpoint_dir / "vae-v1.2.safetensors",
         "t5": checkpoint_dir / "t5-v1_1-xxl",
@@ -93,13 +96,13 @@ def test_parts_found_by_tensor_names(checkpoint_dir, tmp_path):
     renamed.mkdir()
     for src, dst in (("OpenSora-STDiT-v3/model.safetensors", "a.safetensors"), ("vae-v1.2.safetensors", "b.safetensors")):
         (renamed / dst).write_bytes((checkpoint_dir / src).read_bytes())
-    assert find_checkpoint_parts(renamed) == {"denoiser": renamed / "a.safetensors", "vae": renamed / "b.safetensors"}
+    assert find_parts(renamed, WEIGHTS) == {"denoiser": renamed / "a.safetensors", "vae": renamed / "b.safetensors"}
 
 
 def test_explicit_paths_override_the_folder(checkpoint_dir, tmp_path):
     other = tmp_path / "my-vae.safetensors"
     other.write_bytes((checkpoint_dir / "vae-v1.2.safetensors").read_bytes())
-    parts = resolve_checkpoint(checkpoint_dir, vae=other)
+    parts = WeightFiles(checkpoint_dir, {"vae": other}).resolve(family_of(TINY))
     assert parts["vae"] == other and parts["denoiser"] == checkpoint_dir / "OpenSora-STDiT-v3"
 
 
@@ -110,7 +113,7 @@ def test_two_candidates_for_one_part(checkpoint_dir, tmp_path):
     shutil.copytree(checkpoint_dir, copy)
     shutil.copy(copy / "vae-v1.2.safetensors", copy / "vae-old.safetensors")
     with pytest.raises(CheckpointError, match="two VAE weights: vae-old.safetensors and vae-v1.2.safetensors"):
-        find_checkpoint_parts(copy)
+        find_parts(copy, WEIGHTS)
 
 
 def test_checkpoint_folder_missing_a_part(capsys, checkpoint_dir, tmp_path):
@@ -126,7 +129,7 @@ def test_checkpoint_folder_missing_a_part(capsys, checkpoint_dir, tmp_path):
 def test_t5_must_be_a_folder_with_spiece_model(capsys, checkpoint_dir, tmp_path):
     code, text = osx(capsys, "--model", "opensora-v1.2-tiny", "--checkpoint", checkpoint_dir,
                      "--t5", checkpoint_dir / "t5-v1_1-xxl" / "model.safetensors.index.json", "--out", tmp_path / "b")
-    assert code == 2 and "is not a T5 folder with spiece.model" in text
+    assert code == 2 and "is not a folder with spiece.model" in text and "--t5" in text
 
 
 def test_key_mismatch_is_the_checkpoint_error(capsys, checkpoint_dir, tmp_path):
@@ -180,3 +183,44 @@ def test_export_from_a_checkpoint_folder(capsys, checkpoint_dir, tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     assert tok.encode("a red fox walks through the snow").ids == sp.encode("a red fox walks through the snow") + [1]
+
+
+def test_weight_options_come_from_the_families(monkeypatch):
+    """Each part a family declares is an option of `osx export` and `osx calibrate`; a family declaring a
+    new part gets its option with no CLI edit, and a part of another family is refused by name."""
+    import dataclasses
+
+    import click
+
+    from osx.commands.calibrate import calibrate
+    from osx.commands.export import export
+    from osx.commands.weights import weight_options
+    from osx.families import WeightSource
+
+    for command in (export, calibrate):
+        options = {o for p in command.params for o in p.opts}
+        assert {"--checkpoint", "--random-weights", "--denoiser", "--vae", "--t5"} <= options
+    new = dataclasses.replace(family_of(TINY), name="new-family", weights=(
+        WeightSource("mmdit", "MMDiT weights", ("double_blocks.",), ("mmdit",)),
+        WeightSource("flux_ae", "Flux autoencoder weights", ("decoder.up.",), ("flux1-dev-ae",), required=False)))
+    monkeypatch.setitem(FAMILIES, new.name, new)
+    options = {o for p in weight_options(click.command()(lambda **kw: None)).params for o in p.opts}
+    assert {"--mmdit", "--flux-ae", "--denoiser"} <= options
+    with pytest.raises(OsxError, match="--mmdit: not a weights part of opensora-v1.2") as e:
+        WeightFiles(parts={"mmdit": "x.safetensors"}).resolve(family_of(TINY))
+    assert "--denoiser, --vae, --t5" in e.value.hint
+
+
+def test_calibrate_names_a_missing_part(capsys, checkpoint_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "c"
+    shutil.copytree(checkpoint_dir, copy)
+    shutil.rmtree(copy / "OpenSora-STDiT-v3")
+    try:
+        main(["calibrate", "--model", "opensora-v1.2-tiny", "--checkpoint", str(copy), "--out", str(tmp_path / "cal")])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    text = "".join(capsys.readouterr())
+    assert code == 2 and "has no denoiser (STDiT3) weights" in text and "--denoiser PATH" in text

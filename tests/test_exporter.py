@@ -23,6 +23,7 @@ from osx.bundle import Bundle
 from osx.families import component_specs, get_family
 from osx.errors import BundleError, ValidationError
 from osx.export import exporter
+from osx.export.request import RANDOM_WEIGHTS, ExportRequest
 from osx.export.reference import build_reference
 from osx.export.tokenizer import build_tiny_tokenizer
 from osx.models import ModelConfig, get_model_config
@@ -184,7 +185,7 @@ def test_validation_failure_leaves_no_bundle(tmp_path, monkeypatch):
 
     monkeypatch.setattr(exporter, "torch_reference", perturbed)
     with pytest.raises(ValidationError, match="text_encoder: ONNX output 'text_embeds' differs from PyTorch"):
-        exporter.export_bundle("opensora-v1.2-tiny", tmp_path / "b", random_weights=True, progress=lambda m: None)
+        exporter.export_bundle(ExportRequest("opensora-v1.2-tiny", tmp_path / "b", RANDOM_WEIGHTS, progress=lambda m: None))
     assert _leftovers(tmp_path, "b") == []
 
 
@@ -209,8 +210,8 @@ def test_interrupted_export_leaves_nothing(tmp_path, sig):
 
 @pytest.mark.slow
 def test_fp16_bundle(tmp_path):
-    m = exporter.export_bundle("opensora-v1.2-tiny", tmp_path / "b", random_weights=True, dtype="fp16",
-                               progress=lambda m: None)
+    m = exporter.export_bundle(ExportRequest("opensora-v1.2-tiny", tmp_path / "b", RANDOM_WEIGHTS, dtype="fp16",
+                                             progress=lambda m: None))
     te, dn = m.components["text_encoder"], m.components["denoiser"]
     assert te.precision == "fp32" and "overflows in float16" in te.report["notes"][0]
     assert dn.precision == "fp16" and dn.io.float_dtype == "float16"

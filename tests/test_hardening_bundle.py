@@ -50,10 +50,11 @@ def test_export_refuses_a_tokenizer_that_does_not_fit(tmp_path, monkeypatch):
     pytest.importorskip("torch")
     from osx.export import reference
     from osx.export.exporter import export_bundle
+    from osx.export.request import RANDOM_WEIGHTS, ExportRequest
 
     monkeypatch.setattr(reference, "build_tiny_tokenizer", lambda cfg: small_tokenizer())
     with pytest.raises(CheckpointError, match="100 tokens"):
-        export_bundle("opensora-v1.2-tiny", tmp_path / "b", random_weights=True, progress=lambda m: None)
+        export_bundle(ExportRequest("opensora-v1.2-tiny", tmp_path / "b", RANDOM_WEIGHTS, progress=lambda m: None))
     assert list(tmp_path.iterdir()) == []
 
 

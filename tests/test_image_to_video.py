@@ -73,9 +73,11 @@ def test_mask_schedule_generating_rule_and_reset():
 @pytest.fixture(scope="module")
 def i2v_bundle(tmp_path_factory):
     from osx.export.exporter import export_bundle
+    from osx.export.request import RANDOM_WEIGHTS, ExportRequest
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-i2v"
-    export_bundle("opensora-v1.2-tiny", out, gpu="cpu", random_weights=True, with_vae_encoder=True, progress=lambda msg: None)
+    export_bundle(ExportRequest("opensora-v1.2-tiny", out, RANDOM_WEIGHTS, gpu="cpu", with_components=("vae_encoder",),
+                                progress=lambda msg: None))
     return out
 
 

@@ -162,10 +162,11 @@ def test_large_components_validate_at_reduced_depth(tmp_path, monkeypatch):
     """Above VALIDATION_BYTES the component is validated with its first blocks (same checkpoint, same
     streamed path), the full graph structurally; --component exports just that component."""
     from osx.export import exporter
+    from osx.export.request import RANDOM_WEIGHTS, ExportRequest
 
     monkeypatch.setattr(exporter, "VALIDATION_BYTES", 1000)
-    m = exporter.export_bundle("opensora-v1.2-tiny", tmp_path / "b", random_weights=True, only=("denoiser",),
-                               progress=lambda m: None)
+    m = exporter.export_bundle(ExportRequest("opensora-v1.2-tiny", tmp_path / "b", RANDOM_WEIGHTS, only=("denoiser",),
+                                             progress=lambda m: None))
     c = m.components["denoiser"]
     assert list(m.components) == ["denoiser"]
     assert c.report["validation"]["depth"] == [1, 2] and "first 1 of 2 blocks" in c.report["validation"]["graph"]

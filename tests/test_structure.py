@@ -13,6 +13,7 @@ from osx.export import exporter
 from osx.export.checkpoint import CheckpointReader, save_safetensors
 from osx.export.onnx_export import export_streamed
 from osx.export.reference import build_reference
+from osx.export.request import RANDOM_WEIGHTS, ExportRequest
 from osx.export.structure import compare_cast_graphs
 from osx.export.stream import Weights
 from osx.export.t5 import T5TextEncoder
@@ -100,8 +101,8 @@ def test_bf16_export_records_the_comparison(tmp_path, monkeypatch, cut):
     large, here forced), and the manifest says which bf16 graph was compared with it and what matched."""
     if cut:
         monkeypatch.setattr(exporter, "VALIDATION_BYTES", 100_000)  # the tiny T5's fp32 weights are 230 kB
-    exporter.export_bundle("opensora-v1.2-tiny", tmp_path / "b", random_weights=True, dtype="text_encoder=bf16",
-                           only=("text_encoder",), progress=lambda m: None)
+    exporter.export_bundle(ExportRequest("opensora-v1.2-tiny", tmp_path / "b", RANDOM_WEIGHTS, dtype="text_encoder=bf16",
+                                         only=("text_encoder",), progress=lambda m: None))
     entry = json.loads((tmp_path / "b" / "manifest.json").read_text())["components"]["text_encoder"]
     v = entry["validation"]
     assert entry["precision"] == "bf16" and v["dtype"] == "fp32" and all(r["ok"] for r in v["rows"])

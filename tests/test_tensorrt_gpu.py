@@ -252,12 +252,13 @@ def test_engine_with_16_bit_io(dtype, host, machine, tiny_bundle, tmp_path_facto
     """A bundle exported in fp16 / bf16 builds engines whose I/O is 16-bit (bf16 travels as raw bits):
     the denoiser agrees with the fp32 bundle's onnxruntime graph (same seeded weights) within 5e-2."""
     from osx.export.exporter import export_bundle
+    from osx.export.request import RANDOM_WEIGHTS, ExportRequest
 
     if dtype == "bf16" and machine.compute_capability < (8, 0):
         pytest.skip(f"bf16 needs compute capability >= 8.0; this GPU ({machine.gpu_name}) has {machine.cc_text}")
     root = tmp_path_factory.mktemp(f"io-{dtype}")
     try:
-        export_bundle("opensora-v1.2-tiny", root / "b", gpu="cpu", random_weights=True, dtype=dtype, progress=lambda m: None)
+        export_bundle(ExportRequest("opensora-v1.2-tiny", root / "b", RANDOM_WEIGHTS, gpu="cpu", dtype=dtype, progress=lambda m: None))
     except Exception as e:  # the exporter's own limits (onnxruntime's CPU validation of bf16 graphs)
         pytest.skip(f"exporting the tiny model in {dtype} is not available here: {type(e).__name__}: {e}")
     profile = _profile_toml(root / "io.toml", machine, denoiser=dtype)

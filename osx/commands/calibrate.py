@@ -6,17 +6,13 @@ from pathlib import Path
 
 import click
 
+from osx.commands.weights import weight_files, weight_options
 from osx.families import MODELS
 
 
 @click.command("calibrate")
 @click.option("--model", "model_name", required=True, help=f"Model name: {', '.join(MODELS)}.")
-@click.option("--random-weights", is_flag=True, help="Seeded random weights instead of a checkpoint (tests, dry runs).")
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
-              help="Folder holding the denoiser, VAE and T5 weights, as for `osx export`.")
-@click.option("--denoiser", type=click.Path(path_type=Path), default=None, help="Denoiser weights (overrides --checkpoint).")
-@click.option("--vae", type=click.Path(path_type=Path), default=None, help="VAE weights (overrides --checkpoint).")
-@click.option("--t5", type=click.Path(path_type=Path), default=None, help="T5 folder (overrides --checkpoint).")
+@weight_options
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Calibration prompts, one per line ('#' comments). Default: the shipped set of 75.")
 @click.option("--heldout-prompts", "heldout_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -33,21 +29,20 @@ from osx.families import MODELS
 @click.option("--shard-mb", type=click.FloatRange(min=0.01), default=256.0, show_default=True, help="Size cap of one .npz shard.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write the calibration set to.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def calibrate(model_name, random_weights, checkpoint, denoiser, vae, t5, prompts_file, heldout_file, samples, heldout, steps_per_sample,
-              height, width, num_frames, seed, shard_mb, out, force):
+def calibrate(model_name, random_weights, checkpoint, prompts_file, heldout_file, samples, heldout, steps_per_sample,
+              height, width, num_frames, seed, shard_mb, out, force, **weights):
     """Run the PyTorch reference pipeline over calibration and held-out prompts and record the text
     encoder's and the denoiser's real inputs (cond and uncond, at steps across the whole schedule)."""
-    from osx.families import get_model_config
+    from osx.families import family_of, get_model_config
 
     cfg = get_model_config(model_name)  # an unknown name fails before torch is imported
     from osx.calibration import capture as cap
     from osx.calibration.calibset import weights_identity
     from osx.calibration.prompts import CALIBRATION, HELDOUT, load_prompts
-    from osx.export.exporter import resolve_checkpoint
     from osx.export.reference import build_reference
 
     # The same weights `osx export` will load, named the same way (the calibration set records them).
-    parts = resolve_checkpoint(checkpoint, t5=t5, vae=vae, denoiser=denoiser, random_weights=random_weights)
+    parts = weight_files(random_weights, checkpoint, weights).resolve(family_of(cfg))
     recipe = cap.make_recipe(
         cfg, weights_identity(cfg.random_init_seed, parts),
         prompts=load_prompts(prompts_file or CALIBRATION), heldout_prompts=load_prompts(heldout_file or HELDOUT),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from osx.commands.weights import weight_files, weight_options
 from osx.families import MODELS
 
 
@@ -17,14 +18,7 @@ def _terminated(signum, frame):
 
 @click.command("export")
 @click.option("--model", "model_name", required=True, help=f"Model name: {', '.join(MODELS)}.")
-@click.option("--random-weights", is_flag=True, help="Seeded random weights instead of a checkpoint (tests, dry runs).")
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
-              help="Folder holding the denoiser (STDiT3), VAE and T5 weights, as files or subfolders; "
-              "each is recognised by its tensor names (or its file name).")
-@click.option("--denoiser", type=click.Path(path_type=Path), default=None, help="Denoiser weights (overrides --checkpoint).")
-@click.option("--vae", type=click.Path(path_type=Path), default=None, help="VAE weights (overrides --checkpoint).")
-@click.option("--t5", type=click.Path(path_type=Path), default=None,
-              help="T5 folder with weights and spiece.model (overrides --checkpoint).")
+@weight_options
 @click.option("--gpu", default="cpu", show_default=True,
               help="GPU profile the bundle is planned for: a shipped name (rtx4090, ...), a .toml path, auto, or cpu.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Bundle folder to write (not needed with --dry-run).")
@@ -57,8 +51,9 @@ def _terminated(signum, frame):
               "(slower; end users need only TensorRT's dispatch/lean runtime).")
 @click.option("--dry-run", is_flag=True, help="Print the plan for --gpu (precision, shapes, memory, fit) and exit; no GPU needed.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
-def export(model_name, random_weights, checkpoint, denoiser, vae, t5, gpu, out, force, dtype, only, precision, calibration,
-           int8_method, allow_quality_loss, gate_min_cosine, gate_min_psnr, opset, with_vae_encoder, with_t2i, portable, dry_run, as_json):
+def export(model_name, random_weights, checkpoint, gpu, out, force, dtype, only, precision, calibration,
+           int8_method, allow_quality_loss, gate_min_cosine, gate_min_psnr, opset, with_vae_encoder, with_t2i, portable, dry_run,
+           as_json, **weights):
     """Export a model to a bundle: every component to ONNX, validated against PyTorch with onnxruntime
     at two shapes; the manifest, tokenizer and null caption beside them. Written atomically."""
     from osx.families import get_model_config
@@ -77,6 +72,7 @@ def export(model_name, random_weights, checkpoint, denoiser, vae, t5, gpu, out, 
     if as_json or out is None:
         raise click.UsageError("--json needs --dry-run" if as_json else "--out is required (except with --dry-run)")
     from osx.export.exporter import export_bundle
+    from osx.export.request import ExportRequest
 
     signal.signal(signal.SIGTERM, _terminated)
     from osx.calibration.apply import QuantizeStep
@@ -84,12 +80,11 @@ def export(model_name, random_weights, checkpoint, denoiser, vae, t5, gpu, out, 
 
     quantize = QuantizeStep(calibration, Thresholds(min_cosine=gate_min_cosine, min_psnr=gate_min_psnr), allow_quality_loss,
                             int8_method=int8_method)
-    manifest = export_bundle(
-        model_name, out, gpu=gpu, checkpoint=checkpoint, t5=t5, vae=vae, denoiser=denoiser,
-        random_weights=random_weights, dtype=dtype, precision=precision, quantize=quantize, force=force,
-        opset=opset, with_vae_encoder=with_vae_encoder, portable=portable, only=tuple(only),
-        progress=lambda m: click.echo(m, err=True),
-    )
+    manifest = export_bundle(ExportRequest(
+        model_name, out, weight_files(random_weights, checkpoint, weights), gpu=gpu, dtype=dtype, precision=precision,
+        quantize=quantize, force=force, opset=opset, portable=portable, only=tuple(only),
+        with_components=("vae_encoder",) if with_vae_encoder else (), progress=lambda m: click.echo(m, err=True),
+    ))
     worst = max(r["max_rel"] for c in manifest.components.values() for r in c.report["validation"]["rows"])
     click.echo(f"{out}: {', '.join(manifest.components)} validated (worst relative error {worst:.1e}); "
                f"run `osx bundle verify {out}`")

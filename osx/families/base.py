@@ -30,14 +30,28 @@ def resolve(path: str) -> Any:
 @dataclass(frozen=True)
 class WeightSource:
     """Where one checkpoint part comes from: a file or folder of a checkpoint directory, recognised by
-    its tensor-name prefixes (after wrapper prefixes) or else by words in its file name."""
+    its tensor names (after wrapper prefixes such as "module.") where they can be read without loading
+    the weights, else (pickles) by words in its file name. osx.export.checkpoint.find_parts reads these;
+    the first source of a family whose rule matches wins, so a stricter rule goes before a looser one."""
 
-    part: str  # "denoiser", "vae", "t5", ... (also the --PART option of `osx export`)
+    part: str  # "denoiser", "vae", "t5", ... (also the --PART option of `osx export` and `osx calibrate`)
     description: str  # for messages: "denoiser (STDiT3) weights"
-    key_prefixes: tuple[str, ...]
-    name_hints: tuple[str, ...]
+    key_prefixes: tuple[str, ...]  # a state dict with a key starting with any of these ...
+    name_hints: tuple[str, ...]  # (lower-case words of the file name, when the tensor names cannot be read)
     folder_file: str | None = None  # a file the part's folder must hold (T5: spiece.model)
     unused_prefixes: tuple[str, ...] = ()  # keys the released file holds that the module does not use
+    requires: tuple[str, ...] = ()  # ... and with a key starting with each of these is this part
+    required: bool = True  # False: an optional part (found and checked like the others; missing is no error)
+    released_name: str | None = None  # the file or folder it ships as, for hints
+
+    @property
+    def option(self) -> str:
+        """The command-line option naming this part's path."""
+        return "--" + self.part.replace("_", "-")
+
+    def matches(self, keys: list[str]) -> bool:
+        return any(k.startswith(self.key_prefixes) for k in keys) and all(
+            any(k.startswith(r) for k in keys) for r in self.requires)
 
 
 @dataclass(frozen=True)
@@ -122,4 +136,7 @@ class Family:
         return tuple(c.name for c in self.components if c.quantizable)
 
     def weight_source(self, part: str) -> WeightSource:
-        return next(w for w in self.weights if w.part == part)
+        for w in self.weights:
+            if w.part == part:
+                return w
+        raise OsxError(f"{self.name} has no weights part {part!r}", hint=f"its parts: {', '.join(w.part for w in self.weights)}")

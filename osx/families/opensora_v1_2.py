@@ -91,9 +91,10 @@ OPENSORA_V1_2_FAMILY = Family(
     component_specs=v1_2_component_specs,
     weights=(
         WeightSource("denoiser", "denoiser (STDiT3) weights", ("x_embedder.", "spatial_blocks.", "y_embedder."),
-                     ("stdit", "denoiser", "dit")),
-        WeightSource("vae", "VAE weights", ("spatial_vae.", "temporal_vae."), ("vae",)),
-        WeightSource("t5", "T5 text encoder folder", ("encoder.block.", "shared."), ("t5",), folder_file="spiece.model"),
+                     ("stdit", "denoiser", "dit"), released_name="hpcai-tech/OpenSora-STDiT-v3"),
+        WeightSource("vae", "VAE weights", ("spatial_vae.", "temporal_vae."), ("vae",), released_name="hpcai-tech/OpenSora-VAE-v1.2"),
+        WeightSource("t5", "T5 text encoder folder", ("encoder.block.", "shared."), ("t5",), folder_file="spiece.model",
+                     released_name="DeepFloyd/t5-v1_1-xxl"),
     ),
     sampler=SamplerDecl(kind="rectified-flow-v1.2", guidance_passes=2, cfg_batching=True, defaults=SchedulerConfig()),
     prompt=PromptDecl(kind="aesthetic-score"),

@@ -176,16 +176,16 @@ OPENSORA_V2_0_FAMILY = Family(
         ComponentDecl("vae_encoder", module="vae", weights="vae", in_pipeline=False, no_bf16=CONVOLUTIONS),  # i2v / v2v
     ),
     component_specs=v2_0_component_specs,
-    # Released names: export/checkpoint_v2.py RELEASED_NAMES. The MMDiT is told from Flux.1-dev (same class and
-    # block names) by its `cond_in`; the folders keep the rest of the Hugging Face models (unused_prefixes).
+    # The MMDiT is told from Flux.1-dev (same class and block names) by its `cond_in`; the folders keep the rest
+    # of the Hugging Face models (unused_prefixes). Flux.1-dev itself: export/checkpoint_v2.py T2I_WEIGHTS.
     weights=(
-        WeightSource("mmdit", "MMDiT weights (Open_Sora_v2.safetensors)", ("cond_in.",), ("open_sora", "mmdit")),
-        WeightSource("vae", "HunyuanVideo VAE weights (hunyuan_vae.safetensors)", ("encoder.down_blocks.", "decoder.up_blocks."),
-                     ("hunyuan", "vae")),
-        WeightSource("t5", "T5 folder (google/t5-v1_1-xxl)", ("encoder.block.", "shared."), ("t5",), folder_file="spiece.model",
-                     unused_prefixes=("decoder.", "lm_head.")),
-        WeightSource("clip", "CLIP folder (openai/clip-vit-large-patch14)", ("text_model.encoder.layers.",), ("clip",),
-                     folder_file="tokenizer.json", unused_prefixes=CLIP_UNUSED_PREFIXES),
+        WeightSource("mmdit", "MMDiT weights", ("cond_in.",), ("open_sora", "mmdit"), released_name="Open_Sora_v2.safetensors"),
+        WeightSource("vae", "HunyuanVideo VAE weights", ("encoder.down_blocks.",), ("hunyuan", "vae"),
+                     requires=("decoder.up_blocks.",), released_name="hunyuan_vae.safetensors"),
+        WeightSource("t5", "T5 folder", ("encoder.block.", "shared."), ("t5",), folder_file="spiece.model",
+                     unused_prefixes=("decoder.", "lm_head."), released_name="google/t5-v1_1-xxl"),
+        WeightSource("clip", "CLIP folder", ("text_model.encoder.layers.",), ("clip",), folder_file="tokenizer.json",
+                     unused_prefixes=CLIP_UNUSED_PREFIXES, released_name="openai/clip-vit-large-patch14"),
     ),
     sampler=SamplerDecl(kind="rectified-flow-v2.0", guidance_passes=3, cfg_batching=True, defaults=SamplerV2Config()),
     prompt=PromptDecl(kind="fps-motion-score", tokenizers=(TokenizerDecl("text_encoder", "tokenizer.json"),
