@@ -51,6 +51,8 @@ def _through_service(base, body, timeout=600.0, parts=None):
     if parts is not None:
         for name, ms in (("post", posted - wall0), ("dispatch", status["started"] - status["created"]),
                          ("replica", status["finished"] - status["started"]), ("of_which_generate", status["result"]["generate_seconds"]),
+                         ("of_which_progress_writes", status["result"]["progress_seconds"]), ("of_which_mp4", status["result"]["encode_seconds"]),
+                         ("of_which_denoise", status["result"]["denoise_seconds"]),
                          ("notice", time.time() - status["finished"])):
             parts.setdefault(name, []).append(1000 * ms)
     return time.perf_counter() - t0
@@ -85,11 +87,16 @@ def main(argv):
     bare_pipe = Pipeline.load(bundle, verify=False)
     bare_pipe.preload()
 
-    def bare():
+    def bare(parts):
         t0 = time.perf_counter()
         frames = bare_pipe.generate(body["prompt"], seed=1, steps=args.steps)
+        t1 = time.perf_counter()
         write_video(frames, work / "bare.mp4", 24)
-        return time.perf_counter() - t0
+        t2 = time.perf_counter()
+        parts.setdefault("generate", []).append(1000 * (t1 - t0))
+        parts.setdefault("denoise", []).append(1000 * bare_pipe.timings["denoise_s"])
+        parts.setdefault("mp4", []).append(1000 * (t2 - t1))
+        return t2 - t0
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -101,9 +108,9 @@ def main(argv):
         for replicas in (1, 2):
             deploy([bundle], store=str(work / f"store{replicas}"), replicas=replicas, queue=args.requests, port=port, verify=False)
             _through_service(base, body)  # warm: first request loads nothing new, but wakes every process
-            bare_s, served_s, parts = [], [], {}
+            bare_s, served_s, parts, bare_parts = [], [], {}, {}
             for _ in range(args.rounds):
-                bare_s.append(bare())
+                bare_s.append(bare(bare_parts))
                 served_s.append(_through_service(base, body, parts=parts))
             latencies, threads = [], []
             t0 = time.perf_counter()
@@ -121,6 +128,7 @@ def main(argv):
                                   "overhead_p50_pct": round(100 * (p50_served / p50_bare - 1), 1),
                                   "overhead_paired_median_pct": round(100 * statistics.median(b / a - 1 for a, b in zip(bare_s, served_s)), 1),
                                   "target_pct": 5.0,
+                                  "bare_parts_p50_ms": {k: round(statistics.median(v), 1) for k, v in bare_parts.items()},
                                   "service_parts_p50_ms": {k: round(statistics.median(v), 1) for k, v in parts.items()}},
                 "throughput": {"requests": len(latencies), "wall_s": round(wall, 2), "requests_per_minute": round(60 * len(latencies) / wall, 1),
                                "p50_s": _pct(latencies, 0.5), "p95_s": _pct(latencies, 0.95)},

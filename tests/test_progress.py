@@ -27,9 +27,12 @@ def test_fractions_count_every_step_of_every_phase():
     assert Fractions(T2I2V)({"phase": "vae_decode", "step": 2, "total": 2}) == 1.0
 
 
-def test_served_status_carries_the_phase_and_a_fraction_over_both_loops():
+def test_served_status_carries_the_phase_and_a_fraction_over_both_loops(monkeypatch):
     pytest.importorskip("ray")
+    from osx.runtime.serving import app
     from osx.runtime.serving.app import Generator
+
+    monkeypatch.setattr(app, "PROGRESS_EVERY_S", 0.0)  # every event written (throttling: the test below)
 
     written = []
     fake = SimpleNamespace(pipeline=SimpleNamespace(progress_phases=lambda request: T2I2V),
@@ -40,6 +43,22 @@ def test_served_status_carries_the_phase_and_a_fraction_over_both_loops():
     fractions = [w["fraction"] for w in written]
     assert fractions == sorted(fractions) and fractions[-1] == round(14 / 15, 4)
     assert written[1] == {"phase": "t2i", "step": 1, "total": 4, "fraction": round(2 / 15, 4), "eta": written[1]["eta"]}
+
+
+def test_served_progress_is_written_at_most_every_interval_and_at_each_phase_end():
+    """Events faster than PROGRESS_EVERY_S: the first and each phase's last reach the store; every event
+    still checks for a cancel."""
+    pytest.importorskip("ray")
+    from osx.runtime.serving.app import Generator
+
+    written, checks = [], []
+    fake = SimpleNamespace(pipeline=SimpleNamespace(progress_phases=lambda request: T2I2V),
+                           store=SimpleNamespace(write=lambda s: written.append(dict(s["progress"])),
+                                                 cancel_requested=lambda i: checks.append(i) or False))
+    progress = Generator.func_or_class._progress(fake, {"id": "job"}, request=None)
+    assert all(progress(e) for e in events(T2I2V))
+    assert [(w["phase"], w["step"]) for w in written] == [(p, n) for p, n in T2I2V]
+    assert len(checks) == sum(n for _, n in T2I2V) and progress.seconds > 0
 
 
 def test_cli_shows_a_bar_per_sampling_loop(capsys):
