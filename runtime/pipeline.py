@@ -434,7 +434,7 @@ def _frames_ok(model: ModelConfig, limits: dict[str, list[dict]], f: int) -> boo
 
 
 # The runtime pipeline of each sampler kind a family declares (osx.families SamplerDecl.kind).
-PIPELINES = {SAMPLER: "osx.runtime.pipeline:Pipeline", "flow-match-v2.0": "osx.runtime.pipeline_v2:PipelineV2"}
+PIPELINES = {SAMPLER: "osx.runtime.pipeline:Pipeline", "rectified-flow-v2.0": "osx.runtime.pipeline_v2:PipelineV2"}
 
 
 def pipeline_class(bundle: Bundle | Manifest) -> type[Pipeline]:

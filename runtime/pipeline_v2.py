@@ -77,13 +77,7 @@ class PipelineV2(Pipeline):
         self.sampler = _sampler_config(m.scheduler, self.model.sampler)
         batch = [p["batch"].max for p in self.run_limits["denoiser"] if "batch" in p]
         self.max_rows = max(batch) if m.runtime.cfg_batching and batch else 1  # guidance passes per denoiser call
-        # one tokenizer per text encoder (T5, CLIP), as the family declares them; lengths from the encoders' specs
-        self.tokenizers = {}
-        for decl in get_family(m.model["family"]).prompt.tokenizers:
-            spec = self.specs[decl.encoder]
-            tok = TextTokenizer(bundle.path(decl.file), spec.inputs[0].shape[1], pad_token=decl.pad_token)
-            check_vocabulary(tok.vocab_size, spec.vocab_size, f"{bundle.root}: {decl.file}")
-            self.tokenizers[decl.encoder] = tok
+        self.tokenizers = {name: _tokenizer(bundle, name) for name in get_family(m.model["family"]).prompt.text_encoders}
 
     # --- request ---------------------------------------------------------------------------------
     def sizes(self) -> list[dict]:
@@ -119,7 +113,10 @@ class PipelineV2(Pipeline):
             raise InputError("give a height x width or a resolution and aspect ratio, not both", hint=hint)
         if height is None:
             resolution, aspect_ratio = resolution or d.resolution, aspect_ratio or d.aspect_ratio
-            height, width = image_size(self.model, resolution, aspect_ratio)
+            try:
+                height, width = image_size(self.model, resolution, aspect_ratio)
+            except InputError as e:
+                raise InputError(e.message, hint=f"{e.hint}; {hint}") from None
         else:
             height, width = as_size("height", height), as_size("width", width)
             named = [b for b in self.sizes() if (b["height"], b["width"]) == (height, width)]
@@ -343,3 +340,18 @@ def _sampler_config(scheduler: dict, default: SamplerV2Config) -> SamplerV2Confi
         raise BundleError(f"the bundle's scheduler has settings this osx does not know: {unknown}",
                           hint="install the osx version that wrote it, or re-export the bundle")
     return dataclasses.replace(default, **scheduler)
+
+
+def _tokenizer(bundle: Bundle, encoder: str) -> TextTokenizer:
+    """The tokenizer of one text encoder, as the manifest lists it (`tokenizer.encoders`), checked against the
+    encoder's spec: its length is the encoder's input_ids length, its ids fit the encoder's embedding."""
+    entry = bundle.manifest.tokenizer.get("encoders", {}).get(encoder)
+    spec = bundle.spec(encoder)
+    if entry is None:
+        raise BundleError(f"{bundle.root}: the manifest lists no tokenizer for {encoder}", hint="re-export the bundle with `osx export`")
+    if entry["max_length"] != spec.inputs[0].shape[1]:
+        raise BundleError(f"{bundle.root}: {encoder}'s tokenizer makes {entry['max_length']} tokens, the encoder takes "
+                          f"{spec.inputs[0].shape[1]}", hint="the bundle is inconsistent; re-export it")
+    tokenizer = TextTokenizer(bundle.path(entry["file"]), entry["max_length"], pad_token=entry.get("pad_token", "<pad>"))
+    check_vocabulary(tokenizer.vocab_size, spec.vocab_size, f"{bundle.root}: {entry['file']}")
+    return tokenizer

@@ -122,7 +122,9 @@ def v2_bundle(reference, tmp_path_factory):
     specs = component_specs(TINY)
     manifest = Manifest(model={"name": TINY.name, "family": TINY.family, "config": TINY.to_dict()},
                         components={n: ComponentEntry(file=f"{n}.onnx", precision="fp32", io=s) for n, s in specs.items()},
-                        tokenizer={"file": "tokenizer.json", "max_length": TINY.t5.max_length},
+                        tokenizer={"file": "tokenizer.json", "max_length": TINY.t5.max_length, "encoders": {
+                            "text_encoder": {"file": "tokenizer.json", "max_length": TINY.t5.max_length},
+                            "clip": {"file": "clip_tokenizer.json", "max_length": TINY.clip.max_length, "pad_token": "<|endoftext|>"}}},
                         scheduler=dataclasses.asdict(TINY.sampler))
     return Bundle(root, manifest)
 
@@ -293,3 +295,12 @@ def test_decode_tile_count_at_real_size():
     assert decode_tile_count(HUNYUAN_VAE, (1, 16, 33, 24, 42)) == 2
     assert decode_tile_count(HUNYUAN_VAE, (1, 16, 33, 72, 128)) == 18
     assert decode_tile_count(HUNYUAN_VAE, (1, 16, 33, 32, 32)) == 1
+
+
+def test_every_family_has_the_pipeline_of_its_sampler():
+    from osx.families import FAMILIES
+    from osx.families.base import resolve
+    from osx.runtime.pipeline import PIPELINES
+
+    for family in FAMILIES.values():
+        assert resolve(PIPELINES[family.sampler.kind]).SAMPLER == family.sampler.kind

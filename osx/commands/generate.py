@@ -34,9 +34,9 @@ def _resolution(ctx, param, value):
 
 @click.command("generate")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--prompt", required=True, help="What the video shows. Empty is allowed (Open-Sora then uses the aesthetic-score suffix alone).")
+@click.option("--prompt", required=True, help="What the video shows. Empty is allowed (Open-Sora then conditions on its suffixes alone: v1.2 the aesthetic score, v2.0 FPS and motion score).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Video file: .mp4 (h264 / mp4v) or .webm (vp9).")
-@click.option("--negative-prompt", default=None, help="What to steer away from (replaces the learned null caption).")
+@click.option("--negative-prompt", default=None, help="What to steer away from (v1.2: replaces the learned null caption; v2.0: default empty).")
 @click.option("--seed", type=int, default=None, help="Noise seed (default: the bundle's, 42). Same seed, same video.")
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: the bundle's).")
 @click.option("--guidance-scale", type=float, default=None, help="Classifier-free guidance scale (default: the bundle's).")

@@ -164,11 +164,10 @@ class Ingress:
         out = []
         for name, m in self.models.items():
             pipe = self.pipelines[name]
-            d, s = pipe.model.defaults, pipe.scheduler
+            r = pipe.prepare_request("")  # every default filled in, whatever the bundle's family
             out.append({"name": name, "model": pipe.model.name, "replicas": m["replicas"], "queue_limit": m["capacity"],
                         "limits": {**pipe.limits(), "steps": [1, m["max_steps"]]}, "supported": pipe.supported(),
-                        "defaults": {"num_frames": d.num_frames, "height": d.height, "width": d.width, "fps": s.fps,
-                                     "steps": s.num_sampling_steps, "guidance_scale": s.guidance_scale, "seed": d.seed}})
+                        "defaults": {k: getattr(r, k) for k in ("num_frames", "height", "width", "fps", "steps", "guidance_scale", "seed")}})
         return {"models": out}
 
     # --- jobs ------------------------------------------------------------------------------------
