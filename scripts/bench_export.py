@@ -4,13 +4,14 @@
     python scripts/bench.py export --real-size --component denoiser     # a partial bundle: only these
     python scripts/bench.py export                                      # the same on the tiny model (a minute)
 
-The child process is `osx export --random-weights --gpu cpu --dtype text_encoder=bf16,denoiser=fp16,fp32
---out DIR`: per component, seeded random weights are written to a scratch checkpoint in the released
+The child process is `osx export --random-weights --gpu cpu --dtype
+text_encoder=bf16,denoiser=fp16,vae_decoder=fp32 --out DIR`: per component, seeded random weights are written to a scratch checkpoint in the released
 layout (one tensor at a time), the graph is traced on the meta device and every weight streamed from that
 checkpoint, the written initializers are checked (sha256) against it, and the component is validated
 against PyTorch (at reduced depth when large); then the next component. Printed per component: params
 and weights_bytes (the graph's initializers), wall_s (from the child's own log: the first line naming
-the component to the next component's), peak_rss_bytes (the child's VmHWM, reset through
+the component to the next component's), cpu_s (the child's user + system time over the same span, from
+/proc/PID/stat), peak_rss_bytes (the child's VmHWM, reset through
 /proc/PID/clear_refs when a component starts and read when the next phase starts), onnx_bytes,
 data_bytes and peak_rss_over_weights; and for the whole command the same sums, its wall_s, cpu_s (user +
 system: wall time on shared cores says little) and peak_rss_bytes (the largest of the phases'), with the load
@@ -78,7 +79,7 @@ def _run(model: str, names: list[str], out: Path, log_path: Path) -> tuple[dict,
     cmd = [sys.executable, "-m", "osx", "export", *_args(model, names, out)]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
     phases: dict[str, dict] = {}
-    current, since = None, 0.0
+    current, since, cpu = None, 0.0, 0.0
     start = time.perf_counter()
     with open(log_path, "w") as log:
         child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
@@ -90,10 +91,12 @@ def _run(model: str, names: list[str], out: Path, log_path: Path) -> tuple[dict,
                 continue
             phase = m.group(2) if m.group(2) in names else "bundle"
             if phase != current and phase not in phases:  # a new phase: close the last one, reset the peak
+                now = _cpu(child.pid)
                 if current is not None:
-                    phases[current] = {"wall_s": round(float(m.group(1)) - since, 1), "peak_rss_bytes": _hwm(child.pid)}
+                    phases[current] = {"wall_s": round(float(m.group(1)) - since, 1), "cpu_s": round(now - cpu, 1),
+                                       "peak_rss_bytes": _hwm(child.pid), "load_1m_at_end": round(os.getloadavg()[0], 2)}
                 _reset_hwm(child.pid)
-                current, since = phase, float(m.group(1))
+                current, since, cpu = phase, float(m.group(1)), now
         _, status, usage = os.wait4(child.pid, 0)
         wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
@@ -112,6 +115,12 @@ def _hwm(pid: int) -> int:
     raise RuntimeError("no VmHWM in /proc status")
 
 
+def _cpu(pid: int) -> float:
+    """The process's user + system CPU seconds so far (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _reset_hwm(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # 5: reset the peak RSS to the current RSS (Linux >= 4.0)
 
@@ -123,7 +132,8 @@ def _component(out: Path, name: str, entry: dict, phase: dict) -> dict:
     peak = phase.get("peak_rss_bytes", 0)
     v = entry["validation"]
     return {"component": name, "dtype": entry["precision"], "params": params, "weights_bytes": weights,
-            "wall_s": phase.get("wall_s"), "peak_rss_bytes": peak, "onnx_bytes": onnx_bytes, "data_bytes": data_bytes,
+            "wall_s": phase.get("wall_s"), "cpu_s": phase.get("cpu_s"), "load_1m_at_end": phase.get("load_1m_at_end"),
+            "peak_rss_bytes": peak, "onnx_bytes": onnx_bytes, "data_bytes": data_bytes,
             "peak_rss_over_weights": round(peak / weights, 3), "nodes": entry["nodes"],
             "weights_sha256_checked": entry["weights_check"]["from_checkpoint_sha256_ok"],
             "validation": {k: v.get(k) for k in ("graph", "depth", "tolerance", "structure") if v.get(k) is not None}
