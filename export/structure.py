@@ -19,6 +19,7 @@ Weights are read one initializer at a time from the external data files, so this
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 from pathlib import Path
@@ -61,11 +62,11 @@ def compare_cast_graphs(reference: str | os.PathLike, typed: str | os.PathLike) 
                 if x in a.inits and y in b.inits:
                     pairs += 1
                     ta, tb = a.inits[x], b.inits[y]
-                    if list(ta.dims) != list(tb.dims) or not _is_cast(a.array(ta), b.array(tb), tb.data_type):
+                    if list(ta.dims) != list(tb.dims) or not _is_cast(a.chunks(ta), b.chunks(tb), tb.data_type):
                         _fail(where, f"initializer {y} is not the fp32 graph's {x} cast to {_type(tb.data_type)}")
             for x, y in zip(na.attribute, nb.attribute):
                 if x.type == onnx.AttributeProto.TENSOR:
-                    if not _is_cast(numpy_helper.to_array(x.t), numpy_helper.to_array(y.t), y.t.data_type):
+                    if not _is_cast(_split(numpy_helper.to_array(x.t)), _split(numpy_helper.to_array(y.t)), y.t.data_type):
                         _fail(where, f"{nb.op_type} {nb.name!r} attribute {y.name} is not the fp32 graph's cast")
     return {"compared": where, "nodes": len(a.nodes), "float_casts_bypassed": {"fp32": a.casts, "typed": b.casts},
             "initializer_uses_cast_equal": pairs}
@@ -129,57 +130,57 @@ class _Graph:
         name = self.alias.get(name, name)
         if name not in self.hashes:
             t = self.inits.get(name)
-            self.hashes[name] = _digest(("input", name) if t is None else ("init", list(t.dims), _values(self.array(t), self.low)))
+            self.hashes[name] = _digest(("input", name) if t is None else ("init", list(t.dims), _values(self.chunks(t), self.low)))
         return self.hashes[name]
 
-    def array(self, t: TensorProto) -> np.ndarray:
-        """The initializer's values; memory-mapped from its external data file (read as compared)."""
+    def chunks(self, t: TensorProto):
+        """The initializer's values, flat, CHUNK elements at a time (external data read a chunk at a time,
+        so the largest weight is never in memory whole)."""
         if t.data_location != TensorProto.EXTERNAL:
-            return numpy_helper.to_array(t)
+            yield from _split(numpy_helper.to_array(t))
+            return
         info = {e.key: e.value for e in t.external_data}
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
-        count = math.prod(t.dims)
-        if count == 0:
-            return np.zeros(tuple(t.dims), dtype)
-        return np.memmap(self.path.parent / info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)),
-                         shape=(count,)).reshape(tuple(t.dims))
+        offset, count = int(info.get("offset", 0)), math.prod(t.dims)
+        with open(self.path.parent / info["location"], "rb") as f:
+            for start in range(0, count, CHUNK):
+                n = min(CHUNK, count - start)
+                yield np.frombuffer(os.pread(f.fileno(), n * dtype.itemsize, offset + start * dtype.itemsize), dtype)
 
 
-CHUNK = 1 << 22  # elements cast at a time: the largest weight (T5-XXL's 32128 x 4096 table) never copied whole
+CHUNK = 1 << 22  # elements at a time: T5-XXL's 32128 x 4096 table is 32 of them
 
 
-def _cast_chunks(values: np.ndarray, data_type: int):
-    """`values` as a graph of element type `data_type` stores them (_expected_bytes), chunk by chunk."""
-    flat = values.reshape(-1)
-    for i in range(0, flat.size, CHUNK):
-        yield _expected_bytes(flat[i:i + CHUNK], data_type)
+def _split(a: np.ndarray):
+    flat = a.reshape(-1)
+    for start in range(0, flat.size, CHUNK):
+        yield flat[start:start + CHUNK]
 
 
-def _is_cast(reference: np.ndarray, typed: np.ndarray, data_type: int) -> bool:
-    """Whether `typed`'s bytes are `reference`'s cast to `data_type` (or equal, where neither is float)."""
-    if reference.shape != typed.shape:
-        return False
-    stored = typed.reshape(-1)
-    return all(bytes(stored[i:i + CHUNK].view(np.uint8)) == chunk
-               for i, chunk in zip(range(0, stored.size, CHUNK), _cast_chunks(reference, data_type)))
+def _is_cast(reference, typed, data_type: int) -> bool:
+    """Whether the `typed` chunks' bytes are the `reference` chunks' cast to `data_type` (or equal, where
+    neither is float); both are chunk iterators of one shape."""
+    return all(r is not None and t is not None and _expected_bytes(r, data_type) == t.tobytes()
+               for r, t in itertools.zip_longest(reference, typed))
 
 
-def _values(a: np.ndarray, low: int) -> str:
-    """A digest of `a`'s values, float ones as cast to `low` (the same in both graphs when one is the other cast)."""
-    h = hashlib.sha256(a.dtype.str.encode() if a.dtype.kind not in "fV" else b"float")
-    floating = a.dtype.kind == "f" or a.dtype.name == "bfloat16"
-    if floating and a.dtype == helper.tensor_dtype_to_np_dtype(low):
-        chunks = (bytes(a.reshape(-1)[i:i + CHUNK].view(np.uint8)) for i in range(0, a.size, CHUNK))
-    else:
-        chunks = _cast_chunks(a.astype(np.float32, copy=False) if floating else a, low if floating else -1)
-    for chunk in chunks:
-        h.update(chunk)
+def _values(chunks, low: int) -> str:
+    """A digest of an initializer's values (`chunks`), float ones as cast to `low` (the same in both graphs
+    when one is the other cast)."""
+    h = hashlib.sha256()
+    for a in chunks:
+        floating = a.dtype.kind == "f" or a.dtype.name == "bfloat16"
+        h.update(b"float" if floating else a.dtype.str.encode())
+        if floating and a.dtype == helper.tensor_dtype_to_np_dtype(low):
+            h.update(a.tobytes())
+        else:
+            h.update(_expected_bytes(a.astype(np.float32, copy=False) if floating else a, low if floating else -1))
     return h.hexdigest()[:32]
 
 
 def _attribute(a: onnx.AttributeProto, low: int):
     if a.type == onnx.AttributeProto.TENSOR:
-        return a.name, list(a.t.dims), _values(numpy_helper.to_array(a.t), low)
+        return a.name, list(a.t.dims), _values(_split(numpy_helper.to_array(a.t)), low)
     if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
         return a.name, "subgraph", a.SerializeToString()  # compared as written (none in osx's exports)
     value = helper.get_attribute_value(a)
