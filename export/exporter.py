@@ -288,7 +288,7 @@ def validate_streamed(name, model_cfg, factories, reader, io, dtype, graph: Path
     def cut(dtype: str) -> Path:  # the validation depth's graph, exported by the same streamed path
         weights = Weights(factories(cfg)[_part(cfg, name)], reader, unused_ok=True)
         return scratch / export_streamed(weights, component_specs(cfg)[name], scratch / f"{name}.validate.{dtype}.onnx",
-                                         dtype=dtype, opset=opset).file
+                                         dtype=dtype, opset=opset, external_data_threshold=0).file  # read back in chunks
 
     if cfg is not model_cfg or val_dtype != dtype:
         what = {"graph": f"the same checkpoint exported by the same path in {val_dtype}"
