@@ -303,11 +303,11 @@ import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from pathlib import Path
 from bench_runtime import int8_export, model_config
-from osx import models
+from osx import families, models
 from osx.export.exporter import export_bundle
 from osx.export.request import RANDOM_WEIGHTS, ExportRequest
 cfg = model_config({model!r})
-models.MODELS[cfg.name] = cfg  # the exporter looks configs up by name
+models.MODELS[cfg.name] = families.MODELS[cfg.name] = cfg  # the exporter looks configs up by name
 calibration = {str(calibration) if calibration else None!r}
 if calibration:
     int8_export(cfg, Path({str(out)!r}), Path(calibration), {search!r}, {method!r})
