@@ -16,7 +16,8 @@ Options (JSON objects; unknown keys are refused):
     open_bundle:  {"backend": "onnxruntime" | "tensorrt", "verify": true}  (verify: check every sha256)
     generate_*:   {"negative_prompt", "num_frames", "height", "width", "fps", "steps", "guidance_scale",
                    "seed"}; generate_to_file also takes "codec" ("auto", "h264", "mp4v", "vp9").
-                  Unset keys take the bundle's defaults.
+                  Unset keys take the bundle's defaults. An Open-Sora v2.0 bundle takes the same keys: height
+                  and width one of its sizes (resolution buckets, e.g. 192 x 336 for 256px 16:9), num_frames 4k+1.
 
 Errors: `last_error()` is kept per thread, like errno: it describes the most recent call on the
 calling thread that did not return OK (every call clears it first). ERR_INTERNAL means a bug in osx;

@@ -6,42 +6,18 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
+from no_torch import CLI, run_without_torch
 from osx.runtime.video import read_video_info
 
-# Runs the CLI with an import hook that makes torch (and the rest of the export stack) unimportable,
-# then checks none of it got in: proves the runtime path is torch-free.
-NO_TORCH = textwrap.dedent("""
-    import sys
-    BLOCKED = {"torch", "torchvision", "transformers", "diffusers", "onnx", "onnxscript", "safetensors"}
-
-    class Block:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                raise ImportError(f"{name} is blocked in this test")
-
-    sys.meta_path.insert(0, Block())
-    try:
-        import torch
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("the import hook failed")
-    from osx.cli import main
-    try:
-        main(sys.argv[1:])
-    finally:
-        leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
-        assert not leaked, leaked
-""")
-
-
 def osx(*args, torch_free=True):
-    cmd = [sys.executable, "-c", NO_TORCH] if torch_free else [sys.executable, "-m", "osx"]
-    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": ""})
+    """The CLI in a subprocess; torch_free: with torch unimportable (tests/no_torch.py)."""
+    if torch_free:
+        return run_without_torch(CLI, *args)
+    return subprocess.run([sys.executable, "-m", "osx", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": ""})
 
 
 def test_generate_without_torch_writes_mp4_and_preview(tiny_bundle, tmp_path):

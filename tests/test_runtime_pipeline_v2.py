@@ -304,3 +304,20 @@ def test_every_family_has_the_pipeline_of_its_sampler():
 
     for family in FAMILIES.values():
         assert resolve(PIPELINES[family.sampler.kind]).SAMPLER == family.sampler.kind
+
+
+def test_real_size_bundle_runs_the_design_docs_buckets():
+    """opensora-v2.0 at its full ONNX ranges: the sizes are design/opensora-v2.0.md's table (H x W), typed in."""
+    from osx.models_v2 import OPENSORA_V2_0 as REAL
+    from osx.runtime.pipeline_v2 import shape_limits_v2
+
+    table = {("256px", "16:9"): (192, 336), ("256px", "9:16"): (336, 192), ("256px", "1:1"): (256, 256),
+             ("256px", "2.39:1"): (160, 384), ("256px", "1:2.39"): (384, 160), ("256px", "4:3"): (224, 288),
+             ("256px", "3:2"): (208, 304), ("256px", "2:1"): (176, 352), ("768px", "16:9"): (576, 1024),
+             ("768px", "9:16"): (1024, 576), ("768px", "1:1"): (768, 768), ("768px", "2.39:1"): (496, 1184),
+             ("768px", "4:3"): (656, 880), ("768px", "3:2"): (624, 928), ("768px", "2:1"): (544, 1072)}
+    specs = component_specs(REAL)
+    lim = shape_limits_v2(REAL, specs, {n: [s.dims] for n, s in specs.items()})
+    sizes = {(b["resolution"], b["aspect_ratio"]): (b["height"], b["width"]) for b in lim["sizes"]}
+    assert {k: sizes[k] for k in table} == table
+    assert [f for f, _ in lim["frames"]] == list(range(1, 130, 4))
