@@ -95,6 +95,7 @@ def _run(model: str, names: list[str], out: Path, log_path: Path) -> tuple[dict,
                 if current is not None:
                     phases[current] = {"wall_s": round(float(m.group(1)) - since, 1), "cpu_s": round(now - cpu, 1),
                                        "peak_rss_bytes": _hwm(child.pid), "load_1m_at_end": round(os.getloadavg()[0], 2)}
+                    print(json.dumps({current: phases[current]}), file=sys.stderr, flush=True)  # kept if the run is cut short
                 _reset_hwm(child.pid)
                 current, since, cpu = phase, float(m.group(1)), now
         _, status, usage = os.wait4(child.pid, 0)
