@@ -116,7 +116,7 @@ def capture(model, out: str | os.PathLike, recipe: dict, *, force: bool = False,
                                        num_frames=recipe["num_frames"], seed=seed)
                 writers["text_encoder"].add({"input_ids": r.input_ids, "attention_mask": r.attention_mask})
                 for i in steps:
-                    writers["denoiser"].add(denoiser_inputs(r, i, recipe))
+                    writers["denoiser"].add(denoiser_inputs(r, i, recipe, model.model_cfg.scheduler.reference_dtype))
             shards[split] = {c: w.close() for c, w in writers.items()}
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"osx {__version__}",
                     "hash": recipe_hash(recipe), "recipe": recipe, "shards": shards}
@@ -128,14 +128,14 @@ def capture(model, out: str | os.PathLike, recipe: dict, *, force: bool = False,
     return CalibrationSet.open(out)
 
 
-def denoiser_inputs(r, step: int, recipe: dict) -> dict[str, np.ndarray]:
+def denoiser_inputs(r, step: int, recipe: dict, reference_dtype: str = "bf16") -> dict[str, np.ndarray]:
     """The denoiser call of step `step` of reference run `r`, cond and uncond batched (ComponentSpec
-    names). timestep / fps / height / width are rounded to bfloat16 as the runtime passes them (the
-    graph rounds them again, idempotently)."""
-    from osx.numeric import round_bf16
+    names). timestep / fps / height / width are rounded to the reference dtype as the runtime passes them
+    (the graph rounds them again, idempotently)."""
+    from osx.runtime.scheduler import to_reference
 
     z = r.noise if step == 0 else r.latents[step - 1]
-    two = lambda v: round_bf16(np.full((2,), v, np.float32))  # noqa: E731
+    two = lambda v: to_reference(np.full((2,), v, np.float32), reference_dtype)  # noqa: E731
     return {
         "x": np.concatenate([z, z]).astype(np.float32),
         "timestep": two(r.timesteps[step]),

@@ -71,6 +71,7 @@ def export_bundle(request: ExportRequest) -> Manifest:
     if family.reference != "osx.export.reference:build_reference":  # the part factories this exporter builds from
         raise OsxError(f"{model_cfg.name}: exporting {family.name} is not built yet (its declaration and plans are)",
                        hint="plan it with `osx export --dry-run`; run its PyTorch reference with osx.export.pipeline_v2")
+    model_cfg = with_reference_dtype(model_cfg, request.reference_dtype)
     asked = parse_dtypes(request.dtype)
     parts = request.weights.resolve(family)
     plan = _plan(request.gpu, model_cfg, request.precision)
@@ -102,6 +103,18 @@ def export_bundle(request: ExportRequest) -> Manifest:
         }))
     say(f"wrote {request.out} ({format_bytes(sum(f.bytes for f in manifest.files.values()))}, {len(manifest.files)} files)")
     return manifest
+
+
+def with_reference_dtype(model_cfg, reference_dtype: str | None):
+    """`model_cfg` with the dtype its reference rounds t, fps, height, width and the schedule's sizes to
+    (recorded in the manifest's scheduler settings; the traced denoiser, the torch reference and the
+    runtime's NumPy scheduler all follow it). None: the config's own (its family's declared default)."""
+    if reference_dtype is None:
+        return model_cfg
+    scheduler = getattr(model_cfg, "scheduler", None)
+    if not hasattr(scheduler, "reference_dtype"):
+        raise OsxError(f"--reference-dtype is not a setting of {model_cfg.family}", hint="drop --reference-dtype")
+    return dataclasses.replace(model_cfg, scheduler=dataclasses.replace(scheduler, reference_dtype=reference_dtype))
 
 
 def _component_names(request: ExportRequest, family, plan) -> list[str]:

@@ -97,7 +97,7 @@ def part_factories(model_cfg: ModelConfig) -> dict[str, Callable[[], torch.nn.Mo
     """How to build each checkpoint part's torch module (weights left to the caller)."""
     return {
         "t5": lambda: T5TextEncoder(model_cfg.text_encoder),
-        "denoiser": lambda: STDiT3(model_cfg.denoiser),
+        "denoiser": lambda: STDiT3(model_cfg.denoiser, model_cfg.scheduler.reference_dtype),
         "vae": lambda: VideoAutoencoder(model_cfg.vae),
     }
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 from osx.bundle import EXTERNAL_DATA_BYTES
 from osx.errors import OsxError
-from osx.families.base import Family
+from osx.families.base import REFERENCE_DTYPES, Family
 
 OPSETS = (18, 19, 20)  # onnxruntime and TensorRT 10 parse these; from 23 on, attention becomes an op onnxruntime rejects
 
@@ -71,12 +71,15 @@ class ExportRequest:
     with_components: tuple[str, ...] = ()  # components text-to-video does not run, exported too ("vae_encoder")
     only: tuple[str, ...] = ()  # export only these (a partial bundle)
     external_data_threshold: int = EXTERNAL_DATA_BYTES
+    reference_dtype: str | None = None  # what the reference rounds t, fps and sizes to (None: the model's, as its family declares)
     progress: Callable[[str], None] = field(default=print, compare=False, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "with_components", tuple(self.with_components))
         object.__setattr__(self, "only", tuple(self.only))
+        if self.reference_dtype not in (None, *REFERENCE_DTYPES):
+            raise OsxError(f"unknown --reference-dtype {self.reference_dtype!r}", hint=f"use one of {', '.join(REFERENCE_DTYPES)}")
         if self.opset not in OPSETS:
             raise OsxError(f"--opset {self.opset} is not supported", hint=f"use one of {', '.join(map(str, OPSETS))} "
                            "(onnxruntime and TensorRT 10 parse these; from 23 on, attention becomes an op onnxruntime rejects)")

@@ -19,9 +19,10 @@ def timesteps(sched: SchedulerConfig, num_steps: int, height: int, width: int, n
 
     Base list t_i = (1 - i/n) * num_timesteps; with `use_timestep_transform`, u = t/num_timesteps goes
     to r*u / (1 + (r-1)*u), r = sqrt(H*W / base_resolution) * sqrt(T'), T' = 1 for one frame else
-    floor(F/17)*5. As in the reference pipeline, H, W and F are bfloat16 tensors (the model dtype), so
-    H*W, the square roots and r are rounded to bfloat16 (r = 6.84375 at 480x854/102 frames, not 6.849);
-    the final expression mixes bfloat16 r with float32 u and is computed in float32.
+    floor(F/17)*5. As in the reference pipeline, H, W and F are tensors of the model dtype
+    (`sched.reference_dtype`): in bfloat16, H*W, the square roots and r are rounded to bfloat16
+    (r = 6.84375 at 854x480/102 frames, not 6.849); the final expression mixes r with float32 u and is
+    computed in float32.
     """
     t = torch.tensor([(1.0 - i / num_steps) * sched.num_timesteps for i in range(num_steps)], dtype=torch.float32)
     if not sched.use_timestep_transform:
@@ -31,8 +32,8 @@ def timesteps(sched: SchedulerConfig, num_steps: int, height: int, width: int, n
             f"num_frames={num_frames}: the timestep transform needs 1 frame or at least {VAE_CHUNK_FRAMES}",
             hint=f"the reference computes floor(F/{VAE_CHUNK_FRAMES})*{VAE_CHUNK_LATENTS} latent frames, which is 0 here",
         )
-    bf16 = torch.bfloat16
-    h, w, f = (torch.tensor([v], dtype=bf16) for v in (height, width, num_frames))
+    dtype = torch.bfloat16 if sched.reference_dtype == "bf16" else torch.float32
+    h, w, f = (torch.tensor([v], dtype=dtype) for v in (height, width, num_frames))
     frames = torch.ones_like(f) if num_frames == 1 else f // VAE_CHUNK_FRAMES * VAE_CHUNK_LATENTS
     ratio_space = (h * w / sched.base_resolution).sqrt()
     ratio_time = (frames / 1).sqrt()  # base_num_frames = 1

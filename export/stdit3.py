@@ -16,8 +16,9 @@ Differences from the reference that do not change results:
 - text keys are padded to the fixed token count L and masked in the attention instead of packed with
   `masked_select` (a row whose mask is all zero attends uniformly instead of producing NaN);
 - height, width and fps come per batch row (the reference reads row 0 of height/width);
-- the model may run in float32 end to end; only the inputs the reference rounds to bfloat16 before
-  use (timestep, fps, height, width) are rounded the same way here, with `round_to_bf16`.
+- the model may run in float32 end to end; only the inputs the reference rounds to its dtype before
+  use (timestep, fps, height, width) are rounded the same way here: `round_to_bf16` with the reference
+  dtype bf16 (Open-Sora's default inference), none with fp32 (SchedulerConfig.reference_dtype).
 """
 
 from __future__ import annotations
@@ -286,9 +287,12 @@ class FinalLayer(nn.Module):
 
 
 class STDiT3(nn.Module):
-    def __init__(self, cfg: DenoiserConfig):
+    def __init__(self, cfg: DenoiserConfig, reference_dtype: str = "bf16"):
         super().__init__()
         self.cfg = cfg
+        if reference_dtype not in ("bf16", "fp32"):
+            raise ValueError(f"reference_dtype must be bf16 or fp32, got {reference_dtype!r}")
+        self.reference_dtype = reference_dtype
         C = cfg.hidden_size
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.x_embedder = PatchEmbed3D(cfg.patch_size, cfg.in_channels, C)
@@ -303,6 +307,10 @@ class STDiT3(nn.Module):
             STDiT3Block(C, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm, temporal=True) for _ in range(cfg.depth)
         )
         self.final_layer = FinalLayer(C, math.prod(cfg.patch_size), cfg.out_channels)
+
+    def _to_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """A conditioning input as a tensor of the reference dtype holds it (in float32)."""
+        return round_to_bf16(x) if self.reference_dtype == "bf16" else x.float()
 
     def null_text(self, batch: int) -> torch.Tensor:
         """The learned null caption for the unconditional half, [batch, L, caption_channels]."""
@@ -324,9 +332,9 @@ class STDiT3(nn.Module):
         T, H, W = x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
         S = H * W
 
-        # Conditioning vector: the reference casts these to bfloat16 before embedding them.
-        fps_emb = self.fps_embedder(round_to_bf16(fps))
-        t = self.t_embedder(round_to_bf16(timestep)) + fps_emb
+        # Conditioning vector: the reference casts these to its dtype before embedding them.
+        fps_emb = self.fps_embedder(self._to_reference(fps))
+        t = self.t_embedder(self._to_reference(timestep)) + fps_emb
         if x_mask is None:
             x_mask = torch.ones(B, Tx, device=x.device)
         t0 = self.t_embedder(torch.zeros_like(timestep)) + fps_emb
@@ -339,7 +347,8 @@ class STDiT3(nn.Module):
         key_bias = ((mask.to(dtype) - 1) * 1e4)[:, None, None, :]  # 0 keeps a key, -1e4 drops it
 
         x = self.x_embedder(x)  # [B, T*S, C], (t, h, w) order
-        pos = pos_embed_2d(H, W, round_to_bf16(height), round_to_bf16(width), self.cfg.hidden_size, self.cfg.input_sq_size)
+        pos = pos_embed_2d(H, W, self._to_reference(height), self._to_reference(width), self.cfg.hidden_size,
+                           self.cfg.input_sq_size)
         x = (x.reshape(B, T, S, -1) + pos[:, None].to(dtype)).reshape(B, T * S, -1)
 
         rope = self.rope(T, x.device)

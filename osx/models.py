@@ -107,6 +107,10 @@ class SchedulerConfig:
     base_resolution: int = 512 * 512  # r = sqrt(H*W / base_resolution) * sqrt(T')
     aesthetic_score: float | None = 6.5
     fps: int = 24
+    # The dtype Open-Sora's reference runs in (the family declares the default, osx.families): the denoiser sees
+    # t, fps, height and width rounded to it and the schedule's size arithmetic is done in it. "bf16" is
+    # Open-Sora's default inference; "fp32" reproduces an fp32 run.
+    reference_dtype: str = "bf16"
 
 
 IMAGE_FPS = 120  # Open-Sora conditions single images (num_frames == 1) on fps 120

@@ -244,12 +244,13 @@ class Pipeline:
         masking = MaskSchedule(condition, request.seed, x_mask_input)
         z = masking.start(z)
         ts = rf.timesteps(request.steps, request.height, request.width, request.num_frames, num_timesteps=s.num_timesteps,
-                          use_timestep_transform=s.use_timestep_transform, base_resolution=s.base_resolution)
+                          use_timestep_transform=s.use_timestep_transform, base_resolution=s.base_resolution,
+                          reference_dtype=s.reference_dtype)
         dts = rf.dts(ts, s.num_timesteps)
         # What the real (bf16) model sees; the exported graph rounds these too, so this is idempotent there
         # and keeps a backend whose own bf16 cast rounds differently exact.
-        t_model = rf.round_bf16(ts)
-        sizes = {k: rf.round_bf16(np.full(2, v, np.float32)) for k, v in
+        t_model = rf.to_reference(ts, s.reference_dtype)
+        sizes = {k: rf.to_reference(np.full(2, v, np.float32), s.reference_dtype) for k, v in
                  (("fps", request.fps), ("height", request.height), ("width", request.width))}
         denoiser = self._loaded("denoiser")
         steps, t_start = [], time.perf_counter()

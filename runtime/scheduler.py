@@ -12,12 +12,13 @@ from t'_i to t'_(i+1) is the Euler step  z <- z + v * dt,  dt = (t'_i - t'_(i+1)
     dt_i  = (t'_i - t'_(i+1)) / 1000,   dt_(N-1) = t'_(N-1) / 1000      (the last step lands on 0)
     v     = v_uncond + s (v_cond - v_uncond)           (classifier-free guidance, scale s)
 
-Open-Sora computes r from `height`, `width` and `num_frames` tensors in the model dtype, bfloat16:
-every operation on them (product, / 512^2, sqrt, // 17, * 5, sqrt, product, r - 1) is rounded to
-bf16, while t stays float32 (`torch.tensor([t])`) and the mixed products promote to float32.
-`timesteps` replays exactly that arithmetic with `round_bf16` (float32 op, then round-to-nearest-even
-to bf16 — what torch does on the CPU and the GPU). The model also sees t in bf16 (its first op casts
-the timestep), so the pipeline feeds `round_bf16(t')` to the denoiser; dt uses the unrounded t'.
+Open-Sora computes r from `height`, `width` and `num_frames` tensors in the model dtype (the reference
+dtype, SchedulerConfig.reference_dtype; bfloat16 by default): in bf16 every operation on them (product,
+/ 512^2, sqrt, // 17, * 5, sqrt, product, r - 1) is rounded to bf16, while t stays float32
+(`torch.tensor([t])`) and the mixed products promote to float32. `timesteps` replays exactly that
+arithmetic with `to_reference` (float32 op, then round-to-nearest-even to bf16 — what torch does on the
+CPU and the GPU; in fp32 no rounding). The model also sees t in that dtype (its first op casts the
+timestep), so the pipeline feeds `to_reference(t')` to the denoiser; dt uses the unrounded t'.
 """
 
 from __future__ import annotations
@@ -35,12 +36,18 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
-def _bf(x) -> np.ndarray:
-    return round_bf16(np.asarray(x, dtype=F32))
+def to_reference(x, reference_dtype: str = "bf16") -> np.ndarray:
+    """float32 values as a tensor of the reference dtype holds them: rounded to bf16, or unchanged (fp32)."""
+    x = np.asarray(x, dtype=F32)
+    return round_bf16(x) if reference_dtype == "bf16" else x
 
 
-def shift_ratio(height: int, width: int, num_frames: int, base_resolution: int = 512 * 512) -> np.float32:
-    """r = sqrt(H*W / base) * sqrt(T'), every step in bf16 arithmetic as Open-Sora does it."""
+def shift_ratio(height: int, width: int, num_frames: int, base_resolution: int = 512 * 512,
+                reference_dtype: str = "bf16") -> np.float32:
+    """r = sqrt(H*W / base) * sqrt(T'), every step in the reference dtype's arithmetic as Open-Sora does it."""
+    def _bf(x):
+        return to_reference(x, reference_dtype)
+
     h, w, f = _bf(height), _bf(width), _bf(num_frames)
     ratio_space = _bf(np.sqrt(_bf(_bf(h * w) / F32(base_resolution))))
     frames = _bf(1.0) if num_frames == 1 else _bf(_bf(np.floor(f / F32(17))) * F32(5))
@@ -49,15 +56,16 @@ def shift_ratio(height: int, width: int, num_frames: int, base_resolution: int =
 
 
 def timesteps(num_steps: int, height: int, width: int, num_frames: int, *, num_timesteps: int = 1000,
-              use_timestep_transform: bool = True, base_resolution: int = 512 * 512) -> np.ndarray:
+              use_timestep_transform: bool = True, base_resolution: int = 512 * 512,
+              reference_dtype: str = "bf16") -> np.ndarray:
     """t'_0..t'_(N-1) (float32, descending from num_timesteps) for a video of height x width x num_frames."""
     # Python float math first, then float32: Open-Sora builds torch.tensor([t]) from a Python float.
     t = np.array([(1.0 - i / num_steps) * num_timesteps for i in range(num_steps)], dtype=F32)
     if not use_timestep_transform:
         return t
     u = t / F32(num_timesteps)
-    r = shift_ratio(height, width, num_frames, base_resolution)
-    r_minus_1 = F32(_bf(r - F32(1)))  # bf16 tensor minus a Python int stays bf16
+    r = shift_ratio(height, width, num_frames, base_resolution, reference_dtype)
+    r_minus_1 = F32(to_reference(r - F32(1), reference_dtype))  # a bf16 tensor minus a Python int stays bf16
     return (r * u / (F32(1) + r_minus_1 * u)) * F32(num_timesteps)
 
 

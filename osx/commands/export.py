@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from osx.commands.weights import weight_files, weight_options
-from osx.families import MODELS
+from osx.families import MODELS, REFERENCE_DTYPES
 
 
 def _terminated(signum, frame):
@@ -29,6 +29,10 @@ def _terminated(signum, frame):
               "bf16; per component as denoiser=fp16,text_encoder=bf16 (the rest: plan, or a "
               "bare type among them). The T5 encoder is never fp16 (it overflows) and convolutions never bf16 "
               "(no bf16 Conv before opset 22): fp32 instead.")
+@click.option("--reference-dtype", type=click.Choice(REFERENCE_DTYPES), default=None,
+              help="The dtype Open-Sora's reference runs in: the denoiser's timestep, fps and size inputs and the "
+              "schedule are rounded to it. Default: the family's (bf16 for v1.2, Open-Sora's default inference); "
+              "fp32 reproduces an fp32 Open-Sora run.")
 @click.option("--component", "only", multiple=True,
               help="Export only this component (repeatable): a partial bundle, for re-exports and benchmarks.")
 @click.option("--precision", default="auto", show_default=True,
@@ -51,7 +55,7 @@ def _terminated(signum, frame):
               "(slower; end users need only TensorRT's dispatch/lean runtime).")
 @click.option("--dry-run", is_flag=True, help="Print the plan for --gpu (precision, shapes, memory, fit) and exit; no GPU needed.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
-def export(model_name, random_weights, checkpoint, gpu, out, force, dtype, only, precision, calibration,
+def export(model_name, random_weights, checkpoint, gpu, out, force, dtype, reference_dtype, only, precision, calibration,
            int8_method, allow_quality_loss, gate_min_cosine, gate_min_psnr, opset, with_vae_encoder, with_t2i, portable, dry_run,
            as_json, **weights):
     """Export a model to a bundle: every component to ONNX, validated against PyTorch with onnxruntime
@@ -82,7 +86,7 @@ def export(model_name, random_weights, checkpoint, gpu, out, force, dtype, only,
                             int8_method=int8_method)
     manifest = export_bundle(ExportRequest(
         model_name, out, weight_files(random_weights, checkpoint, weights), gpu=gpu, dtype=dtype, precision=precision,
-        quantize=quantize, force=force, opset=opset, portable=portable, only=tuple(only),
+        quantize=quantize, force=force, opset=opset, portable=portable, only=tuple(only), reference_dtype=reference_dtype,
         with_components=("vae_encoder",) if with_vae_encoder else (), progress=lambda m: click.echo(m, err=True),
     ))
     worst = max(r["max_rel"] for c in manifest.components.values() for r in c.report["validation"]["rows"])
