@@ -39,7 +39,7 @@ from osx.components import DimRange
 from osx.errors import CheckpointError, OsxError
 from osx.export.checkpoint import CheckpointReader
 from osx.export.onnx_export import DTYPES
-from osx.export.ort_optimize import FUSABLE, add_onnxruntime_graph
+from osx.export.ort_optimize import add_onnxruntime_graph
 from osx.export.request import ExportRequest
 from osx.export.validate import (
     compare_onnx, format_table, fp16_noise, fp16_tolerance, torch_reference, validation_shapes,
@@ -155,7 +155,7 @@ def _export_components(request, model_cfg, names, asked, dtypes, plan, parts, ou
                            say=lambda m, n=name: say(f"{n}: {m}"), progress=request.progress)
         # a graph fused for onnxruntime where onnxruntime runs it at fp32 (int8/fp8 are quantized from the portable one)
         runs_as = (cplan.backend, cplan.precision) if cplan else ("onnxruntime", dtypes[name])
-        if name in FUSABLE and dtypes[name] == "fp32" and runs_as == ("onnxruntime", "fp32"):
+        if family_of(model_cfg).component(name).ort_fusions and dtypes[name] == "fp32" and runs_as == ("onnxruntime", "fp32"):
             say(f"{name}: fusing for onnxruntime (GELU, RMSNorm, LayerNorm), checking the fused graph")
             entry.update(add_onnxruntime_graph(out_dir, name, entry["file"], io.with_precision("float32"),
                                                entry["validation"]["tolerance"]))

@@ -33,8 +33,6 @@ import onnx
 from osx.export.ort_attention import fuse_attention
 
 SUFFIX = ".ort.onnx"
-# Components built from transformer blocks, where these fusions apply (the VAE is convolutions).
-FUSABLE = ("text_encoder", "denoiser")
 FUSED_OPS = ("FastGelu", "BiasGelu", "Gelu", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
              "LayerNormalization", "SkipLayerNormalization", "MultiHeadAttention")
 

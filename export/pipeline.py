@@ -27,6 +27,7 @@ from osx.errors import InputError
 from osx.export.reference import ReferenceModel
 from osx.export.sampler import sample, timesteps
 from osx.models import IMAGE_FPS, latent_frames, latent_size
+from osx.numeric import format_size
 from osx.runtime.prompt import prepare_prompt
 from osx.runtime.scheduler import initial_noise
 from osx.runtime.tokenizer import TextTokenizer
@@ -179,6 +180,6 @@ def _check_request(cfg, num_frames: int, height: int, width: int, steps: int) ->
     if num_frames < 1:
         raise InputError(f"num_frames={num_frames}: need at least 1 frame")
     if min(height, width) < cfg.min_side:
-        raise InputError(f"{height}x{width}: each side needs at least {cfg.min_side} pixels")
+        raise InputError(f"{format_size(width, height)}: each side needs at least {cfg.min_side} pixels")
     if steps < 1:
         raise InputError(f"steps={steps}: need at least 1 sampling step")

@@ -41,6 +41,7 @@ from osx.models_v2 import (
 from osx.runtime.scheduler import initial_noise
 from osx.runtime.tokenizer import TextTokenizer
 from osx.runtime.video import to_uint8_frames
+from osx.numeric import format_size
 
 BF16 = torch.bfloat16
 CLIP_PAD = "<|endoftext|>"
@@ -200,7 +201,7 @@ def reference_generate_v2(
     if height is None or width is None:
         height, width = image_size(cfg, resolution or cfg.defaults.resolution, aspect_ratio or cfg.defaults.aspect_ratio)
     if min(height, width) < 16:
-        raise InputError(f"{height}x{width}: each side needs at least 16 pixels (one 2x2 patch of 8x latents)")
+        raise InputError(f"{format_size(width, height)}: each side needs at least 16 pixels (one 2x2 patch of 8x latents)")
     height, width = -(-height // 16) * 16, -(-width // 16) * 16
     num_frames = cfg.defaults.num_frames if num_frames is None else num_frames
     check_frames(cfg, num_frames)

@@ -1,4 +1,4 @@
-"""Small numeric helpers every stage shares: bfloat16 rounding and byte counts for messages (NumPy only)."""
+"""Small numeric helpers every stage shares: bfloat16 rounding, byte counts and video sizes for messages (NumPy only)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ def round_bf16(x) -> np.ndarray:
     """Round float32 values to the nearest bfloat16 (ties to even), returned as float32; NaN stays NaN."""
     x = np.asarray(x, dtype=np.float32)
     return np.where(np.isnan(x), x, from_bfloat16_bits(to_bfloat16_bits(x)))
+
+
+def format_size(width: int, height: int, frames: int | None = None) -> str:
+    """A video size in messages, always width first, as `--resolution` takes it: "854x480", "854x480, 102 frames"."""
+    return f"{width}x{height}" + ("" if frames is None else f", {frames} frame{'s' * (frames != 1)}")
 
 
 def format_bytes(n: float, digits: int = 1) -> str:

@@ -76,6 +76,7 @@ def test_weights_arguments(capsys, tmp_path, monkeypatch, args, message):
     (["--calibration", "calib"], "--calibration calib was given, but no component is planned at int8 or fp8"),
     (["--gpu", "no-such-gpu"], "unknown GPU profile 'no-such-gpu'"),
     (["--opset", "23"], "Invalid value for '--opset'"),
+    (["--reference-dtype", "fp16"], "Invalid value for '--reference-dtype'"),
     (["--dtype", "int8"], "--dtype 'int8': 'int8' is not a dtype"),
     (["--dtype", "vae=fp16"], "--dtype names vae, which this export does not write"),
 ])
@@ -224,3 +225,10 @@ def test_calibrate_names_a_missing_part(capsys, checkpoint_dir, tmp_path):
         code = e.code
     text = "".join(capsys.readouterr())
     assert code == 2 and "has no denoiser (STDiT3) weights" in text and "--denoiser PATH" in text
+
+
+def test_sizes_in_messages_are_width_first():
+    from osx.numeric import format_size
+
+    assert format_size(854, 480) == "854x480" and format_size(854, 480, 102) == "854x480, 102 frames"
+    assert format_size(64, 64, 1) == "64x64, 1 frame"

@@ -40,6 +40,7 @@ def calibrate(model_name, random_weights, checkpoint, prompts_file, heldout_file
     from osx.calibration.calibset import weights_identity
     from osx.calibration.prompts import CALIBRATION, HELDOUT, load_prompts
     from osx.export.reference import build_reference
+    from osx.numeric import format_size
 
     # The same weights `osx export` will load, named the same way (the calibration set records them).
     parts = weight_files(random_weights, checkpoint, weights).resolve(family_of(cfg))
@@ -58,4 +59,4 @@ def calibrate(model_name, random_weights, checkpoint, prompts_file, heldout_file
     click.echo(f"wrote {out}: calibration hash {cs.hash[:16]}, "
                f"{n['calibration']['denoiser']} denoiser + {n['calibration']['text_encoder']} text encoder samples, "
                f"{n['heldout']['denoiser']} held-out denoiser samples "
-               f"({recipe['height']}x{recipe['width']}, {recipe['num_frames']} frames)")
+               f"({format_size(recipe['width'], recipe['height'], recipe['num_frames'])})")

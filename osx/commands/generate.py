@@ -18,6 +18,7 @@ import click
 from osx.runtime.backends import BACKENDS
 from osx.runtime.progress import SAMPLING_LOOPS
 from osx.runtime.video import CODECS
+from osx.numeric import format_size
 
 
 def _resolution(ctx, param, value):
@@ -98,7 +99,7 @@ def generate(bundle, prompt, out, negative_prompt, seed, steps, guidance_scale, 
                "seed": request.seed, "codec": codec, "seconds": round(seconds, 3),
                "preview": str(preview) if preview is not None else None})
     else:
-        click.echo(f"wrote {out}: {len(frames)} frames, {w}x{h}, {request.fps:g} fps, {codec}, seed {request.seed}, "
+        click.echo(f"wrote {out}: {len(frames)} frames, {format_size(w, h)}, {request.fps:g} fps, {codec}, seed {request.seed}, "
                    f"{seconds:.1f} s" + (f" (preview {preview})" if preview is not None else ""))
 
 

@@ -63,6 +63,7 @@ class ComponentDecl:
     quantizable: bool = False  # INT8/FP8 from calibrated Q/DQ graphs
     never_fp16: str | None = None  # why it must not run in float16 (None: it may)
     no_bf16: str | None = None  # why its ONNX graph cannot be bfloat16 at opsets 18-20 (Conv has none before 22)
+    ort_fusions: bool = False  # transformer blocks: onnxruntime's GELU/norm/attention fusions apply (export.ort_optimize)
     depth: tuple[str, ...] = ()  # config fields ("section.field") counting its blocks: validation of a model
     #                              too large to run whole cuts them (osx.export.exporter.validation_config)
 

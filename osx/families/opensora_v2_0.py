@@ -168,10 +168,11 @@ OPENSORA_V2_0_FAMILY = Family(
     configs={c.name: c for c in (OPENSORA_V2_0, OPENSORA_V2_0_TINY)},
     config_from_dict=OpenSoraV2Config.from_dict,
     components=(
-        ComponentDecl("text_encoder", module="t5", weights="t5", never_fp16=T5_FP16, depth=("t5.num_layers",)),
+        ComponentDecl("text_encoder", module="t5", weights="t5", never_fp16=T5_FP16, depth=("t5.num_layers",),
+                      ort_fusions=True),
         ComponentDecl("clip", module="clip", weights="clip"),
         ComponentDecl("denoiser", module="mmdit", weights="mmdit", quantizable=True,
-                      depth=("mmdit.depth", "mmdit.depth_single_blocks")),
+                      depth=("mmdit.depth", "mmdit.depth_single_blocks"), ort_fusions=True),
         ComponentDecl("vae_decoder", module="vae", weights="vae", no_bf16=CONVOLUTIONS),
         ComponentDecl("vae_encoder", module="vae", weights="vae", in_pipeline=False, no_bf16=CONVOLUTIONS),  # i2v / v2v
     ),
