@@ -114,6 +114,8 @@ def test_exported_denoiser_follows_the_reference_dtype(tmp_path):
 def test_runtime_loop_equals_the_torch_sampler_at_fp32(tiny_bundle):
     """The runtime's NumPy loop with reference dtype fp32 (the torch STDiT3 as its denoiser backend) equals
     the torch sampler at fp32 step by step; and its final latent differs from the bf16 loop's."""
+    from test_runtime_pipeline import TorchDenoiser
+
     from osx.export.sampler import sample
     from osx.runtime.pipeline import Pipeline
 
@@ -124,23 +126,7 @@ def test_runtime_loop_equals_the_torch_sampler_at_fp32(tiny_bundle):
     finals = {}
     for d in ("fp32", "bf16"):
         model = _denoiser(d)
-
-        class TorchDenoiser:
-            name, loaded, inputs = "denoiser", True, []
-
-            def load(self):
-                pass
-
-            def release(self):
-                pass
-
-            @torch.no_grad()
-            def run(self, feed):
-                self.inputs.append(feed["x"].copy())
-                names = [t.name for t in pipe.specs["denoiser"].inputs if t.name in feed]
-                return {"v": model(*(torch.from_numpy(np.asarray(feed[k])) for k in names))[:, :4].numpy()}
-
-        backend = TorchDenoiser()
+        backend = TorchDenoiser(model)  # records every input latent
         loop = Pipeline(pipe.bundle, {**pipe.backends, "denoiser": backend})
         loop.scheduler = dataclasses.replace(loop.scheduler, reference_dtype=d)
         finals[d] = loop.denoise(request, y, mask, noise)
