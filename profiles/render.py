@@ -74,17 +74,17 @@ def dry_run(gpu: str, model_name: str, precision: str = "auto", as_json: bool = 
     """What `osx export --gpu GPU --model MODEL --dry-run [--json] [--with-t2i]` prints. Raises OsxError if it
     does not fit."""
     from osx.families import get_model_config
-    from osx.models_v2 import MODELS_V2
+    from osx.models_v2 import T2I_CONFIGS
 
     explanation = None
     if gpu == "auto":
         profile, explanation = detect_profile()
     else:
         profile = load_profile(gpu)
-    model = MODELS_V2[model_name] if model_name in MODELS_V2 else get_model_config(model_name)
-    if with_t2i and getattr(model, "family", None) != "opensora-v2.0":
-        raise OsxError(f"--with-t2i is for Open-Sora v2.0's t2i2v; {model_name} has no text-to-image step",
-                       hint="use --model opensora-v2.0, or drop --with-t2i")
+    model = get_model_config(model_name)
+    if with_t2i and model.name not in T2I_CONFIGS:  # the models with a text-to-image step (t2i2v)
+        raise OsxError(f"--with-t2i is for text -> image -> video; {model_name} has no text-to-image step",
+                       hint=f"use --model {' or '.join(sorted(T2I_CONFIGS))}, or drop --with-t2i")
     options = {"with_t2i": True} if with_t2i else {}
     plan = plan_that_fits(profile, model, precision, machine_ram_bytes() if gpu == "auto" else None, **options)
     if as_json:

@@ -264,7 +264,7 @@ def test_t2i_image_of_the_video_bucket():
 def test_without_with_t2i_nothing_changes_and_wrong_uses_are_refused():
     assert not {"t2i_denoiser", "t2i_decoder"} & set(plan_json("rtx4090")["components"])
     code, text = dry_run_model("opensora-v1.2", "--gpu", "rtx4090", "--with-t2i")
-    assert code == 2 and "--with-t2i is for Open-Sora v2.0" in text
+    assert code == 2 and "--with-t2i is for text -> image -> video" in text and "opensora-v2.0" in text
     code, text = dry_run_model(FAMILY, "--gpu", "rtx4090", "--with-t2i", "--json")
     assert code == 0 and "t2i_denoiser" in json.loads(text)["components"]
     code, text = run_cli("export", "--model", FAMILY, "--random-weights", "--with-t2i", "--out", "/nonexistent/x")
