@@ -5,7 +5,9 @@ Per replica count:
   latency     R rounds, each one bare `Pipeline.generate` + write_video in this process, then the same
               request through the service alone (POST, GET ?wait= until final, GET the mp4): p50/p95 of both, and
               the service's overhead at p50 (target < 5 %), also as the median of the per-round ratios.
-              Interleaved, so load on the machine hits both sides alike.
+              Interleaved, so load on the machine hits both sides alike. Where the time goes, p50 in ms:
+              bare (generate, of it denoise; mp4) and service (POST, dispatch, the replica: generate, of
+              it denoise and progress writes; mp4; and the client noticing the end + fetching the mp4).
   throughput  N requests posted at once: requests per minute until the last one succeeded, p50/p95 of
               their latencies (queueing included).
 """
@@ -78,7 +80,7 @@ def main(argv):
     from ray import serve
 
     from osx.runtime.pipeline import Pipeline
-    from osx.runtime.serving.app import deploy
+    from osx.runtime.serving.app import deploy, start_local_ray
     from osx.runtime.video import write_video
 
     work = Path(tempfile.mkdtemp(prefix="osx-bench-serve-"))
@@ -103,7 +105,7 @@ def main(argv):
         port = s.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
     result = {"bundle": str(bundle), "steps": args.steps or bare_pipe.scheduler.num_sampling_steps, "cpus": 2, "by_replicas": {}}
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, object_store_memory=80 * 2**20)
+    start_local_ray(2, object_store_memory=80 * 2**20)  # as `osx serve` starts it
     try:
         for replicas in (1, 2):
             deploy([bundle], store=str(work / f"store{replicas}"), replicas=replicas, queue=args.requests, port=port, verify=False)

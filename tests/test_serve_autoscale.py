@@ -20,11 +20,10 @@ def _running_replicas(app: str) -> int:
 
 @pytest.mark.slow
 def test_autoscale_adds_a_replica_under_load_and_every_job_ends(tiny_bundle, tmp_path):
-    from osx.runtime.serving.app import deploy
+    from osx.runtime.serving.app import deploy, start_local_ray
 
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", object_store_memory=80 * 2**20,
-             log_to_driver=False)
+    start_local_ray(2, object_store_memory=80 * 2**20)
     try:
         deploy([tiny_bundle], store=str(tmp_path / "store"), autoscale=(1, 2), queue=4, max_steps=STEPS, port=port, verify=False)
         client = Client(f"http://127.0.0.1:{port}")

@@ -74,12 +74,12 @@ def serve(bundles, replicas, autoscale, address, host, port, store, keep, queue,
     import ray
     from ray import serve as ray_serve
 
-    from osx.runtime.serving.app import deploy
+    from osx.runtime.serving.app import deploy, start_local_ray
 
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        start_local_ray(num_cpus)
     try:
         models = deploy(list(bundles), store=str(store), keep_s=keep, replicas=replicas, autoscale=autoscale, queue=queue,
                         max_steps=max_steps, replica_cpus=replica_cpus, verify=not no_verify, host=host, port=port)

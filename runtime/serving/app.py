@@ -19,6 +19,7 @@ in succeeded, failed or cancelled.
 import asyncio
 import logging
 import math
+import os
 import re
 import time
 import traceback
@@ -278,6 +279,16 @@ def app_name(bundle: Path, taken: set[str]) -> str:
     while name in taken or name == "osx":
         name, n = f"{base}-{n}", n + 1
     return name
+
+
+def start_local_ray(num_cpus: int | None = None, **options) -> None:
+    """A local Ray instance for `osx serve` (loopback only). Ray starts its workers 15 nice levels below
+    the process that started it (its `worker_niceness`), so on a machine with any other load a replica got
+    the CPU last: measured with `bench.py serve` on the shared 2-core machine, the pipeline ran 1.2-1.5x
+    slower in a replica than in the benchmark's own process. Replicas are the work here: they run at the
+    starting process's priority."""
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, **options)
 
 
 def deploy(bundles: list[Path], *, store: str, keep_s: float = 3600.0, replicas: int = 1, autoscale: tuple[int, int] | None = None,
