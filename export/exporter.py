@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import importlib
 import math
 import platform
 import shutil
@@ -45,7 +46,7 @@ from osx.export.validate import (
     compare_onnx, format_table, fp16_noise, fp16_tolerance, torch_reference, validation_shapes,
 )
 from osx.manifest import ComponentEntry, Manifest, RuntimeSettings
-from osx.families import component_specs, family_of, get_model_config, never_fp16
+from osx.families import component_specs, family_of, get_model_config, resolve
 from osx.models import ModelConfig
 from osx.runtime.tokenizer import check_vocabulary
 from osx.numeric import format_bytes
@@ -68,9 +69,6 @@ def export_bundle(request: ExportRequest) -> Manifest:
 
     model_cfg = get_model_config(request.model)
     family = family_of(model_cfg)
-    if family.reference != "osx.export.reference:build_reference":  # the part factories this exporter builds from
-        raise OsxError(f"{model_cfg.name}: exporting {family.name} is not built yet (its declaration and plans are)",
-                       hint="plan it with `osx export --dry-run`; run its PyTorch reference with osx.export.pipeline_v2")
     model_cfg = with_reference_dtype(model_cfg, request.reference_dtype)
     asked = parse_dtypes(request.dtype)
     parts = request.weights.resolve(family)
@@ -133,8 +131,10 @@ def _component_names(request: ExportRequest, family, plan) -> list[str]:
 def _export_components(request, model_cfg, names, asked, dtypes, plan, parts, out_dir: Path, scratch: Path, say) -> dict[str, ComponentEntry]:
     """Each component exported and validated, one at a time (`asked`: parse_dtypes, `dtypes`: component_dtypes);
     only the checkpoint parts these need are read."""
-    from osx.export.reference import part_factories, write_random_checkpoint
+    from osx.export.init import write_random_part
 
+    family = family_of(model_cfg)
+    glue = export_parts(family)
     specs = component_specs(model_cfg)
     components: dict[str, ComponentEntry] = {}
     readers: dict[str, CheckpointReader] = {}
@@ -144,18 +144,19 @@ def _export_components(request, model_cfg, names, asked, dtypes, plan, parts, ou
             if parts is None:
                 say(f"{name}: writing seeded random weights of the {part} to a scratch checkpoint "
                     f"({dtypes[name]}, one tensor at a time)")
-                path = write_random_checkpoint(model_cfg, part, scratch / f"{part}.safetensors", DTYPES[dtypes[name]][1])
+                path = write_random_part(glue.part_factories(model_cfg)[part], scratch / f"{part}.safetensors",
+                                         DTYPES[dtypes[name]][1], model_cfg.random_init_seed, glue.random_init_std(model_cfg)[part])
             else:
                 path = parts[part]
             readers[part] = CheckpointReader(path)
         cplan = plan.components.get(name)
         io = specs[name].with_dims(**span(cplan.profiles)) if cplan else specs[name]
-        entry = export_one(name, model_cfg, part_factories, readers[part], io, dtypes[name], out_dir, scratch,
+        entry = export_one(name, model_cfg, readers[part], io, dtypes[name], out_dir, scratch,
                            opset=request.opset, external_data_threshold=request.external_data_threshold,
                            say=lambda m, n=name: say(f"{n}: {m}"), progress=request.progress)
         # a graph fused for onnxruntime where onnxruntime runs it at fp32 (int8/fp8 are quantized from the portable one)
         runs_as = (cplan.backend, cplan.precision) if cplan else ("onnxruntime", dtypes[name])
-        if family_of(model_cfg).component(name).ort_fusions and dtypes[name] == "fp32" and runs_as == ("onnxruntime", "fp32"):
+        if family.component(name).ort_fusions and dtypes[name] == "fp32" and runs_as == ("onnxruntime", "fp32"):
             say(f"{name}: fusing for onnxruntime (GELU, RMSNorm, LayerNorm), checking the fused graph")
             entry.update(add_onnxruntime_graph(out_dir, name, entry["file"], io.with_precision("float32"),
                                                entry["validation"]["tolerance"]))
@@ -164,7 +165,8 @@ def _export_components(request, model_cfg, names, asked, dtypes, plan, parts, ou
             "backend": cplan.backend if cplan else "onnxruntime",
             "plan_precision": cplan.precision if cplan else dtypes[name],
             "shape_ranges": [{d: dataclasses.asdict(r) for d, r in p.items()} for p in cplan.profiles] if cplan else [],
-            "notes": _dtype_notes(name, wanted_dtype(asked.get(name, asked[""]), cplan), dtypes[name]) + entry["notes"],
+            "notes": _dtype_notes(family.component(name), wanted_dtype(asked.get(name, asked[""]), cplan), dtypes[name])
+            + entry["notes"],
         }, name)
         if all(_part(model_cfg, n) != part for n in names[i + 1:]):  # last use of this part's checkpoint
             del readers[part]
@@ -173,18 +175,12 @@ def _export_components(request, model_cfg, names, asked, dtypes, plan, parts, ou
 
 
 def _manifest(model_cfg, components, plan, parts, out_dir: Path, say) -> Manifest:
-    """The tokenizer written beside the graphs, and the manifest (before quantization, engines, commit)."""
-    from osx.export.reference import build_tokenizer
-
-    say(f"writing {TOKENIZER_FILE}")
-    tokenizer = build_tokenizer(model_cfg, parts)  # after the weights: their errors come first
-    check_vocabulary(tokenizer.get_vocab_size(with_added_tokens=True), model_cfg.text_encoder.vocab_size,
-                     "T5 tokenizer" if parts is None else f"{parts['t5']}/spiece.model", error=CheckpointError)
-    tokenizer.save(str(out_dir / TOKENIZER_FILE))
+    """The tokenizers written beside the graphs, and the manifest (before quantization, engines, commit)."""
+    tokenizers = write_tokenizers(model_cfg, parts, out_dir, say)  # after the weights: their errors come first
     return Manifest(
         model={"name": model_cfg.name, "family": model_cfg.family, "config": model_cfg.to_dict()},
         components=components,
-        tokenizer={"file": TOKENIZER_FILE, "max_length": model_cfg.text_encoder.max_length},
+        tokenizer=tokenizers,
         scheduler=dataclasses.asdict(model_cfg.scheduler),
         runtime=RuntimeSettings(load_one_at_a_time=plan.load_one_at_a_time, cfg_batching=plan.cfg_batching),
         plan=plan.to_dict(),
@@ -194,7 +190,7 @@ def _manifest(model_cfg, components, plan, parts, out_dir: Path, say) -> Manifes
 # --- one component ----------------------------------------------------------------------------------
 # Export streams the weights (osx.export.stream). Validation runs the component in PyTorch and onnxruntime
 # at full depth when its float32 weights fit in VALIDATION_BYTES; a deeper model is validated at full
-# width with its first blocks (DEPTH: the config field), exported by the same streamed path from the
+# width with its first blocks (the ComponentDecl.depth config fields), exported by the same streamed path from the
 # same checkpoint, and its full-depth graph is checked structurally (checker, shape inference, every
 # initializer's dtype, shape and sha256 against its checkpoint tensor). onnxruntime's CPU provider does
 # not run bfloat16 graphs: a bf16 component is validated as the same export in float32, and the bf16
@@ -203,11 +199,6 @@ def _manifest(model_cfg, components, plan, parts, out_dir: Path, say) -> Manifes
 # validation.structure).
 
 VALIDATION_BYTES = 2**30
-DEPTH = {"denoiser": ("denoiser", "depth"), "text_encoder": ("text_encoder", "num_layers")}
-
-
-# ONNX Conv takes bfloat16 only from opset 22; osx exports at 18-20 (what onnxruntime and TensorRT 10 parse).
-NO_BF16 = {"denoiser": "Conv3d patch embedding", "vae_decoder": "convolutions", "vae_encoder": "convolutions"}
 
 
 def parse_dtypes(dtype: str) -> dict[str, str]:
@@ -230,14 +221,17 @@ def component_dtypes(asked: dict[str, str], names: list[str], plan) -> dict[str,
     if unknown:
         raise OsxError(f"--dtype names {', '.join(unknown)}, which this export does not write",
                        hint=f"components: {', '.join(names)}")
-    return {n: component_dtype(n, asked.get(n, asked[""]), plan.components.get(n)) for n in names}
+    family = family_of(plan.model)
+    return {n: component_dtype(family.component(n), asked.get(n, asked[""]), plan.components.get(n)) for n in names}
 
 
-def component_dtype(name: str, dtype: str, cplan) -> str:
-    """The float type a component is exported in: `wanted_dtype`, but fp32 instead of fp16 for components a
-    family never runs in fp16 and instead of bf16 for NO_BF16 ones."""
+def component_dtype(decl, dtype: str, cplan) -> str:
+    """The float type a component (its osx.families.ComponentDecl) is exported in: `wanted_dtype`, but fp32
+    instead of fp16 where its family never runs it in fp16, and instead of bf16 where its graph cannot be
+    bf16 (ONNX Conv takes bfloat16 only from opset 22; osx exports at 18-20, what onnxruntime and TensorRT
+    10 parse)."""
     dtype = wanted_dtype(dtype, cplan)
-    return "fp32" if (dtype == "fp16" and never_fp16(name)) or (dtype == "bf16" and name in NO_BF16) else dtype
+    return "fp32" if (dtype == "fp16" and decl.never_fp16) or (dtype == "bf16" and decl.no_bf16) else dtype
 
 
 def wanted_dtype(dtype: str, cplan) -> str:
@@ -251,18 +245,18 @@ def wanted_dtype(dtype: str, cplan) -> str:
     return "fp16" if cplan.backend == "tensorrt" else "fp32"
 
 
-def export_one(name, model_cfg, factories, reader, io, dtype, out_dir: Path, scratch: Path, *, opset, external_data_threshold,
+def export_one(name, model_cfg, reader, io, dtype, out_dir: Path, scratch: Path, *, opset, external_data_threshold,
                say, progress) -> dict:
     """Export component `name` streamed from `reader`, validate it, and return its manifest entry."""
     from osx.export.onnx_export import export_streamed
-    from osx.export.stream import Weights
 
     spec = component_specs(model_cfg)[name]
-    info = export_streamed(Weights(factories(model_cfg)[_part(model_cfg, name)], reader), spec, out_dir / f"{name}.onnx", dtype=dtype,
-                           opset=opset, external_data_threshold=external_data_threshold, progress=say)
+    info = export_streamed(_weights(model_cfg, name, reader), spec, out_dir / f"{name}.onnx", dtype=dtype,
+                           opset=opset, external_data_threshold=external_data_threshold, progress=say,
+                           adapter=_adapter(model_cfg))
     say(f"weights: {info.weights_check['from_checkpoint_sha256_ok']} initializers match their checkpoint tensors (sha256)")
     io = io.with_precision(DTYPES[dtype][0])
-    validation, extra = validate_streamed(name, model_cfg, factories, reader, io, dtype, out_dir / info.file, scratch,
+    validation, extra = validate_streamed(name, model_cfg, reader, io, dtype, out_dir / info.file, scratch,
                                           opset=opset, say=say)
     progress(format_table(validation["rows"]))
     if "null_text" in extra:  # the denoiser's learned null caption
@@ -287,11 +281,10 @@ def export_one(name, model_cfg, factories, reader, io, dtype, out_dir: Path, scr
     }
 
 
-def validate_streamed(name, model_cfg, factories, reader, io, dtype, graph: Path, scratch: Path, *, opset, say):
+def validate_streamed(name, model_cfg, reader, io, dtype, graph: Path, scratch: Path, *, opset, say):
     """onnxruntime vs PyTorch at `validation_shapes(io)` (see the section comment for which graph and
     depth). Returns the manifest's validation entry and extras (the denoiser's null caption)."""
     from osx.export.onnx_export import export_streamed
-    from osx.export.stream import Weights
     from osx.export.structure import compare_cast_graphs
 
     cfg, depth = validation_config(name, model_cfg, reader)
@@ -299,14 +292,14 @@ def validate_streamed(name, model_cfg, factories, reader, io, dtype, graph: Path
     what = {"graph": "this file"}
 
     def cut(dtype: str) -> Path:  # the validation depth's graph, exported by the same streamed path
-        weights = Weights(factories(cfg)[_part(cfg, name)], reader, unused_ok=True)
-        return scratch / export_streamed(weights, component_specs(cfg)[name], scratch / f"{name}.validate.{dtype}.onnx",
-                                         dtype=dtype, opset=opset, external_data_threshold=0).file  # read back in chunks
+        return scratch / export_streamed(_weights(cfg, name, reader, unused_ok=True), component_specs(cfg)[name],
+                                         scratch / f"{name}.validate.{dtype}.onnx", dtype=dtype, opset=opset,
+                                         external_data_threshold=0, adapter=_adapter(cfg)).file  # read back in chunks
 
     if cfg is not model_cfg or val_dtype != dtype:
         what = {"graph": f"the same checkpoint exported by the same path in {val_dtype}"
-                         + (f" with its first {depth[0]} of {depth[1]} blocks" if depth else ""),
-                "depth": list(depth) if depth else None, "dtype": val_dtype}
+                         + (f" with its first {_blocks(depth)}" if depth else ""),
+                "depth": depth, "dtype": val_dtype}
         say(f"validation graph: {what['graph']}")
         validated = cut(val_dtype)
         if val_dtype != dtype:  # onnxruntime runs no bf16: show the bf16 graph is the validated one, weights cast
@@ -316,14 +309,14 @@ def validate_streamed(name, model_cfg, factories, reader, io, dtype, graph: Path
                                  **compare_cast_graphs(validated, typed)}
             _remove_graph(typed, scratch)
         graph = validated
-    module = Weights(factories(cfg)[_part(cfg, name)], reader, unused_ok=True).materialize(torch.float32)
+    module = _weights(cfg, name, reader, unused_ok=True).materialize(torch.float32)
     extra = {"null_text": module.null_text(1)[0].float().numpy()} if hasattr(module, "null_text") else {}
     io = io.with_precision(DTYPES[val_dtype][0])
     shapes = validation_shapes(io)
     say(f"validating against PyTorch at {len(shapes)} shapes (onnxruntime CPU)")
     # fp16: PyTorch's fp32 outputs too, to measure how far fp16 itself moves them (osx.export.validate).
-    fp32_cases = torch_reference(module, io, shapes, "fp32") if val_dtype == "fp16" else None
-    cases = torch_reference(module.to(DTYPES[val_dtype][1]), io, shapes, val_dtype)
+    fp32_cases = torch_reference(module, io, shapes, "fp32", _adapter(cfg)) if val_dtype == "fp16" else None
+    cases = torch_reference(module.to(DTYPES[val_dtype][1]), io, shapes, val_dtype, _adapter(cfg))
     del module
     gc.collect()  # the torch weights go before onnxruntime loads the graph
     noise = {"torch_fp16_vs_fp32": fp16_noise(fp32_cases, cases)} if fp32_cases else {}
@@ -339,17 +332,74 @@ def _remove_graph(graph: Path, scratch: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def validation_config(name: str, model_cfg: ModelConfig, reader) -> tuple[ModelConfig, tuple[int, int] | None]:
+def validation_config(name: str, model_cfg: ModelConfig, reader) -> tuple[ModelConfig, list | dict | None]:
     """The model config to validate `name` at: the model's own when the part's float32 weights fit in
-    VALIDATION_BYTES, else the same with the depth cut to fit (at least one block)."""
+    VALIDATION_BYTES, else the same with every block count the family declares for it (ComponentDecl.depth)
+    cut in proportion (at least one block each). Depth: [n, full] for one count, {field: [n, full]} for several."""
     total = sum(4 * math.prod(reader.shape(k)) for k in reader.keys())
-    if total <= VALIDATION_BYTES or name not in DEPTH:
+    fields = family_of(model_cfg).component(name).depth
+    if total <= VALIDATION_BYTES or not fields:
         return model_cfg, None
-    section, field = DEPTH[name]
-    sub = getattr(model_cfg, section)
-    full = getattr(sub, field)
-    n = max(1, min(full, full * VALIDATION_BYTES // total))
-    return dataclasses.replace(model_cfg, **{section: dataclasses.replace(sub, **{field: n})}), (n, full)
+    cfg, depth = model_cfg, {}
+    for path in fields:
+        section, field = path.split(".")
+        sub = getattr(cfg, section)
+        full = getattr(sub, field)
+        n = max(1, min(full, full * VALIDATION_BYTES // total))
+        cfg, depth[path] = dataclasses.replace(cfg, **{section: dataclasses.replace(sub, **{field: n})}), [n, full]
+    if all(n == full for n, full in depth.values()):
+        return model_cfg, None
+    return cfg, next(iter(depth.values())) if len(depth) == 1 else depth
+
+
+def _blocks(depth: list | dict) -> str:
+    """"2 of 28 blocks", or per block kind: "1 of 19 (mmdit.depth), 1 of 38 (mmdit.depth_single_blocks) blocks"."""
+    if isinstance(depth, list):
+        return f"{depth[0]} of {depth[1]} blocks"
+    return ", ".join(f"{n} of {full} ({path})" for path, (n, full) in depth.items()) + " blocks"
+
+
+# --- what a family adds to its declaration for export (osx.families.Family.export_parts) ------------------
+
+
+def export_parts(family):
+    """The family's export module: part_factories, random_init_std, tokenizers."""
+    return importlib.import_module(family.export_parts)
+
+
+def _adapter(model_cfg):
+    """The family's forward adapter (osx.export.onnx_export.SpecModule), None for the built-in one."""
+    family = family_of(model_cfg)
+    return resolve(family.forward_adapter) if family.forward_adapter else None
+
+
+def _weights(model_cfg, name: str, reader, **kw):
+    """Component `name`'s module on the meta device with its weights' sources in `reader` (osx.export.stream)."""
+    from osx.export.stream import Weights
+
+    family = family_of(model_cfg)
+    part = family.component(name).weights
+    return Weights(export_parts(family).part_factories(model_cfg)[part], reader,
+                   unused_prefixes=family.weight_source(part).unused_prefixes, **kw)
+
+
+def write_tokenizers(model_cfg, parts: dict | None, out_dir: Path, say) -> dict:
+    """Each text encoder's tokenizer into the bundle (the family's PromptDecl: file, pad token), checked
+    against the encoder's vocabulary; returns the manifest's `tokenizer` entry."""
+    family = family_of(model_cfg)
+    tokenizers = export_parts(family).tokenizers(model_cfg, parts)
+    specs = component_specs(model_cfg)
+    encoders = {}
+    for decl in family.prompt.tokenizers:
+        say(f"writing {decl.file} ({decl.encoder})")
+        spec, tok = specs[decl.encoder], tokenizers[decl.encoder]
+        source = family.weight_source(family.component(decl.encoder).weights)
+        where = f"{decl.encoder} tokenizer" if parts is None else f"{parts[source.part]}/{source.folder_file}"
+        check_vocabulary(tok.get_vocab_size(with_added_tokens=True), spec.vocab_size, where, error=CheckpointError)
+        tok.save(str(out_dir / decl.file))
+        encoders[decl.encoder] = {"file": decl.file, "max_length": spec.inputs[0].shape[1], "pad_token": decl.pad_token}
+    first = encoders[family.prompt.tokenizers[0].encoder]
+    return {"file": first["file"], "max_length": first["max_length"], **({"encoders": encoders} if len(encoders) > 1 else {})}
 
 
 def _part(model_cfg, name: str) -> str:
@@ -357,11 +407,11 @@ def _part(model_cfg, name: str) -> str:
     return family_of(model_cfg).component(name).weights
 
 
-def _dtype_notes(name: str, wanted: str, used: str) -> list[str]:
+def _dtype_notes(decl, wanted: str, used: str) -> list[str]:
     if used == "fp32" and wanted == "fp16":
-        return [f"{never_fp16(name)}: exported in float32"]
+        return [f"{decl.never_fp16}: exported in float32"]
     if used == "fp32" and wanted == "bf16":
-        return [f"{NO_BF16[name]}: ONNX Conv has no bfloat16 before opset 22, exported in float32"]
+        return [f"{decl.no_bf16}: ONNX Conv has no bfloat16 before opset 22, exported in float32"]
     return [f"bfloat16: validated as the same export in float32 (onnxruntime's CPU provider runs no bfloat16), which "
             "the bf16 graph matches node by node with every weight cast (validation.structure)"] if used == "bf16" else []
 

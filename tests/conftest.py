@@ -89,3 +89,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_v2_bundle(tmp_path_factory):
+    """`osx export --model opensora-v2.0-tiny --random-weights --gpu cpu --with-vae-encoder`, once per session
+    (the CLI, in this process): T5, CLIP, MMDiT, VAE decoder and encoder. Read-only, like `tiny_bundle`."""
+    pytest.importorskip("torch", reason="exporting needs the `export` extra")
+    from osx.cli import main
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-v2"
+    try:
+        main(["export", "--model", "opensora-v2.0-tiny", "--random-weights", "--gpu", "cpu", "--with-vae-encoder",
+              "--out", str(out)])
+    except SystemExit as e:
+        assert not e.code, f"osx export exited with {e.code}"
+    return out

@@ -178,10 +178,10 @@ def test_validation_failure_leaves_no_bundle(tmp_path, monkeypatch):
     component and output, and neither the bundle nor its temporary folder remains."""
     real = exporter.torch_reference
 
-    def perturbed(module, spec, shapes, dtype):
+    def perturbed(module, spec, shapes, dtype, adapter=None):
         with torch.no_grad():
             module.encoder.final_layer_norm.weight.mul_(1.5)
-        return real(module, spec, shapes, dtype)
+        return real(module, spec, shapes, dtype, adapter)
 
     monkeypatch.setattr(exporter, "torch_reference", perturbed)
     with pytest.raises(ValidationError, match="text_encoder: ONNX output 'text_embeds' differs from PyTorch"):

@@ -171,8 +171,9 @@ OPENSORA_V2_0_FAMILY = Family(
         ComponentDecl("text_encoder", module="t5", weights="t5", never_fp16=T5_FP16, depth=("t5.num_layers",),
                       ort_fusions=True),
         ComponentDecl("clip", module="clip", weights="clip"),
+        # no onnxruntime fusion: onnxruntime 1.32's SkipLayerNorm fusion fails on the MMDiT's affine-free LayerNorm
         ComponentDecl("denoiser", module="mmdit", weights="mmdit", quantizable=True,
-                      depth=("mmdit.depth", "mmdit.depth_single_blocks"), ort_fusions=True),
+                      depth=("mmdit.depth", "mmdit.depth_single_blocks")),
         ComponentDecl("vae_decoder", module="vae", weights="vae", no_bf16=CONVOLUTIONS),
         ComponentDecl("vae_encoder", module="vae", weights="vae", in_pipeline=False, no_bf16=CONVOLUTIONS),  # i2v / v2v
     ),
