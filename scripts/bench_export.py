@@ -46,7 +46,6 @@ DTYPES_BY_FAMILY = {
     "opensora-v1.2": {"text_encoder": "bf16", "denoiser": "fp16", "vae_decoder": "fp32"},
     "opensora-v2.0": {"clip": "bf16", "denoiser": "fp16", "vae_decoder": "fp32", "vae_encoder": "fp32"},
 }
-DTYPES = DTYPES_BY_FAMILY["opensora-v1.2"]
 REDUCED = "--reduced-depth"  # the child's first argument when the denoiser is cut in depth
 LINE = re.compile(r"^\[\s*([0-9.]+)s\] (?:(\w+): )?")  # the exporter's progress lines: "[  12.3s] denoiser: ..."
 
