@@ -18,7 +18,7 @@ Unconditional half (classifier-free guidance), as in Open-Sora's RFLOW.sample:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from osx.export.sampler import sample, timesteps
 from osx.models import IMAGE_FPS, latent_frames, latent_size
 from osx.numeric import format_size
 from osx.runtime.prompt import prepare_prompt
+from osx.runtime.conditioning import extension_noise
 from osx.runtime.scheduler import initial_noise
 from osx.runtime.tokenizer import TextTokenizer
 from osx.runtime.video import to_uint8_frames
@@ -53,6 +54,7 @@ class ReferenceResult:
     guidance_scale: float
     steps: int
     seed: int | None
+    clip_latents: list[np.ndarray] = field(default_factory=list)  # each clip's final latent (extension: 1 + extend)
 
 
 @torch.no_grad()
@@ -71,12 +73,20 @@ def reference_generate(
     noise: np.ndarray | None = None,
     image: np.ndarray | None = None,
     condition: str = "head",
+    video: np.ndarray | None = None,
+    extend: int = 0,
 ) -> ReferenceResult:
     """One video for one prompt. Unset arguments take the model config's defaults (sizes, steps,
     guidance scale, fps: 24, or 120 for one frame). `noise` (shape [1, 4, T_lat, H/8, W/8]) replaces
     `initial_noise(seed, shape)`; `seed` defaults to the config's default seed.
     `image` (uint8 [H, W, 3]) conditions the video at the `condition` frames ("head", "tail", "loop"):
-    Open-Sora's resize_crop_to_fill with PIL, the VAE encoder's posterior mean, the mask strategy."""
+    Open-Sora's resize_crop_to_fill with PIL, the VAE encoder's posterior mean, the mask strategy.
+    `video` (uint8 [F, H, W, 3]) is continued, and `extend` N loops N more clips, as Open-Sora's inference
+    loop: the reference (the video through Open-Sora's video transform, or the previous clip as decoded)
+    is VAE-encoded whole, in 17-frame chunks from its start, and its last 5 latent frames are held at the
+    clip's first 5 (`append_generated`: ref_start -5, target 0, edit ratio 0); each later clip drops its
+    first 17 frames when joined. Open-Sora aligns ref_start to 5 latent frames, which is the last chunk
+    for the multiple-of-17 lengths used here. Clip k > 0 starts from `extension_noise(seed, k, shape)`."""
     cfg = model.model_cfg
     num_frames = cfg.defaults.num_frames if num_frames is None else num_frames
     height = cfg.defaults.height if height is None else height
@@ -87,8 +97,8 @@ def reference_generate(
     _check_request(cfg, num_frames, height, width, steps)
 
     shape = (1, cfg.vae.temporal.latent_embed_dim, latent_frames(num_frames, cfg.vae), *latent_size(height, width, cfg.vae))
+    seed = cfg.defaults.seed if seed is None else seed
     if noise is None:
-        seed = cfg.defaults.seed if seed is None else seed
         noise = initial_noise(seed, shape)
     elif tuple(noise.shape) != shape:
         raise InputError(f"noise has shape {tuple(noise.shape)}, expected {shape}", hint="or pass a seed instead")
@@ -104,24 +114,36 @@ def reference_generate(
         prepared_negative = prepare_prompt(negative_prompt, aesthetic_score=None)
         y_null = _encode_text(model, *tokenizer.encode([prepared_negative]))
 
-    cond = {} if image is None else _image_condition(model, image, condition, height, width, shape[2])
-    latent, latents = sample(
-        model.denoiser,
-        torch.from_numpy(np.asarray(noise, dtype=np.float32)),
-        text_embeds,
-        torch.from_numpy(attention_mask),
-        y_null,
-        height=height,
-        width=width,
-        num_frames=num_frames,
-        fps=fps,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        sched=cfg.scheduler,
-        return_intermediates=True,
-        **cond,
-    )
-    video = model.vae.decode(latent, num_frames)
+    cond = {}
+    if image is not None:
+        cond = _image_condition(model, image, condition, height, width, shape[2])
+    elif video is not None:
+        cond = _head_condition(model.vae.encode(reference_preprocess_video(video, height, width)[None]), cfg.vae, shape[2])
+    videos, clip_latents = [], []
+    for clip in range(1 + extend):
+        clip_noise = noise if clip == 0 else extension_noise(seed, clip, shape)
+        latent, latents = sample(
+            model.denoiser,
+            torch.from_numpy(np.asarray(clip_noise, dtype=np.float32)),
+            text_embeds,
+            torch.from_numpy(attention_mask),
+            y_null,
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            fps=fps,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            sched=cfg.scheduler,
+            return_intermediates=True,
+            **cond,
+        )
+        decoded = model.vae.decode(latent, num_frames)
+        videos.append(decoded if clip == 0 else decoded[:, :, cfg.vae.micro_frame_size:])
+        clip_latents.append(latent.numpy())
+        if clip < extend:
+            cond = _head_condition(model.vae.encode(decoded), cfg.vae, shape[2])
+    joined = torch.cat(videos, dim=2)
     return ReferenceResult(
         prompt=prepared,
         negative_prompt=prepared_negative,
@@ -131,14 +153,15 @@ def reference_generate(
         y_null=y_null.numpy(),
         noise=np.asarray(noise, dtype=np.float32),
         timesteps=timesteps(cfg.scheduler, steps, height, width, num_frames).numpy(),
-        latents=[z.numpy() for z in latents],
+        latents=[z.numpy() for z in latents],  # the last clip's
         latent=latent.numpy(),
-        video=video.numpy(),
-        frames=to_uint8_frames(video[0].numpy()),
+        video=joined.numpy(),
+        frames=to_uint8_frames(joined[0].numpy()),
         fps=fps,
         guidance_scale=guidance_scale,
         steps=steps,
         seed=seed,
+        clip_latents=clip_latents,
     )
 
 
@@ -158,6 +181,32 @@ def reference_preprocess(image: np.ndarray, height: int, width: int) -> torch.Te
         i, j = int(round((sh - height) / 2.0)), 0
     arr = np.array(pil.resize((sw, sh), Image.BICUBIC))[i:i + height, j:j + width]
     return (torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0 - 0.5) / 0.5
+
+
+def reference_preprocess_video(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """Open-Sora's video transform "resize_crop" (ToTensorVideo, `resize_crop_to_fill` with torch's bilinear
+    interpolate, Normalize(0.5, 0.5)): uint8 [F, H, W, 3] -> [3, F, height, width] in [-1, 1]."""
+    clip = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
+    h, w = clip.shape[-2:]
+    rh, rw = height / h, width / w
+    if rh > rw:
+        sh, sw = height, round(w * rh)
+        i, j = 0, int(round(sw - width) / 2.0)
+    else:
+        sh, sw = round(h * rw), width
+        i, j = int(round(sh - height) / 2.0), 0
+    clip = torch.nn.functional.interpolate(clip, size=(sh, sw), mode="bilinear", align_corners=False)
+    return ((clip[..., i:i + height, j:j + width] - 0.5) / 0.5).permute(1, 0, 2, 3)
+
+
+def _head_condition(ref: torch.Tensor, vae, t_lat: int) -> dict:
+    """The last condition_frame_length (= 5) latent frames of `ref` held at the clip's first ones."""
+    k = min(vae.micro_z_frame_size, ref.shape[2])
+    cond_latent = torch.zeros(1, ref.shape[1], t_lat, *ref.shape[3:])
+    cond_latent[:, :, :k] = ref[:, :, -k:]
+    cond_mask = torch.ones(1, t_lat)
+    cond_mask[:, :k] = 0.0
+    return {"cond_latent": cond_latent, "cond_mask": cond_mask}
 
 
 def _image_condition(model: ReferenceModel, image, condition: str, height: int, width: int, t_lat: int) -> dict:

@@ -44,12 +44,16 @@ from osx.families import get_family, resolve
 from osx.models import IMAGE_FPS, ModelConfig, SchedulerConfig, latent_frames, latent_size
 from osx.runtime import scheduler as rf
 from osx.runtime.backends import Backend, create_backend
-from osx.runtime.conditioning import CONDITIONS, Condition, MaskSchedule, load_image, preprocess
+from osx.runtime.conditioning import (
+    CONDITIONS, Condition, MaskSchedule, extension_noise, load_image, preprocess, preprocess_video,
+)
 from osx.runtime.progress import Progress
 from osx.runtime.prompt import prepare_prompt
-from osx.runtime.request import MAX_FPS, MAX_GUIDANCE_SCALE, MAX_SEED, as_float, as_int, as_size, check_int_range, check_prompt
+from osx.runtime.request import (
+    MAX_EXTEND, MAX_FPS, MAX_GUIDANCE_SCALE, MAX_SEED, as_float, as_int, as_size, check_int_range, check_prompt,
+)
 from osx.runtime.tokenizer import TextTokenizer, check_vocabulary
-from osx.runtime.video import to_uint8_frames
+from osx.runtime.video import read_last_frames, to_uint8_frames
 
 OPTIONAL_COMPONENTS = ("vae_encoder", "t2i_denoiser", "t2i_decoder")  # loaded when the bundle has them
 SAMPLER = "rectified-flow-v1.2"  # the sampler kind (osx.families.SamplerDecl) this loop implements
@@ -104,6 +108,7 @@ class Pipeline:
         self.run_limits = {name: _limits(backends[name], self.specs[name]) for name in ("denoiser", "vae_decoder")}
         self.timings: dict = {}
         self._cancel = threading.Event()
+        self._clip, self._clips = 0, 1  # video extension: the clip being made, of how many
 
     @classmethod
     def load(cls, bundle: str | os.PathLike | Bundle, backend: str | None = None, *, verify: bool = True) -> "Pipeline":
@@ -282,21 +287,40 @@ class Pipeline:
         """The reference image's latent (VAE encoder, posterior mean) placed at the `where` frames."""
         if where not in CONDITIONS:
             raise InputError(f"condition {where!r} is not one of {', '.join(CONDITIONS)}")
+        self._check_conditioning("image conditioning")
+        pixels = load_image(image) if not isinstance(image, np.ndarray) else image
+        _check_pixels(pixels, "reference image array", "uint8 [H, W, 3] RGB")
+        lh, lw = latent_size(request.height, request.width, self.model.vae)
+        z = self.encode_reference(preprocess(pixels, 8 * lh, 8 * lw))
+        return Condition.image(z[:, :, :1], latent_frames(request.num_frames, self.model.vae), where)
+
+    def continue_video(self, video: str | os.PathLike | np.ndarray, request: Request) -> Condition:
+        """The last VAE chunk of `video` (a file, or uint8 [F, H, W, 3] RGB frames) held at the first latent
+        frames of the clip: Open-Sora's video continuation (osx.runtime.conditioning)."""
+        self._check_conditioning("continuing a video")
+        chunk = self.model.vae.micro_frame_size
+        frames = read_last_frames(video, chunk) if not isinstance(video, np.ndarray) else video[-chunk:]
+        _check_pixels(frames, "reference video array", "uint8 [F, H, W, 3] RGB")
+        lh, lw = latent_size(request.height, request.width, self.model.vae)
+        return Condition.head(self.encode_reference(preprocess_video(frames, 8 * lh, 8 * lw)),
+                              latent_frames(request.num_frames, self.model.vae))
+
+    def encode_reference(self, pixels: np.ndarray) -> np.ndarray:
+        """Pixels [3, f <= 17, H, W] in [-1, 1] -> model-normalised latents [1, C, ceil(f / 4), H/8, W/8]."""
+        t0 = time.perf_counter()
+        z = self._loaded("vae_encoder").run({"video": pixels[None].astype(np.float32, copy=False)})["z"]
+        self._done_with("vae_encoder")
+        self.timings["vae_encode_s"] = self.timings.get("vae_encode_s", 0.0) + time.perf_counter() - t0
+        _check_finite(z, "the VAE encoder's latent of the reference")
+        return z.astype(np.float32, copy=False)
+
+    def _check_conditioning(self, what: str) -> None:
         if not any(t.name == "x_mask" for t in self.specs["denoiser"].inputs):
-            raise BundleError("this bundle's denoiser has no x_mask input (exported before image conditioning)",
+            raise BundleError(f"this bundle's denoiser has no x_mask input (exported before {what} existed)",
                               hint="re-export it with this osx version: `osx export ... --with-vae-encoder`")
         if "vae_encoder" not in self.backends:
-            raise BundleError("this bundle has no VAE encoder, which image conditioning needs",
+            raise BundleError(f"this bundle has no VAE encoder, which {what} needs",
                               hint="re-export it with `osx export ... --with-vae-encoder`")
-        pixels = load_image(image) if not isinstance(image, np.ndarray) else image
-        if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3 or min(pixels.shape[:2]) < 1:
-            raise InputError(f"reference image array: expected uint8 [H, W, 3] RGB, got {pixels.dtype} {pixels.shape}")
-        lh, lw = latent_size(request.height, request.width, self.model.vae)
-        t0 = time.perf_counter()
-        z = self._loaded("vae_encoder").run({"video": preprocess(pixels, 8 * lh, 8 * lw)[None]})["z"]
-        self._done_with("vae_encoder")
-        self.timings["vae_encode_s"] = time.perf_counter() - t0
-        return Condition.image(z[:, :, :1].astype(np.float32), latent_frames(request.num_frames, self.model.vae), where)
 
     def decode(self, latent: np.ndarray, num_frames: int, progress: Progress | None = None) -> np.ndarray:
         """Latent [1, 4, T_lat, h, w] -> video [3, num_frames, 8h, 8w] float32 in about [-1, 1]."""
@@ -321,29 +345,64 @@ class Pipeline:
                  height: int | None = None, width: int | None = None, fps: float | None = None, steps: int | None = None,
                  guidance_scale: float | None = None, seed: int | None = None, noise: np.ndarray | None = None,
                  progress: Progress | None = None, image: str | os.PathLike | np.ndarray | None = None,
-                 condition: str = "head") -> np.ndarray:
-        """One video: uint8 frames [num_frames, H, W, 3] (H, W rounded down to multiples of 8).
-        Unset arguments take the bundle's defaults; `noise` [1, 4, T_lat, H/8, W/8] replaces the seeded
-        noise; `image` (a file or uint8 [H, W, 3] RGB) is the video's first ("head"), last ("tail") or
-        first and last ("loop") frame. Per-stage and per-step seconds are left in `self.timings`."""
+                 condition: str = "head", video: str | os.PathLike | np.ndarray | None = None, extend: int = 0) -> np.ndarray:
+        """One video: uint8 frames [F, H, W, 3] (H, W rounded down to multiples of 8).
+        Unset arguments take the bundle's defaults; `noise` [1, 4, T_lat, H/8, W/8] replaces the first
+        clip's seeded noise. References (osx.runtime.conditioning): `image` (a file or uint8 [H, W, 3] RGB)
+        is the video's first ("head"), last ("tail") or first and last ("loop") frame; `video` (a file or
+        uint8 [F, H, W, 3]) is continued: its last 17 frames are the clip's first 17. `extend` N appends N
+        clips, each continuing the one before (its first 17 frames, which re-create the previous clip's
+        last 17, are dropped): F = num_frames + N * (num_frames - 17). Per-stage and per-step seconds are
+        left in `self.timings`."""
         request = self.prepare_request(prompt, negative_prompt, num_frames=num_frames, height=height, width=width,
                                        fps=fps, steps=steps, guidance_scale=guidance_scale, seed=seed)
-        return self.run(request, noise, progress, image=image, condition=condition)
+        return self.run(request, noise, progress, image=image, condition=condition, video=video, extend=extend)
 
     def run(self, request: Request, noise: np.ndarray | None = None, progress: Progress | None = None, *,
-            image: str | os.PathLike | np.ndarray | None = None, condition: str = "head") -> np.ndarray:
+            image: str | os.PathLike | np.ndarray | None = None, condition: str = "head",
+            video: str | os.PathLike | np.ndarray | None = None, extend: int = 0) -> np.ndarray:
         """`generate` for a request from `prepare_request`."""
         if noise is not None and tuple(np.shape(noise)) != self.latent_shape(request):
             raise InputError(f"noise has shape {np.shape(noise)}, expected {self.latent_shape(request)}", hint="or pass a seed")
+        extend = check_int_range("extend", as_int("extend", extend), 0, MAX_EXTEND,
+                                 hint=f"append at most {MAX_EXTEND} clips in one request")
+        if image is not None and video is not None:
+            raise InputError("a reference image and a reference video were both given",
+                             hint="pass one: --image (image-to-video) or --video (continue a video)")
+        if extend:  # checked before any work, as the clip's own sizes
+            self._check_conditioning("video extension")
+            Condition.head(np.zeros((1, 1, self.model.vae.micro_z_frame_size, 1, 1), np.float32),
+                           latent_frames(request.num_frames, self.model.vae))
         self._cancel.clear()
         self.timings = {}
         self._t0 = time.perf_counter()
-        cond = None if image is None else self.condition_on(image, condition, request)
-        y, mask = self.encode_text(request, progress)
-        latent = self.denoise(request, y, mask, noise, progress, cond)
-        frames = to_uint8_frames(self.decode(latent, request.num_frames, progress))
+        self._clip, self._clips = 0, 1 + extend
+        try:
+            frames = self._run(request, noise, progress, image, condition, video, extend)
+        finally:
+            self._clip, self._clips = 0, 1
         self.timings["total_s"] = time.perf_counter() - self._t0
         return frames
+
+    def _run(self, request, noise, progress, image, condition, video, extend) -> np.ndarray:
+        cond = None
+        if image is not None:
+            cond = self.condition_on(image, condition, request)
+        elif video is not None:
+            if condition != "head":
+                raise InputError(f"a reference video is continued at the head; condition {condition!r} places images",
+                                 hint="drop the condition for --video")
+            cond = self.continue_video(video, request)
+        y, mask = self.encode_text(request, progress)
+        pixels = self.decode(self.denoise(request, y, mask, noise, progress, cond), request.num_frames, progress)
+        clips = [to_uint8_frames(pixels)]
+        for k in range(1, 1 + extend):  # each clip continues the one before from its last chunk, as decoded (floats)
+            self._clip, chunk = k, self.model.vae.micro_frame_size
+            cond = Condition.head(self.encode_reference(pixels[:, -chunk:]), latent_frames(request.num_frames, self.model.vae))
+            clip_noise = extension_noise(request.seed, k, self.latent_shape(request))
+            pixels = self.decode(self.denoise(request, y, mask, clip_noise, progress, cond), request.num_frames, progress)
+            clips.append(to_uint8_frames(pixels[:, chunk:]))  # its first chunk re-creates the previous clip's last
+        return np.concatenate(clips) if extend else clips[0]
 
     def cancel(self) -> None:
         """Stop the running generation at the next step (thread-safe)."""
@@ -374,7 +433,10 @@ class Pipeline:
 
     def _report(self, progress: Progress | None, phase: str, step: int, total: int, eta: float) -> None:
         elapsed = time.perf_counter() - getattr(self, "_t0", time.perf_counter())
-        if progress is not None and progress({"phase": phase, "step": step, "total": total, "elapsed": elapsed, "eta": eta}) is False:
+        event = {"phase": phase, "step": step, "total": total, "elapsed": elapsed, "eta": eta}
+        if self._clips > 1:  # video extension: which clip of how many
+            event.update(clip=self._clip + 1, clips=self._clips)
+        if progress is not None and progress(event) is False:
             self._cancel.set()
         if self._cancel.is_set():
             raise GenerationCancelled(f"cancelled during {phase} after step {step} of {total}")
@@ -392,6 +454,14 @@ def _load_null_text(bundle: Bundle, denoiser) -> np.ndarray:
     if null.ndim != 2 or tuple(null.shape) != tuple(y.shape[1:]):
         raise BundleError(f"{bundle.root}: null caption has shape {null.shape}, the denoiser takes {tuple(y.shape[1:])}")
     return null.astype(np.float32)
+
+
+def _check_pixels(a, what: str, expected: str) -> None:
+    """RGB uint8 pixels with the axes `expected` names ([H, W, 3] or [F, H, W, 3]), none of them empty."""
+    ndim = expected.count(",") + 1
+    if not (isinstance(a, np.ndarray) and a.dtype == np.uint8 and a.ndim == ndim and a.shape[-1] == 3 and min(a.shape) >= 1):
+        got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+        raise InputError(f"{what}: expected {expected}, got {got}")
 
 
 def _check_finite(a: np.ndarray, what: str) -> None:

@@ -11,6 +11,7 @@ Limits (README "Set up" lists them):
   guidance_scale           0 .. MAX_GUIDANCE_SCALE (Open-Sora uses 7); finite.
   fps                      (0, MAX_FPS]
   seed                     0 .. 2**63 - 1
+  extend                   0 .. MAX_EXTEND clips appended by video extension (each one a full generation)
   frames, width, height    integers; their ranges come from the bundle (Pipeline.supported()).
 """
 
@@ -25,6 +26,7 @@ MAX_PROMPT_CHARS = 10_000
 MAX_GUIDANCE_SCALE = 100.0
 MAX_FPS = 1000.0
 MAX_SEED = 2**63 - 1
+MAX_EXTEND = 16  # each extension clip is a whole generation: bounds the work one request asks for
 MAX_SIZE = 1 << 20  # frames or pixels: beyond any model; keeps the shape arithmetic and messages small
 
 

@@ -66,7 +66,8 @@ _NUMBER = (int, float)
 _OPEN_OPTIONS = {"backend": (str, type(None)), "verify": bool}
 _GENERATE_OPTIONS = {"negative_prompt": (str, type(None)), "num_frames": int, "height": int, "width": int, "fps": _NUMBER,
                      "steps": int, "guidance_scale": _NUMBER, "seed": int,
-                     "image": (str, type(None)), "condition": str}  # image-to-video: a reference file, head|tail|loop
+                     "image": (str, type(None)), "condition": str,  # image-to-video: a reference file, head|tail|loop
+                     "video": (str, type(None)), "extend": int}  # continue a video file; append N continuing clips
 _FILE_OPTIONS = {**_GENERATE_OPTIONS, "codec": str}
 MAX_OPTIONS_CHARS = 1 << 20  # options are a handful of scalars; the prompts inside have their own cap
 
@@ -245,12 +246,11 @@ def _generate(session: _Session, prompt: str, options: dict[str, Any]):
         return not session.cancel_requested.is_set()
 
     pipeline = session.pipeline
-    image, condition = options.pop("image", None), options.pop("condition", "head")
-    if image is not None:
-        _check_path(image=image)
+    refs = {k: options.pop(k) for k in ("image", "condition", "video", "extend") if k in options}
+    _check_path(**{k: refs[k] for k in ("image", "video") if refs.get(k) is not None})
     request = pipeline.prepare_request(prompt, **options)  # checked before any work; gives the resolved fps
     try:
-        frames = pipeline.run(request, progress=progress, image=image, condition=condition)
+        frames = pipeline.run(request, progress=progress, **refs)
     except Exception:
         if failed:
             raise _ShimError(ERR_CALLBACK, f"the progress callback raised {failed[0]!r}") from None

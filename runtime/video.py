@@ -18,12 +18,13 @@ import logging
 import math
 import os
 import secrets
+from collections import deque
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
-from osx.errors import OsxError
+from osx.errors import InputError, OsxError
 
 log = logging.getLogger(__name__)
 
@@ -220,5 +221,66 @@ def read_video_info(path: str | os.PathLike) -> tuple[int, int, int]:
             if not ok:
                 return count, shape[0], shape[1]
             count, shape = count + 1, frame.shape[:2]
+    finally:
+        cap.release()
+
+
+MAX_READ_FRAMES = 50_000  # a reference video is decoded to its end: about 35 minutes at 24 fps
+MAX_READ_SIDE = 8192
+
+
+def read_last_frames(path: str | os.PathLike, count: int) -> np.ndarray:
+    """The last `count` frames of a video file as uint8 RGB [F <= count, H, W, 3], decoded with PyAV if
+    installed, else OpenCV. A missing, broken, empty or still-image file, or one too long or too large to
+    decode, is an InputError that says so."""
+    name = str(path)
+    if not os.path.isfile(path):
+        raise InputError(f"reference video {name!r} does not exist or is not a file")
+    frames: deque = deque(maxlen=count)
+    decoded = 0
+    for frame in (_decode_pyav if has_pyav() else _decode_cv2)(name):
+        decoded += 1
+        if decoded > MAX_READ_FRAMES:
+            raise InputError(f"reference video {name!r} has more than {MAX_READ_FRAMES} frames",
+                             hint="only its end is used: cut it first, e.g. `ffmpeg -sseof -3 -i in.mp4 end.mp4`")
+        if max(frame.shape[:2]) > MAX_READ_SIDE:
+            raise InputError(f"reference video {name!r} is {frame.shape[1]}x{frame.shape[0]} (WxH); at most "
+                             f"{MAX_READ_SIDE} pixels a side are read", hint="scale it down first")
+        frames.append(frame)
+    if not frames:
+        raise InputError(f"reference video {name!r} has no frames that decode", hint="pass an mp4, webm, mov or mkv video")
+    return np.stack(frames)
+
+
+def _decode_pyav(name: str):
+    import av
+
+    try:
+        with av.open(name) as container:
+            if container.format.name == "image2" or container.format.name.endswith("_pipe") or not container.streams.video:
+                raise InputError(f"reference video {name!r} is not a video ({container.format.long_name})",
+                                 hint="a still image conditions with --image; --video takes an mp4, webm, mov or mkv file")
+            for frame in container.decode(container.streams.video[0]):
+                yield frame.to_ndarray(format="rgb24")
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise InputError(f"reference video {name!r} is not a readable video ({e})",
+                         hint="pass an mp4, webm, mov or mkv video") from None
+
+
+def _decode_cv2(name: str):
+    import cv2
+
+    cap = cv2.VideoCapture(name)
+    try:
+        if not cap.isOpened():
+            raise InputError(f"reference video {name!r} is not a readable video", hint="pass an mp4, webm, mov or mkv video")
+        if cap.getBackendName() == "CV_IMAGES":
+            raise InputError(f"reference video {name!r} is a still image, not a video",
+                             hint="a still image conditions with --image; --video takes an mp4, webm, mov or mkv file")
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                return
+            yield np.ascontiguousarray(frame[:, :, ::-1])
     finally:
         cap.release()

@@ -1,10 +1,12 @@
-"""Image-to-video on v1.2 bundles: reference preprocessing, the mask strategy, runtime vs torch reference.
+"""Image-to-video, video continuation and extension on v1.2 bundles: reference preprocessing, the mask
+strategy, runtime vs torch reference.
 
-Tolerances: NumPy preprocessing vs PIL + torch within 1 uint8 level (PIL resamples in fixed point, the
-NumPy path in float64); the NumPy mask loop driven by the torch STDiT3 matches the torch sampler's mask
-strategy to 1e-4 relative per step (float32, summation order only); the all-ONNX pipeline matches
-reference_generate to 1e-3 relative on the latent (as text-to-video), and the conditioned first frame
-to 1 uint8 level (the held latent frame decodes alone: the temporal VAE is causal).
+Tolerances: NumPy image preprocessing vs PIL + torch within 1 uint8 level (PIL resamples in fixed point,
+the NumPy path in float64); NumPy video preprocessing vs torch's bilinear interpolate within 2^-18 (torch
+rounds in float32); the NumPy mask loop driven by the torch STDiT3 matches the torch sampler's mask strategy
+to 1e-4 relative per step (float32, summation order only); the all-ONNX pipeline matches reference_generate
+to 1e-4 relative on the latent of every mode and clip, the pixel frames of held latent frames to 1 uint8
+level and every frame to 2.
 """
 
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 
 from osx.errors import BundleError, InputError
 from osx.runtime import scheduler as rf
-from osx.runtime.conditioning import Condition, MaskSchedule, load_image, preprocess
+from osx.runtime.conditioning import Condition, MaskSchedule, load_image, preprocess, preprocess_video
 from osx.runtime.pipeline import Pipeline
 
 torch = pytest.importorskip("torch")
@@ -41,6 +43,17 @@ def test_preprocess_matches_pil_and_torch(src, dst):
     assert got.shape == want.shape == (3, 1, *dst) and got.dtype == np.float32
     assert np.abs(got - want).max() <= 2 / 255 + 1e-6  # one uint8 level in [-1, 1]
     assert got.min() >= -1 and got.max() <= 1
+
+
+@pytest.mark.parametrize("src,dst", [((37, 53), (64, 80)), ((300, 200), (64, 96)), ((64, 64), (64, 64)), ((90, 160), (48, 48))])
+def test_preprocess_video_matches_torch(src, dst):
+    from osx.export.pipeline import reference_preprocess_video
+
+    frames = np.stack([image(*src, seed=s) for s in range(3)])
+    got = preprocess_video(frames, *dst)
+    want = reference_preprocess_video(frames, *dst).numpy()
+    assert got.shape == want.shape == (3, 3, *dst) and got.dtype == np.float32
+    assert np.abs(got - want).max() <= 2**-18  # torch interpolates in float32: a few ulps at 1
 
 
 @pytest.mark.parametrize("where,frames", [("head", [0]), ("tail", [4]), ("loop", [0, 4])])
@@ -93,12 +106,13 @@ def reference(pipe):
     return build_reference(pipe.model)
 
 
-def test_numpy_mask_loop_matches_torch_sampler(pipe, reference):
+@pytest.mark.parametrize("where", ["head", "tail", "loop"])
+def test_numpy_mask_loop_matches_torch_sampler(pipe, reference, where):
     from osx.export.sampler import sample
 
     request = pipe.prepare_request(PROMPT, steps=5, seed=2)
     lh, lw = pipe.latent_shape(request)[3:]
-    cond = pipe.condition_on(image(8 * lh, 8 * lw), "head", request)
+    cond = pipe.condition_on(image(8 * lh, 8 * lw), where, request)
     y, mask = pipe.encode_text(request)
     noise = pipe.initial_noise(request)
     den = TorchDenoiser(reference.denoiser)
@@ -110,26 +124,30 @@ def test_numpy_mask_loop_matches_torch_sampler(pipe, reference):
     got = [x[:1] for x in den.inputs[1:]] + [final]
     for i, (a, b) in enumerate(zip(got, want)):
         assert relative(a, b.numpy()) < 1e-4, f"step {i}"
-    np.testing.assert_array_equal(final[:, :, 0], cond.latent[:, :, 0])  # the conditioned frame is held exactly
+    held = cond.mask == 0
+    assert held.sum() == (2 if where == "loop" else 1)
+    np.testing.assert_array_equal(final[:, :, held], cond.latent[:, :, held])  # the conditioned frames are held exactly
 
 
-def test_image_to_video_head_matches_reference(pipe, reference):
+@pytest.mark.parametrize("where", ["head", "tail", "loop"])
+def test_image_to_video_matches_reference(pipe, reference, where):
     from osx.export.pipeline import reference_generate
 
     request = pipe.prepare_request(PROMPT, steps=4)
     shape = pipe.latent_shape(request)
     img = image(8 * shape[3], 8 * shape[4], seed=4)  # the target size: both paths see the same pixels
     noise = rf.initial_noise(9, shape)
-    want = reference_generate(reference, PROMPT, noise=noise, steps=4, image=img, condition="head")
-    frames = pipe.generate(PROMPT, steps=4, noise=noise, image=img, condition="head")
+    want = reference_generate(reference, PROMPT, noise=noise, steps=4, image=img, condition=where)
+    frames = pipe.generate(PROMPT, steps=4, noise=noise, image=img, condition=where)
     text_only = pipe.generate(PROMPT, steps=4, noise=noise)
     assert frames.shape == want.frames.shape
-    assert np.abs(frames[0].astype(int) - want.frames[0]).max() <= 1  # the conditioned frame
+    # the pixel frames of the held latent frames: the first one; the last latent frame's 4
+    held = {"head": [0], "tail": list(range(-4, 0)), "loop": [0, -4, -3, -2, -1]}[where]
+    assert np.abs(frames[held].astype(int) - want.frames[held]).max() <= 1
     assert np.abs(frames.astype(int) - want.frames).max() <= 2
-    assert np.abs(frames[0].astype(int) - text_only[0]).mean() > 5  # the image did change the video
-    # the held latent frame decodes to the reference image (up to the VAE's own reconstruction)
-    latent = pipe.denoise(request, *pipe.encode_text(request), noise, condition=pipe.condition_on(img, "head", request))
-    assert relative(latent, want.latent) < 1e-3
+    assert np.abs(frames[held].astype(int) - text_only[held]).mean() > 5  # the image did change the video
+    latent = pipe.denoise(request, *pipe.encode_text(request), noise, condition=pipe.condition_on(img, where, request))
+    assert relative(latent, want.latent) < 1e-4
 
 
 def test_image_file_and_bad_references(pipe, tmp_path):
@@ -221,8 +239,119 @@ def test_shim_image_options(i2v_bundle, pipe, tmp_path):
         assert status == shim.OK, shim.last_error()
         direct = pipe.generate(PROMPT, **options, image=png, condition="tail")
         np.testing.assert_array_equal(np.frombuffer(data, np.uint8).reshape(shape), direct)
+        from osx.runtime.video import write_video
+
+        mp4 = write_video(video(17, 64, 64), tmp_path / "ref.mp4", 24)
+        continued = {"steps": 1, "num_frames": 34, "seed": 3, "video": str(mp4), "extend": 1}
+        status, data, shape = shim.generate_to_buffer(h, PROMPT, json.dumps(continued))
+        assert status == shim.OK, shim.last_error()
+        np.testing.assert_array_equal(np.frombuffer(data, np.uint8).reshape(shape), pipe.generate(PROMPT, **continued))
+        status = shim.generate_to_buffer(h, PROMPT, json.dumps({**continued, "video": str(png)}))[0]
+        assert status == shim.ERR_INPUT and "not a video" in shim.last_error()
         (tmp_path / "bad.png").write_text("no")
         status = shim.generate_to_buffer(h, PROMPT, json.dumps({**options, "image": str(tmp_path / "bad.png")}))[0]
         assert status == shim.ERR_INPUT and "not a readable image" in shim.last_error()
     finally:
         shim.close(h)
+
+
+def video(frames, h, w, seed=0):  # a moving pattern: each frame shifted by one more pixel
+    return np.stack([np.roll(image(h, w, seed), f, axis=1) for f in range(frames)])
+
+
+def test_continue_video_matches_reference(pipe, reference):
+    from osx.export.pipeline import reference_generate
+
+    request = pipe.prepare_request(PROMPT, steps=3)  # 34 frames: 10 latent frames, the first 5 held
+    noise = rf.initial_noise(4, pipe.latent_shape(request))
+    ref_video = video(34, 48, 80)  # another size and aspect: resized to fill, centre-cropped
+    want = reference_generate(reference, PROMPT, noise=noise, steps=3, video=ref_video)
+    frames = pipe.generate(PROMPT, steps=3, noise=noise, video=ref_video)
+    assert frames.shape == want.frames.shape == (34, 64, 64, 3)
+    assert np.abs(frames[:17].astype(int) - want.frames[:17]).max() <= 1  # the held chunk
+    assert np.abs(frames.astype(int) - want.frames).max() <= 2
+    cond = pipe.continue_video(ref_video, request)
+    np.testing.assert_array_equal(cond.mask, [0] * 5 + [1] * 5)
+    latent = pipe.denoise(request, *pipe.encode_text(request), noise, condition=cond)
+    assert relative(latent, want.latent) < 1e-4
+    np.testing.assert_array_equal(latent[:, :, :5], cond.latent[:, :, :5])
+    # only the video's last 17 frames count
+    np.testing.assert_array_equal(pipe.continue_video(ref_video[-17:], request).latent, cond.latent)
+
+
+def test_extension_continues_each_clip_and_matches_reference(pipe, reference):
+    from osx.export.pipeline import reference_generate
+
+    request = pipe.prepare_request(PROMPT, steps=2, seed=6)
+    runner = Pipeline(pipe.bundle, pipe.backends)
+    latents = []
+    denoise = runner.denoise
+    runner.denoise = lambda *a, **k: latents.append(denoise(*a, **k)) or latents[-1]
+    events = []
+    frames = runner.run(request, extend=2, progress=events.append)
+    assert frames.shape == (34 + 2 * 17, 64, 64, 3)
+    np.testing.assert_array_equal(frames[:34], pipe.run(request))  # the first clip is the plain one
+    for k in (1, 2):  # clip k holds the VAE latent of clip k-1's last 17 decoded frames at its first 5
+        previous = runner.decode(latents[k - 1], 34)
+        np.testing.assert_array_equal(latents[k][:, :, :5], runner.encode_reference(previous[:, -17:]))
+        assert np.abs(latents[k][:, :, 5:] - latents[k - 1][:, :, 5:]).mean() > 0.1  # new content, not a copy
+    assert [(e["clip"], e["step"]) for e in events if e["phase"] == "denoise"] == [(1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2)]
+    want = reference_generate(reference, PROMPT, steps=2, seed=6, extend=2)
+    for a, b in zip(latents, want.clip_latents, strict=True):
+        assert relative(a, b) < 1e-4
+    assert np.abs(frames.astype(int) - want.frames).max() <= 2
+
+
+def test_bad_video_references(pipe, tmp_path):
+    import cv2
+
+    from osx.runtime.video import write_video
+
+    request = pipe.prepare_request(PROMPT, steps=1)
+    good = write_video(video(20, 32, 48), tmp_path / "ref.mp4", 24)
+    np.testing.assert_array_equal(pipe.continue_video(good, request).mask, [0] * 5 + [1] * 5)
+    cv2.imwrite(str(tmp_path / "still.png"), image(32, 32))
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really")
+    (tmp_path / "notes.mp4").write_text("hello")
+    for bad, message in [(tmp_path / "broken.mp4", "not a readable video"), (tmp_path / "notes.mp4", "not a readable video"),
+                         (tmp_path / "still.png", "not a video|still image"), (tmp_path / "missing.mp4", "does not exist"),
+                         (np.zeros((4, 4, 3), np.uint8), "expected uint8 \\[F, H, W, 3\\]")]:
+        with pytest.raises(InputError, match=message):
+            pipe.continue_video(bad, request)
+    with pytest.raises(InputError, match="not a readable image"):  # a video where an image belongs
+        pipe.condition_on(good, "head", request)
+    short = pipe.prepare_request(PROMPT, steps=1, num_frames=17)  # 5 latent frames: all of them would be held
+    with pytest.raises(InputError, match="holds the first 5 latent frames"):
+        pipe.continue_video(good, short)
+    with pytest.raises(InputError, match="holds the first 5 latent frames"):
+        pipe.run(short, extend=1)
+    for bad in (-1, 17, 1.5, "2"):
+        with pytest.raises(InputError, match="extend"):
+            pipe.run(request, extend=bad)
+    with pytest.raises(InputError, match="both given"):
+        pipe.run(request, image=image(8, 8), video=good)
+    with pytest.raises(InputError, match="continued at the head"):
+        pipe.run(request, video=good, condition="tail")
+
+
+def test_cli_video_and_extend(i2v_bundle, tiny_bundle, tmp_path):
+    import json
+
+    from test_generate_cli import osx
+
+    from osx.runtime.video import read_video_info, write_video
+
+    ref = write_video(video(40, 48, 64), tmp_path / "ref.mp4", 24)
+    out = tmp_path / "clip.mp4"
+    r = osx("generate", i2v_bundle, "--prompt", PROMPT, "--out", out, "--video", ref, "--extend", "1", "--steps", "1",
+            "--frames", "34", "--progress-json")
+    assert r.returncode == 0, r.stderr
+    assert read_video_info(out) == (51, 64, 64)
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [e["clip"] for e in events if e.get("phase") == "denoise"] == [1, 2] and events[-1]["frames"] == 51
+    broken = tmp_path / "broken.mp4"
+    broken.write_text("not a video")
+    for args, message in [(["--video", broken], "not a readable video"), (["--video", ref, "--image", ref], "not both"),
+                          (["--video", tmp_path / "nope.mp4"], "does not exist"), (["--extend", "99"], "extend=99")]:
+        r = osx("generate", i2v_bundle, "--prompt", PROMPT, "--out", tmp_path / "b.mp4", *args)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)

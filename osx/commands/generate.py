@@ -57,17 +57,25 @@ def _resolution(ctx, param, value):
               help="Reference image (PNG, JPEG, ...): image-to-video. Resized to fill and centre-cropped. Needs a bundle "
                    "exported with --with-vae-encoder.")
 @click.option("--condition", type=click.Choice(["head", "tail", "loop"]), default="head", show_default=True,
-              help="Where --image goes: the first frame, the last, or both.")
+              help="Where --image goes: the first frame, the last, or both. --video continues at the head.")
+@click.option("--video", type=click.Path(path_type=Path), default=None,
+              help="Reference video (mp4, webm, ...) to continue: its last 17 frames become the new clip's first 17 "
+                   "(Open-Sora's video extension). Needs a bundle with the VAE encoder.")
+@click.option("--extend", type=click.IntRange(0), default=0, show_default=True,
+              help="Append N more clips, each continuing the one before from its last 17 frames; the joined video "
+                   "has frames + N x (frames - 17) frames. Each clip is a whole generation.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files (sizes are still checked).")
 @click.option("--progress-json", is_flag=True, help="Print progress and the result as JSON lines on stdout instead of a bar.")
 def generate(bundle, prompt, out, negative_prompt, seed, steps, guidance_scale, num_frames, resolution, aspect_ratio, fps, codec,
-             preview, backend, image, condition, no_verify, progress_json):
+             preview, backend, image, condition, video, extend, no_verify, progress_json):
     """Generate a video from PROMPT with the bundle at BUNDLE (a folder written by `osx export`)."""
     from osx.runtime.conditioning import load_image
     from osx.runtime.pipeline import Pipeline
-    from osx.runtime.video import check_writable, resolve_codec, write_preview, write_video
+    from osx.runtime.video import check_writable, read_last_frames, resolve_codec, write_preview, write_video
 
     start = time.perf_counter()
+    if image is not None and video is not None:
+        raise click.UsageError("pass --image or --video, not both")
     check_writable(out, codec)
     codec = resolve_codec(out, codec)
     if preview is not None:
@@ -82,10 +90,12 @@ def generate(bundle, prompt, out, negative_prompt, seed, steps, guidance_scale, 
         pipe = Pipeline.load(bundle, backend, verify=not no_verify)
         request = pipe.prepare_request(prompt, negative_prompt, num_frames=num_frames, height=height, width=width, fps=fps,
                                        steps=steps, guidance_scale=guidance_scale, seed=seed, **bucket)
-        pixels = None if image is None else load_image(image)  # a bad file fails here, before any compute
+        # a bad reference fails here, before any compute
+        pixels = None if image is None else load_image(image)
+        clip = None if video is None else read_last_frames(video, pipe.model.vae.micro_frame_size)
         show = _json_progress if progress_json else _BarProgress()
         try:
-            frames = pipe.run(request, progress=show, image=pixels, condition=condition)
+            frames = pipe.run(request, progress=show, image=pixels, condition=condition, video=clip, extend=extend)
         finally:
             if not progress_json:
                 show.close()
@@ -124,17 +134,18 @@ class _BarProgress:
 
     def __call__(self, event: dict) -> None:
         phase = event["phase"]
+        clip = f" (clip {event['clip']} of {event['clips']})" if "clip" in event else ""  # video extension
         if phase in SAMPLING_LOOPS:
-            if self.phase != phase:
+            if self.phase != phase + clip:
                 from tqdm import tqdm
 
                 self.close()
-                self.bar = tqdm(total=event["total"], desc=self.LABELS[phase], unit="it", file=sys.stderr, dynamic_ncols=True)
-                self.phase = phase
+                self.bar = tqdm(total=event["total"], desc=self.LABELS[phase] + clip, unit="it", file=sys.stderr, dynamic_ncols=True)
+                self.phase = phase + clip
             self.bar.update(event["step"] - self.bar.n)
         elif phase in ("vae_decode", "t2i_decode") and event["step"] == event["total"]:
             self.close()
-            click.echo(f"decoded in {event['total']} VAE call(s)" if phase == "vae_decode" else "decoded the first frame", err=True)
+            click.echo(f"decoded in {event['total']} VAE call(s){clip}" if phase == "vae_decode" else "decoded the first frame", err=True)
 
     def close(self) -> None:
         if self.bar is not None:
