@@ -59,7 +59,8 @@ def export_bundle(request: ExportRequest) -> Manifest:
     """Run `request` (osx.export.request.ExportRequest): returns the committed bundle's manifest.
 
     Components: those of the plan (text_encoder, denoiser, vae_decoder for the shipped profiles), plus
-    `request.with_components` the pipeline does not run (vae_encoder: image-to-video). `request.quantize`
+    `request.with_components` the pipeline does not run (vae_encoder: image-to-video, video extension; None:
+    where the family declares references, planned and validated as the decoder is). `request.quantize`
     (osx.calibration.apply.QuantizeStep, from the command layer) turns int8/fp8-planned components into
     calibrated Q/DQ graphs; without it such a plan is refused."""
     start = time.perf_counter()
@@ -73,6 +74,11 @@ def export_bundle(request: ExportRequest) -> Manifest:
     asked = parse_dtypes(request.dtype)
     parts = request.weights.resolve(family)
     plan = _plan(request.gpu, model_cfg, request.precision)
+    on_request = [c.name for c in family.components if not c.in_pipeline]
+    if request.with_components is None:  # the VAE encoder where the family takes references (image-to-video, extension)
+        request = dataclasses.replace(request, with_components=tuple(on_request) if family.references else ())
+    # the plan records what the bundle holds (the planner plans the VAE encoder where the family takes references)
+    plan.components = {n: c for n, c in plan.components.items() if n not in on_request or n in request.with_components}
     precisions = {n: c.precision for n, c in plan.components.items()}
     if request.quantize is not None:
         request.quantize.check(precisions, model_cfg.name, model_cfg.random_init_seed, parts)

@@ -68,7 +68,9 @@ class ExportRequest:
     force: bool = False  # replace `out` if it exists
     opset: int = 18
     portable: bool = False  # version-compatible TensorRT engines
-    with_components: tuple[str, ...] = ()  # components text-to-video does not run, exported too ("vae_encoder")
+    # components text-to-video does not run, exported too ("vae_encoder"); None: the family's default (the VAE
+    # encoder where it takes references: osx.families Family.references)
+    with_components: tuple[str, ...] | None = None
     only: tuple[str, ...] = ()  # export only these (a partial bundle)
     external_data_threshold: int = EXTERNAL_DATA_BYTES
     reference_dtype: str | None = None  # what the reference rounds t, fps and sizes to (None: the model's, as its family declares)
@@ -76,7 +78,8 @@ class ExportRequest:
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
-        object.__setattr__(self, "with_components", tuple(self.with_components))
+        if self.with_components is not None:
+            object.__setattr__(self, "with_components", tuple(self.with_components))
         object.__setattr__(self, "only", tuple(self.only))
         if self.reference_dtype not in (None, *REFERENCE_DTYPES):
             raise OsxError(f"unknown --reference-dtype {self.reference_dtype!r}", hint=f"use one of {', '.join(REFERENCE_DTYPES)}")

@@ -7,7 +7,8 @@ Memory model (bytes; every term is printed in the plan so a user can check it):
   run         = weights + the execution context's device memory: activations + tactic scratch (TensorRT
                 bounds a tactic's scratch by the builder workspace, so the workspace is counted whole)
   build       = the same: the builder times tactics with scratch up to the workspace limit
-  run peak    = max over components when they are loaded one at a time, else the sum
+  run peak    = max over components when they are loaded one at a time, else the sum; the VAE encoder
+                (image/video references) runs alone, so it counts on its own
   build peak  = the largest single build (engines are built one after another)
 The budget is the card's VRAM less the profile's reserve (CUDA context, driver, display).
 
@@ -104,8 +105,12 @@ class Plan:
     options: dict = field(default_factory=dict)  # a family planner's options it was made with (the fit search reuses them)
 
     def _run_peak(self, device: str) -> int:
-        values = [c.run_bytes for c in self.components.values() if c.device == device]
-        return (max(values) if self.load_one_at_a_time else sum(values)) if values else 0
+        # components outside the text-to-video pipeline (the VAE encoder of references) run alone: the runtime
+        # releases the others first (osx.runtime.pipeline.Pipeline.encode_reference)
+        alone = {c.name for c in family_of(self.model).components if not c.in_pipeline}
+        values = [c.run_bytes for c in self.components.values() if c.device == device and c.name not in alone]
+        together = (max(values) if self.load_one_at_a_time else sum(values)) if values else 0
+        return max([together] + [c.run_bytes for c in self.components.values() if c.device == device and c.name in alone])
 
     @property
     def run_peak_bytes(self) -> int:
@@ -308,8 +313,13 @@ def make_plan(profile: Profile, model: ModelConfig, precision: str = "auto") -> 
     """The plan for `model` on `profile`, whether or not it fits (`plan.fits`); osx.profiles.fit.plan_that_fits
     refuses one that does not, with the settings that would."""
     precisions = resolve_precisions(profile, precision)
+    family = family_of(model)
+    if family.references:  # the VAE encoder (references) runs at the decoder's precision where a profile names none
+        for c in family.components:
+            if not c.in_pipeline:
+                precisions.setdefault(c.name, precisions["vae_decoder"])
     specs = component_specs(model)
-    names = [c for c in family_of(model).names() if c in precisions]
+    names = [c for c in family.names() if c in precisions]
     buckets = [] if profile.is_cpu else _buckets(profile, model)
     components = {}
     for name in names:

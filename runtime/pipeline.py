@@ -306,10 +306,15 @@ class Pipeline:
                               latent_frames(request.num_frames, self.model.vae))
 
     def encode_reference(self, pixels: np.ndarray) -> np.ndarray:
-        """Pixels [3, f <= 17, H, W] in [-1, 1] -> model-normalised latents [1, C, ceil(f / 4), H/8, W/8]."""
+        """Pixels [3, f <= 17, H, W] in [-1, 1] -> model-normalised latents [1, C, ceil(f / 4), H/8, W/8]. The
+        encoder runs alone (the plan counts its memory so): loaded components are released first (with
+        everything resident, video extension reloads them for each clip), the encoder after."""
+        for name, backend in self.backends.items():  # it runs alone, as the plan counts its memory
+            if name != "vae_encoder" and backend.loaded:
+                backend.release()
         t0 = time.perf_counter()
         z = self._loaded("vae_encoder").run({"video": pixels[None].astype(np.float32, copy=False)})["z"]
-        self._done_with("vae_encoder")
+        self.backends["vae_encoder"].release()
         self.timings["vae_encode_s"] = self.timings.get("vae_encode_s", 0.0) + time.perf_counter() - t0
         _check_finite(z, "the VAE encoder's latent of the reference")
         return z.astype(np.float32, copy=False)

@@ -13,7 +13,8 @@ order a run reports them (each only when the run has it):
     vae_decode    the video VAE's decoder (1 step per chunk or tile)
 
 A text-to-image-to-video run has two sampling loops, `t2i` then `denoise`; a caller that shows a bar per loop
-opens one for each phase in SAMPLING_LOOPS. Open-Sora v1.2 runs report text_encoder, denoise, vae_decode as
+opens one for each phase in SAMPLING_LOOPS. Video extension (`extend` N) runs denoise and vae_decode once per
+clip; those events then carry "clip" (1-based) and "clips" (N + 1), and `step` counts within the clip. Open-Sora v1.2 runs report text_encoder, denoise, vae_decode as
 they always have. A pipeline says beforehand which phases a request will report, with their totals
 (`progress_phases(request)`), so a caller can weigh them (`Fractions`).
 """

@@ -40,7 +40,8 @@ def reference():
 def test_manifest_describes_every_component(tiny_bundle):
     b = Bundle.open(tiny_bundle)  # schema + checksums
     m = b.manifest
-    assert list(b.components) == list(get_family("opensora-v1.2").names(pipeline_only=True))
+    assert list(b.components) == list(get_family("opensora-v1.2").names())  # the VAE encoder by default (references)
+    assert list(m.plan["components"]) == list(b.components)
     assert ModelConfig.from_dict(m.model["config"]) == TINY and m.model["family"] == "opensora-v1.2"
     assert m.scheduler == dataclasses.asdict(TINY.scheduler)
     assert m.tokenizer == {"file": "tokenizer.json", "max_length": TINY.text_encoder.max_length}

@@ -40,7 +40,22 @@ def test_the_declaration_drives_the_dtype_policy_and_the_plan():
     with pytest.raises(OsxError, match=re.escape(family.never_fp16["text_encoder"])):
         check_precision("text_encoder", "fp16", load_profile("rtx4090"))
     plan = make_plan(load_profile("cpu"), get_model_config("opensora-v1.2-tiny"))
-    assert tuple(plan.components) == family.names(pipeline_only=True)
+    assert family.references and tuple(plan.components) == family.names()  # the VAE encoder too: v1.2 takes references
+
+
+def test_the_vae_encoder_is_planned_as_the_decoder_and_runs_alone():
+    """The VAE encoder (references) gets the decoder's precision where a profile names none, its own shapes and
+    memory, and counts on its own in the run peak: the runtime releases everything else before it runs."""
+    family = get_family("opensora-v1.2")
+    for name, model in (("rtx4070", "opensora-v1.2"), ("h100", "opensora-v1.2"), ("cpu", "opensora-v1.2-tiny")):
+        plan = make_plan(load_profile(name), get_model_config(model))
+        enc, dec = plan.components["vae_encoder"], plan.components["vae_decoder"]
+        assert (enc.precision, enc.backend, enc.device) == (dec.precision, dec.backend, dec.device)
+        assert enc.weight_bytes > 0 and enc.activation_bytes > 0 and enc.profiles
+        rest = [c.run_bytes for n, c in plan.components.items() if n != "vae_encoder" and c.device == "gpu"]
+        together = max(rest, default=0) if plan.load_one_at_a_time else sum(rest)
+        assert plan.run_peak_bytes == max(together, enc.run_bytes if enc.device == "gpu" else 0)
+    assert [c.name for c in family.components if not c.in_pipeline] == ["vae_encoder"]
 
 
 def test_unknown_names_are_refused():

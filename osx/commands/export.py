@@ -48,7 +48,9 @@ def _terminated(signum, frame):
 @click.option("--gate-min-psnr", type=float, default=30.0, show_default=True,
               help="Quality gate: least PSNR (dB) of any decoded frame vs the full-precision video, same seed.")
 @click.option("--opset", type=click.IntRange(18, 20), default=18, show_default=True, help="ONNX opset (18-20).")
-@click.option("--with-vae-encoder", is_flag=True, help="Also export the VAE encoder, which `osx generate --image` (image-to-video) needs.")
+@click.option("--with-vae-encoder/--without-vae-encoder", default=None,
+              help="Export the VAE encoder, which `osx generate --image/--video/--extend` needs; "
+                   "default: on where the model family supports them (Open-Sora v1.2).")
 @click.option("--with-t2i", is_flag=True, help="Open-Sora v2.0: also Flux.1-dev and its AE decoder, the image step of "
               "text-to-image-to-video (t2i2v); with --dry-run, plan them (both 12B transformers).")
 @click.option("--portable", is_flag=True, help="TensorRT engines for every Ampere-or-newer GPU, version-compatible "
@@ -87,7 +89,7 @@ def export(model_name, random_weights, checkpoint, gpu, out, force, dtype, refer
     manifest = export_bundle(ExportRequest(
         model_name, out, weight_files(random_weights, checkpoint, weights), gpu=gpu, dtype=dtype, precision=precision,
         quantize=quantize, force=force, opset=opset, portable=portable, only=tuple(only), reference_dtype=reference_dtype,
-        with_components=("vae_encoder",) if with_vae_encoder else (), progress=lambda m: click.echo(m, err=True),
+        with_components=None if with_vae_encoder is None else ("vae_encoder",) if with_vae_encoder else (), progress=lambda m: click.echo(m, err=True),
     ))
     worst = max(r["max_rel"] for c in manifest.components.values() for r in c.report["validation"]["rows"])
     click.echo(f"{out}: {', '.join(manifest.components)} validated (worst relative error {worst:.1e}); "

@@ -117,6 +117,9 @@ class Family:
     # or None} and tokenizers(config, {part: path} or None) -> {text encoder: tokenizers.Tokenizer}
     export_parts: str | None = None
     reference_dtype: str = "bf16"  # the dtype the reference rounds its conditioning to; "fp32" available
+    # what `osx generate` conditions on ("image", "video"), through the components not in the text-to-video
+    # pipeline (the VAE encoder): exported and planned by default where this is not empty
+    references: tuple[str, ...] = ()
     extras: dict = field(default_factory=dict)
 
     def component(self, name: str) -> ComponentDecl:

@@ -101,4 +101,5 @@ OPENSORA_V1_2_FAMILY = Family(
     reference="osx.export.reference:build_reference",
     export_parts="osx.export.reference",
     reference_dtype="bf16",
+    references=("image", "video"),  # --image head|tail|loop, --video / --extend (osx.runtime.conditioning)
 )
