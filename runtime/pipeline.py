@@ -53,7 +53,7 @@ from osx.runtime.request import (
     MAX_EXTEND, MAX_FPS, MAX_GUIDANCE_SCALE, MAX_SEED, as_float, as_int, as_size, check_int_range, check_prompt,
 )
 from osx.runtime.tokenizer import TextTokenizer, check_vocabulary
-from osx.runtime.video import read_last_frames, to_uint8_frames
+from osx.runtime.video import read_frames, to_uint8_frames
 
 OPTIONAL_COMPONENTS = ("vae_encoder", "t2i_denoiser", "t2i_decoder")  # loaded when the bundle has them
 SAMPLER = "rectified-flow-v1.2"  # the sampler kind (osx.families.SamplerDecl) this loop implements
@@ -160,7 +160,8 @@ class Pipeline:
     def prepare_request(self, prompt: str, negative_prompt: str | None = None, *, num_frames: int | None = None,
                         height: int | None = None, width: int | None = None, fps: float | None = None,
                         steps: int | None = None, guidance_scale: float | None = None, seed: int | None = None,
-                        resolution: str | None = None, aspect_ratio: str | None = None) -> Request:
+                        resolution: str | None = None, aspect_ratio: str | None = None,
+                        guidance_img: float | None = None) -> Request:
         """Fill in defaults and check everything against the bundle. Raises InputError naming the
         problem and what is supported; nothing has been computed yet. (`resolution` names and `aspect_ratio`
         are Open-Sora v2.0's size buckets: refused here, where sizes are width and height.)"""
@@ -168,6 +169,9 @@ class Pipeline:
             raise InputError(f"{self.model.name} takes a size as width x height (e.g. --resolution 426x240), "
                              f"not a resolution name or aspect ratio ({resolution or aspect_ratio!r})",
                              hint=f"{self.model.name} bundle {self.bundle.root}: {self.supported()}")
+        if guidance_img is not None:  # Open-Sora v2.0's image guidance
+            raise InputError(f"{self.model.name} has no image guidance scale: its references are held, not guided",
+                             hint="drop the image guidance scale")
         check_prompt(prompt)
         check_prompt(negative_prompt, "negative prompt")
         d, s = self.model.defaults, self.scheduler
@@ -299,11 +303,36 @@ class Pipeline:
         frames of the clip: Open-Sora's video continuation (osx.runtime.conditioning)."""
         self._check_conditioning("continuing a video")
         chunk = self.model.vae.micro_frame_size
-        frames = read_last_frames(video, chunk) if not isinstance(video, np.ndarray) else video[-chunk:]
+        frames = self.read_reference_video(video, "head") if not isinstance(video, np.ndarray) else video[-chunk:]
         _check_pixels(frames, "reference video array", "uint8 [F, H, W, 3] RGB")
         lh, lw = latent_size(request.height, request.width, self.model.vae)
         return Condition.head(self.encode_reference(preprocess_video(frames, 8 * lh, 8 * lw)),
                               latent_frames(request.num_frames, self.model.vae))
+
+    def read_reference_video(self, path: str | os.PathLike, condition: str = "head") -> np.ndarray:
+        """The frames of a reference video file that `condition` uses (v1.2 continues a video: its last chunk)."""
+        return read_frames(path, self.model.vae.micro_frame_size)
+
+    def reference_condition(self, request: Request, image=None, video=None, condition: str = "head") -> Condition | None:
+        """What a request's reference conditions on: an image at the `condition` frames, or a video continued."""
+        if image is not None and video is not None:
+            raise InputError("a reference image and a reference video were both given",
+                             hint="pass one: --image (image-to-video) or --video (continue a video)")
+        if image is not None:
+            return self.condition_on(image, condition, request)
+        if video is None:
+            return None
+        if condition != "head":
+            raise InputError(f"a reference video is continued at the head; condition {condition!r} places images",
+                             hint="drop the condition for --video")
+        return self.continue_video(video, request)
+
+    def check_extend(self, request: Request, extend: int) -> None:
+        """Video extension's checks, before any work: the bundle can condition, the clip is longer than a chunk."""
+        if extend:
+            self._check_conditioning("video extension")
+            Condition.head(np.zeros((1, 1, self.model.vae.micro_z_frame_size, 1, 1), np.float32),
+                           latent_frames(request.num_frames, self.model.vae))
 
     def encode_reference(self, pixels: np.ndarray) -> np.ndarray:
         """Pixels [3, f <= 17, H, W] in [-1, 1] -> model-normalised latents [1, C, ceil(f / 4), H/8, W/8]. The
@@ -313,11 +342,14 @@ class Pipeline:
             if name != "vae_encoder" and backend.loaded:
                 backend.release()
         t0 = time.perf_counter()
-        z = self._loaded("vae_encoder").run({"video": pixels[None].astype(np.float32, copy=False)})["z"]
+        z = self._encode(self._loaded("vae_encoder"), pixels[None].astype(np.float32, copy=False))
         self.backends["vae_encoder"].release()
         self.timings["vae_encode_s"] = self.timings.get("vae_encode_s", 0.0) + time.perf_counter() - t0
         _check_finite(z, "the VAE encoder's latent of the reference")
         return z.astype(np.float32, copy=False)
+
+    def _encode(self, encoder: Backend, video: np.ndarray) -> np.ndarray:
+        return encoder.run({"video": video})["z"]
 
     def _check_conditioning(self, what: str) -> None:
         if not any(t.name == "x_mask" for t in self.specs["denoiser"].inputs):
@@ -374,10 +406,7 @@ class Pipeline:
         if image is not None and video is not None:
             raise InputError("a reference image and a reference video were both given",
                              hint="pass one: --image (image-to-video) or --video (continue a video)")
-        if extend:  # checked before any work, as the clip's own sizes
-            self._check_conditioning("video extension")
-            Condition.head(np.zeros((1, 1, self.model.vae.micro_z_frame_size, 1, 1), np.float32),
-                           latent_frames(request.num_frames, self.model.vae))
+        self.check_extend(request, extend)
         self._cancel.clear()
         self.timings = {}
         self._t0 = time.perf_counter()
@@ -390,14 +419,7 @@ class Pipeline:
         return frames
 
     def _run(self, request, noise, progress, image, condition, video, extend) -> np.ndarray:
-        cond = None
-        if image is not None:
-            cond = self.condition_on(image, condition, request)
-        elif video is not None:
-            if condition != "head":
-                raise InputError(f"a reference video is continued at the head; condition {condition!r} places images",
-                                 hint="drop the condition for --video")
-            cond = self.continue_video(video, request)
+        cond = self.reference_condition(request, image, video, condition)
         y, mask = self.encode_text(request, progress)
         pixels = self.decode(self.denoise(request, y, mask, noise, progress, cond), request.num_frames, progress)
         clips = [to_uint8_frames(pixels)]

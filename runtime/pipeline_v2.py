@@ -19,8 +19,13 @@ events, cancel, preload, release, timings); what differs is the model (design/op
 
 Progress phases: "text_encoder" (step 1 = T5, 2 = CLIP), "denoise" (one per step), "vae_decode" (one per tile);
 `progress_phases(request)` announces them (osx.runtime.progress).
-Image / video conditioning (i2v, v2v) goes in `condition_on`: sampler_v2.condition builds the masks from the
-reference latents; this runtime does not run the VAE encoder for v2.0 yet and refuses `image`.
+References (`reference_condition`), as Open-Sora's cond_types: `image` at the head, tail or both ends (i2v_head,
+i2v_tail, i2v_loop), `video` at the head or the tail (v2v_head: its first 33 frames hold the clip's first 9
+latent frames; v2v_tail: its last 33 the last 9). Each is resized to fill and centre-cropped frame by frame
+(osx.runtime.conditioning.preprocess: PIL's bicubic in NumPy) and encoded by the bundle's VAE encoder per
+spatial tile as Open-Sora tiles (osx.vae_tiling), to the posterior mean (Open-Sora samples it unseeded).
+sampler_v2 builds the cond channels (mask + reference latents) and the image guidance with its ramps; after
+sampling, i2v writes the reference latent back into its frames (bf16), as Open-Sora does before decoding.
 """
 
 from __future__ import annotations
@@ -38,16 +43,20 @@ from osx.families import get_family
 from osx.models_v2 import ASPECT_RATIOS, OpenSoraV2Config, SamplerV2Config, check_frames, image_size
 from osx.models_v2 import latent_shape as latent_shape_v2
 from osx.models_v2 import negative_prompt_v2, prepare_prompt_v2, rope_tables
+from osx.numeric import round_bf16
 from osx.runtime import sampler_v2
 from osx.runtime.backends import Backend
-from osx.runtime.pipeline import Pipeline, Progress, _check_finite
+from osx.runtime.conditioning import load_image, preprocess
+from osx.runtime.pipeline import Pipeline, Progress, _check_finite, _check_pixels
 from osx.runtime.request import MAX_FPS, MAX_GUIDANCE_SCALE, MAX_SEED, as_float, as_int, as_size, check_int_range, check_prompt
 from osx.runtime.scheduler import initial_noise
 from osx.runtime.tokenizer import TextTokenizer, check_vocabulary
-from osx.vae_tiling import tile_starts, tiled_decode
+from osx.runtime.video import read_frames
+from osx.vae_tiling import tile_starts, tiled_decode, tiled_encode
 
 F32 = np.float32
 MAX_STEPS = 1000  # Open-Sora's reference refuses more
+V2V_FRAMES = 33  # v2v: 32 + 1 (causal) reference frames -> 9 latent frames
 
 
 @dataclass(frozen=True)
@@ -174,12 +183,12 @@ class PipelineV2(Pipeline):
     def denoise(self, request: RequestV2, txt: np.ndarray, y_vec: np.ndarray, noise: np.ndarray | None = None,
                 progress: Progress | None = None, condition=None) -> np.ndarray:
         """The sampler from `noise` (default: seeded by the request) -> the final latent [1, 16, T, h, w]
-        (float32 holding bf16 values). `condition`: (cond_type, masks, masked_ref) of sampler_v2.condition."""
+        (float32 holding bf16 values). `condition`: (cond_type, masks, masked_ref, reference latents) of `reference_condition`."""
         shape = self.latent_shape(request)
         z = self.initial_noise(request) if noise is None else np.asarray(noise, dtype=F32)
         if z.shape != shape:
             raise InputError(f"noise has shape {z.shape}, expected {shape}", hint="or pass a seed")
-        cond_type, masks, masked_ref = condition or ("t2v", *sampler_v2.condition("t2v", shape, []))
+        cond_type, masks, masked_ref, refs = condition or ("t2v", *sampler_v2.condition("t2v", shape, []), [])
         _, _, T, h, w = shape
         p = self.model.mmdit.patch_size
         rope = rope_tables(self.model.mmdit, T, h // p, w // p)
@@ -212,11 +221,58 @@ class PipelineV2(Pipeline):
                                     guidance_img=request.guidance_img, on_step=on_step)
         self._done_with("denoiser")
         self.timings.update(denoise_s=time.perf_counter() - t_start, steps=steps)
+        # Open-Sora writes the reference frame(s) back before decoding (i2v; also for a one-frame video)
+        if cond_type in ("i2v_head", "i2v_loop"):
+            latent[:, :, :1] = round_bf16(refs[0][:, :, :1])
+        if cond_type in ("i2v_tail", "i2v_loop"):
+            latent[:, :, -1:] = round_bf16(refs[-1][:, :, -1:])
         return latent
 
-    def condition_on(self, image, where: str, request: RequestV2):
-        raise InputError(f"image-to-video is not available for {self.model.name} bundles in this osx version",
-                         hint="generate from the prompt alone (no --image)")
+    # --- references (i2v / v2v) ----------------------------------------------------------------------
+    def read_reference_video(self, path, condition: str = "head") -> np.ndarray:
+        """The first (v2v_head) or last (v2v_tail) V2V_FRAMES frames of a video file."""
+        return read_frames(path, V2V_FRAMES, end=condition == "tail")
+
+    def reference_condition(self, request: RequestV2, image=None, video=None, condition: str = "head"):
+        """(cond_type, masks, masked_ref, reference latents) for sampler_v2 and the i2v write-back, or None."""
+        if image is None and video is None:
+            return None
+        if image is not None and video is not None:
+            raise InputError("a reference image and a reference video were both given", hint="pass one: --image or --video")
+        what, modes = ("image", ("head", "tail", "loop")) if video is None else ("video", ("head", "tail"))
+        if condition not in modes:
+            raise InputError(f"condition {condition!r} is not one of {', '.join(modes)} for a reference {what}")
+        if "vae_encoder" not in self.backends:
+            raise BundleError(f"this bundle has no VAE encoder, which a reference {what} needs",
+                              hint="re-export it with `osx export ... --with-vae-encoder`")
+        if video is None:
+            pixels = load_image(image) if not isinstance(image, np.ndarray) else image
+            _check_pixels(pixels, "reference image array", "uint8 [H, W, 3] RGB")
+            frames = pixels[None]
+        else:
+            frames = self.read_reference_video(video, condition) if not isinstance(video, np.ndarray) else video
+            _check_pixels(frames, "reference video array", "uint8 [F, H, W, 3] RGB")
+            if len(frames) < V2V_FRAMES:
+                raise InputError(f"v2v_{condition} needs a reference video of at least {V2V_FRAMES} frames, got {len(frames)}")
+            frames = frames[:V2V_FRAMES] if condition == "head" else frames[-V2V_FRAMES:]
+        clip = np.concatenate([preprocess(f, request.height, request.width) for f in frames], axis=1)  # [3, F, H, W]
+        z = self.encode_reference(clip)
+        cond_type = f"{'i2v' if video is None else 'v2v'}_{condition}"
+        refs = [z, z] if cond_type == "i2v_loop" else [z]
+        return (cond_type, *sampler_v2.condition(cond_type, self.latent_shape(request), refs), refs)
+
+    def _encode(self, encoder: Backend, video: np.ndarray) -> np.ndarray:
+        """The normalised posterior mean per spatial tile, blended as Open-Sora tiles (the normalisation is
+        affine per position, so blending normalised tiles equals normalising the blend)."""
+        spec = self.bundle.spec("vae_encoder")
+        vae = self.model.vae
+        run = lambda tile: np.asarray(encoder.run({spec.inputs[0].name: np.ascontiguousarray(tile)})[spec.outputs[0].name], F32)
+        return tiled_encode(run, video, vae, vae.use_spatial_tiling, vae.use_temporal_tiling)
+
+    def check_extend(self, request: RequestV2, extend: int) -> None:
+        if extend:
+            raise InputError(f"video extension (extend) is not available for {self.model.name} bundles",
+                             hint="condition on a video's first or last frames with --video and --condition head|tail")
 
     def decode(self, latent: np.ndarray, num_frames: int, progress: Progress | None = None) -> np.ndarray:
         """Latent [1, 16, T, h, w] -> video [3, num_frames, 8h, 8w] float32 in about [-1, 1]: the decoder per
@@ -240,11 +296,14 @@ class PipelineV2(Pipeline):
         return video[0, :, :num_frames]
 
     def generate(self, prompt: str, negative_prompt: str | None = None, *, noise: np.ndarray | None = None,
-                 progress: Progress | None = None, image=None, condition: str = "head", **request) -> np.ndarray:
+                 progress: Progress | None = None, image=None, condition: str = "head", video=None, extend: int = 0,
+                 **request) -> np.ndarray:
         """One video: uint8 frames [num_frames, H, W, 3]. `request`: prepare_request's keywords (num_frames,
-        resolution, aspect_ratio or height and width, fps, steps, guidance_scale, seed); unset ones take the
-        bundle's defaults. `noise` [1, 16, T_lat, h, w] replaces the seeded noise."""
-        return self.run(self.prepare_request(prompt, negative_prompt, **request), noise, progress, image=image, condition=condition)
+        resolution, aspect_ratio or height and width, fps, steps, guidance_scale, guidance_img, seed); unset ones
+        take the bundle's defaults. `noise` [1, 16, T_lat, h, w] replaces the seeded noise. `image` / `video`
+        with `condition`: the references of `reference_condition`."""
+        return self.run(self.prepare_request(prompt, negative_prompt, **request), noise, progress, image=image,
+                        condition=condition, video=video, extend=extend)
 
 
 # --- what a bundle runs (from its specs and the backends' shape profiles) -------------------------------

@@ -67,7 +67,8 @@ _OPEN_OPTIONS = {"backend": (str, type(None)), "verify": bool}
 _GENERATE_OPTIONS = {"negative_prompt": (str, type(None)), "num_frames": int, "height": int, "width": int, "fps": _NUMBER,
                      "steps": int, "guidance_scale": _NUMBER, "seed": int,
                      "image": (str, type(None)), "condition": str,  # image-to-video: a reference file, head|tail|loop
-                     "video": (str, type(None)), "extend": int}  # continue a video file; append N continuing clips
+                     "video": (str, type(None)), "extend": int,  # a reference video file; append N continuing clips (v1.2)
+                     "guidance_img": _NUMBER}  # v2.0's image guidance scale
 _FILE_OPTIONS = {**_GENERATE_OPTIONS, "codec": str}
 MAX_OPTIONS_CHARS = 1 << 20  # options are a handful of scalars; the prompts inside have their own cap
 

@@ -229,16 +229,18 @@ MAX_READ_FRAMES = 50_000  # a reference video is decoded to its end: about 35 mi
 MAX_READ_SIDE = 8192
 
 
-def read_last_frames(path: str | os.PathLike, count: int) -> np.ndarray:
-    """The last `count` frames of a video file as uint8 RGB [F <= count, H, W, 3], decoded with PyAV if
-    installed, else OpenCV. A missing, broken, empty or still-image file, or one too long or too large to
-    decode, is an InputError that says so."""
+def read_frames(path: str | os.PathLike, count: int, *, end: bool = True) -> np.ndarray:
+    """The last (`end`) or first `count` frames of a video file as uint8 RGB [F <= count, H, W, 3], decoded
+    with PyAV if installed, else OpenCV. A missing, broken, empty or still-image file, or one too long or too
+    large to decode, is an InputError that says so."""
     name = str(path)
     if not os.path.isfile(path):
         raise InputError(f"reference video {name!r} does not exist or is not a file")
     frames: deque = deque(maxlen=count)
     decoded = 0
     for frame in (_decode_pyav if has_pyav() else _decode_cv2)(name):
+        if not end and decoded == count:
+            break
         decoded += 1
         if decoded > MAX_READ_FRAMES:
             raise InputError(f"reference video {name!r} has more than {MAX_READ_FRAMES} frames",

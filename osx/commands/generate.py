@@ -57,21 +57,24 @@ def _resolution(ctx, param, value):
               help="Reference image (PNG, JPEG, ...): image-to-video. Resized to fill and centre-cropped. Needs a bundle "
                    "exported with --with-vae-encoder.")
 @click.option("--condition", type=click.Choice(["head", "tail", "loop"]), default="head", show_default=True,
-              help="Where --image goes: the first frame, the last, or both. --video continues at the head.")
+              help="Where --image goes: the first frame, the last, or both; --video: head or tail (v2.0), head (v1.2).")
 @click.option("--video", type=click.Path(path_type=Path), default=None,
-              help="Reference video (mp4, webm, ...) to continue: its last 17 frames become the new clip's first 17 "
-                   "(Open-Sora's video extension). Needs a bundle with the VAE encoder.")
+              help="Reference video (mp4, webm, ...). v1.2: continued, its last 17 frames become the new clip's first 17 "
+                   "(Open-Sora's video extension); v2.0: its first (--condition head) or last (tail) 33 frames hold the "
+                   "clip's first or last 33. Needs a bundle with the VAE encoder.")
+@click.option("--image-guidance-scale", "guidance_img", type=float, default=None,
+              help="Open-Sora v2.0: guidance towards the --image/--video reference (default: the bundle's, 3).")
 @click.option("--extend", type=click.IntRange(0), default=0, show_default=True,
               help="Append N more clips, each continuing the one before from its last 17 frames; the joined video "
                    "has frames + N x (frames - 17) frames. Each clip is a whole generation.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files (sizes are still checked).")
 @click.option("--progress-json", is_flag=True, help="Print progress and the result as JSON lines on stdout instead of a bar.")
 def generate(bundle, prompt, out, negative_prompt, seed, steps, guidance_scale, num_frames, resolution, aspect_ratio, fps, codec,
-             preview, backend, image, condition, video, extend, no_verify, progress_json):
+             preview, backend, image, condition, video, guidance_img, extend, no_verify, progress_json):
     """Generate a video from PROMPT with the bundle at BUNDLE (a folder written by `osx export`)."""
     from osx.runtime.conditioning import load_image
     from osx.runtime.pipeline import Pipeline
-    from osx.runtime.video import check_writable, read_last_frames, resolve_codec, write_preview, write_video
+    from osx.runtime.video import check_writable, resolve_codec, write_preview, write_video
 
     start = time.perf_counter()
     if image is not None and video is not None:
@@ -82,7 +85,7 @@ def generate(bundle, prompt, out, negative_prompt, seed, steps, guidance_scale, 
         check_writable(preview, suffixes=(".png",))
     width, height = resolution if isinstance(resolution, tuple) else (None, None)
     bucket = {k: v for k, v in (("resolution", resolution if isinstance(resolution, str) else None),
-                                ("aspect_ratio", aspect_ratio)) if v is not None}  # v2.0's size buckets
+                                ("aspect_ratio", aspect_ratio), ("guidance_img", guidance_img)) if v is not None}  # v2.0's
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -92,7 +95,7 @@ def generate(bundle, prompt, out, negative_prompt, seed, steps, guidance_scale, 
                                        steps=steps, guidance_scale=guidance_scale, seed=seed, **bucket)
         # a bad reference fails here, before any compute
         pixels = None if image is None else load_image(image)
-        clip = None if video is None else read_last_frames(video, pipe.model.vae.micro_frame_size)
+        clip = None if video is None else pipe.read_reference_video(video, condition)
         show = _json_progress if progress_json else _BarProgress()
         try:
             frames = pipe.run(request, progress=show, image=pixels, condition=condition, video=clip, extend=extend)
