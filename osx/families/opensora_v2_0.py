@@ -196,4 +196,5 @@ OPENSORA_V2_0_FAMILY = Family(
     forward_adapter="osx.export.adapters_v2:forward_adapter",
     export_parts="osx.export.pipeline_v2",
     reference_dtype="bf16",
+    references=("image", "video"),  # i2v_head|tail|loop, v2v_head|tail (runtime/pipeline_v2.py)
 )
