@@ -403,9 +403,6 @@ class Pipeline:
             raise InputError(f"noise has shape {np.shape(noise)}, expected {self.latent_shape(request)}", hint="or pass a seed")
         extend = check_int_range("extend", as_int("extend", extend), 0, MAX_EXTEND,
                                  hint=f"append at most {MAX_EXTEND} clips in one request")
-        if image is not None and video is not None:
-            raise InputError("a reference image and a reference video were both given",
-                             hint="pass one: --image (image-to-video) or --video (continue a video)")
         self.check_extend(request, extend)
         self._cancel.clear()
         self.timings = {}
