@@ -256,9 +256,11 @@ def test_bad_requests_are_refused_before_any_work(pipe, kw, message):
     assert len(pipe.backends["text_encoder"].calls) == n
 
 
-def test_image_conditioning_is_refused_clearly(pipe):
-    with pytest.raises(InputError, match="image-to-video is not available for opensora-v2.0-tiny bundles"):
+def test_image_conditioning_without_the_vae_encoder_is_refused_clearly(pipe):
+    """References themselves: tests/test_image_to_video_v2.py (this pipeline has no VAE encoder backend)."""
+    with pytest.raises(BundleError, match="no VAE encoder, which a reference image needs") as e:
         pipe.generate(PROMPT, steps=1, image=np.zeros((8, 8, 3), np.uint8))
+    assert "--with-vae-encoder" in e.value.hint
 
 
 def test_each_pipeline_refuses_the_other_family(v2_bundle, reference, tiny_bundle):
