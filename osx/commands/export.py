@@ -50,7 +50,7 @@ def _terminated(signum, frame):
 @click.option("--opset", type=click.IntRange(18, 20), default=18, show_default=True, help="ONNX opset (18-20).")
 @click.option("--with-vae-encoder/--without-vae-encoder", default=None,
               help="Export the VAE encoder, which `osx generate --image/--video/--extend` needs; "
-                   "default: on where the model family supports them (Open-Sora v1.2).")
+                   "default: on where the model family supports them (Open-Sora v1.2, v2.0).")
 @click.option("--with-t2i", is_flag=True, help="Open-Sora v2.0: also Flux.1-dev and its AE decoder, the image step of "
               "text-to-image-to-video (t2i2v); with --dry-run, plan them (both 12B transformers).")
 @click.option("--portable", is_flag=True, help="TensorRT engines for every Ampere-or-newer GPU, version-compatible "
