@@ -61,14 +61,15 @@ def serve(bundles, replicas, autoscale, address, host, port, store, keep, queue,
     """Serve BUNDLE(s) over HTTP on Ray Serve: a JSON API under /v1 and a web page at /."""
     from osx.bundle import Bundle
 
-    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("fastapi") is None:
-        raise OsxError("osx serve needs Ray Serve, which is not installed", hint="pip install -e '.[serve]'")
     if autoscale and replicas != 1:
         raise OsxError("--replicas and --autoscale exclude each other", hint="give one of them")
     if address and store is None:
         raise OsxError("--address needs --store", hint="give a folder on storage that every machine of the cluster mounts")
     for path in bundles:
         Bundle.open(path, verify=False).verify(checksums=False)
+    # the user's own mistakes first (the same message whether or not the extra is installed)
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("fastapi") is None:
+        raise OsxError("osx serve needs Ray Serve, which is not installed", hint="pip install -e '.[serve]'")
     store = store or Path(tempfile.gettempdir()) / "osx-serve"
 
     import ray
