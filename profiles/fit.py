@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from osx.errors import OsxError
+from osx.families import FAMILIES, resolve
 from osx.models import ModelConfig
 from osx.numeric import format_bytes
 from osx.profiles.planner import Plan, make_plan, resolve_precisions
-from osx.profiles.planner_v2 import make_plan_v2, suggest_fits_v2
 from osx.profiles.profile import BYTES_PER_VALUE, Bucket, Profile, allowed_precisions
 
 # Open-Sora v1.2's resolution buckets (shared notes 1.6), rows of one aspect ratio, largest first.
@@ -161,16 +161,13 @@ def suggest_fits(profile: Profile, model: ModelConfig, precision: str = "auto") 
     return out
 
 
-def _v2_suggestions(profile: Profile, model, precision: str = "auto", **options) -> list[Suggestion]:
-    return [Suggestion(*s) for s in suggest_fits_v2(profile, model, precision, **options)]
-
-
-# A model family's planner and fit search; Open-Sora v1.2's are this package's defaults.
-FAMILY_PLANNERS = {"opensora-v2.0": (make_plan_v2, _v2_suggestions)}
-
-
 def _planner(model):
-    return FAMILY_PLANNERS.get(getattr(model, "family", None), (make_plan, suggest_fits))
+    """The model's family's planner and fit search (its declaration names them), else this package's."""
+    family = FAMILIES.get(getattr(model, "family", None))
+    if family is None or family.planner is None:
+        return make_plan, suggest_fits
+    plan, suggest = (resolve(path) for path in family.planner)
+    return plan, lambda *args, **options: [s if isinstance(s, Suggestion) else Suggestion(*s) for s in suggest(*args, **options)]
 
 
 def plan_that_fits(profile: Profile, model: ModelConfig, precision: str = "auto", host_ram_bytes: int | None = None,

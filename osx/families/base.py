@@ -120,6 +120,9 @@ class Family:
     # what `osx generate` conditions on ("image", "video"), through the components not in the text-to-video
     # pipeline (the VAE encoder): exported and planned by default where this is not empty
     references: tuple[str, ...] = ()
+    # "module:function" pairs (make_plan, suggest_fits) of the family's own memory planner, with the signatures
+    # of osx.profiles.planner.make_plan and osx.profiles.fit.suggest_fits; None: those generic ones
+    planner: tuple[str, str] | None = None
     extras: dict = field(default_factory=dict)
 
     def component(self, name: str) -> ComponentDecl:

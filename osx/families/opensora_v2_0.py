@@ -194,6 +194,7 @@ OPENSORA_V2_0_FAMILY = Family(
                                                            TokenizerDecl("clip", "clip_tokenizer.json", CLIP_PAD))),
     reference="osx.export.pipeline_v2:build_reference_v2",
     forward_adapter="osx.export.adapters_v2:forward_adapter",
+    planner=("osx.profiles.planner_v2:make_plan_v2", "osx.profiles.planner_v2:suggest_fits_v2"),
     export_parts="osx.export.pipeline_v2",
     reference_dtype="bf16",
     references=("image", "video"),  # i2v_head|tail|loop, v2v_head|tail (runtime/pipeline_v2.py)
