@@ -1,6 +1,6 @@
 """Runtime benchmark, fair: osx (onnxruntime, CPU) vs torch eager, per denoising step, side by side.
 
-    python scripts/bench.py runtime [--sizes 64x64,128x128,256x256] [--frames 34] [--steps 5] [--warmup 1]
+    python scripts/bench.py runtime [--family opensora-v1.2|opensora-v2.0] [--sizes 64x64,128x128,256x256] [--frames 34] [--steps 5] [--warmup 1]
                                     [--threads N] [--no-int8] [--int8-methods static,dynamic] [--no-int8-search]
                                     [--no-ablation] [--workdir DIR]
 
@@ -24,7 +24,11 @@ interleaved with the rows above: the session as shipped before (portable graph, 
 spinning threads), then + arena, + no spinning, + the graph fused at export without attention fusion,
 and the shipped default (+ attention fused into MultiHeadAttention).
 
-The model: --model NAME (a registered config), default the "small" bench config below. Targets are
+--family opensora-v2.0 (scripts/runtime_v2.py): the same schedule over a small v2.0 config; a step is the
+t2v sampler's step (text, negative and negative rows, both guidances) over the MMDiT; the INT8 rows and the
+ablation are v1.2 only (their calibration capture and fusions are the v1.2 denoiser's).
+
+The model: --model NAME (a registered config), default the family's "small" bench config. Targets are
 reported, not asserted: osx fp32 >= 1.5x torch fp32 at 128x128; the fastest gate-passing osx precision
 >= 1.5x torch bf16 at every size; < 1% of an osx step outside the denoiser.
 """
@@ -63,6 +67,8 @@ PROMPT = "A red fox runs through fresh snow at sunrise, cinematic, slow motion."
 SEED = 7
 RUNTIME_DEPS = ["numpy", "onnxruntime", "tokenizers", "click", "tqdm", "opencv-python-headless"]  # pyproject base
 STEP_TIMEOUT_S = 900  # one worker call (a step, or loading) may take at most this long
+STEP = {"opensora-v1.2": "one denoising step: cond + uncond denoiser call (batch 2), guidance, sampler update",
+        "opensora-v2.0": "one t2v denoising step: MMDiT on text/negative/negative rows (batch 3), both guidances, sampler update"}
 TARGET = {"fp32_vs_torch_fp32": 1.5, "best_vs_torch_bf16": 1.5, "outside_denoiser_share": 0.01}
 
 # row -> (worker, what it runs)
@@ -76,10 +82,17 @@ ABLATION = {  # name -> (graph, arena, spinning); the last step is the shipped "
 }
 
 
-def model_config(name: str):
-    from osx.models import get_model_config
+FAMILY_DEFAULTS = {  # family -> (bench model, sizes, frames)
+    "opensora-v1.2": (SMALL.name, "64x64,128x128,256x256", 34),
+    "opensora-v2.0": ("opensora-v2.0-bench-small", "64x64,96x96", 33),
+}
 
-    return SMALL if name == SMALL.name else get_model_config(name)
+
+def model_config(name: str):
+    from osx.families import get_model_config
+    from runtime_v2 import SMALL_V2
+
+    return {SMALL.name: SMALL, SMALL_V2.name: SMALL_V2}.get(name) or get_model_config(name)
 
 
 # --- the parent: bundles, workers, the interleaved schedule ---------------------------------------------
@@ -87,9 +100,10 @@ def model_config(name: str):
 
 def main(argv: list[str]) -> dict:
     ap = argparse.ArgumentParser(prog="bench.py runtime", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=SMALL.name)
-    ap.add_argument("--sizes", default="64x64,128x128,256x256", help="HEIGHTxWIDTH,...")
-    ap.add_argument("--frames", type=int, default=34)
+    ap.add_argument("--family", choices=list(FAMILY_DEFAULTS), default="opensora-v1.2")
+    ap.add_argument("--model", help="default: the family's bench config")
+    ap.add_argument("--sizes", help="HEIGHTxWIDTH,... (default v1.2: 64x64,128x128,256x256; v2.0: 64x64,96x96)")
+    ap.add_argument("--frames", type=int, help="default v1.2: 34; v2.0: 33")
     ap.add_argument("--steps", type=int, default=5, help="measured steps per row and size (median)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="both sides (default: physical cores)")
@@ -104,6 +118,12 @@ def main(argv: list[str]) -> dict:
     args = ap.parse_args(argv)
     if args.steps < 5:
         sys.exit("--steps: at least 5 (the figures are medians)")
+    model, sizes, frames = FAMILY_DEFAULTS[args.family]
+    args.model, args.sizes, args.frames = args.model or model, args.sizes or sizes, args.frames or frames
+    if model_config(args.model).family != args.family:
+        sys.exit(f"--model {args.model} is not an {args.family} model")
+    if args.family != "opensora-v1.2":  # the INT8 capture and the ablation's fusions are v1.2's
+        args.int8 = args.ablation = False
     from osx.runtime.backends import physical_cores
 
     threads = args.threads or physical_cores()
@@ -141,12 +161,14 @@ def main(argv: list[str]) -> dict:
             wk.close()
 
     cfg = model_config(args.model)
+    den = cfg.denoiser if args.family == "opensora-v1.2" else cfg.mmdit
     result = {
         "config": {
-            "model": cfg.name,
-            "denoiser": {"hidden_size": cfg.denoiser.hidden_size, "depth": cfg.denoiser.depth, "heads": cfg.denoiser.num_heads},
+            "model": cfg.name, "family": args.family,
+            "denoiser": {"hidden_size": den.hidden_size, "depth": den.depth, "heads": den.num_heads,
+                         **({"single_blocks": den.depth_single_blocks} if hasattr(den, "depth_single_blocks") else {})},
             "frames": args.frames, "steps_measured": args.steps, "warmup_steps": args.warmup,
-            "step": "one denoising step: cond + uncond denoiser call (batch 2), guidance, sampler update",
+            "step": STEP[args.family],
             "schedule": "interleaved, one step of each row in turn; median per row", "threads_both_sides": threads,
             "torch": "OMP_WAIT_POLICY=PASSIVE, torch.set_num_threads(threads), eager", "onnxruntime": ort_settings(threads),
             "cpus": os.cpu_count(), "physical_cores": physical_cores(),
@@ -383,6 +405,10 @@ def serve(kind: str, config: dict) -> None:
     if kind == "osx":
         sys.meta_path.insert(0, _BlockTorch())
         side = OsxSide(config)
+    elif model_config(config["model"]).family == "opensora-v2.0":
+        from runtime_v2 import TorchSideV2
+
+        side = TorchSideV2(model_config(config["model"]), config["threads"], PROMPT, SEED)
     else:
         side = TorchSide(config)
     for line in sys.stdin:
