@@ -68,8 +68,10 @@ def test_onnxruntime_graphs_are_fused_and_validated(tiny_bundle):
     denoiser's attention), validated against the portable graph; the VAE (convolutions) does not. Both
     are compared with PyTorch in test_parity_with_torch_at_other_shapes (padded text keys included)."""
     b = Bundle.open(tiny_bundle)
+    family = get_family("opensora-v1.2")
+    assert {n for n in b.components if family.component(n).ort_fusions} == {"text_encoder", "denoiser"}
     for name, c in b.components.items():
-        if name == "vae_decoder":
+        if not family.component(name).ort_fusions:  # the VAE decoder and encoder
             assert c.onnxruntime_file is None and "onnxruntime_graph" not in c.report
             continue
         assert c.onnxruntime_file == f"{name}.ort.onnx" and c.onnxruntime_file in b.manifest.files
@@ -92,7 +94,7 @@ def test_onnxruntime_graphs_are_fused_and_validated(tiny_bundle):
 def test_every_onnx_passes_the_full_checker(tiny_bundle):
     """The portable graphs (standard ONNX operators only; the fused .ort.onnx graphs use onnxruntime's)."""
     files = sorted(f for f in tiny_bundle.glob("*.onnx") if not f.name.endswith(".ort.onnx"))
-    assert [f.stem for f in files] == sorted(get_family("opensora-v1.2").names(pipeline_only=True))
+    assert [f.stem for f in files] == sorted(get_family("opensora-v1.2").names())  # the VAE encoder by default too
     for f in files:
         onnx.checker.check_model(str(f), full_check=True)
 
