@@ -31,6 +31,7 @@ from osx.export.clip import CLIPTextEncoder, build_tiny_clip_tokenizer
 from osx.export.hunyuan_vae import HunyuanVideoVAE
 from osx.export.init import seeded_init_
 from osx.export.mmdit import MMDiT
+from osx.export.pipeline import reference_preprocess, reference_preprocess_video
 from osx.export.sampler_v2 import condition, denoise, schedule
 from osx.export.t5 import T5TextEncoder
 from osx.export.tokenizer import build_tiny_tokenizer, convert_t5_sentencepiece
@@ -264,7 +265,7 @@ def _encode_references(model: ReferenceV2, cond_type: str, references: list, hei
     videos = [resize_crop(r, height, width) for r in references]  # each [3, F, H, W] in [-1, 1]
     if cond_type.startswith("v2v"):
         have = videos[0].shape[1]
-        need = (64 if have >= 65 and cond_type.endswith("_easy") else 32) + 1
+        need = (64 if have >= 64 and cond_type.endswith("_easy") else 32) + 1  # Open-Sora's rule, + the causal frame
         if have < need:
             raise InputError(f"{cond_type} needs a reference video of at least {need} frames, got {have}")
         clips = [videos[0][:, :need] if "head" in cond_type else videos[0][:, -need:]]
@@ -280,29 +281,21 @@ def _encode_references(model: ReferenceV2, cond_type: str, references: list, hei
 
 
 def resize_crop(reference, height: int, width: int) -> torch.Tensor:
-    """An image [H, W, 3] / video [F, H, W, 3] uint8, or a [3, F, H, W] tensor in [-1, 1], as Open-Sora's
-    `resize_crop`: bicubic resize (PIL) so it covers height x width, centre crop, scale to [-1, 1]."""
+    """A reference as Open-Sora's `read_from_path(..., transform_name="resize_crop")` reads it -> [3, F, H, W] in
+    [-1, 1]. An image [H, W, 3] uint8: PIL bicubic resize to cover height x width, centre crop at
+    int(round(excess / 2)) (`resize_crop_to_fill`); a video [F, H, W, 3] uint8: the video transform, torch's
+    bilinear interpolate and a crop at int(round(excess) / 2), i.e. the floor (`video_transforms`). A [3, F, H, W]
+    tensor in [-1, 1] of the target size is taken as it is, another size goes as uint8 frames (F = 1: an image)."""
     if isinstance(reference, torch.Tensor):
         if reference.dim() != 4 or reference.shape[0] != 3:
             raise InputError(f"reference tensor of shape {list(reference.shape)}", hint="expected [3, F, H, W] in [-1, 1]")
         if tuple(reference.shape[-2:]) == (height, width):
             return reference.float()
         frames = ((reference.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
-    else:
-        frames = np.asarray(reference)
-        if frames.ndim == 3:
-            frames = frames[None]
-        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-            raise InputError(f"reference of shape {frames.shape} ({frames.dtype})", hint="expected uint8 [H, W, 3] or [F, H, W, 3]")
-    from PIL import Image
-
-    out = []
-    for frame in frames:
-        img = Image.fromarray(frame)
-        scale = max(height / img.height, width / img.width)
-        size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
-        img = img.resize(size, Image.BICUBIC)
-        left, top = (img.width - width) // 2, (img.height - height) // 2
-        out.append(np.asarray(img.crop((left, top, left + width, top + height)), dtype=np.float32))
-    video = torch.from_numpy(np.stack(out)).permute(3, 0, 1, 2)  # [3, F, H, W]
-    return video / 127.5 - 1
+        reference = frames[0] if len(frames) == 1 else frames
+    frames = np.asarray(reference)
+    if frames.ndim not in (3, 4) or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise InputError(f"reference of shape {frames.shape} ({frames.dtype})", hint="expected uint8 [H, W, 3] or [F, H, W, 3]")
+    if frames.ndim == 3:
+        return reference_preprocess(frames, height, width)[:, None]
+    return reference_preprocess_video(frames, height, width)

@@ -157,10 +157,14 @@ def preprocess_video(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     else:
         sh, sw = round(h * rw), width
         top, left = int(round(sh - height) / 2.0), 0
-    x = frames.astype(np.float64) / 255.0
-    x = _apply(_bilinear_weights(h, sh), x, axis=1)
-    x = _apply(_bilinear_weights(w, sw), x, axis=2)[:, top:top + height, left:left + width]
-    return ((x - 0.5) / 0.5).astype(np.float32).transpose(3, 0, 1, 2)
+    f32 = np.float32
+    x = frames.astype(f32) / f32(255.0)  # float32 like torch, so a crop without resizing is exact
+    if sh != h:
+        x = _apply(_bilinear_weights(h, sh), x, axis=1).astype(f32)
+    if sw != w:
+        x = _apply(_bilinear_weights(w, sw), x, axis=2).astype(f32)
+    x = x[:, top:top + height, left:left + width]
+    return ((x - f32(0.5)) / f32(0.5)).transpose(3, 0, 1, 2)
 
 
 def _resize_bicubic(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:

@@ -21,8 +21,9 @@ Progress phases: "text_encoder" (step 1 = T5, 2 = CLIP), "denoise" (one per step
 `progress_phases(request)` announces them (osx.runtime.progress).
 References (`reference_condition`), as Open-Sora's cond_types: `image` at the head, tail or both ends (i2v_head,
 i2v_tail, i2v_loop), `video` at the head or the tail (v2v_head: its first 33 frames hold the clip's first 9
-latent frames; v2v_tail: its last 33 the last 9). Each is resized to fill and centre-cropped frame by frame
-(osx.runtime.conditioning.preprocess: PIL's bicubic in NumPy) and encoded by the bundle's VAE encoder per
+latent frames; v2v_tail: its last 33 the last 9; v2v_head_easy / v2v_tail_easy: 65 frames, 17 latent frames).
+Each is resized to fill and centre-cropped as Open-Sora reads it (osx.runtime.conditioning: an image with PIL's
+bicubic, a video with its video transform's bilinear, both in NumPy) and encoded by the bundle's VAE encoder per
 spatial tile as Open-Sora tiles (osx.vae_tiling), to the posterior mean (Open-Sora samples it unseeded).
 sampler_v2 builds the cond channels (mask + reference latents) and the image guidance with its ramps; after
 sampling, i2v writes the reference latent back into its frames (bf16), as Open-Sora does before decoding.
@@ -46,7 +47,7 @@ from osx.models_v2 import negative_prompt_v2, prepare_prompt_v2, rope_tables
 from osx.numeric import round_bf16
 from osx.runtime import sampler_v2
 from osx.runtime.backends import Backend
-from osx.runtime.conditioning import load_image, preprocess
+from osx.runtime.conditioning import load_image, preprocess, preprocess_video
 from osx.runtime.pipeline import Pipeline, Progress, _check_finite, _check_pixels
 from osx.runtime.request import MAX_FPS, MAX_GUIDANCE_SCALE, MAX_SEED, as_float, as_int, as_size, check_int_range, check_prompt
 from osx.runtime.scheduler import initial_noise
@@ -56,7 +57,7 @@ from osx.vae_tiling import tile_starts, tiled_decode, tiled_encode
 
 F32 = np.float32
 MAX_STEPS = 1000  # Open-Sora's reference refuses more
-V2V_FRAMES = 33  # v2v: 32 + 1 (causal) reference frames -> 9 latent frames
+V2V_FRAMES = {"head": 33, "tail": 33, "head_easy": 65, "tail_easy": 65}  # 32 (64) + 1 causal -> 9 (17) latent frames
 
 
 @dataclass(frozen=True)
@@ -230,8 +231,8 @@ class PipelineV2(Pipeline):
 
     # --- references (i2v / v2v) ----------------------------------------------------------------------
     def read_reference_video(self, path, condition: str = "head") -> np.ndarray:
-        """The first (v2v_head) or last (v2v_tail) V2V_FRAMES frames of a video file."""
-        return read_frames(path, V2V_FRAMES, end=condition == "tail")
+        """The first (v2v_head*) or last (v2v_tail*) V2V_FRAMES frames of a video file."""
+        return read_frames(path, V2V_FRAMES.get(condition, 33), end=condition.startswith("tail"))
 
     def reference_condition(self, request: RequestV2, image=None, video=None, condition: str = "head"):
         """(cond_type, masks, masked_ref, reference latents) for sampler_v2 and the i2v write-back, or None."""
@@ -239,7 +240,7 @@ class PipelineV2(Pipeline):
             return None
         if image is not None and video is not None:
             raise InputError("a reference image and a reference video were both given", hint="pass one: --image or --video")
-        what, modes = ("image", ("head", "tail", "loop")) if video is None else ("video", ("head", "tail"))
+        what, modes = ("image", ("head", "tail", "loop")) if video is None else ("video", tuple(V2V_FRAMES))
         if condition not in modes:
             raise InputError(f"condition {condition!r} is not one of {', '.join(modes)} for a reference {what}")
         if "vae_encoder" not in self.backends:
@@ -248,14 +249,17 @@ class PipelineV2(Pipeline):
         if video is None:
             pixels = load_image(image) if not isinstance(image, np.ndarray) else image
             _check_pixels(pixels, "reference image array", "uint8 [H, W, 3] RGB")
-            frames = pixels[None]
+            clip = preprocess(pixels, request.height, request.width)  # [3, 1, H, W]
         else:
             frames = self.read_reference_video(video, condition) if not isinstance(video, np.ndarray) else video
             _check_pixels(frames, "reference video array", "uint8 [F, H, W, 3] RGB")
-            if len(frames) < V2V_FRAMES:
-                raise InputError(f"v2v_{condition} needs a reference video of at least {V2V_FRAMES} frames, got {len(frames)}")
-            frames = frames[:V2V_FRAMES] if condition == "head" else frames[-V2V_FRAMES:]
-        clip = np.concatenate([preprocess(f, request.height, request.width) for f in frames], axis=1)  # [3, F, H, W]
+            n, cond_type = V2V_FRAMES[condition], f"v2v_{condition}"
+            if len(frames) < n:
+                raise InputError(f"{cond_type} needs a reference video of at least {n} frames, got {len(frames)}")
+            # a clip shorter than the frames it holds is refused before anything is encoded
+            sampler_v2.condition(cond_type, self.latent_shape(request), [np.zeros((1, 1, n // 4 + 1, 1, 1), F32)])
+            frames = frames[:n] if condition.startswith("head") else frames[-n:]
+            clip = preprocess_video(frames, request.height, request.width)  # [3, F, H, W]
         z = self.encode_reference(clip)
         cond_type = f"{'i2v' if video is None else 'v2v'}_{condition}"
         refs = [z, z] if cond_type == "i2v_loop" else [z]

@@ -66,7 +66,7 @@ _NUMBER = (int, float)
 _OPEN_OPTIONS = {"backend": (str, type(None)), "verify": bool}
 _GENERATE_OPTIONS = {"negative_prompt": (str, type(None)), "num_frames": int, "height": int, "width": int, "fps": _NUMBER,
                      "steps": int, "guidance_scale": _NUMBER, "seed": int,
-                     "image": (str, type(None)), "condition": str,  # image-to-video: a reference file, head|tail|loop
+                     "image": (str, type(None)), "condition": str,  # image: head|tail|loop; video: head (v1.2), head|tail|*_easy (v2.0)
                      "video": (str, type(None)), "extend": int,  # a reference video file; append N continuing clips (v1.2)
                      "guidance_img": _NUMBER}  # v2.0's image guidance scale
 _FILE_OPTIONS = {**_GENERATE_OPTIONS, "codec": str}

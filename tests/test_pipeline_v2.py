@@ -107,6 +107,20 @@ def test_resize_crop_covers_and_centres():
     assert torch.allclose(resize_crop(same, 32, 32), torch.from_numpy(same).permute(2, 0, 1)[:, None].float() / 127.5 - 1)
 
 
+def test_resize_crop_offsets_follow_open_sora():
+    """An excess of 3 pixels (35 columns at the target height, so nothing is resized): Open-Sora crops an image
+    at int(round(3 / 2.0)) = 2 (`resize_crop_to_fill`, Python rounds 1.5 to 2), a video at int(round(3) / 2.0) = 1
+    (`video_transforms.resize_crop_to_fill`). Exact: no resampling happens, only the crop and the scaling."""
+    img = image(5, 32, 35)
+    unit = lambda a: torch.from_numpy(a).permute(2, 0, 1)[:, None].float() / 127.5 - 1  # noqa: E731
+    assert torch.allclose(resize_crop(img, 32, 32), unit(img[:, 2:34]), atol=1e-6)
+    video = resize_crop(np.stack([img, img]), 32, 32)
+    assert torch.allclose(video, torch.cat([unit(img[:, 1:33])] * 2, dim=1), atol=1e-6)
+    tall = image(6, 39, 32)  # the same for rows: 7 rows of excess -> round(3.5) = 4 (image), 3 (video)
+    assert torch.allclose(resize_crop(tall, 32, 32), unit(tall[4:36]), atol=1e-6)
+    assert torch.allclose(resize_crop(tall[None], 32, 32), unit(tall[3:35]), atol=1e-6)
+
+
 def test_refusals(model):
     with pytest.raises(InputError, match="4k\\+1"):
         reference_generate_v2(model, "x", num_frames=8)

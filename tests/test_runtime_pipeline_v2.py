@@ -116,21 +116,25 @@ class MMDiTOnImageTables:
 def v2_bundle(reference, tmp_path_factory):
     """A bundle folder of the tiny model holding its manifest's typed contents and both tokenizers (no graphs:
     the backends are the torch modules)."""
-    root = tmp_path_factory.mktemp("v2-torch")
+    return torch_bundle(reference, tmp_path_factory.mktemp("v2-torch"))
+
+
+def torch_bundle(reference, root, cfg=TINY):
+    """The manifest and tokenizers of `v2_bundle` in `root`, for the tiny model or a variant `cfg` of it."""
     reference.t5_tokenizer.save(str(root / "tokenizer.json"))
     reference.clip_tokenizer.save(str(root / "clip_tokenizer.json"))
-    specs = component_specs(TINY)
-    manifest = Manifest(model={"name": TINY.name, "family": TINY.family, "config": TINY.to_dict()},
+    specs = component_specs(cfg)
+    manifest = Manifest(model={"name": cfg.name, "family": cfg.family, "config": cfg.to_dict()},
                         components={n: ComponentEntry(file=f"{n}.onnx", precision="fp32", io=s) for n, s in specs.items()},
-                        tokenizer={"file": "tokenizer.json", "max_length": TINY.t5.max_length, "encoders": {
-                            "text_encoder": {"file": "tokenizer.json", "max_length": TINY.t5.max_length},
-                            "clip": {"file": "clip_tokenizer.json", "max_length": TINY.clip.max_length, "pad_token": "<|endoftext|>"}}},
-                        scheduler=dataclasses.asdict(TINY.sampler))
+                        tokenizer={"file": "tokenizer.json", "max_length": cfg.t5.max_length, "encoders": {
+                            "text_encoder": {"file": "tokenizer.json", "max_length": cfg.t5.max_length},
+                            "clip": {"file": "clip_tokenizer.json", "max_length": cfg.clip.max_length, "pad_token": "<|endoftext|>"}}},
+                        scheduler=dataclasses.asdict(cfg.sampler))
     return Bundle(root, manifest)
 
 
 def torch_pipeline(bundle, reference, cfg_batching=True):
-    specs, L = component_specs(TINY), TINY.t5.max_length
+    specs, L = {n: c.io for n, c in bundle.manifest.components.items()}, TINY.t5.max_length
     fns = {"text_encoder": lambda ids: reference.t5(ids, torch.ones_like(ids)), "clip": reference.clip,
            "denoiser": MMDiTOnImageTables(reference.mmdit, L), "vae_decoder": reference.vae.decode_tile}
     if not cfg_batching:

@@ -56,12 +56,13 @@ def _resolution(ctx, param, value):
 @click.option("--image", type=click.Path(path_type=Path), default=None,
               help="Reference image (PNG, JPEG, ...): image-to-video. Resized to fill and centre-cropped. Needs a bundle "
                    "exported with --with-vae-encoder.")
-@click.option("--condition", type=click.Choice(["head", "tail", "loop"]), default="head", show_default=True,
-              help="Where --image goes: the first frame, the last, or both; --video: head or tail (v2.0), head (v1.2).")
+@click.option("--condition", type=click.Choice(["head", "tail", "loop", "head_easy", "tail_easy"]), default="head",
+              show_default=True, help="Where --image goes: the first frame, the last, or both; --video: head or tail, "
+                                      "or head_easy / tail_easy with 65 frames (v2.0), head (v1.2).")
 @click.option("--video", type=click.Path(path_type=Path), default=None,
               help="Reference video (mp4, webm, ...). v1.2: continued, its last 17 frames become the new clip's first 17 "
-                   "(Open-Sora's video extension); v2.0: its first (--condition head) or last (tail) 33 frames hold the "
-                   "clip's first or last 33. Needs a bundle with the VAE encoder.")
+                   "(Open-Sora's video extension); v2.0: its first (--condition head) or last (tail) 33 frames (65: *_easy) "
+                   "hold the clip's first or last 33 (65). Needs a bundle with the VAE encoder.")
 @click.option("--image-guidance-scale", "guidance_img", type=float, default=None,
               help="Open-Sora v2.0: guidance towards the --image/--video reference (default: the bundle's, 3).")
 @click.option("--extend", type=click.IntRange(0), default=0, show_default=True,
