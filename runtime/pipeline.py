@@ -20,8 +20,8 @@ engine it loads for this GPU (engines for other GPUs may have other buckets), or
 Memory: with `load_one_at_a_time` (the loaded engine's plan, or the manifest's runtime settings), each
 component is released after its stage (T5 before the denoising loop), so at most one is loaded at a time.
 
-Progress and cancelling: `progress(event)` is called with a dict {"phase": "text_encoder" | "denoise" |
-"vae_decode", "step": k, "total": n, "elapsed": seconds since generate started, "eta": seconds the
+Progress and cancelling: `progress(event)` is called with a dict {"phase": "vae_encode" (a reference) |
+"text_encoder" | "denoise" | "vae_decode", "step": k, "total": n, "elapsed": seconds since generate started, "eta": seconds the
 phase still needs} (osx.runtime.progress: every family's phases; `progress_phases(request)` lists a run's). Returning False from it, or calling `pipeline.cancel()` from another thread, stops
 the run between two steps with `GenerationCancelled`.
 """
@@ -231,10 +231,11 @@ class Pipeline:
     def initial_noise(self, request: Request) -> np.ndarray:
         return rf.initial_noise(request.seed, self.latent_shape(request))
 
-    def progress_phases(self, request: Request) -> list[tuple[str, int]]:
-        """The (phase, total) events `run(request)` reports, in order (osx.runtime.progress)."""
+    def progress_phases(self, request: Request, reference: bool = False) -> list[tuple[str, int]]:
+        """The (phase, total) events `run(request)` reports, in order (osx.runtime.progress); `reference`: the run
+        has a reference image or video (its encoding comes first)."""
         chunks = -(-self.latent_shape(request)[2] // self.model.vae.micro_z_frame_size)
-        return [("text_encoder", 1), ("denoise", request.steps), ("vae_decode", chunks)]
+        return [("vae_encode", 1)] * reference + [("text_encoder", 1), ("denoise", request.steps), ("vae_decode", chunks)]
 
     def latent_shape(self, request: Request) -> tuple[int, ...]:
         vae = self.model.vae
@@ -287,7 +288,8 @@ class Pipeline:
         self.timings.update(denoise_s=time.perf_counter() - t_start, steps=steps)
         return z
 
-    def condition_on(self, image: str | os.PathLike | np.ndarray, where: str, request: Request) -> Condition:
+    def condition_on(self, image: str | os.PathLike | np.ndarray, where: str, request: Request,
+                     progress: Progress | None = None) -> Condition:
         """The reference image's latent (VAE encoder, posterior mean) placed at the `where` frames."""
         if where not in CONDITIONS:
             raise InputError(f"condition {where!r} is not one of {', '.join(CONDITIONS)}")
@@ -295,10 +297,10 @@ class Pipeline:
         pixels = load_image(image) if not isinstance(image, np.ndarray) else image
         _check_pixels(pixels, "reference image array", "uint8 [H, W, 3] RGB")
         lh, lw = latent_size(request.height, request.width, self.model.vae)
-        z = self.encode_reference(preprocess(pixels, 8 * lh, 8 * lw))
+        z = self.encode_reference(preprocess(pixels, 8 * lh, 8 * lw), progress)
         return Condition.image(z[:, :, :1], latent_frames(request.num_frames, self.model.vae), where)
 
-    def continue_video(self, video: str | os.PathLike | np.ndarray, request: Request) -> Condition:
+    def continue_video(self, video: str | os.PathLike | np.ndarray, request: Request, progress: Progress | None = None) -> Condition:
         """The last VAE chunk of `video` (a file, or uint8 [F, H, W, 3] RGB frames) held at the first latent
         frames of the clip: Open-Sora's video continuation (osx.runtime.conditioning)."""
         self._check_conditioning("continuing a video")
@@ -306,26 +308,28 @@ class Pipeline:
         frames = self.read_reference_video(video, "head") if not isinstance(video, np.ndarray) else video[-chunk:]
         _check_pixels(frames, "reference video array", "uint8 [F, H, W, 3] RGB")
         lh, lw = latent_size(request.height, request.width, self.model.vae)
-        return Condition.head(self.encode_reference(preprocess_video(frames, 8 * lh, 8 * lw)),
+        return Condition.head(self.encode_reference(preprocess_video(frames, 8 * lh, 8 * lw), progress),
                               latent_frames(request.num_frames, self.model.vae))
 
     def read_reference_video(self, path: str | os.PathLike, condition: str = "head") -> np.ndarray:
         """The frames of a reference video file that `condition` uses (v1.2 continues a video: its last chunk)."""
         return read_frames(path, self.model.vae.micro_frame_size)
 
-    def reference_condition(self, request: Request, image=None, video=None, condition: str = "head") -> Condition | None:
-        """What a request's reference conditions on: an image at the `condition` frames, or a video continued."""
+    def reference_condition(self, request: Request, image=None, video=None, condition: str = "head",
+                            progress: Progress | None = None) -> Condition | None:
+        """What a request's reference conditions on: an image at the `condition` frames, or a video continued
+        (its encoding reported to `progress` as phase "vae_encode")."""
         if image is not None and video is not None:
             raise InputError("a reference image and a reference video were both given",
                              hint="pass one: --image (image-to-video) or --video (continue a video)")
         if image is not None:
-            return self.condition_on(image, condition, request)
+            return self.condition_on(image, condition, request, progress)
         if video is None:
             return None
         if condition != "head":
             raise InputError(f"a reference video is continued at the head; condition {condition!r} places images",
                              hint="drop the condition for --video")
-        return self.continue_video(video, request)
+        return self.continue_video(video, request, progress)
 
     def check_extend(self, request: Request, extend: int) -> None:
         """Video extension's checks, before any work: the bundle can condition, the clip is longer than a chunk."""
@@ -334,7 +338,7 @@ class Pipeline:
             Condition.head(np.zeros((1, 1, self.model.vae.micro_z_frame_size, 1, 1), np.float32),
                            latent_frames(request.num_frames, self.model.vae))
 
-    def encode_reference(self, pixels: np.ndarray) -> np.ndarray:
+    def encode_reference(self, pixels: np.ndarray, progress: Progress | None = None) -> np.ndarray:
         """Pixels [3, f <= 17, H, W] in [-1, 1] -> model-normalised latents [1, C, ceil(f / 4), H/8, W/8]. The
         encoder runs alone (the plan counts its memory so): loaded components are released first (with
         everything resident, video extension reloads them for each clip), the encoder after."""
@@ -346,6 +350,7 @@ class Pipeline:
         self.backends["vae_encoder"].release()
         self.timings["vae_encode_s"] = self.timings.get("vae_encode_s", 0.0) + time.perf_counter() - t0
         _check_finite(z, "the VAE encoder's latent of the reference")
+        self._report(progress, "vae_encode", 1, 1, 0.0)
         return z.astype(np.float32, copy=False)
 
     def _encode(self, encoder: Backend, video: np.ndarray) -> np.ndarray:
@@ -416,13 +421,13 @@ class Pipeline:
         return frames
 
     def _run(self, request, noise, progress, image, condition, video, extend) -> np.ndarray:
-        cond = self.reference_condition(request, image, video, condition)
+        cond = self.reference_condition(request, image, video, condition, progress)
         y, mask = self.encode_text(request, progress)
         pixels = self.decode(self.denoise(request, y, mask, noise, progress, cond), request.num_frames, progress)
         clips = [to_uint8_frames(pixels)]
         for k in range(1, 1 + extend):  # each clip continues the one before from its last chunk, as decoded (floats)
             self._clip, chunk = k, self.model.vae.micro_frame_size
-            cond = Condition.head(self.encode_reference(pixels[:, -chunk:]), latent_frames(request.num_frames, self.model.vae))
+            cond = Condition.head(self.encode_reference(pixels[:, -chunk:], progress), latent_frames(request.num_frames, self.model.vae))
             clip_noise = extension_noise(request.seed, k, self.latent_shape(request))
             pixels = self.decode(self.denoise(request, y, mask, clip_noise, progress, cond), request.num_frames, progress)
             clips.append(to_uint8_frames(pixels[:, chunk:]))  # its first chunk re-creates the previous clip's last

@@ -17,8 +17,8 @@ events, cancel, preload, release, timings); what differs is the model (design/op
   decode   the VAE decoder per spatial tile as Open-Sora tiles it (osx.vae_tiling), then the first F frames
            as uint8, clamped and rounded as Open-Sora saves them.
 
-Progress phases: "text_encoder" (step 1 = T5, 2 = CLIP), "denoise" (one per step), "vae_decode" (one per tile);
-`progress_phases(request)` announces them (osx.runtime.progress).
+Progress phases: "vae_encode" (a reference, first), "text_encoder" (step 1 = T5, 2 = CLIP), "denoise" (one per
+step), "vae_decode" (one per tile); `progress_phases(request, reference)` announces them (osx.runtime.progress).
 References (`reference_condition`), as Open-Sora's cond_types: `image` at the head, tail or both ends (i2v_head,
 i2v_tail, i2v_loop), `video` at the head or the tail (v2v_head: its first 33 frames hold the clip's first 9
 latent frames; v2v_tail: its last 33 the last 9; v2v_head_easy / v2v_tail_easy: 65 frames, 17 latent frames).
@@ -176,9 +176,9 @@ class PipelineV2(Pipeline):
     def initial_noise(self, request: RequestV2) -> np.ndarray:
         return initial_noise(request.seed, self.latent_shape(request))
 
-    def progress_phases(self, request: RequestV2) -> list[tuple[str, int]]:
+    def progress_phases(self, request: RequestV2, reference: bool = False) -> list[tuple[str, int]]:
         """The (phase, total) events `run(request)` reports, in order (osx.runtime.progress)."""
-        return [("text_encoder", len(self.tokenizers)), ("denoise", request.steps),
+        return [("vae_encode", 1)] * reference + [("text_encoder", len(self.tokenizers)), ("denoise", request.steps),
                 ("vae_decode", decode_tile_count(self.model.vae, self.latent_shape(request)))]
 
     def denoise(self, request: RequestV2, txt: np.ndarray, y_vec: np.ndarray, noise: np.ndarray | None = None,
@@ -234,7 +234,7 @@ class PipelineV2(Pipeline):
         """The first (v2v_head*) or last (v2v_tail*) V2V_FRAMES frames of a video file."""
         return read_frames(path, V2V_FRAMES.get(condition, 33), end=condition.startswith("tail"))
 
-    def reference_condition(self, request: RequestV2, image=None, video=None, condition: str = "head"):
+    def reference_condition(self, request: RequestV2, image=None, video=None, condition: str = "head", progress=None):
         """(cond_type, masks, masked_ref, reference latents) for sampler_v2 and the i2v write-back, or None."""
         if image is None and video is None:
             return None
@@ -260,7 +260,7 @@ class PipelineV2(Pipeline):
             sampler_v2.condition(cond_type, self.latent_shape(request), [np.zeros((1, 1, n // 4 + 1, 1, 1), F32)])
             frames = frames[:n] if condition.startswith("head") else frames[-n:]
             clip = preprocess_video(frames, request.height, request.width)  # [3, F, H, W]
-        z = self.encode_reference(clip)
+        z = self.encode_reference(clip, progress)
         cond_type = f"{'i2v' if video is None else 'v2v'}_{condition}"
         refs = [z, z] if cond_type == "i2v_loop" else [z]
         return (cond_type, *sampler_v2.condition(cond_type, self.latent_shape(request), refs), refs)

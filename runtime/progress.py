@@ -8,15 +8,17 @@ order a run reports them (each only when the run has it):
     text_encoder  the text encoders (1 step)
     t2i           t2i2v's image step: Flux.1-dev's sampling loop (1 step per sampling step)
     t2i_decode    that image through Flux's AE decoder (1 step)
-    vae_encode    a reference image through the video VAE's encoder (1 step; v2.0 image-to-video, t2i2v)
+    vae_encode    a reference image or video through the video VAE's encoder (1 step; image-to-video, video
+                  continuation, each extension clip, t2i2v); a reference given with the request is encoded
+                  before text_encoder (`progress_phases(request, reference=True)` lists it first)
     denoise       the video's sampling loop
     vae_decode    the video VAE's decoder (1 step per chunk or tile)
 
 A text-to-image-to-video run has two sampling loops, `t2i` then `denoise`; a caller that shows a bar per loop
 opens one for each phase in SAMPLING_LOOPS. Video extension (`extend` N) runs denoise and vae_decode once per
-clip; those events then carry "clip" (1-based) and "clips" (N + 1), and `step` counts within the clip. Open-Sora v1.2 runs report text_encoder, denoise, vae_decode as
-they always have. A pipeline says beforehand which phases a request will report, with their totals
-(`progress_phases(request)`), so a caller can weigh them (`Fractions`).
+clip (and vae_encode for each clip after the first); those events then carry "clip" (1-based) and "clips"
+(N + 1), and `step` counts within the clip. A pipeline says beforehand which phases a request will report, with
+their totals (`progress_phases(request)`), so a caller can weigh them (`Fractions`).
 """
 
 from __future__ import annotations

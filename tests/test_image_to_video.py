@@ -307,10 +307,21 @@ def test_extension_continues_each_clip_and_matches_reference(pipe, reference):
         np.testing.assert_array_equal(latents[k][:, :, :5], runner.encode_reference(previous[:, -17:]))
         assert np.abs(latents[k][:, :, 5:] - latents[k - 1][:, :, 5:]).mean() > 0.1  # new content, not a copy
     assert [(e["clip"], e["step"]) for e in events if e["phase"] == "denoise"] == [(1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2)]
+    assert [e["clip"] for e in events if e["phase"] == "vae_encode"] == [2, 3]  # each later clip encodes its head
     want = reference_generate(reference, PROMPT, steps=2, seed=6, extend=2)
     for a, b in zip(latents, want.clip_latents, strict=True):
         assert relative(a, b) < 1e-4
     assert np.abs(frames.astype(int) - want.frames).max() <= 2
+
+
+def test_a_reference_reports_its_encoding_first(pipe):
+    """Phase "vae_encode" (osx.runtime.progress): the reference is encoded before the text, as announced."""
+    request = pipe.prepare_request(PROMPT, steps=1, num_frames=17)
+    events = []
+    pipe.run(request, image=image(64, 64), progress=events.append)
+    announced = pipe.progress_phases(request, reference=True)
+    assert [(e["phase"], e["step"], e["total"]) for e in events] == [(p, k, n) for p, n in announced for k in range(1, n + 1)]
+    assert announced[0] == ("vae_encode", 1) and pipe.progress_phases(request)[0] == ("text_encoder", 1)
 
 
 def test_bad_video_references(pipe, tmp_path):
@@ -360,6 +371,7 @@ def test_cli_video_and_extend(i2v_bundle, tmp_path):
     assert read_video_info(out) == (51, 64, 64)
     events = [json.loads(line) for line in r.stdout.splitlines()]
     assert [e["clip"] for e in events if e.get("phase") == "denoise"] == [1, 2] and events[-1]["frames"] == 51
+    assert [e["clip"] for e in events if e.get("phase") == "vae_encode"] == [1, 2] and events[0]["phase"] == "vae_encode"
     broken = tmp_path / "broken.mp4"
     broken.write_text("not a video")
     for args, message in [(["--video", broken], "not a readable video"), (["--video", ref, "--image", ref], "not both"),
