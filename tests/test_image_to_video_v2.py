@@ -95,8 +95,11 @@ def test_conditioned_runs_equal_the_torch_reference(request, row_by_row, mode, s
     if kind == "i2v":  # the reference latent written back, as Open-Sora does before decoding
         held = {"head": [0], "tail": [-1], "loop": [0, -1]}[where]
         np.testing.assert_array_equal(latent[:, :, held], want.latent[:, :, held])
+    events = []
     frames = pipe.generate(PROMPT, steps=steps, seed=5, num_frames=job.num_frames, condition=where,
-                           **{"video" if video else "image": ref})
+                           progress=events.append, **{"video" if video else "image": ref})
+    announced = pipe.progress_phases(job, reference=True)  # the reference's encoding first
+    assert [(e["phase"], e["step"]) for e in events] == [(p, k) for p, n in announced for k in range(1, n + 1)]
     assert frames.shape == want.frames.shape
     held_frames = {"head": [0], "tail": [-1], "loop": [0, -1]}[where] if kind == "i2v" else slice(None)
     assert np.abs(frames[held_frames].astype(int) - want.frames[held_frames]).max() <= 1
