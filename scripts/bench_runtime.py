@@ -2,7 +2,7 @@
 
     python scripts/bench.py runtime [--family opensora-v1.2|opensora-v2.0] [--sizes 64x64,128x128,256x256] [--frames 34] [--steps 5] [--warmup 1]
                                     [--threads N] [--no-int8] [--int8-methods static,dynamic] [--no-int8-search]
-                                    [--no-ablation] [--workdir DIR]
+                                    [--no-ablation] [--workdir DIR] [--prepare-only]
 
 What makes it fair (README "Benchmarks"): both sides run in one process tree, one worker process per
 side, each holding its models loaded; the parent asks for one step at a time, interleaved (torch fp32,
@@ -27,6 +27,12 @@ and the shipped default (+ attention fused into MultiHeadAttention).
 --family opensora-v2.0 (scripts/runtime_v2.py): the same schedule over a small v2.0 config; a step is the
 t2v sampler's step (text, negative and negative rows, both guidances) over the MMDiT; the INT8 rows and the
 ablation are v1.2 only (their calibration capture and fusions are the v1.2 denoiser's).
+
+Building the bundles (export, calibration capture, the INT8 quality gates and their layer search) takes
+far longer than measuring them, so on a machine that is quiet only for a while, build first and measure
+later from the same folder:
+    python scripts/bench.py runtime --workdir W --prepare-only     # any time, any load
+    python scripts/bench.py runtime --workdir W --markdown W/run.md  # the quiet run: measurement only
 
 The model: --model NAME (a registered config), default the family's "small" bench config. Targets are
 reported, not asserted: osx fp32 >= 1.5x torch fp32 at 128x128; the fastest gate-passing osx precision
@@ -113,8 +119,12 @@ def main(argv: list[str]) -> dict:
                     help="let the quality gate keep layers in fp32 until it passes (slow)")
     ap.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--ablation-size", default="128x128")
-    ap.add_argument("--workdir", type=Path, help="bundles and calibration go here, reused if present")
+    ap.add_argument("--workdir", type=Path, help="bundles and calibration go here, reused if present (delete it after "
+                    "changing the exporter or the quantizer)")
     ap.add_argument("--markdown", type=Path, help="also write the README's tables of this run to this file")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="build the bundles (export, calibration, INT8 quality gates) into --workdir and stop: a later "
+                    "run with the same --workdir then only measures (for a quiet machine)")
     args = ap.parse_args(argv)
     if args.steps < 5:
         sys.exit("--steps: at least 5 (the figures are medians)")
@@ -141,6 +151,9 @@ def main(argv: list[str]) -> dict:
             folder = work / ("bundle-int8" if method == "static" else f"bundle-int8-{method}")
             bundles[row] = prepare_bundle(args.model, folder, work / "calibration", args.int8_search, method)
             gates[row] = gate_verdict(bundles[row])
+    if args.prepare_only:
+        return {"prepared": {k: str(v) for k, v in bundles.items()}, "int8_gates": gates, "workdir": str(work),
+                "seconds": round(time.perf_counter() - t_start, 1)}
     rows = [r for r in ROWS if ROWS[r] == "torch" or r in bundles]
     ablation_size = tuple(int(v) for v in args.ablation_size.split("x")) if args.ablation else None
 
