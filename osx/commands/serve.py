@@ -78,7 +78,13 @@ def serve(bundles, replicas, autoscale, address, host, port, store, keep, queue,
     from osx.runtime.serving.app import deploy, start_local_ray
 
     if address:
-        ray.init(address=address, log_to_driver=False)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:  # no cluster there, refused, wrong token
+            raise OsxError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                           hint="check that it runs (`ray status` on its head node) and the address; with `auto`, RAY_ADDRESS or "
+                                "the cluster this machine started is used; a cluster with token authentication also needs "
+                                "RAY_AUTH_MODE=token here (its token in ~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
     else:
         start_local_ray(num_cpus)
     try:
