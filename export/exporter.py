@@ -118,7 +118,9 @@ def with_reference_dtype(model_cfg, reference_dtype: str | None):
     scheduler = getattr(model_cfg, "scheduler", None)
     if not hasattr(scheduler, "reference_dtype"):
         raise OsxError(f"--reference-dtype is not a setting of {model_cfg.family}", hint="drop --reference-dtype")
-    return dataclasses.replace(model_cfg, scheduler=dataclasses.replace(scheduler, reference_dtype=reference_dtype))
+    # the config field holding the sampler settings (v1.2: `scheduler`; v2.0: `sampler`, `scheduler` its alias)
+    field = next(f.name for f in dataclasses.fields(model_cfg) if getattr(model_cfg, f.name) is scheduler)
+    return dataclasses.replace(model_cfg, **{field: dataclasses.replace(scheduler, reference_dtype=reference_dtype)})
 
 
 def _component_names(request: ExportRequest, family, plan) -> list[str]:

@@ -15,7 +15,8 @@ the video's shape: the sampler builds them once per video, an export takes them 
 
 Numerics: the module runs in its parameters' dtype (bf16 as Open-Sora, or float32 as an oracle). Where
 Open-Sora computes in float32 inside a bf16 model (RMSNorm statistics, RoPE, the timestep sinusoids) this
-does too; the timestep and 1000*t are rounded to bf16 in every dtype, as Open-Sora's bf16 tensors are.
+does too; the timestep and 1000*t are rounded to bf16 in every dtype, as Open-Sora's bf16 tensors are, unless
+the model is built with `reference_dtype="fp32"` (osx.models_v2.SamplerV2Config.reference_dtype): then neither.
 """
 
 from __future__ import annotations
@@ -88,12 +89,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, time_factor: float, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_embedding(t: torch.Tensor, dim: int, time_factor: float, max_period: float = 10000.0,
+                       reference_dtype: str = "bf16") -> torch.Tensor:
     """[B] -> [B, dim] float32: [cos(1000t * f_k), sin(1000t * f_k)], f_k = max_period**(-k/(dim/2)).
 
-    Open-Sora's t is a bf16 tensor and time_factor*t is computed in bf16: both are rounded here.
+    Open-Sora's t is a bf16 tensor and time_factor*t is computed in bf16: both are rounded here (reference
+    dtype "bf16"); in "fp32" both stay float32.
     """
-    t = round_to_bf16(time_factor * round_to_bf16(t.float()))
+    rounded = round_to_bf16 if reference_dtype == "bf16" else (lambda x: x)
+    t = rounded(time_factor * rounded(t.float()))
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None] * freqs[None]
@@ -281,13 +285,17 @@ class LastLayer(nn.Module):
 class MMDiT(nn.Module):
     """`forward(img, txt, timesteps, y_vec, cond, cos, sin, guidance=None) -> velocity [B, N, in_channels]`
     (packed). `cond` is required exactly when the config has `cond_embed` (v2.0), `guidance` exactly when it
-    has `guidance_embed` (Flux.1-dev), as in Open-Sora, which raises on a missing one."""
+    has `guidance_embed` (Flux.1-dev), as in Open-Sora, which raises on a missing one. `reference_dtype`: what
+    the timestep (and guidance) embedding rounds t and 1000*t to, "bf16" (Open-Sora) or "fp32" (no rounding)."""
 
-    def __init__(self, cfg: MMDiTConfig):
+    def __init__(self, cfg: MMDiTConfig, reference_dtype: str = "bf16"):
         super().__init__()
         if sum(cfg.axes_dim) != cfg.head_dim or any(d % 2 for d in cfg.axes_dim):
             raise ValueError(f"axes_dim {cfg.axes_dim} must be even and sum to head_dim {cfg.head_dim}")
+        if reference_dtype not in ("bf16", "fp32"):
+            raise ValueError(f"reference_dtype must be bf16 or fp32, got {reference_dtype!r}")
         self.cfg = cfg
+        self.reference_dtype = reference_dtype
         C = cfg.hidden_size
         self.img_in = nn.Linear(cfg.in_channels, C)
         self.time_in = MLPEmbedder(cfg.timestep_dim, C)
@@ -307,9 +315,13 @@ class MMDiT(nn.Module):
             if (value is None) == wanted:
                 raise ValueError(f"this MMDiT {'needs' if wanted else 'takes no'} {name} input")
         img, txt, y_vec = (x.to(dtype) for x in (img, txt, y_vec))
-        vec = self.time_in(timestep_embedding(timesteps, cfg.timestep_dim, cfg.time_factor).to(dtype))
+
+        def embed(t):
+            return timestep_embedding(t, cfg.timestep_dim, cfg.time_factor, reference_dtype=self.reference_dtype).to(dtype)
+
+        vec = self.time_in(embed(timesteps))
         if cfg.guidance_embed:  # the guidance scale is embedded like a timestep (x1000), Open-Sora's order of sums
-            vec = vec + self.guidance_in(timestep_embedding(guidance, cfg.timestep_dim, cfg.time_factor).to(dtype))
+            vec = vec + self.guidance_in(embed(guidance))
         vec = vec + self.vector_in(y_vec)
         img = self.img_in(img)
         if cfg.cond_embed:

@@ -32,7 +32,7 @@ from osx.export.hunyuan_vae import HunyuanVideoVAE
 from osx.export.init import seeded_init_
 from osx.export.mmdit import MMDiT
 from osx.export.pipeline import reference_preprocess, reference_preprocess_video
-from osx.export.sampler_v2 import condition, denoise, schedule
+from osx.export.sampler_v2 import DTYPES, condition, denoise, schedule
 from osx.export.t5 import T5TextEncoder
 from osx.export.tokenizer import build_tiny_tokenizer, convert_t5_sentencepiece
 from osx.models_v2 import (
@@ -112,7 +112,7 @@ def build_reference_v2(
 def part_factories(cfg: OpenSoraV2Config) -> dict[str, Callable[[], torch.nn.Module]]:
     """How to build each checkpoint part's torch module (float32, weights left to the caller)."""
     return {"t5": lambda: T5TextEncoder(cfg.t5), "clip": lambda: CLIPTextEncoder(cfg.clip),
-            "mmdit": lambda: MMDiT(cfg.mmdit), "vae": lambda: HunyuanVideoVAE(cfg.vae)}
+            "mmdit": lambda: MMDiT(cfg.mmdit, cfg.sampler.reference_dtype), "vae": lambda: HunyuanVideoVAE(cfg.vae)}
 
 
 def random_init_std(cfg: OpenSoraV2Config) -> dict[str, float | None]:
@@ -159,7 +159,7 @@ class ReferenceV2Result:
     y_vec: np.ndarray  # [3, 768] CLIP pooled
     masks: np.ndarray  # [1, 1, T, h, w] conditioning mask
     masked_ref: np.ndarray  # [1, 16, T, h, w] reference latents where the mask is 1
-    noise: np.ndarray  # [1, 16, T, h, w] float32 (bf16 values)
+    noise: np.ndarray  # [1, 16, T, h, w] float32 (bf16 values at reference dtype bf16)
     timesteps: list[float]  # steps + 1, from 1 to 0
     latents: list[np.ndarray]  # x after every step
     latent: np.ndarray  # what the VAE decodes (i2v: with the reference frame(s) written back)
@@ -229,7 +229,7 @@ def reference_generate_v2(
         noise = initial_noise(seed, shape)
     elif tuple(noise.shape) != shape:
         raise InputError(f"noise has shape {tuple(noise.shape)}, expected {shape}", hint="or pass a seed instead")
-    z = torch.from_numpy(np.asarray(noise, dtype=np.float32)).to(dev, BF16)
+    z = torch.from_numpy(np.asarray(noise, dtype=np.float32)).to(dev, DTYPES[sampler.reference_dtype])
 
     x, latents = denoise(model.mmdit, z, txt, y_vec, masks=masks, masked_ref=masked_ref, cond_type=cond_type,
                          cfg=sampler, num_steps=steps, guidance=guidance, guidance_img=guidance_img,

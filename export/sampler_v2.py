@@ -10,7 +10,8 @@ shared/design/opensora-v2.0.md, section 5.
 * Every step runs the MMDiT on three rows: (prompt, reference), (negative, reference), (negative, none),
   giving c, u, u2, and combines pred = u2 + g_img*(u - u2) + g_txt*(c - u); then x += (t_next - t)*pred.
 * bf16 where Open-Sora is bf16: the latent x, the model output, the timestep fed to the model, the
-  conditioning, the image-scale ramp and every operation of the combination and the update.
+  conditioning, the image-scale ramp and every operation of the combination and the update. With
+  `cfg.reference_dtype == "fp32"` all of these are float32 instead (no bf16 anywhere in the loop).
 * Oscillation: from step `osci_start` on, odd steps use scale 1 (text and image alike).
 * i2v image-scale ramps (when g_img > 1 after oscillation): g_img falls linearly from g_img to 1 over the
   steps, and grows over the latent frames from 1 (frame 0) to that value (last frame).
@@ -27,6 +28,7 @@ from osx.runtime import sampler_v2 as shared
 from osx.runtime.sampler_v2 import guidance_scales, image_scale, oscillation, schedule, shift_alpha  # noqa: F401
 
 BF16 = torch.bfloat16
+DTYPES = {"bf16": BF16, "fp32": torch.float32}
 
 
 def condition(cond_type: str, shape: tuple[int, ...], refs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +55,7 @@ def denoise(
     return_intermediates: bool = False,
     progress: bool = False,
 ):
-    """Denoise `noise` [B, C, T, h, w] into a latent of the same shape (bf16).
+    """Denoise `noise` [B, C, T, h, w] into a latent of the same shape (in `cfg.reference_dtype`: bf16 or float32).
 
     `txt` [3B, L, context] and `y_vec` [3B, vec] are the text rows in Open-Sora's order: B prompts, then
     B negative prompts twice. `masks`/`masked_ref` from `condition`. `skip_redundant_pass`: for t2v the
@@ -68,10 +70,10 @@ def denoise(
     g_img0 = cfg.guidance_img if guidance_img is None else guidance_img
     timesteps = schedule(cfg, steps, h * w // mmdit.patch_size**2, T)
     p = mmdit.patch_size
-    device = noise.device
+    device, dtype = noise.device, DTYPES[cfg.reference_dtype]
     cos, sin = (t.to(device) for t in video_rope(mmdit, txt.shape[1], T, h // p, w // p))
-    x = pack(noise, p).to(BF16)
-    cond = pack(torch.cat([masks, masked_ref], dim=1), p).to(device, BF16)
+    x = pack(noise, p).to(dtype)
+    cond = pack(torch.cat([masks, masked_ref], dim=1), p).to(device, dtype)
     rows = 2 if skip_redundant_pass and cond_type == "t2v" else 3
     cond = torch.cat([cond, cond, torch.zeros_like(cond)][:rows])
     txt, y_vec = txt[: rows * B], y_vec[: rows * B]
@@ -82,13 +84,13 @@ def denoise(
 
         steps_iter = tqdm(steps_iter, total=steps, desc="denoising", unit="step")
     for i, (t_cur, t_next) in steps_iter:
-        t_vec = torch.full((rows * B,), t_cur, dtype=BF16, device=device)
-        v = model(torch.cat([x] * rows), txt, t_vec, y_vec, cond, cos, sin).to(BF16)
+        t_vec = torch.full((rows * B,), t_cur, dtype=dtype, device=device)
+        v = model(torch.cat([x] * rows), txt, t_vec, y_vec, cond, cos, sin).to(dtype)
         c, u = v[:B], v[B : 2 * B]
         u2 = v[2 * B :] if rows == 3 else u
         g_txt, g_img = guidance_scales(cfg, i, steps, T, cond_type, g_txt0, g_img0)
         if isinstance(g_img, np.ndarray):  # the ramp over latent frames, broadcast and packed like the latent
-            g_img = pack(torch.from_numpy(g_img)[None, None, :, None, None].expand(B, C, T, h, w), p).to(device, BF16)
+            g_img = pack(torch.from_numpy(g_img)[None, None, :, None, None].expand(B, C, T, h, w), p).to(device, dtype)
         pred = u2 + g_img * (u - u2) + g_txt * (c - u)
         x = x + (t_next - t_cur) * pred
         if return_intermediates:

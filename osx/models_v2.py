@@ -101,6 +101,9 @@ class SamplerV2Config:
     max_shift: float = 3.0
     fps: int = 24  # prompt suffix " 24 FPS." and the saved video's rate
     motion_score: str = "4"  # prompt suffix " 4 motion score."
+    # the dtype the loop rounds to: "bf16" as Open-Sora (x, v, the update, the timestep, the conditioning, the
+    # guidance arithmetic), or "fp32" (no rounding: an exported graph then matches its reference over a whole run)
+    reference_dtype: str = "bf16"
 
 
 COND_TYPES = ("t2v", "i2v_head", "i2v_tail", "i2v_loop", "v2v_head", "v2v_tail", "v2v_head_easy", "v2v_tail_easy")

@@ -27,6 +27,8 @@ bicubic, a video with its video transform's bilinear, both in NumPy) and encoded
 spatial tile as Open-Sora tiles (osx.vae_tiling), to the posterior mean (Open-Sora samples it unseeded).
 sampler_v2 builds the cond channels (mask + reference latents) and the image guidance with its ramps; after
 sampling, i2v writes the reference latent back into its frames (bf16), as Open-Sora does before decoding.
+Reference dtype (the manifest's scheduler.reference_dtype): "bf16" rounds the loop as Open-Sora; "fp32" rounds
+nothing, so the run stays within float32 differences of its torch reference (tests/test_runtime_v2_bundle.py).
 """
 
 from __future__ import annotations
@@ -40,17 +42,16 @@ import numpy as np
 from osx.bundle import Bundle
 from osx.engine_key import pick_profile
 from osx.errors import BundleError, InputError
-from osx.families import get_family
+from osx.families import REFERENCE_DTYPES, get_family
 from osx.models_v2 import ASPECT_RATIOS, OpenSoraV2Config, SamplerV2Config, check_frames, image_size
 from osx.models_v2 import latent_shape as latent_shape_v2
 from osx.models_v2 import negative_prompt_v2, prepare_prompt_v2, rope_tables
-from osx.numeric import round_bf16
 from osx.runtime import sampler_v2
 from osx.runtime.backends import Backend
 from osx.runtime.conditioning import load_image, preprocess, preprocess_video
 from osx.runtime.pipeline import Pipeline, Progress, _check_finite, _check_pixels
 from osx.runtime.request import MAX_FPS, MAX_GUIDANCE_SCALE, MAX_SEED, as_float, as_int, as_size, check_int_range, check_prompt
-from osx.runtime.scheduler import initial_noise
+from osx.runtime.scheduler import initial_noise, to_reference
 from osx.runtime.tokenizer import TextTokenizer, check_vocabulary
 from osx.runtime.video import read_frames
 from osx.vae_tiling import tile_starts, tiled_decode, tiled_encode
@@ -184,7 +185,7 @@ class PipelineV2(Pipeline):
     def denoise(self, request: RequestV2, txt: np.ndarray, y_vec: np.ndarray, noise: np.ndarray | None = None,
                 progress: Progress | None = None, condition=None) -> np.ndarray:
         """The sampler from `noise` (default: seeded by the request) -> the final latent [1, 16, T, h, w]
-        (float32 holding bf16 values). `condition`: (cond_type, masks, masked_ref, reference latents) of `reference_condition`."""
+        (float32 holding values of the reference dtype). `condition`: (cond_type, masks, masked_ref, reference latents) of `reference_condition`."""
         shape = self.latent_shape(request)
         z = self.initial_noise(request) if noise is None else np.asarray(noise, dtype=F32)
         if z.shape != shape:
@@ -224,9 +225,9 @@ class PipelineV2(Pipeline):
         self.timings.update(denoise_s=time.perf_counter() - t_start, steps=steps)
         # Open-Sora writes the reference frame(s) back before decoding (i2v; also for a one-frame video)
         if cond_type in ("i2v_head", "i2v_loop"):
-            latent[:, :, :1] = round_bf16(refs[0][:, :, :1])
+            latent[:, :, :1] = to_reference(refs[0][:, :, :1], self.sampler.reference_dtype)
         if cond_type in ("i2v_tail", "i2v_loop"):
-            latent[:, :, -1:] = round_bf16(refs[-1][:, :, -1:])
+            latent[:, :, -1:] = to_reference(refs[-1][:, :, -1:], self.sampler.reference_dtype)
         return latent
 
     # --- references (i2v / v2v) ----------------------------------------------------------------------
@@ -402,6 +403,9 @@ def _sampler_config(scheduler: dict, default: SamplerV2Config) -> SamplerV2Confi
     if unknown:
         raise BundleError(f"the bundle's scheduler has settings this osx does not know: {unknown}",
                           hint="install the osx version that wrote it, or re-export the bundle")
+    if scheduler.get("reference_dtype", default.reference_dtype) not in REFERENCE_DTYPES:
+        raise BundleError(f"the bundle's reference dtype {scheduler['reference_dtype']!r} is not one of {', '.join(REFERENCE_DTYPES)}",
+                          hint="re-export the bundle with `osx export --reference-dtype bf16|fp32`")
     return dataclasses.replace(default, **scheduler)
 
 

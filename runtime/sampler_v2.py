@@ -8,8 +8,10 @@ implementation of everything that is not model arithmetic. Formulas: shared/desi
 * Each step runs the denoiser on three rows, (prompt, reference), (negative, reference), (negative, none),
   giving c, u, u2; pred = u2 + g_img*(u - u2) + g_txt*(c - u); x += (t_next - t)*pred.
 * bf16 exactly where the reference is bf16: x, the denoiser output, the timestep fed, the conditioning, the
-  i2v ramp, and every operation of the combination and the update, each an float32 operation rounded to
+  i2v ramp, and every operation of the combination and the update, each a float32 operation rounded to
   bfloat16 (`round_bf16`), as torch computes bf16 tensor arithmetic; Python-float scales become float32.
+  `cfg.reference_dtype == "fp32"`: no rounding anywhere (osx.runtime.scheduler.to_reference), as the torch
+  reference then runs the loop in float32.
 * Noise: osx's one generator, `osx.runtime.scheduler.initial_noise(seed, shape)` (NumPy PCG64), rounded to
   bf16 here and in the reference alike (Open-Sora's CUDA Philox stream cannot be reproduced).
 
@@ -30,7 +32,7 @@ import numpy as np
 
 from osx.errors import InputError
 from osx.models_v2 import COND_TYPES, SamplerV2Config
-from osx.numeric import round_bf16
+from osx.runtime.scheduler import to_reference
 
 F32 = np.float32
 # denoiser(img [R, N, C*p*p], txt [R, L, D], timesteps [R], y_vec [R, V], cond [R, N, 4 + C*p*p]) -> velocity
@@ -151,9 +153,12 @@ def unpack(x: np.ndarray, T: int, h: int, w: int, patch: int = 2) -> np.ndarray:
 # --- the loop --------------------------------------------------------------------------------------------
 
 
-def guided_velocity(c: np.ndarray, u: np.ndarray, u2: np.ndarray, g_txt: float, g_img) -> np.ndarray:
-    """u2 + g_img*(u - u2) + g_txt*(c - u), each operation in bf16 as torch evaluates it left to right."""
-    bf = round_bf16
+def guided_velocity(c: np.ndarray, u: np.ndarray, u2: np.ndarray, g_txt: float, g_img,
+                    reference_dtype: str = "bf16") -> np.ndarray:
+    """u2 + g_img*(u - u2) + g_txt*(c - u), each operation in the reference dtype as torch evaluates it left to right."""
+    def bf(x):
+        return to_reference(x, reference_dtype)
+
     g_img = F32(g_img) if np.isscalar(g_img) else g_img
     return bf(bf(u2 + bf(g_img * bf(u - u2))) + bf(F32(g_txt) * bf(c - u)))
 
@@ -176,7 +181,8 @@ def denoise(
     skip_unit_scale_passes: bool = False,
     on_step: Callable[[int, np.ndarray], None] | None = None,
 ) -> np.ndarray:
-    """Denoise `noise` [B, C, T, h, w] into a latent of that shape (float32 holding bf16 values).
+    """Denoise `noise` [B, C, T, h, w] into a latent of that shape (float32 holding bf16 values unless
+    `cfg.reference_dtype` is "fp32").
 
     `txt` [2B, L, D] and `y_vec` [2B, V]: the B prompts' text states, then the B negative prompts' (Open-Sora
     feeds the negative twice; it is the same array, so it is encoded once). `masks`/`masked_ref` from
@@ -191,8 +197,12 @@ def denoise(
     g_txt0 = cfg.guidance if guidance is None else guidance
     g_img0 = cfg.guidance_img if guidance_img is None else guidance_img
     timesteps = schedule(cfg, steps, h * w // p**2, T)
-    x = round_bf16(pack(np.asarray(noise, dtype=F32), p))
-    cond = round_bf16(pack(np.concatenate([masks, masked_ref], axis=1).astype(F32), p))
+
+    def rounded(a):  # what a tensor of the reference dtype holds
+        return to_reference(a, cfg.reference_dtype)
+
+    x = rounded(pack(np.asarray(noise, dtype=F32), p))
+    cond = rounded(pack(np.concatenate([masks, masked_ref], axis=1).astype(F32), p))
     uncond_is_u = skip_redundant_pass and not np.any(masks)  # rows 2 and 3 are then the same input
     # the inputs of the three passes, concatenated once per set of passes a step runs
     rows = {"c": (txt[:B], y_vec[:B], cond), "u": (txt[B:], y_vec[B:], cond), "u2": (txt[B:], y_vec[B:], np.zeros_like(cond))}
@@ -204,17 +214,17 @@ def denoise(
         if passes not in batches:
             batches[passes] = [np.concatenate([rows[k][j] for k in passes]) for j in range(3)]
         b_txt, b_y, b_cond = batches[passes]
-        t_vec = round_bf16(np.full(len(passes) * B, t_cur, dtype=F32))
-        v = round_bf16(model(np.concatenate([x] * len(passes)), b_txt, t_vec, b_y, b_cond))
+        t_vec = rounded(np.full(len(passes) * B, t_cur, dtype=F32))
+        v = rounded(model(np.concatenate([x] * len(passes)), b_txt, t_vec, b_y, b_cond))
         if passes == ("c",):
             pred = v
         else:
             c, u = v[:B], v[B : 2 * B]
             u2 = v[2 * B :] if "u2" in passes else u
             if not np.isscalar(g_img):  # the ramp over latent frames, broadcast and packed like the latent
-                g_img = round_bf16(pack(np.broadcast_to(g_img[None, None, :, None, None], (B, C, T, h, w)), p))
-            pred = guided_velocity(c, u, u2, g_txt, g_img)
-        x = round_bf16(x + round_bf16(F32(t_next - t_cur) * pred))
+                g_img = rounded(pack(np.broadcast_to(g_img[None, None, :, None, None], (B, C, T, h, w)), p))
+            pred = guided_velocity(c, u, u2, g_txt, g_img, cfg.reference_dtype)
+        x = rounded(x + rounded(F32(t_next - t_cur) * pred))
         if on_step is not None:
             on_step(i, unpack(x, T, h // p, w // p, p))
     return unpack(x, T, h // p, w // p, p)

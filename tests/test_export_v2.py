@@ -90,7 +90,8 @@ def test_osx_export_writes_a_bundle_verify_accepts(tiny_v2_bundle, capsys):
     bundle = Bundle.open(tiny_v2_bundle)
     m = bundle.manifest
     assert tuple(m.components) == family.names()  # vae_encoder too (--with-vae-encoder)
-    assert m.model_config() == TINY and m.scheduler == dataclasses.asdict(TINY.sampler)
+    fp32 = dataclasses.replace(TINY, sampler=dataclasses.replace(TINY.sampler, reference_dtype="fp32"))  # --reference-dtype fp32
+    assert m.model_config() == fp32 and m.scheduler == dataclasses.asdict(fp32.sampler)
     for name, c in m.components.items():
         declared = SPECS[name].with_precision("float32").to_dict()
         assert (c.io.to_dict()["inputs"], c.io.to_dict()["outputs"]) == (declared["inputs"], declared["outputs"])

@@ -120,9 +120,11 @@ def ref_single(blk, x, vec, angles):
     return x + gate * lin(blk.linear2, out)
 
 
-def ref_timestep(t: float) -> torch.Tensor:
-    """Open-Sora's t and 1000*t are bf16 tensors (rounded here alike); the sinusoids in float64."""
-    tt = bf16(CFG.time_factor * bf16(t))
+def ref_timestep(t: float, reference_dtype: str = "bf16") -> torch.Tensor:
+    """Open-Sora's t and 1000*t are bf16 tensors (rounded here alike; reference dtype fp32: float32 t, exact
+    product); the sinusoids in float64."""
+    f32 = torch.tensor(t, dtype=torch.float32).item()
+    tt = bf16(CFG.time_factor * bf16(t)) if reference_dtype == "bf16" else CFG.time_factor * f32
     half = CFG.timestep_dim // 2
     args = [tt * math.exp(-math.log(10000) * k / half) for k in range(half)]
     return torch.tensor([math.cos(a) for a in args] + [math.sin(a) for a in args], dtype=torch.float64)
@@ -186,6 +188,22 @@ def test_timestep_embedding_rounds_like_bf16():
     close(got, torch.stack([ref_timestep(v) for v in t.tolist()]), tol=TIME_TOL)
     # 1000 * bf16(0.99645) = 996.09..., rounded to bf16: 996 (the values the doc lists: 1000, 996, 992, ...)
     assert bf16(1000 * bf16(0.9964526)) == 996.0
+
+
+def test_timestep_embedding_at_reference_dtype_fp32_rounds_nothing():
+    """SamplerV2Config.reference_dtype "fp32": t and 1000*t stay float32 (996.45..., not 996), in the module too."""
+    t = torch.tensor([1.0, 0.9964526295661926, 0.33266, 0.10473822])
+    got = timestep_embedding(t, CFG.timestep_dim, CFG.time_factor, reference_dtype="fp32")
+    close(got, torch.stack([ref_timestep(v, "fp32") for v in t.tolist()]), tol=TIME_TOL)
+    assert (got - timestep_embedding(t, CFG.timestep_dim, CFG.time_factor)).abs().max() > 1e-2  # 0.45 rad apart at k=0
+    m16, m32 = seeded_init_(MMDiT(CFG), seed=0).eval(), seeded_init_(MMDiT(CFG, "fp32"), seed=0).eval()  # float32 weights
+    kw, (T, h, w, L) = inputs(B=1)
+    cos, sin = video_rope(CFG, L, T, h, w)
+    with torch.no_grad():
+        a, b = (m(**kw, cos=cos, sin=sin) for m in (m16, m32))
+    assert (a - b).abs().max() > 1e-4 * a.abs().max()
+    with pytest.raises(ValueError, match="bf16 or fp32"):
+        MMDiT(CFG, "fp16")
 
 
 def test_rope_is_complex_rotation():

@@ -267,6 +267,12 @@ def test_image_conditioning_without_the_vae_encoder_is_refused_clearly(pipe):
     assert "--with-vae-encoder" in e.value.hint
 
 
+def test_a_reference_dtype_this_osx_does_not_know_is_refused(v2_bundle, reference):
+    bad = v2_bundle.manifest.replace(scheduler={**v2_bundle.manifest.scheduler, "reference_dtype": "fp16"})
+    with pytest.raises(BundleError, match="reference dtype 'fp16' is not one of bf16, fp32"):
+        torch_pipeline(Bundle(v2_bundle.root, bad), reference)
+
+
 def test_each_pipeline_refuses_the_other_family(v2_bundle, reference, tiny_bundle):
     """A v2.0 bundle in v1.2's pipeline (what a v1.2-only reader such as the Triton model constructs) and the
     reverse: a BundleError naming both samplers."""
