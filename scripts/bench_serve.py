@@ -3,24 +3,32 @@ local Ray (2 CPUs) with 1 and 2 replicas of a bundle (default: the tiny one, exp
 
 Per replica count:
   latency     R rounds, each one bare `Pipeline.generate` + write_video in this process, then the same
-              request through the service alone (POST, GET ?wait= until final, GET the mp4): p50/p95 of both, and
-              the service's overhead at p50 (target < 5 %), also as the median of the per-round ratios.
-              Interleaved, so load on the machine hits both sides alike. Where the time goes, p50 in ms:
-              bare (generate, of it denoise; mp4) and service (POST, dispatch, the replica: generate, of
-              it denoise and progress writes; mp4; and the client noticing the end + fetching the mp4).
+              request through the service alone (POST, then GET the mp4 with ?wait=, which answers once the
+              job is final), then one GET /healthz (the floor of any request: HTTP + Serve's proxy + one
+              Ray hop). p50/p95 of both, the service's overhead at p50 (target < 5 %) and the median of the
+              per-round ratios; interleaved, so load on the machine hits both sides alike, and the load
+              average before and after beside them. Where the time goes, p50 in ms: bare (generate, of it
+              denoise; mp4) and service (POST, dispatch, the replica: generate, of it denoise and progress
+              writes; mp4; then the client getting the mp4), split into the replica's generation vs bare
+              (proportional to the job) and the rest (fixed per request).
   throughput  N requests posted at once: requests per minute until the last one succeeded, p50/p95 of
               their latencies (queueing included).
+Both sides run onnxruntime with the same intra-op threads (one per physical core: osx.runtime.backends).
 """
 
 import argparse
 import json
+import os
 import socket
 import statistics
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
+
+FINAL = ("succeeded", "failed", "cancelled")
 
 
 def _pct(values, q):
@@ -38,25 +46,37 @@ def _call(base, method, path, body=None):
 def _through_service(base, body, timeout=600.0, parts=None):
     """Seconds from POST to having the mp4; `parts` collects where the time went (ms): the POST's round
     trip, queue + Ray dispatch (created -> started), the replica (started -> finished: generation and
-    mp4; of which `Pipeline.run` alone), and the client noticing (finished -> status answered + GET content),
-    from the job's timestamps."""
+    mp4; of which `Pipeline.run` alone), and the client getting the mp4 (finished -> content received),
+    from the job's timestamps (read after the clock stopped)."""
     t0, wall0 = time.perf_counter(), time.time()
     job = json.loads(_call(base, "POST", "/v1/videos", body))["id"]
     posted = time.time()
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:  # long poll: the ingress answers when the job is final
-        status = json.loads(_call(base, "GET", f"/v1/videos/{job}?wait=30"))
-        if status["state"] in ("succeeded", "failed", "cancelled"):
+    while time.monotonic() < deadline:  # long poll: the ingress answers once the job is final (409 if not done yet)
+        try:
+            _call(base, "GET", f"/v1/videos/{job}/content?wait=30")
             break
+        except urllib.error.HTTPError as e:
+            if e.code != 409 or json.loads(_call(base, "GET", f"/v1/videos/{job}"))["state"] in FINAL:
+                raise
+    done, received = time.perf_counter(), time.time()
+    status = json.loads(_call(base, "GET", f"/v1/videos/{job}"))
     assert status["state"] == "succeeded", status
-    _call(base, "GET", f"/v1/videos/{job}/content")
     if parts is not None:
-        for name, ms in (("post", posted - wall0), ("dispatch", status["started"] - status["created"]),
-                         ("replica", status["finished"] - status["started"]), ("of_which_generate", status["result"]["generate_seconds"]),
-                         ("of_which_progress_writes", status["result"]["progress_seconds"]), ("of_which_mp4", status["result"]["encode_seconds"]),
-                         ("of_which_denoise", status["result"]["denoise_seconds"]),
-                         ("notice", time.time() - status["finished"])):
-            parts.setdefault(name, []).append(1000 * ms)
+        result = status["result"]
+        for name, s in (("post", posted - wall0), ("dispatch", status["started"] - status["created"]),
+                        ("replica", status["finished"] - status["started"]), ("of_which_generate", result["generate_seconds"]),
+                        ("of_which_progress_writes", result["progress_seconds"]), ("of_which_mp4", result["encode_seconds"]),
+                        ("of_which_denoise", result["denoise_seconds"]), ("get_mp4", received - status["finished"]),
+                        # this round's latency less the replica's generation and mp4: what the service adds per request
+                        ("fixed", done - t0 - result["generate_seconds"] - result["encode_seconds"])):
+            parts.setdefault(name, []).append(1000 * s)
+    return done - t0
+
+
+def _healthz(base) -> float:
+    t0 = time.perf_counter()
+    _call(base, "GET", "/healthz")
     return time.perf_counter() - t0
 
 
@@ -110,10 +130,13 @@ def main(argv):
         for replicas in (1, 2):
             deploy([bundle], store=str(work / f"store{replicas}"), replicas=replicas, queue=args.requests, port=port, verify=False)
             _through_service(base, body)  # warm: first request loads nothing new, but wakes every process
-            bare_s, served_s, parts, bare_parts = [], [], {}, {}
+            bare_s, served_s, floor_s, parts, bare_parts = [], [], [], {}, {}
+            load_before = round(os.getloadavg()[0], 2)
             for _ in range(args.rounds):
                 bare_s.append(bare(bare_parts))
                 served_s.append(_through_service(base, body, parts=parts))
+                floor_s.append(_healthz(base))
+            load_after = round(os.getloadavg()[0], 2)
             latencies, threads = [], []
             t0 = time.perf_counter()
             for i in range(args.requests):
@@ -123,16 +146,24 @@ def main(argv):
                 t.join(900)
             wall = time.perf_counter() - t0
             p50_bare, p50_served = statistics.median(bare_s), statistics.median(served_s)
+            p50 = {k: statistics.median(v) for k, v in parts.items()}
+            bare_p50 = {k: statistics.median(v) for k, v in bare_parts.items()}
             result["by_replicas"][replicas] = {
-                "latency_alone": {"bare_p50_s": round(p50_bare, 4), "bare_p95_s": _pct(bare_s, 0.95),
+                "latency_alone": {"load_avg_1min": [load_before, load_after],
+                                  "bare_p50_s": round(p50_bare, 4), "bare_p95_s": _pct(bare_s, 0.95),
                                   "service_p50_s": round(p50_served, 4), "service_p95_s": _pct(served_s, 0.95),
                                   "overhead_p50_s": round(p50_served - p50_bare, 4),
                                   "overhead_p50_pct": round(100 * (p50_served / p50_bare - 1), 1),
                                   "overhead_paired_median_pct": round(100 * statistics.median(b / a - 1 for a, b in zip(bare_s, served_s)), 1),
                                   "target_pct": 5.0,
-                                  "bare_parts_p50_ms": {k: round(statistics.median(v), 1) for k, v in bare_parts.items()},
-                                  "service_parts_p50_ms": {k: round(statistics.median(v), 1) for k, v in parts.items()}},
-                "throughput": {"requests": len(latencies), "wall_s": round(wall, 2), "requests_per_minute": round(60 * len(latencies) / wall, 1),
+                                  # the replica's generation vs bare grows with the job; the rest is per request
+                                  "replica_generate_vs_bare_pct": round(100 * (p50["of_which_generate"] / bare_p50["generate"] - 1), 1),
+                                  "fixed_ms": round(p50["fixed"], 1),
+                                  "healthz_p50_ms": round(1000 * statistics.median(floor_s), 1),
+                                  "bare_parts_p50_ms": {k: round(v, 1) for k, v in bare_p50.items()},
+                                  "service_parts_p50_ms": {k: round(v, 1) for k, v in p50.items() if k != "fixed"}},
+                "throughput": {"load_avg_1min": round(os.getloadavg()[0], 2), "requests": len(latencies), "wall_s": round(wall, 2),
+                               "requests_per_minute": round(60 * len(latencies) / wall, 1),
                                "p50_s": _pct(latencies, 0.5), "p95_s": _pct(latencies, 0.95)},
             }
             serve.shutdown()

@@ -23,6 +23,7 @@ import os
 import re
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ray
@@ -51,18 +52,33 @@ def gpu_bundle(bundle) -> bool:
 
 @serve.deployment(max_ongoing_requests=1)
 class Generator:
-    """One replica: one Pipeline, one generation at a time."""
+    """One replica: one Pipeline, one generation at a time, all of it on one thread of its own.
+
+    Why its own thread: Ray Serve runs a sync method on a pool thread that is not the one that built the
+    replica; there, measured in a replica with the tiny bundle, a generation took 14.1k page faults instead
+    of 5.8k (each thread allocates from its own malloc arena, which had to grow again) and 20-38 ms more
+    (+6-12 %). Loading and generating on the same thread is as fast as `Pipeline.generate` in the caller's
+    own process, and the replica's event loop stays free while it runs."""
 
     def __init__(self, bundle: str, store: str, keep_s: float, verify: bool = True):
-        from osx.runtime.pipeline import Pipeline
-
-        self.pipeline = Pipeline.load(bundle, verify=verify)
-        self.pipeline.preload()
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="osx-generate")
+        self.pipeline = self.worker.submit(self._load, bundle, verify).result()
         self.store = JobStore(store, keep_s)
         self.replica = ray.get_runtime_context().get_actor_name()
 
-    def generate(self, job_id: str, attempt: int, fields: dict) -> str:
+    @staticmethod
+    def _load(bundle: str, verify: bool):
+        from osx.runtime.pipeline import Pipeline
+
+        pipeline = Pipeline.load(bundle, verify=verify)
+        pipeline.preload()
+        return pipeline
+
+    async def generate(self, job_id: str, attempt: int, fields: dict) -> str:
         """Run one attempt of a job; returns its final state ("skipped" if someone else claimed it)."""
+        return await asyncio.get_running_loop().run_in_executor(self.worker, self._generate, job_id, attempt, fields)
+
+    def _generate(self, job_id: str, attempt: int, fields: dict) -> str:
         if not self.store.claim(job_id, attempt):
             return "skipped"
         status = self.store.read(job_id)
@@ -230,23 +246,29 @@ class Ingress:
             self.tasks.pop(job_id, None)
             self.seconds = (self.seconds + [time.monotonic() - t0])[-50:]
 
-    @app.get("/v1/videos/{job_id}")
-    async def status(self, job_id: str, wait: float = 0.0):
+    async def _until_final(self, job_id: str, wait: float) -> None:
         """`?wait=S` (at most 60): answer once the job is final or S seconds passed, whichever is first,
-        instead of being polled (for jobs this ingress is handing out)."""
+        instead of being polled (for jobs this ingress is handing out). A poll every N ms adds N/2 ms to a
+        job's latency on average; this adds one wake-up."""
         task = self.tasks.get(job_id)
         if task is not None and wait > 0:
             await asyncio.wait({task}, timeout=min(float(wait), 60.0))
+
+    @app.get("/v1/videos/{job_id}")
+    async def status(self, job_id: str, wait: float = 0.0):
+        await self._until_final(job_id, wait)
         status = self.store.read(job_id)
         return status if status is not None else _error(404, f"no video job {job_id!r}", hint="it never existed or has expired")
 
     @app.get("/v1/videos/{job_id}/content")
-    def content(self, job_id: str):
+    async def content(self, job_id: str, wait: float = 0.0):
+        """The mp4; with `?wait=S` it first waits as the status does (one request instead of two)."""
+        await self._until_final(job_id, wait)
         status = self.store.read(job_id)
         if status is None:
             return _error(404, f"no video job {job_id!r}", hint="it never existed or has expired")
         if status["state"] != "succeeded":
-            return _error(409, f"job {job_id} is {status['state']}, there is no video", hint="wait until its state is succeeded")
+            return _error(409, f"job {job_id} is {status['state']}, there is no video", hint="wait until its state is succeeded (?wait=S waits for it)")
         return FileResponse(self.store.video(job_id), media_type="video/mp4", filename=f"{job_id}.mp4")
 
     @app.delete("/v1/videos/{job_id}")
