@@ -109,6 +109,7 @@ class Pipeline:
         self.timings: dict = {}
         self._cancel = threading.Event()
         self._clip, self._clips = 0, 1  # video extension: the clip being made, of how many
+        self.resident = False  # preload() asked to keep what is loaded loaded (osx serve's replicas)
 
     @classmethod
     def load(cls, bundle: str | os.PathLike | Bundle, backend: str | None = None, *, verify: bool = True) -> "Pipeline":
@@ -341,13 +342,18 @@ class Pipeline:
     def encode_reference(self, pixels: np.ndarray, progress: Progress | None = None) -> np.ndarray:
         """Pixels [3, f <= 17, H, W] in [-1, 1] -> model-normalised latents [1, C, ceil(f / 4), H/8, W/8]. The
         encoder runs alone (the plan counts its memory so): loaded components are released first (with
-        everything resident, video extension reloads them for each clip), the encoder after."""
-        for name, backend in self.backends.items():  # it runs alone, as the plan counts its memory
-            if name != "vae_encoder" and backend.loaded:
-                backend.release()
+        everything resident, video extension reloads them for each clip), the encoder after. A preloaded
+        pipeline (`resident`, unless loading one at a time) releases nothing and keeps the encoder too once loaded: its memory then adds to
+        the plan's, and no request reloads anything."""
+        keep = self.resident and not self.load_one_at_a_time
+        if not keep:  # it runs alone, as the plan counts its memory
+            for name, backend in self.backends.items():
+                if name != "vae_encoder" and backend.loaded:
+                    backend.release()
         t0 = time.perf_counter()
         z = self._encode(self._loaded("vae_encoder"), pixels[None].astype(np.float32, copy=False))
-        self.backends["vae_encoder"].release()
+        if not keep:
+            self.backends["vae_encoder"].release()
         self.timings["vae_encode_s"] = self.timings.get("vae_encode_s", 0.0) + time.perf_counter() - t0
         _check_finite(z, "the VAE encoder's latent of the reference")
         self._report(progress, "vae_encode", 1, 1, 0.0)
@@ -438,11 +444,14 @@ class Pipeline:
         self._cancel.set()
 
     def preload(self) -> None:
-        """Load every component now (e.g. before timing, or to keep them resident between requests)."""
+        """Load every component now and keep them, and the VAE encoder once a reference needs it, resident
+        between requests (e.g. a server's replica; or before timing) until `release()`."""
+        self.resident = True
         for name in self.components:
             self._loaded(name)
 
     def release(self) -> None:
+        self.resident = False
         for backend in self.backends.values():
             backend.release()
 

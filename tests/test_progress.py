@@ -35,7 +35,7 @@ def test_served_status_carries_the_phase_and_a_fraction_over_both_loops(monkeypa
     monkeypatch.setattr(app, "PROGRESS_EVERY_S", 0.0)  # every event written (throttling: the test below)
 
     written = []
-    fake = SimpleNamespace(pipeline=SimpleNamespace(progress_phases=lambda request: T2I2V),
+    fake = SimpleNamespace(pipeline=SimpleNamespace(progress_phases=lambda request, reference=False: T2I2V),
                            store=SimpleNamespace(write=lambda s: written.append(dict(s["progress"])), cancel_requested=lambda i: False))
     progress = Generator.func_or_class._progress(fake, {"id": "job"}, request=None)
     assert all(progress(e) for e in events(T2I2V))
@@ -52,7 +52,7 @@ def test_served_progress_is_written_at_most_every_interval_and_at_each_phase_end
     from osx.runtime.serving.app import Generator
 
     written, checks = [], []
-    fake = SimpleNamespace(pipeline=SimpleNamespace(progress_phases=lambda request: T2I2V),
+    fake = SimpleNamespace(pipeline=SimpleNamespace(progress_phases=lambda request, reference=False: T2I2V),
                            store=SimpleNamespace(write=lambda s: written.append(dict(s["progress"])),
                                                  cancel_requested=lambda i: checks.append(i) or False))
     progress = Generator.func_or_class._progress(fake, {"id": "job"}, request=None)

@@ -122,7 +122,9 @@ def test_malformed_requests(service):
     for raw, message in cases:
         code, body = service.json("POST", "/v1/videos", raw=raw[:60000])
         assert code == 400 and message in body["error"], (raw[:40], body)
-    code, body = service.json("POST", "/v1/videos", raw=b" " * 70000)
+    from osx.runtime.serving.app import MAX_BODY
+
+    code, body = service.json("POST", "/v1/videos", raw=b" " * (MAX_BODY + 1))
     assert code == 413
     for path in ("/v1/videos/vid_000000000000000000000000", "/v1/videos/..%2F..%2Fetc", "/v1/videos/x/content"):
         assert service.call("GET", path)[0] == 404
@@ -181,6 +183,31 @@ def test_six_concurrent_requests_equal_osx_generate(service, tiny_bundle, tmp_pa
         for other in set(seeds) - {seed}:
             assert _psnr(served[seed], served[other]) < 22, (seed, other)  # neighbouring seeds measured 17.3 dB
     assert len(replicas) == 2, "both replicas should have taken work"
+    capsys.readouterr()
+
+
+def test_a_reference_image_travels_in_the_request(service, tiny_bundle, tmp_path, capsys):
+    """i2v over HTTP: the image's bytes in base64 (never a server path); the mp4 is `osx generate --image`'s."""
+    import base64
+
+    import cv2
+
+    image = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    png = cv2.imencode(".png", image)[1].tobytes()
+    fields = {"prompt": "a red fox", "seed": 5, "steps": 2, "num_frames": 17, "condition": "loop"}
+    code, body = service.json("POST", "/v1/videos", {**fields, "image": base64.b64encode(png).decode()})
+    assert code == 202, body
+    status = service.wait(body["id"])
+    assert status["state"] == "succeeded", status
+    assert status["request"]["image"] == f"({len(png)} bytes)"  # the record keeps no upload
+    (tmp_path / "ref.png").write_bytes(png)
+    main(["generate", str(tiny_bundle), "--prompt", "a red fox", "--seed", "5", "--steps", "2", "--frames", "17",
+          "--image", str(tmp_path / "ref.png"), "--condition", "loop", "--out", str(tmp_path / "cli.mp4"), "--no-verify"])
+    assert service.call("GET", f"/v1/videos/{body['id']}/content")[1] == (tmp_path / "cli.mp4").read_bytes()
+    for bad, message in [({"image": str(tmp_path / "ref.png")}, "not base64"),
+                         ({"image": base64.b64encode(b"not a picture").decode()}, "not a readable image")]:
+        code, body = service.json("POST", "/v1/videos", {**fields, **bad})
+        assert code == 400 and message in body["error"], body
     capsys.readouterr()
 
 

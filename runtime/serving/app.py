@@ -8,11 +8,13 @@ The ingress checks a request with the bundle's own `Pipeline.prepare_request` (s
 message `osx generate` prints), bounds the queue (429 past `replicas x (1 + queue)` open jobs per
 bundle), writes the job as `queued` and answers 202; a background task hands it to the bundle's
 replicas through Ray (which routes, queues and autoscales) and waits. A replica holds one `Pipeline`
-(one generation at a time: max_ongoing_requests=1), claims the job, reports progress into the store
+(one generation at a time: max_ongoing_requests=1), preloaded and resident: no request reloads a component
+(the VAE encoder loads at the first reference and stays). It claims the job, reports progress into the store
 at every step, stops between steps when the job's cancel file appears, and writes the mp4 before the
 state says `succeeded`. If a replica dies mid-generation, Ray restarts it and the ingress retries the
 job once (on whichever replica Ray picks), then fails it with the reason: an accepted job always ends
-in succeeded, failed or cancelled.
+in succeeded, failed or cancelled. A reference image or video travels in the request itself (base64;
+osx.runtime.serving.references).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route methods' annotations at runtime.
@@ -33,11 +35,12 @@ from ray import serve
 
 from osx.errors import OsxError
 from osx.runtime.progress import Fractions
+from osx.runtime.serving import references
 from osx.runtime.serving.jobs import FINAL, JobStore
 from osx.runtime.shim import _GENERATE_OPTIONS, _parse_options, _ShimError
 
 log = logging.getLogger("osx.serve")
-MAX_BODY = 64 * 1024  # bytes; a request is a prompt and a few numbers
+MAX_BODY = 12 * 2**20  # bytes; a request is a prompt, a few numbers and at most one reference file in base64
 # Progress goes to the store at most this often (and at the end of every phase): each write replaces a
 # file, ~1.7 ms here, which written at every step was 6 % of a 10-step tiny job (bench.py serve).
 PROGRESS_EVERY_S = 0.2
@@ -87,9 +90,10 @@ class Generator:
         status.update(state="running", attempt=attempt, replica=self.replica, started=time.time())
         self.store.write(status)
         try:
-            request = self.pipeline.prepare_request(**fields)
-            progress = self._progress(status, request)
-            frames = self.pipeline.run(request, progress=progress)
+            options, refs = references.split_fields(fields)  # refs: a reference file kept in the store, its options
+            request = self.pipeline.prepare_request(**options)
+            progress = self._progress(status, request, reference="image" in refs or "video" in refs)
+            frames = self.pipeline.run(request, progress=progress, **refs)
             self._write_video(status, request, frames, progress.seconds)
         except Exception as e:  # noqa: BLE001 - every outcome ends the job in a final state
             from osx.runtime.pipeline import GenerationCancelled
@@ -104,10 +108,10 @@ class Generator:
             self.store.write(status)
         return status["state"]
 
-    def _progress(self, status: dict, request):
+    def _progress(self, status: dict, request, reference: bool = False):
         """The pipeline's progress callback: progress into the store; False (stop) once cancelled.
         Work units: each step of each phase the pipeline announces (osx.runtime.progress), and writing the file."""
-        fractions = Fractions(self.pipeline.progress_phases(request), extra=1)
+        fractions = Fractions(self.pipeline.progress_phases(request, reference), extra=1)
         t0, last_write = time.perf_counter(), -math.inf
 
         def progress(event: dict) -> bool:
@@ -205,7 +209,8 @@ class Ingress:
             return _error(400, "prompt is required", hint='send {"prompt": "..."}; an empty string is allowed')
         max_steps = self.models[name]["max_steps"]
         try:
-            request = self.pipelines[name].prepare_request(**fields)
+            upload = references.decode(fields, self.pipelines[name])
+            request = self.pipelines[name].prepare_request(**references.split_fields(fields)[0])
         except OsxError as e:
             return _error(400, e.message, e.hint)
         if request.steps > max_steps:
@@ -215,7 +220,13 @@ class Ingress:
             wait = max(1, math.ceil(sorted(self.seconds)[len(self.seconds) // 2])) if self.seconds else 5
             return _error(429, f"queue full: {limit} requests for {name} are already running or queued",
                           hint=f"retry after {wait} s", headers={"Retry-After": str(wait)})
-        status = self.store.create(name, fields)
+        status = self.store.create(name, fields if upload is None else {**fields, upload[0]: f"({len(upload[1])} bytes)"})
+        if upload is not None:  # kept in the job's folder; the replica gets its path
+            try:
+                fields = {**fields, upload[0]: str(references.keep(*upload, self.store.root / status["id"]))}
+            except OsxError as e:
+                self.store.delete(status["id"])
+                return _error(400, e.message, e.hint)
         self.open[name][status["id"]] = 1
         self.tasks[status["id"]] = asyncio.get_running_loop().create_task(self._drive(name, status["id"], fields))
         return JSONResponse(status, status_code=202, headers={"Location": f"/v1/videos/{status['id']}"})

@@ -4,6 +4,7 @@
     STORE/<id>/status.<n>.json  the job: state, progress, error, request, times; replaced atomically by
                              the writer of attempt n (see below); the highest n is the job's status
     STORE/<id>/video.mp4     the result, renamed into place before the state says `succeeded`
+    STORE/<id>/reference.image|video  the request's uploaded reference, if any (serving/references.py)
     STORE/<id>/cancel        present once someone asked to cancel it
     STORE/<id>/claim.<n>     who runs attempt n: created exclusively (O_EXCL) by the replica that starts
                              it, or by the ingress cancelling it before any replica did
