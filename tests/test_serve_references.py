@@ -1,6 +1,6 @@
 """References in `osx serve` requests (runtime/serving/references.py) and replicas that keep their components
-loaded: a replica's job handler (`Generator.generate`) runs here, without a Ray cluster, on a preloaded
-Pipeline of the tiny bundle whose backends count their loads."""
+loaded: a replica's job handler (`Generator._generate`, what `generate` runs on the replica's own thread) runs
+here, without a Ray cluster, on a preloaded Pipeline of the tiny bundle whose backends count their loads."""
 
 import base64
 
@@ -71,7 +71,7 @@ def test_image_requests_reuse_the_replicas_loaded_components(replica):
               "condition": "tail"}
     for k in range(2):
         job, sent = submit(replica, {**fields, "seed": 2 + k})
-        assert replica.generate(job, 1, sent) == "succeeded", replica.store.read(job)["error"]
+        assert replica._generate(job, 1, sent) == "succeeded", replica.store.read(job)["error"]
         status = replica.store.read(job)
         assert status["result"]["frames"] == 17 and replica.store.video(job).stat().st_size > 0
         assert loads == {"text_encoder": 1, "denoiser": 1, "vae_decoder": 1, "vae_encoder": 1}, k  # nothing reloaded
@@ -92,7 +92,7 @@ def test_one_at_a_time_plans_load_each_component_once_per_request(tiny_bundle, t
     fields = {"prompt": PROMPT, "steps": 1, "num_frames": 17, "image": base64.b64encode(png()).decode()}
     for k in range(1, 3):
         job, sent = submit(replica, fields)
-        assert replica.generate(job, 1, sent) == "succeeded", replica.store.read(job)["error"]
+        assert replica._generate(job, 1, sent) == "succeeded", replica.store.read(job)["error"]
         assert loads == {"text_encoder": 1 + k, "denoiser": 1 + k, "vae_decoder": 1 + k, "vae_encoder": k}
 
 
@@ -104,7 +104,7 @@ def test_a_data_url_and_a_data_video_are_accepted(replica, tmp_path):
     assert kind == "image" and data == png()
     mp4 = write_video(np.stack([np.full((32, 32, 3), 10 * s, np.uint8) for s in range(17)]), tmp_path / "ref.mp4", 24)
     job, sent = submit(replica, {"prompt": PROMPT, "steps": 1, "num_frames": 34, "video": base64.b64encode(mp4.read_bytes()).decode()})
-    assert replica.generate(job, 1, sent) == "succeeded", replica.store.read(job)["error"]
+    assert replica._generate(job, 1, sent) == "succeeded", replica.store.read(job)["error"]
     assert replica.store.read(job)["result"]["frames"] == 34
 
 
