@@ -478,7 +478,7 @@ def resolve_parts(sources: Sequence[WeightSource], folder: str | os.PathLike | N
         released = [f"{s.released_name} ({s.option})" for s in missing if s.released_name]
         if folder is None:
             raise CheckpointError(f"no {', '.join(s.part for s in missing)} weights given",
-                                  hint=f"pass --checkpoint DIR (holding {', '.join(s.description for s in sources)}), or "
+                                  hint=f"pass --checkpoint DIR (holding {', '.join(s.description for s in sources if s.required)}), or "
                                   + " ".join(f"{s.option} PATH" for s in missing))
         raise CheckpointError(f"checkpoint folder {folder} has no {', '.join(s.description for s in missing)}",
                               hint="put it in the folder (a file or subfolder), or pass "

@@ -23,19 +23,11 @@ import torch
 from osx.errors import CheckpointError
 from osx.export import checkpoint
 from osx.export.checkpoint import CheckpointReader, check_fit, identify_part
-from osx.families.base import WeightSource
 from osx.families.opensora_v2_0 import OPENSORA_V2_0_FAMILY
 
-# The parts: the family's (osx/families/opensora_v2_0.py), then Flux.1-dev for t2i2v, optional (found and
-# checked like the others, missing is no error). Order matters: the first whose rule matches wins (the MMDiT
-# has cond_in, Flux.1-dev not).
-T2I_WEIGHTS = (
-    WeightSource("flux", "Flux.1-dev weights", ("double_blocks.",), ("flux1-dev.",), required=False,
-                 released_name="flux1-dev.safetensors"),
-    WeightSource("flux_ae", "Flux autoencoder weights", ("decoder.up.",), ("flux1-dev-ae",), requires=("decoder.mid.attn_1.",),
-                 unused_prefixes=("encoder.",), required=False, released_name="flux1-dev-ae.safetensors"),
-)
-WEIGHTS = OPENSORA_V2_0_FAMILY.weights + T2I_WEIGHTS
+# The parts (osx/families/opensora_v2_0.py): the four, then Flux.1-dev and its autoencoder for t2i2v, optional
+# (found and checked like the others, missing is no error).
+WEIGHTS = OPENSORA_V2_0_FAMILY.weights
 PARTS = tuple(w.part for w in WEIGHTS if w.required)
 OPTIONAL_PARTS = tuple(w.part for w in WEIGHTS if not w.required)
 RELEASED_NAMES = {w.part: w.released_name for w in WEIGHTS}

@@ -73,10 +73,20 @@ def export_bundle(request: ExportRequest) -> Manifest:
     model_cfg = with_reference_dtype(model_cfg, request.reference_dtype)
     asked = parse_dtypes(request.dtype)
     parts = request.weights.resolve(family)
-    plan = _plan(request.gpu, model_cfg, request.precision)
     on_request = [c.name for c in family.components if not c.in_pipeline]
     if request.with_components is None:  # the VAE encoder where the family takes references (image-to-video, extension)
-        request = dataclasses.replace(request, with_components=tuple(on_request) if family.references else ())
+        default = [c.name for c in family.components if not c.in_pipeline and not c.optional_set]
+        request = dataclasses.replace(request, with_components=tuple(default) if family.references else ())
+    # an optional set (--with-t2i: t2i2v's Flux.1-dev and its decoder), planned by the family planner's with_SET option
+    unknown = [s for s in request.with_sets if s not in family.optional_sets]
+    if unknown:
+        raise OsxError(f"--with-{unknown[0]}: {model_cfg.name} has no {unknown[0]} components",
+                       hint=f"drop --with-{unknown[0]}" + (f"; {model_cfg.name} has --with-{', --with-'.join(family.optional_sets)}"
+                                                          if family.optional_sets else ""))
+    extra = tuple(n for s in request.with_sets for n in family.optional_set(s))
+    request = dataclasses.replace(request, with_components=(*request.with_components, *extra))
+    _check_optional_weights(family, extra, parts)
+    plan = _plan(request.gpu, model_cfg, request.precision, **{f"with_{s}": True for s in request.with_sets})
     # the plan records what the bundle holds (the planner plans the VAE encoder where the family takes references)
     plan.components = {n: c for n, c in plan.components.items() if n not in on_request or n in request.with_components}
     precisions = {n: c.precision for n, c in plan.components.items()}
@@ -123,6 +133,21 @@ def with_reference_dtype(model_cfg, reference_dtype: str | None):
     return dataclasses.replace(model_cfg, **{field: dataclasses.replace(scheduler, reference_dtype=reference_dtype)})
 
 
+def _check_optional_weights(family, names, parts: dict | None) -> None:
+    """Optional parts (Flux.1-dev for --with-t2i) are not required by the checkpoint folder, so a component
+    asked for whose part was not found is refused here, before anything is exported."""
+    if parts is None:
+        return
+    missing = {family.component(n).weights for n in names} - set(parts)
+    if missing:
+        sources = [family.weight_source(p) for p in sorted(missing)]
+        asked = [n for n in names if family.component(n).weights in missing]
+        raise CheckpointError(f"{', '.join(asked)} need {', '.join(s.description for s in sources)}, which the checkpoint lacks",
+                              hint="put " + ", ".join(f"{s.released_name}" for s in sources) + " in the checkpoint folder, or pass "
+                              + ", ".join(f"{s.option} PATH" for s in sources)
+                              + f"; or export without --with-{'/--with-'.join(family.optional_sets)}")
+
+
 def _component_names(request: ExportRequest, family, plan) -> list[str]:
     """The components to export, in the family's order: the plan's, `with_components`, cut to `only`."""
     extra = [n for n in request.with_components if n not in family.names()]
@@ -132,7 +157,7 @@ def _component_names(request: ExportRequest, family, plan) -> list[str]:
     unknown = [n for n in request.only if n not in names]
     if unknown:
         raise OsxError(f"--component {', '.join(unknown)} is not exported for this plan",
-                       hint=f"choose from {', '.join(names)} (vae_encoder needs --with-vae-encoder)")
+                       hint=f"choose from {', '.join(names)} (vae_encoder needs --with-vae-encoder, t2i_* --with-t2i)")
     return [n for n in names if n in request.only] if request.only else names
 
 
@@ -444,12 +469,13 @@ def span(profiles: list[dict[str, DimRange]]) -> dict[str, DimRange]:
     return dims
 
 
-def _plan(gpu: str, model_cfg: ModelConfig, precision: str):
+def _plan(gpu: str, model_cfg: ModelConfig, precision: str, **options):
+    """`options`: the family planner's (with_t2i)."""
     from osx.profiles import detect_profile, load_profile, plan_that_fits
     from osx.profiles.planner import machine_ram_bytes
 
     profile = detect_profile()[0] if gpu == "auto" else load_profile(gpu)
-    return plan_that_fits(profile, model_cfg, precision, machine_ram_bytes() if gpu == "auto" else None)
+    return plan_that_fits(profile, model_cfg, precision, machine_ram_bytes() if gpu == "auto" else None, **options)
 
 
 def versions() -> dict[str, str]:

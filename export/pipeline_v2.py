@@ -28,6 +28,7 @@ from tokenizers import Tokenizer
 from osx.errors import CheckpointError, InputError, OsxError
 from osx.export.checkpoint_v2 import load_part, resolve_parts
 from osx.export.clip import CLIPTextEncoder, build_tiny_clip_tokenizer
+from osx.export.flux_ae import FluxAEDecoder
 from osx.export.hunyuan_vae import HunyuanVideoVAE
 from osx.export.init import seeded_init_
 from osx.export.mmdit import MMDiT
@@ -36,7 +37,7 @@ from osx.export.sampler_v2 import DTYPES, condition, denoise, schedule
 from osx.export.t5 import T5TextEncoder
 from osx.export.tokenizer import build_tiny_tokenizer, convert_t5_sentencepiece
 from osx.models_v2 import (
-    COND_TYPES, OpenSoraV2Config, check_frames, get_model_config_v2, image_size, latent_shape, negative_prompt_v2,
+    COND_TYPES, T2I_CONFIGS, OpenSoraV2Config, check_frames, get_model_config_v2, image_size, latent_shape, negative_prompt_v2,
     prepare_prompt_v2,
 )
 from osx.runtime.scheduler import initial_noise
@@ -109,10 +110,20 @@ def build_reference_v2(
 # --- what the exporter builds from (the family declaration's `export_parts`) -----------------------------
 
 
+VIDEO_PARTS = ("t5", "clip", "mmdit", "vae")  # the reference's; Flux.1-dev's two for t2i2v (`osx export --with-t2i`)
+
+
 def part_factories(cfg: OpenSoraV2Config) -> dict[str, Callable[[], torch.nn.Module]]:
-    """How to build each checkpoint part's torch module (float32, weights left to the caller)."""
-    return {"t5": lambda: T5TextEncoder(cfg.t5), "clip": lambda: CLIPTextEncoder(cfg.clip),
-            "mmdit": lambda: MMDiT(cfg.mmdit, cfg.sampler.reference_dtype), "vae": lambda: HunyuanVideoVAE(cfg.vae)}
+    """How to build each checkpoint part's torch module (float32, weights left to the caller): the four video
+    parts, and where the model has a t2i2v image step, Flux.1-dev and its AE decoder. The MMDiT and Flux round
+    their timestep embeddings as the config's reference dtype says."""
+    dtype = cfg.sampler.reference_dtype
+    parts = {"t5": lambda: T5TextEncoder(cfg.t5), "clip": lambda: CLIPTextEncoder(cfg.clip),
+             "mmdit": lambda: MMDiT(cfg.mmdit, dtype), "vae": lambda: HunyuanVideoVAE(cfg.vae)}
+    if cfg.name in T2I_CONFIGS:
+        t2i = T2I_CONFIGS[cfg.name]
+        parts.update(flux=lambda: MMDiT(t2i.mmdit, dtype), flux_ae=lambda: FluxAEDecoder(t2i.ae))
+    return parts
 
 
 def random_init_std(cfg: OpenSoraV2Config) -> dict[str, float | None]:
@@ -130,9 +141,11 @@ def tokenizers(cfg: OpenSoraV2Config, paths: dict[str, os.PathLike] | None) -> d
 
 
 def build_modules(cfg: OpenSoraV2Config, meta: tuple[str, ...] = ()) -> dict[str, torch.nn.Module]:
-    """The four parts, float32; those named in `meta` on the meta device (shapes only, no memory)."""
+    """The four video parts, float32; those named in `meta` on the meta device (shapes only, no memory)."""
     modules = {}
     for part, make in part_factories(cfg).items():
+        if part not in VIDEO_PARTS:
+            continue
         with torch.device("meta" if part in meta else "cpu"):
             modules[part] = make()
     return modules

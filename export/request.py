@@ -44,7 +44,7 @@ class WeightFiles:
                                hint="drop --random-weights to export a checkpoint, or drop the checkpoint paths")
             return None
         if self.checkpoint is None and not given:
-            raise OsxError("no weights given", hint=f"pass --checkpoint DIR (holding {', '.join(w.description for w in family.weights)}), "
+            raise OsxError("no weights given", hint=f"pass --checkpoint DIR (holding {', '.join(w.description for w in family.weights if w.required)}), "
                            "or --random-weights")
         from osx.export.checkpoint import resolve_parts
 
@@ -71,6 +71,7 @@ class ExportRequest:
     # components text-to-video does not run, exported too ("vae_encoder"); None: the family's default (the VAE
     # encoder where it takes references: osx.families Family.references)
     with_components: tuple[str, ...] | None = None
+    with_sets: tuple[str, ...] = ()  # optional component sets the family declares, "t2i" (osx.families ComponentDecl.optional_set)
     only: tuple[str, ...] = ()  # export only these (a partial bundle)
     external_data_threshold: int = EXTERNAL_DATA_BYTES
     reference_dtype: str | None = None  # what the reference rounds t, fps and sizes to (None: the model's, as its family declares)
@@ -81,6 +82,7 @@ class ExportRequest:
         if self.with_components is not None:
             object.__setattr__(self, "with_components", tuple(self.with_components))
         object.__setattr__(self, "only", tuple(self.only))
+        object.__setattr__(self, "with_sets", tuple(self.with_sets))
         if self.reference_dtype not in (None, *REFERENCE_DTYPES):
             raise OsxError(f"unknown --reference-dtype {self.reference_dtype!r}", hint=f"use one of {', '.join(REFERENCE_DTYPES)}")
         if self.opset not in OPSETS:

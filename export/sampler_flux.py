@@ -95,3 +95,22 @@ def reference_t2i(model: ReferenceV2, flux: MMDiT, flux_ae: FluxAEDecoder, t2i: 
         noise=f32(z), timesteps=t2i_schedule(t2i, steps, shape[3], shape[4]), latents=[f32(t) for t in latents],
         latent=f32(x), image=f32(image), png=png, reference=reference_preprocess(png, video_height, video_width).numpy()[:, None],
     )
+
+
+@torch.no_grad()
+def reference_t2i2v(model: ReferenceV2, flux: MMDiT, flux_ae: FluxAEDecoder, t2i: T2IConfig, prompt: str, *,
+                    aspect_ratio: str, resolution: str | None = None, num_frames: int | None = None,
+                    seed: int = 42, num_steps: int | None = None, t2i_steps: int | None = None,
+                    noise: np.ndarray | None = None, image_noise: np.ndarray | None = None, **video):
+    """Open-Sora v2.0's text -> image -> video for one prompt: the image step (`reference_t2i`, seeded like the
+    video), its PNG as the i2v_head reference of `reference_generate_v2` (which resize-crops it to the video's
+    size). -> (ReferenceT2IResult, ReferenceV2Result). `video`: reference_generate_v2's other keywords."""
+    from osx.export.pipeline_v2 import reference_generate_v2
+    from osx.models_v2 import image_size
+
+    height, width = image_size(model.cfg, resolution or model.cfg.defaults.resolution, aspect_ratio)
+    image = reference_t2i(model, flux, flux_ae, t2i, prompt, aspect_ratio=aspect_ratio, video_height=height,
+                          video_width=width, seed=seed, noise=image_noise, num_steps=t2i_steps)
+    result = reference_generate_v2(model, prompt, cond_type="i2v_head", references=[image.png], height=height, width=width,
+                                   num_frames=num_frames, num_steps=num_steps, seed=seed, noise=noise, **video)
+    return image, result

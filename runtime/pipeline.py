@@ -162,7 +162,7 @@ class Pipeline:
                         height: int | None = None, width: int | None = None, fps: float | None = None,
                         steps: int | None = None, guidance_scale: float | None = None, seed: int | None = None,
                         resolution: str | None = None, aspect_ratio: str | None = None,
-                        guidance_img: float | None = None) -> Request:
+                        guidance_img: float | None = None, t2i2v: bool | None = None, t2i_steps: int | None = None) -> Request:
         """Fill in defaults and check everything against the bundle. Raises InputError naming the
         problem and what is supported; nothing has been computed yet. (`resolution` names and `aspect_ratio`
         are Open-Sora v2.0's size buckets: refused here, where sizes are width and height.)"""
@@ -173,6 +173,9 @@ class Pipeline:
         if guidance_img is not None:  # Open-Sora v2.0's image guidance
             raise InputError(f"{self.model.name} has no image guidance scale: its references are held, not guided",
                              hint="drop the image guidance scale")
+        if t2i2v or t2i_steps is not None:  # Open-Sora v2.0's text -> image -> video
+            raise InputError(f"{self.model.name} has no text-to-image step (t2i2v is Open-Sora v2.0's, with Flux.1-dev)",
+                             hint="drop --t2i2v; for a first frame of your own, pass it as --image")
         check_prompt(prompt)
         check_prompt(negative_prompt, "negative prompt")
         d, s = self.model.defaults, self.scheduler

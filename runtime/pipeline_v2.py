@@ -29,6 +29,8 @@ sampler_v2 builds the cond channels (mask + reference latents) and the image gui
 sampling, i2v writes the reference latent back into its frames (bf16), as Open-Sora does before decoding.
 Reference dtype (the manifest's scheduler.reference_dtype): "bf16" rounds the loop as Open-Sora; "fp32" rounds
 nothing, so the run stays within float32 differences of its torch reference (tests/test_runtime_v2_bundle.py).
+Text -> image -> video (`t2i2v`, on by default for a bundle exported `--with-t2i` when no reference is given):
+runtime/t2i2v.py makes the first frame with Flux.1-dev, then runs i2v_head on it (progress adds "t2i", "t2i_decode").
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from osx.models_v2 import ASPECT_RATIOS, OpenSoraV2Config, SamplerV2Config, chec
 from osx.models_v2 import latent_shape as latent_shape_v2
 from osx.models_v2 import negative_prompt_v2, prepare_prompt_v2, rope_tables
 from osx.runtime import sampler_v2
+from osx.runtime import t2i2v as t2i2v_flow
 from osx.runtime.backends import Backend
 from osx.runtime.conditioning import load_image, preprocess, preprocess_video
 from osx.runtime.pipeline import Pipeline, Progress, _check_finite, _check_pixels
@@ -75,6 +78,8 @@ class RequestV2:
     resolution: str | None = None  # the bucket the size came from (None: given as height x width)
     aspect_ratio: str | None = None
     guidance_img: float | None = None  # image guidance (i2v / v2v); None: the bundle's
+    t2i2v: bool | None = None  # first frame by Flux.1-dev (runtime/t2i2v.py); None: where the bundle has it, no reference given
+    t2i_steps: int | None = None  # the image step's sampling steps; None: the model's (50)
 
 
 class PipelineV2(Pipeline):
@@ -111,9 +116,11 @@ class PipelineV2(Pipeline):
                         height: int | None = None, width: int | None = None, fps: float | None = None,
                         steps: int | None = None, guidance_scale: float | None = None, seed: int | None = None,
                         resolution: str | None = None, aspect_ratio: str | None = None,
-                        guidance_img: float | None = None) -> RequestV2:
+                        guidance_img: float | None = None, t2i2v: bool | None = None,
+                        t2i_steps: int | None = None) -> RequestV2:
         """Defaults filled in, everything checked against the bundle before any work: InputError otherwise.
-        The size: `resolution` + `aspect_ratio` (each defaults to the model's), or `height` + `width` of a bucket."""
+        The size: `resolution` + `aspect_ratio` (each defaults to the model's), or `height` + `width` of a bucket.
+        `t2i2v`, `t2i_steps`: text -> image -> video (runtime/t2i2v.py)."""
         check_prompt(prompt)
         check_prompt(negative_prompt, "negative prompt")
         d, s = self.model.defaults, self.sampler
@@ -147,7 +154,7 @@ class PipelineV2(Pipeline):
         if problem:
             raise InputError(f"{problem}: outside what this bundle supports", hint=hint)
         return RequestV2(prompt, negative_prompt, num_frames, height, width, fps, steps, guidance_scale, seed,
-                         resolution, aspect_ratio, guidance_img)
+                         resolution, aspect_ratio, guidance_img, *t2i2v_flow.check_request(self, t2i2v, t2i_steps, aspect_ratio))
 
     def _size_problem(self, height: int, width: int, num_frames: int) -> str | None:
         return size_problem(self.model, self.specs, self.run_limits, height, width, num_frames)
@@ -179,7 +186,11 @@ class PipelineV2(Pipeline):
 
     def progress_phases(self, request: RequestV2, reference: bool = False) -> list[tuple[str, int]]:
         """The (phase, total) events `run(request)` reports, in order (osx.runtime.progress)."""
-        return [("vae_encode", 1)] * reference + [("text_encoder", len(self.tokenizers)), ("denoise", request.steps),
+        if t2i2v_flow.wanted(self, request, image=reference or None):  # text -> image -> video: the image is the reference
+            head = [("text_encoder", len(self.tokenizers)), *t2i2v_flow.t2i_phases(self, request.t2i_steps), ("vae_encode", 1)]
+        else:
+            head = [("vae_encode", 1)] * reference + [("text_encoder", len(self.tokenizers))]
+        return [*head, ("denoise", request.steps),
                 ("vae_decode", decode_tile_count(self.model.vae, self.latent_shape(request)))]
 
     def denoise(self, request: RequestV2, txt: np.ndarray, y_vec: np.ndarray, noise: np.ndarray | None = None,
@@ -229,6 +240,11 @@ class PipelineV2(Pipeline):
         if cond_type in ("i2v_tail", "i2v_loop"):
             latent[:, :, -1:] = to_reference(refs[-1][:, :, -1:], self.sampler.reference_dtype)
         return latent
+
+    def _run(self, request, noise, progress, image, condition, video, extend) -> np.ndarray:
+        if t2i2v_flow.wanted(self, request, image, video):
+            return t2i2v_flow.run(self, request, noise, progress)
+        return super()._run(request, noise, progress, image, condition, video, extend)
 
     # --- references (i2v / v2v) ----------------------------------------------------------------------
     def read_reference_video(self, path, condition: str = "head") -> np.ndarray:
@@ -306,7 +322,7 @@ class PipelineV2(Pipeline):
         """One video: uint8 frames [num_frames, H, W, 3]. `request`: prepare_request's keywords (num_frames,
         resolution, aspect_ratio or height and width, fps, steps, guidance_scale, guidance_img, seed); unset ones
         take the bundle's defaults. `noise` [1, 16, T_lat, h, w] replaces the seeded noise. `image` / `video`
-        with `condition`: the references of `reference_condition`."""
+        with `condition`: the references of `reference_condition`. `t2i2v`, `t2i_steps`: text -> image -> video."""
         return self.run(self.prepare_request(prompt, negative_prompt, **request), noise, progress, image=image,
                         condition=condition, video=video, extend=extend)
 

@@ -17,7 +17,9 @@ Options (JSON objects; unknown keys are refused):
     generate_*:   {"negative_prompt", "num_frames", "height", "width", "fps", "steps", "guidance_scale",
                    "seed"}; generate_to_file also takes "codec" ("auto", "h264", "mp4v", "vp9").
                   Unset keys take the bundle's defaults. An Open-Sora v2.0 bundle takes the same keys: height
-                  and width one of its sizes (resolution buckets, e.g. 192 x 336 for 256px 16:9), num_frames 4k+1.
+                  and width one of its sizes (resolution buckets, e.g. 192 x 336 for 256px 16:9), num_frames 4k+1;
+                  also "image", "condition", "video", "guidance_img", and "t2i2v" (true/false; default on for a
+                  bundle exported --with-t2i when no reference is given) with "t2i_steps" (the image's, default 50).
 
 Errors: `last_error()` is kept per thread, like errno: it describes the most recent call on the
 calling thread that did not return OK (every call clears it first). ERR_INTERNAL means a bug in osx;
@@ -68,7 +70,8 @@ _GENERATE_OPTIONS = {"negative_prompt": (str, type(None)), "num_frames": int, "h
                      "steps": int, "guidance_scale": _NUMBER, "seed": int,
                      "image": (str, type(None)), "condition": str,  # image: head|tail|loop; video: head (v1.2), head|tail|*_easy (v2.0)
                      "video": (str, type(None)), "extend": int,  # a reference video file; append N continuing clips (v1.2)
-                     "guidance_img": _NUMBER}  # v2.0's image guidance scale
+                     "guidance_img": _NUMBER,  # v2.0's image guidance scale
+                     "t2i2v": (bool, type(None)), "t2i_steps": int}  # v2.0's text -> image -> video (first frame by Flux.1-dev)
 _FILE_OPTIONS = {**_GENERATE_OPTIONS, "codec": str}
 MAX_OPTIONS_CHARS = 1 << 20  # options are a handful of scalars; the prompts inside have their own cap
 

@@ -1,8 +1,12 @@
-"""t2i2v's image step on a v2.0 bundle's optional components, torch-free: the first frame Open-Sora v2.0's
-recommended flow makes with Flux.1-dev before animating it (runtime/sampler_flux.py has the maths).
+"""Text -> image -> video on a v2.0 bundle with the optional t2i components, torch-free: Open-Sora v2.0's
+recommended flow (its t2i2v configs) makes the first frame with Flux.1-dev, then animates it as i2v_head
+(runtime/sampler_flux.py has the image step's maths).
 
-    png = first_frame(pipe, request)                    # uint8 [H, W, 3] at the 768px training bucket
-    reference = fit_to_video(png, request.height, request.width)   # what i2v_head then encodes
+    frames = run(pipe, request)      # PipelineV2.run with request.t2i2v (default: on where the bundle has them)
+      text     the video prompt's rows (PipelineV2.encode_text) and the raw prompt's, text encoders loaded once
+      t2i      png = first_frame(...): uint8 [H, W, 3] at the image resolution's training bucket
+      i2v      PipelineV2.reference_condition(png, "head"): resize to fill the video size, centre crop, VAE
+               encode (Open-Sora's resize_crop of the saved PNG), then the video's guided loop and decode
 
 Components (osx.families.opensora_v2_0.t2i_component_specs): `t2i_denoiser` (Flux.1-dev: img, txt, timestep,
 y_vec, guidance, rope_cos, rope_sin -> v) and `t2i_decoder` (Flux's AE decoder: z -> image). The text goes
@@ -16,11 +20,13 @@ import time
 
 import numpy as np
 
-from osx.errors import BundleError
+from osx.errors import BundleError, InputError
 from osx.models_v2 import T2I_CONFIGS, rope_tables, t2i_image_size
 from osx.runtime import sampler_flux
 from osx.runtime.progress import Progress
+from osx.runtime.request import as_int, check_int_range
 from osx.runtime.scheduler import initial_noise
+from osx.runtime.video import to_uint8_frames
 
 T2I_COMPONENTS = ("t2i_denoiser", "t2i_decoder")
 F32 = np.float32
@@ -39,19 +45,63 @@ def check_t2i(pipe) -> None:
                           "flux1-dev-ae.safetensors beside the checkpoint), or generate text-to-video without --t2i2v")
 
 
+def check_request(pipe, t2i2v, t2i_steps, aspect_ratio: str) -> tuple[bool | None, int | None]:
+    """prepare_request's t2i2v options, checked before any work: `t2i2v` True / False / None (on where the
+    bundle has the components and no reference is given); `t2i_steps` the image's sampling steps (None: the
+    model's, 50)."""
+    if t2i2v is not None and not isinstance(t2i2v, (bool, np.bool_)):
+        raise InputError(f"t2i2v={t2i2v!r}: expected true, false or none (default: on where the bundle has Flux.1-dev)")
+    if t2i_steps is not None:
+        t2i_steps = check_int_range("t2i steps", as_int("t2i steps", t2i_steps), 1, 1000,
+                                    hint=f"the image step's default is {T2I_CONFIGS[pipe.model.name].num_steps}")
+    if t2i2v:
+        check_t2i(pipe)
+    if t2i2v or (t2i2v is None and has_t2i(pipe)):
+        t2i_image_size(T2I_CONFIGS[pipe.model.name], aspect_ratio)  # the video's aspect ratio has an image bucket
+    return None if t2i2v is None else bool(t2i2v), t2i_steps
+
+
+def wanted(pipe, request, image=None, video=None) -> bool:
+    """Whether this run makes its first frame with Flux.1-dev."""
+    if request.t2i2v is None:
+        return has_t2i(pipe) and image is None and video is None
+    if request.t2i2v and (image is not None or video is not None):
+        raise InputError("text-to-image-to-video makes the first frame itself; it takes no reference image or video",
+                         hint="drop the reference, or turn t2i2v off (--no-t2i2v) to condition on it")
+    return request.t2i2v
+
+
+def run(pipe, request, noise: np.ndarray | None = None, progress: Progress | None = None) -> np.ndarray:
+    """The whole flow for a PipelineV2 `request` -> uint8 frames [F, H, W, 3]."""
+    keep, pipe.load_one_at_a_time = pipe.load_one_at_a_time, False  # T5 and CLIP loaded once for both texts
+    try:
+        txt, y_vec = pipe.encode_text(request, progress)
+        raw = encode_raw_prompt(pipe, request.prompt)
+    finally:
+        pipe.load_one_at_a_time = keep
+    for name in pipe.tokenizers:
+        pipe._done_with(name)
+    png = first_frame(pipe, request, progress, request.t2i_steps, raw)
+    pipe.t2i_image = png  # the first frame i2v_head was given (Open-Sora saves it as a PNG)
+    condition = pipe.reference_condition(request, image=png, condition="head", progress=progress)
+    latent = pipe.denoise(request, txt, y_vec, noise, progress, condition)
+    return to_uint8_frames(pipe.decode(latent, request.num_frames, progress))
+
+
 def t2i_phases(pipe, steps: int | None = None) -> list[tuple[str, int]]:
     """The progress phases `first_frame` reports (osx.runtime.progress)."""
     return [("t2i", T2I_CONFIGS[pipe.model.name].num_steps if steps is None else steps), ("t2i_decode", 1)]
 
 
-def first_frame(pipe, request, progress: Progress | None = None, steps: int | None = None) -> np.ndarray:
+def first_frame(pipe, request, progress: Progress | None = None, steps: int | None = None,
+                text: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """The image of `request` (a PipelineV2 RequestV2) as Open-Sora saves it: uint8 [H, W, 3]. `steps`: the
-    image's sampling steps (default the model's, 50)."""
+    image's sampling steps (default the model's, 50); `text`: encode_raw_prompt's result, if already made."""
     check_t2i(pipe)
     t2i = T2I_CONFIGS[pipe.model.name]
     steps = t2i.num_steps if steps is None else steps
     height, width = t2i_image_size(t2i, request.aspect_ratio)
-    txt, y_vec = encode_raw_prompt(pipe, request.prompt)
+    txt, y_vec = encode_raw_prompt(pipe, request.prompt) if text is None else text
     noise = initial_noise(request.seed, sampler_flux.image_latent_shape(t2i, height, width))  # the video's seed, as Open-Sora
     _, _, _, h, w = noise.shape
     p = t2i.mmdit.patch_size

@@ -107,3 +107,18 @@ def tiny_v2_bundle(tmp_path_factory):
     except SystemExit as e:
         assert not e.code, f"osx export exited with {e.code}"
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_t2i_bundle(tmp_path_factory):
+    """`osx export --model opensora-v2.0-tiny --random-weights --gpu cpu --with-t2i`, once per session: the v2.0
+    components and t2i2v's Flux.1-dev and its AE decoder (seeded like the rest). Read-only."""
+    pytest.importorskip("torch", reason="exporting needs the `export` extra")
+    from osx.cli import main
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-t2i"
+    try:
+        main(["export", "--model", "opensora-v2.0-tiny", "--random-weights", "--gpu", "cpu", "--with-t2i", "--out", str(out)])
+    except SystemExit as e:
+        assert not e.code, f"osx export exited with {e.code}"
+    return out

@@ -15,8 +15,11 @@ FAMILY = get_family("opensora-v2.0")
 
 def test_the_declaration():
     assert family_of(OPENSORA_V2_0) is FAMILY and get_model_config("opensora-v2.0-tiny") is OPENSORA_V2_0_TINY
-    assert FAMILY.names() == ("text_encoder", "clip", "denoiser", "vae_decoder", "vae_encoder")
+    assert FAMILY.names() == ("text_encoder", "clip", "denoiser", "vae_decoder", "vae_encoder", "t2i_denoiser", "t2i_decoder")
     assert FAMILY.names(pipeline_only=True) == ("text_encoder", "clip", "denoiser", "vae_decoder")
+    assert FAMILY.optional_sets == ("t2i",) and FAMILY.optional_set("t2i") == ("t2i_denoiser", "t2i_decoder")
+    assert {FAMILY.component(n).weights for n in FAMILY.optional_set("t2i")} == {"flux", "flux_ae"}
+    assert not any(FAMILY.weight_source(p).required for p in ("flux", "flux_ae"))
     assert FAMILY.quantizable == ("denoiser",) and tuple(FAMILY.never_fp16) == ("text_encoder",)
     assert never_fp16("text_encoder") and never_fp16("clip") is None
     assert (FAMILY.sampler.kind, FAMILY.sampler.guidance_passes) == ("rectified-flow-v2.0", 3)
@@ -53,6 +56,7 @@ def test_numpy_rope_tables_equal_the_torch_models(cfg):
 
 
 def test_weight_sources_tell_the_released_parts_apart():
+    from osx.export.checkpoint import identify_part
     from osx.export.flux_ae import FluxAEDecoder
     from osx.export.mmdit import MMDiT
     from osx.export.pipeline_v2 import build_modules
@@ -65,19 +69,19 @@ def test_weight_sources_tell_the_released_parts_apart():
         keys = list(module.state_dict())
         if name == "clip":  # the released folder holds the whole CLIP model
             keys += ["vision_model.embeddings.class_embedding", "logit_scale"]
-        matches = [w.part for w in FAMILY.weights if any(k.startswith(w.key_prefixes) for k in keys)]
-        assert matches == ([name] if name in modules else []), name
+        assert identify_part(keys, FAMILY.weights) == name  # the first rule that matches, in declaration order
+        assert sum(w.matches(keys) for w in FAMILY.weights) == (2 if name == "mmdit" else 1), name  # Flux's rule too
 
 
 def test_plans_shape_the_declared_dims():
     """The planner's optimisation profiles name exactly the spec's dims (the export narrows the spec with them)."""
     specs = FAMILY.component_specs(OPENSORA_V2_0)
-    plan = plan_that_fits(load_profile("rtx4090"), OPENSORA_V2_0)
+    plan = plan_that_fits(load_profile("rtx4090"), OPENSORA_V2_0, with_t2i=True)
     assert tuple(plan.components) == FAMILY.names()
     for name, c in plan.components.items():
         for profile in c.profiles:
             assert set(profile) == set(specs[name].dims), name
     assert plan.components["denoiser"].profiles[0]["tokens"].max == 33 * 12 * 21  # 192x336x129: 252 a frame
-    cpu = plan_that_fits(load_profile("cpu"), OPENSORA_V2_0_TINY)
+    cpu = plan_that_fits(load_profile("cpu"), OPENSORA_V2_0_TINY, with_t2i=True)
     tiny = FAMILY.component_specs(OPENSORA_V2_0_TINY)
     assert all(c.profiles == [tiny[n].dims] for n, c in cpu.components.items())

@@ -267,8 +267,8 @@ def test_without_with_t2i_nothing_changes_and_wrong_uses_are_refused():
     assert code == 2 and "--with-t2i is for text -> image -> video" in text and "opensora-v2.0" in text
     code, text = dry_run_model(FAMILY, "--gpu", "rtx4090", "--with-t2i", "--json")
     assert code == 0 and "t2i_denoiser" in json.loads(text)["components"]
-    code, text = run_cli("export", "--model", FAMILY, "--random-weights", "--with-t2i", "--out", "/nonexistent/x")
-    assert code == 2 and "not built yet" in text
+    code, text = run_cli("export", "--model", "opensora-v1.2-tiny", "--random-weights", "--with-t2i", "--out", "/nonexistent/x")
+    assert code == 2 and "opensora-v1.2-tiny has no t2i components" in text and "drop --with-t2i" in text
 
 
 @pytest.mark.parametrize("gpu", [g for g in shipped_profiles() if g != "cpu"])

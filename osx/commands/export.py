@@ -51,8 +51,9 @@ def _terminated(signum, frame):
 @click.option("--with-vae-encoder/--without-vae-encoder", default=None,
               help="Export the VAE encoder, which `osx generate --image/--video/--extend` needs; "
                    "default: on where the model family supports them (Open-Sora v1.2, v2.0).")
-@click.option("--with-t2i", is_flag=True, help="Open-Sora v2.0: also Flux.1-dev and its AE decoder, the image step of "
-              "text-to-image-to-video (t2i2v); with --dry-run, plan them (both 12B transformers).")
+@click.option("--with-t2i", is_flag=True, help="Open-Sora v2.0: also Flux.1-dev and its AE decoder (flux1-dev.safetensors, "
+              "flux1-dev-ae.safetensors in --checkpoint, or --flux/--flux-ae), the image step of text-to-image-to-video "
+              "(`osx generate --t2i2v`, the default for such a bundle); with --dry-run, plan them (both 12B transformers).")
 @click.option("--portable", is_flag=True, help="TensorRT engines for every Ampere-or-newer GPU, version-compatible "
               "(slower; end users need only TensorRT's dispatch/lean runtime).")
 @click.option("--dry-run", is_flag=True, help="Print the plan for --gpu (precision, shapes, memory, fit) and exit; no GPU needed.")
@@ -64,16 +65,11 @@ def export(model_name, random_weights, checkpoint, gpu, out, force, dtype, refer
     at two shapes; the manifest, tokenizer and null caption beside them. Written atomically."""
     from osx.families import get_model_config
 
-    if dry_run:  # plans cover every family (Open-Sora v2.0 too, whose export is not built yet)
+    if dry_run:
         from osx.profiles import dry_run as plan_text
 
         click.echo(plan_text(gpu, model_name, precision, as_json=as_json, with_t2i=with_t2i))
         return
-    if with_t2i:
-        from osx.errors import InputError
-
-        raise InputError("exporting the t2i2v components (Flux.1-dev, its AE decoder) is not built yet",
-                         hint="--with-t2i --dry-run plans them; export the bundle without --with-t2i")
     get_model_config(model_name)  # an unknown name fails before torch is imported
     if as_json or out is None:
         raise click.UsageError("--json needs --dry-run" if as_json else "--out is required (except with --dry-run)")
@@ -89,7 +85,8 @@ def export(model_name, random_weights, checkpoint, gpu, out, force, dtype, refer
     manifest = export_bundle(ExportRequest(
         model_name, out, weight_files(random_weights, checkpoint, weights), gpu=gpu, dtype=dtype, precision=precision,
         quantize=quantize, force=force, opset=opset, portable=portable, only=tuple(only), reference_dtype=reference_dtype,
-        with_components=None if with_vae_encoder is None else ("vae_encoder",) if with_vae_encoder else (), progress=lambda m: click.echo(m, err=True),
+        with_components=None if with_vae_encoder is None else ("vae_encoder",) if with_vae_encoder else (),
+        with_sets=("t2i",) if with_t2i else (), progress=lambda m: click.echo(m, err=True),
     ))
     worst = max(r["max_rel"] for c in manifest.components.values() for r in c.report["validation"]["rows"])
     click.echo(f"{out}: {', '.join(manifest.components)} validated (worst relative error {worst:.1e}); "

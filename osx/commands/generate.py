@@ -65,13 +65,16 @@ def _resolution(ctx, param, value):
                    "hold the clip's first or last 33 (65). Needs a bundle with the VAE encoder.")
 @click.option("--image-guidance-scale", "guidance_img", type=float, default=None,
               help="Open-Sora v2.0: guidance towards the --image/--video reference (default: the bundle's, 3).")
+@click.option("--t2i2v/--no-t2i2v", "t2i2v", default=None,
+              help="Open-Sora v2.0, text -> image -> video: Flux.1-dev makes the first frame, then the video animates it "
+                   "(Open-Sora's recommended flow). Default: on for a bundle exported with --with-t2i, unless --image/--video.")
 @click.option("--extend", type=click.IntRange(0), default=0, show_default=True,
               help="Append N more clips, each continuing the one before from its last 17 frames; the joined video "
                    "has frames + N x (frames - 17) frames. Each clip is a whole generation.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files (sizes are still checked).")
 @click.option("--progress-json", is_flag=True, help="Print progress and the result as JSON lines on stdout instead of a bar.")
 def generate(bundle, prompt, out, negative_prompt, seed, steps, guidance_scale, num_frames, resolution, aspect_ratio, fps, codec,
-             preview, backend, image, condition, video, guidance_img, extend, no_verify, progress_json):
+             preview, backend, image, condition, video, guidance_img, t2i2v, extend, no_verify, progress_json):
     """Generate a video from PROMPT with the bundle at BUNDLE (a folder written by `osx export`)."""
     from osx.runtime.conditioning import load_image
     from osx.runtime.pipeline import Pipeline
@@ -86,7 +89,8 @@ def generate(bundle, prompt, out, negative_prompt, seed, steps, guidance_scale, 
         check_writable(preview, suffixes=(".png",))
     width, height = resolution if isinstance(resolution, tuple) else (None, None)
     bucket = {k: v for k, v in (("resolution", resolution if isinstance(resolution, str) else None),
-                                ("aspect_ratio", aspect_ratio), ("guidance_img", guidance_img)) if v is not None}  # v2.0's
+                                ("aspect_ratio", aspect_ratio), ("guidance_img", guidance_img), ("t2i2v", t2i2v))
+              if v is not None}  # v2.0's
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")

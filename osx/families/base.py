@@ -66,6 +66,9 @@ class ComponentDecl:
     ort_fusions: bool = False  # transformer blocks: onnxruntime's GELU/norm/attention fusions apply (export.ort_optimize)
     depth: tuple[str, ...] = ()  # config fields ("section.field") counting its blocks: validation of a model
     #                              too large to run whole cuts them (osx.export.exporter.validation_config)
+    # an optional set of components (not in the pipeline) exported only with `osx export --with-SET` and
+    # planned with the family planner's `with_SET` option (Open-Sora v2.0: "t2i", Flux.1-dev and its decoder)
+    optional_set: str | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,14 @@ class Family:
 
     def names(self, pipeline_only: bool = False) -> tuple[str, ...]:
         return tuple(c.name for c in self.components if c.in_pipeline or not pipeline_only)
+
+    def optional_set(self, name: str) -> tuple[str, ...]:
+        """The components exported only with --with-NAME (ComponentDecl.optional_set)."""
+        return tuple(c.name for c in self.components if c.optional_set == name)
+
+    @property
+    def optional_sets(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(c.optional_set for c in self.components if c.optional_set))
 
     @property
     def never_fp16(self) -> dict[str, str]:

@@ -121,7 +121,8 @@ def v2_0_component_specs(cfg: OpenSoraV2Config) -> dict[str, ComponentSpec]:
         dims={"batch": DimRange(1, 1, 2), "frames": DimRange(1, 1, min(REFERENCE_FRAMES, cfg.max_frames)),
               "latent_height": lat_h, "latent_width": lat_w},
     )
-    return {s.name: s for s in (text_encoder, clip_spec, denoiser, vae_decoder, vae_encoder)}
+    specs = {s.name: s for s in (text_encoder, clip_spec, denoiser, vae_decoder, vae_encoder)}
+    return {**specs, **t2i_component_specs(cfg)} if cfg.name in T2I_CONFIGS else specs
 
 
 def t2i_component_specs(cfg: OpenSoraV2Config) -> dict[str, ComponentSpec]:
@@ -176,10 +177,15 @@ OPENSORA_V2_0_FAMILY = Family(
                       depth=("mmdit.depth", "mmdit.depth_single_blocks")),
         ComponentDecl("vae_decoder", module="vae", weights="vae", no_bf16=CONVOLUTIONS),
         ComponentDecl("vae_encoder", module="vae", weights="vae", in_pipeline=False, no_bf16=CONVOLUTIONS),  # i2v / v2v
+        # t2i2v's image step (`osx export --with-t2i`): Flux.1-dev and its AE decoder (t2i_component_specs)
+        ComponentDecl("t2i_denoiser", module="flux", weights="flux", in_pipeline=False, optional_set="t2i"),
+        ComponentDecl("t2i_decoder", module="flux_ae", weights="flux_ae", in_pipeline=False, no_bf16=CONVOLUTIONS,
+                      optional_set="t2i"),
     ),
     component_specs=v2_0_component_specs,
-    # The MMDiT is told from Flux.1-dev (same class and block names) by its `cond_in`; the folders keep the rest
-    # of the Hugging Face models (unused_prefixes). Flux.1-dev itself: export/checkpoint_v2.py T2I_WEIGHTS.
+    # The MMDiT is told from Flux.1-dev (same class and block names, fused q/k/v) by its `cond_in`; the folders keep
+    # the rest of the Hugging Face models (unused_prefixes). Order matters: the first whose rule matches wins.
+    # Flux.1-dev and its autoencoder (BFL's `down.N`/`up.N` names; the encoder half unused) only for --with-t2i.
     weights=(
         WeightSource("mmdit", "MMDiT weights", ("cond_in.",), ("open_sora", "mmdit"), released_name="Open_Sora_v2.safetensors"),
         WeightSource("vae", "HunyuanVideo VAE weights", ("encoder.down_blocks.",), ("hunyuan", "vae"),
@@ -188,6 +194,10 @@ OPENSORA_V2_0_FAMILY = Family(
                      unused_prefixes=("decoder.", "lm_head."), released_name="google/t5-v1_1-xxl"),
         WeightSource("clip", "CLIP folder", ("text_model.encoder.layers.",), ("clip",), folder_file="tokenizer.json",
                      unused_prefixes=CLIP_UNUSED_PREFIXES, released_name="openai/clip-vit-large-patch14"),
+        WeightSource("flux", "Flux.1-dev weights", ("double_blocks.",), ("flux1-dev.",), required=False,
+                     released_name="flux1-dev.safetensors"),
+        WeightSource("flux_ae", "Flux autoencoder weights", ("decoder.up.",), ("flux1-dev-ae",), requires=("decoder.mid.attn_1.",),
+                     unused_prefixes=("encoder.",), required=False, released_name="flux1-dev-ae.safetensors"),
     ),
     sampler=SamplerDecl(kind="rectified-flow-v2.0", guidance_passes=3, cfg_batching=True, defaults=SamplerV2Config()),
     prompt=PromptDecl(kind="fps-motion-score", tokenizers=(TokenizerDecl("text_encoder", "tokenizer.json"),
