@@ -113,3 +113,18 @@ def test_shim_takes_the_t2i2v_options(tiny_t2i_bundle):
         assert status == shim.ERR_INVALID_ARGUMENT and "t2i2v" in shim.last_error()
     finally:
         shim.close(handle)
+
+
+def test_a_checkpoint_without_flux_is_refused_before_anything_is_exported():
+    from pathlib import Path
+
+    from osx.errors import CheckpointError
+    from osx.export.exporter import _check_optional_weights
+    from osx.families import get_family
+
+    family = get_family(TINY.family)
+    parts = {p: Path(p) for p in ("mmdit", "vae", "t5", "clip", "flux")}
+    with pytest.raises(CheckpointError, match="t2i_decoder need Flux autoencoder weights") as e:
+        _check_optional_weights(family, family.optional_set("t2i"), parts)
+    assert "flux1-dev-ae.safetensors" in e.value.hint and "--flux-ae PATH" in e.value.hint and "--with-t2i" in e.value.hint
+    _check_optional_weights(family, family.optional_set("t2i"), {**parts, "flux_ae": Path("ae")})  # all there: fine
