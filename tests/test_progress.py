@@ -85,6 +85,11 @@ def test_v2_0_pipeline_announces_its_phases():
     from osx.runtime.pipeline_v2 import PipelineV2, RequestV2
 
     pipe = object.__new__(PipelineV2)
-    pipe.model, pipe.tokenizers = OPENSORA_V2_0, {"text_encoder": None, "clip": None}
+    pipe.model, pipe.tokenizers, pipe.backends = OPENSORA_V2_0, {"text_encoder": None, "clip": None}, {}
     request = RequestV2("x", None, num_frames=129, height=192, width=336, fps=24, steps=50, guidance_scale=7.5, seed=1)
     assert pipe.progress_phases(request) == [("text_encoder", 2), ("denoise", 50), ("vae_decode", 2)]
+    # a bundle with t2i2v's components: the image loop (Flux's 50 steps) and its decode, then the image encoded
+    pipe.backends = {"t2i_denoiser": None, "t2i_decoder": None}
+    assert pipe.progress_phases(request) == [("text_encoder", 2), ("t2i", 50), ("t2i_decode", 1), ("vae_encode", 1),
+                                             ("denoise", 50), ("vae_decode", 2)]
+    assert pipe.progress_phases(request, reference=True)[0] == ("vae_encode", 1)  # a reference image turns t2i2v off
