@@ -220,7 +220,7 @@ class PipelineV2(Pipeline):
                 t1 = time.perf_counter()
                 outs.append(denoiser.run({k: feed[k] for k in names})[out_name])
                 model_s[0] += time.perf_counter() - t1
-            return np.concatenate(outs).astype(F32, copy=False)
+            return (outs[0] if len(outs) == 1 else np.concatenate(outs)).astype(F32, copy=False)
 
         def on_step(i: int, x: np.ndarray) -> None:
             _check_finite(x, f"the latent after denoising step {i + 1} of {request.steps}")

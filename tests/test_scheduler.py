@@ -72,6 +72,14 @@ def test_round_bf16_equals_torch_cast():
     want = torch.from_numpy(x).to(torch.bfloat16).to(torch.float32).numpy()
     np.testing.assert_array_equal(rf.round_bf16(x), want)
     assert np.isnan(rf.round_bf16(np.float32("nan")))
+    # every NaN stays NaN (quiet, signalling, either sign: the ones a 32-bit carry would turn into inf or wrap)
+    nans = np.array([0x7F800001, 0xFF800001, 0x7FC00000, 0xFFC00000, 0x7FFFFFFF, 0xFFFFFFFF, 0xFFFF8000], np.uint32).view(np.float32)
+    assert np.isnan(rf.round_bf16(nans)).all()
+    # shape kept (0-d for a scalar), non-contiguous input, the input left alone
+    grid = x[:600].reshape(20, 30)
+    np.testing.assert_array_equal(rf.round_bf16(grid.T), want[:600].reshape(20, 30).T)
+    assert rf.round_bf16(np.float32(1.00390625)).shape == () and rf.round_bf16(grid).shape == (20, 30)
+    np.testing.assert_array_equal(grid, x[:600].reshape(20, 30))
 
 
 def test_dts_from_unrounded_timesteps_and_last_step_to_zero():
