@@ -31,10 +31,12 @@ VideoCheck = Callable[[Path], "dict | None"]
 def quantize_component(component: str, src: Path, dst: Path, precision: str, calib: CalibrationSet,
                        thresholds: gate_mod.Thresholds, *, backend: str = "onnxruntime",
                        video_check: VideoCheck | None = None, search: bool = True, heldout_limit: int | None = None,
-                       method: str = "static",
+                       method: str = "static", keep: dict[str, str] | None = None, fuse: bool = True,
                        say: Callable[[str], None] = lambda m: None) -> tuple[gate_mod.GateResult, dict]:
     """Quantize `src` to `dst` for `backend` (which picks the quantizer; `method`: INT8 on onnxruntime,
-    static or dynamic); returns the final gate result and the component's report entry."""
+    static or dynamic); returns the final gate result and the component's report entry. `keep`: layers kept
+    in full precision from the start, with why (the family's ComponentDecl.full_precision). `fuse`: onnxruntime's
+    transformer fusions apply to this graph (ComponentDecl.ort_fusions)."""
     calib_files = calib.shards("calibration", component)
     heldout = calib.shards("heldout", component)
     quantizer = choose_quantizer(precision, component, backend, source_dtype(src), method)
@@ -44,7 +46,7 @@ def quantize_component(component: str, src: Path, dst: Path, precision: str, cal
         cache = tmp / "ranges.json" if quantizer.tool == "onnxruntime" and quantizer.method == "static" else None
         # onnxruntime runs the Q/DQ graph fused like the fp32 one (osx.export.ort_optimize), so that is the
         # graph the gate judges; the unfused Q/DQ graph stays the portable one (TensorRT, `osx build`).
-        fused = dst.with_name(dst.name.removesuffix(".onnx") + SUFFIX) if quantizer.tool == "onnxruntime" else None
+        fused = dst.with_name(dst.name.removesuffix(".onnx") + SUFFIX) if quantizer.tool == "onnxruntime" and fuse else None
         fusion = {}
 
         def attempt(exclude: list[str]):
@@ -61,22 +63,24 @@ def quantize_component(component: str, src: Path, dst: Path, precision: str, cal
                    "psnr_min": video["psnr_min"] if video else None, "seconds": round(time.perf_counter() - start, 2)}
             return result, m, video, g, row
 
-        excluded: dict[str, dict] = {}
+        groups = layer_groups(src, OP_TYPES)
+        excluded = declared_exclusions(component, groups, keep or {})
+        kept = list(excluded)
         say(f"quantizing {component} to {precision}")
-        result, m, video, g, row = attempt([])
+        result, m, video, g, row = attempt([n for e in excluded.values() for n in e["nodes"]])
         attempts, sensitivity = [row], {}
         if not g.passed and search:
             say(f"{component}: gate failed ({g.summary()}); measuring per-layer sensitivity")
-            groups = layer_groups(src, OP_TYPES)
-            sensitivity = measure_sensitivity(component, src, precision, calib_files, heldout, groups, cache, tmp,
+            searched = {l: nodes for l, nodes in groups.items() if l not in kept}
+            sensitivity = measure_sensitivity(component, src, precision, calib_files, heldout, searched, cache, tmp,
                                               heldout_limit, quantizer)
-            ranked = sorted((l for l in groups if sensitivity[l]["quantized_ops"]),
+            ranked = sorted((l for l in searched if sensitivity[l]["quantized_ops"]),
                             key=lambda l: sensitivity[l]["rel_l2"], reverse=True)
-            for layer in ranked:
+            for rank, layer in enumerate(ranked, 1):
                 excluded[layer] = {
                     "layer": layer, "nodes": groups[layer],
                     "reason": f"quantized alone: cosine {sensitivity[layer]['cosine']:.5f}, relative L2 "
-                              f"{sensitivity[layer]['rel_l2']:.4f} (rank {len(excluded) + 1} of {len(ranked)}); "
+                              f"{sensitivity[layer]['rel_l2']:.4f} (rank {rank} of {len(ranked)}); "
                               f"gate before excluding it: {g.summary()}",
                 }
                 say(f"{component}: keeping {layer} in full precision")
@@ -102,6 +106,18 @@ def quantize_component(component: str, src: Path, dst: Path, precision: str, cal
     if fused is not None:
         entry["onnxruntime_graph"] = {"file": fused.name, **fusion}
     return g, entry
+
+
+def declared_exclusions(component: str, groups: dict[str, list[str]], keep: dict[str, str]) -> dict[str, dict]:
+    """The report entries of the layers a family keeps in full precision; an error for one the graph lacks
+    (quantizing it silently would be worse)."""
+    from osx.errors import OsxError
+
+    missing = sorted(set(keep) - set(groups))
+    if missing:
+        raise OsxError(f"{component}: the layers to keep in full precision ({', '.join(missing)}) are not in its graph",
+                       hint=f"its layers: {', '.join(sorted(groups))}; re-export the bundle with this osx")
+    return {l: {"layer": l, "nodes": groups[l], "reason": f"kept by the model family: {why}"} for l, why in keep.items()}
 
 
 def measure_sensitivity(component: str, src: Path, precision: str, calib_files: list[Path], heldout: list[Path],
@@ -186,7 +202,8 @@ def quantize_bundle(bundle_dir: Path, manifest: Manifest, precisions: dict[str, 
     from osx.calibration import metrics
     from osx.calibration.report import write_report
 
-    quantizable = get_family(manifest.model["family"]).quantizable
+    family = get_family(manifest.model["family"])
+    quantizable = family.quantizable
     targets = _targets({c: p for c, p in precisions.items() if c in manifest.components}, quantizable)
     if not targets:
         return manifest
@@ -245,9 +262,11 @@ def quantize_bundle(bundle_dir: Path, manifest: Manifest, precisions: dict[str, 
         dst = bundle_dir / f"{component}.{targets[component]}.onnx"
         backend = manifest.components[component].backend
         method = step.int8_method if targets[component] == "int8" else "static"
+        decl = family.component(component)
         final, entries[component] = quantize_component(component, src, dst, targets[component], calib, thresholds,
                                                        backend=backend, video_check=video_check_for(component),
-                                                       search=step.search, method=method, say=say)
+                                                       search=step.search, method=method,
+                                                       keep=dict(decl.full_precision), fuse=decl.ort_fusions, say=say)
         quantized[component] = dst
         fused = entries[component].get("onnxruntime_graph")
         running[component] = bundle_dir / fused["file"] if fused else dst

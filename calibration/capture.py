@@ -1,21 +1,28 @@
-"""Capture real activations: run the torch reference pipeline over prompts and record what the text
-encoder and the denoiser are fed, as the runtime feeds them.
+"""Capture real activations: run the torch reference pipeline over prompts and record what the
+quantizable components are fed, as the runtime feeds them.
 
-Per prompt, one `reference_generate` run (seeded noise). Text encoder sample: the prompt's
-input_ids / attention_mask [1, L]. Denoiser sample at step i: the batched classifier-free-guidance
-call, cond and uncond rows together [2, ...]: x = [z_i, z_i], timestep = [t_i, t_i],
-y = [text_embeds, y_null], mask = [m, m], fps / height / width (pixels), as osx.runtime.Pipeline
-makes the call.
+What one reference run is and what it records is the family's: its declaration names a capture adapter
+(`Family.calibration`, a module) with
+    build(cfg, parts)                        -> the torch reference model (random weights when parts is None)
+    default_size(cfg)                        -> {"height", "width", "num_frames"}: the model's default video
+    check_size(cfg, height, width, frames)   -> an InputError for a size the runtime would not run
+    settings(cfg)                            -> the sampler settings that decide the samples (recorded in the
+                                                recipe; "num_sampling_steps" among them)
+    timesteps(cfg, height, width, frames)    -> the timestep of each sampling step
+    record(model, prompt, seed, steps, recipe) -> {component: [sample, ...]}: one seeded reference run, the
+                                                inputs of each quantizable component (the denoiser's at `steps`)
+(v1.2: osx.export.capture_adapter, v2.0: osx.export.capture_adapter_v2).
 
 Calibration prompts record `steps_per_sample` steps each, stratified: the schedule is cut into that
 many equal strata and prompt k takes offset k (mod the stratum length) in each, so a handful of
-prompts covers every step from t=1000 down to the last. Held-out prompts record every step (the gate
+prompts covers every step from the first to the last. Held-out prompts record every step (the gate
 reports error per step). Calibrating below the target resolution / frame count is allowed; the
 recipe records what was used.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -29,8 +36,8 @@ from osx import __version__
 from osx.calibration.calibset import FORMAT, FORMAT_VERSION, MANIFEST, CalibrationSet, recipe_hash
 from osx.calibration.shards import ShardWriter
 from osx.errors import OsxError
+from osx.families import family_of, get_family
 from osx.files import check_replaceable, make_temp_dir, replace_folder
-from osx.models import ModelConfig
 
 DEFAULT_SHARD_MB = 256.0
 
@@ -53,15 +60,22 @@ def stratified_steps(num_steps: int, per_sample: int, sample_index: int) -> list
     return sorted({min(int(j * stride) + offset, num_steps - 1) for j in range(per_sample)})
 
 
-def make_recipe(model_cfg: ModelConfig, weights: str, *, prompts: list[str], heldout_prompts: list[str],
+def adapter(family):
+    """The capture adapter (a module) a family declares; an OsxError where it declares none."""
+    if family.calibration is None:
+        raise OsxError(f"{family.name} has no calibration capture", hint="int8/fp8 are not available for it; use fp16 or fp32")
+    return importlib.import_module(family.calibration)
+
+
+def make_recipe(model_cfg, weights: str, *, prompts: list[str], heldout_prompts: list[str],
                 samples: int, heldout: int, steps_per_sample: int, height: int, width: int, num_frames: int,
                 seed: int, shard_mb: float) -> dict:
     """Everything that decides the shards, with the timesteps the sampler will visit."""
-    from osx.export.sampler import timesteps
-
-    sched = model_cfg.scheduler
-    steps = sched.num_sampling_steps
-    ts = timesteps(sched, steps, height, width, num_frames).tolist()
+    runs = adapter(family_of(model_cfg))
+    runs.check_size(model_cfg, height, width, num_frames)
+    settings = runs.settings(model_cfg)
+    steps = settings["num_sampling_steps"]
+    ts = runs.timesteps(model_cfg, height, width, num_frames)
 
     def split(chosen: list[str], first_seed: int, per_sample: int) -> dict:
         picks = [stratified_steps(steps, per_sample, k) for k in range(len(chosen))]
@@ -76,11 +90,10 @@ def make_recipe(model_cfg: ModelConfig, weights: str, *, prompts: list[str], hel
                        hint="the quality gate must run on prompts never used for calibration")
     return {
         "osx_capture": 1,  # bump when what a sample holds changes
-        "model": {"name": model_cfg.name, "weights": weights},
+        "model": {"name": model_cfg.name, "family": model_cfg.family, "weights": weights},
         "height": height, "width": width, "num_frames": num_frames,
-        "target": {"height": model_cfg.defaults.height, "width": model_cfg.defaults.width,
-                   "num_frames": model_cfg.defaults.num_frames},
-        "num_sampling_steps": steps, "guidance_scale": sched.guidance_scale, "fps": sched.fps,
+        "target": runs.default_size(model_cfg),
+        **settings,
         "shard_mb": shard_mb,
         "calibration": split(cal, seed, steps_per_sample),
         "heldout": split(held, seed + 1_000_000, steps),  # seeds apart from the calibration ones
@@ -96,10 +109,10 @@ def _is_calibration_set(path: Path) -> bool:
 
 def capture(model, out: str | os.PathLike, recipe: dict, *, force: bool = False,
             say: Callable[[str], None] = lambda m: None) -> CalibrationSet:
-    """Run `model` (export.reference.ReferenceModel) per the recipe and write the calibration set to
+    """Run `model` (the family adapter's reference model) per the recipe and write the calibration set to
     `out` atomically (a temp folder renamed into place when complete)."""
-    from osx.export.pipeline import reference_generate
-
+    family = get_family(recipe["model"]["family"])
+    record = adapter(family).record
     out = Path(out).absolute()
     check_replaceable(out, force, ours=_is_calibration_set, what="an osx calibration set", option="--out")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -109,14 +122,12 @@ def capture(model, out: str | os.PathLike, recipe: dict, *, force: bool = False,
         shards: dict[str, dict[str, list]] = {}
         for split in ("calibration", "heldout"):
             plan = recipe[split]
-            writers = {c: ShardWriter(tmp / split, c, cap) for c in ("text_encoder", "denoiser")}
+            writers = {c: ShardWriter(tmp / split, c, cap) for c in family.quantizable}
             for k, (prompt, seed, steps) in enumerate(zip(plan["prompts"], plan["seeds"], plan["steps"])):
                 say(f"{split} {k + 1}/{len(plan['prompts'])}: {prompt[:60]}")
-                r = reference_generate(model, prompt, height=recipe["height"], width=recipe["width"],
-                                       num_frames=recipe["num_frames"], seed=seed)
-                writers["text_encoder"].add({"input_ids": r.input_ids, "attention_mask": r.attention_mask})
-                for i in steps:
-                    writers["denoiser"].add(denoiser_inputs(r, i, recipe, model.model_cfg.scheduler.reference_dtype))
+                for component, samples in record(model, prompt, seed, steps, recipe).items():
+                    for sample in samples:
+                        writers[component].add(sample)
             shards[split] = {c: w.close() for c, w in writers.items()}
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"osx {__version__}",
                     "hash": recipe_hash(recipe), "recipe": recipe, "shards": shards}
@@ -126,26 +137,6 @@ def capture(model, out: str | os.PathLike, recipe: dict, *, force: bool = False,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return CalibrationSet.open(out)
-
-
-def denoiser_inputs(r, step: int, recipe: dict, reference_dtype: str = "bf16") -> dict[str, np.ndarray]:
-    """The denoiser call of step `step` of reference run `r`, cond and uncond batched (ComponentSpec
-    names). timestep / fps / height / width are rounded to the reference dtype as the runtime passes them
-    (the graph rounds them again, idempotently)."""
-    from osx.runtime.scheduler import to_reference
-
-    z = r.noise if step == 0 else r.latents[step - 1]
-    two = lambda v: to_reference(np.full((2,), v, np.float32), reference_dtype)  # noqa: E731
-    return {
-        "x": np.concatenate([z, z]).astype(np.float32),
-        "timestep": two(r.timesteps[step]),
-        "y": np.concatenate([r.text_embeds, r.y_null]).astype(np.float32),
-        "mask": np.concatenate([r.attention_mask, r.attention_mask]).astype(np.int64),
-        "fps": two(r.fps),
-        "height": two(recipe["height"]),
-        "width": two(recipe["width"]),
-        "x_mask": np.ones((2, z.shape[2]), np.float32),  # text-to-video: every frame generated
-    }
 
 
 def _json(o) -> str:

@@ -31,32 +31,35 @@ from osx.families import MODELS
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def calibrate(model_name, random_weights, checkpoint, prompts_file, heldout_file, samples, heldout, steps_per_sample,
               height, width, num_frames, seed, shard_mb, out, force, **weights):
-    """Run the PyTorch reference pipeline over calibration and held-out prompts and record the text
-    encoder's and the denoiser's real inputs (cond and uncond, at steps across the whole schedule)."""
+    """Run the PyTorch reference pipeline over calibration and held-out prompts and record the real inputs
+    of the components int8/fp8 can quantize (the denoiser's at steps across the whole schedule, every
+    guidance pass of a step in one batch)."""
     from osx.families import family_of, get_model_config
 
     cfg = get_model_config(model_name)  # an unknown name fails before torch is imported
     from osx.calibration import capture as cap
     from osx.calibration.calibset import weights_identity
     from osx.calibration.prompts import CALIBRATION, HELDOUT, load_prompts
-    from osx.export.reference import build_reference
     from osx.numeric import format_size
 
+    family = family_of(cfg)
+    runs = cap.adapter(family)  # the family's reference run and what it records
+    size = runs.default_size(cfg)
     # The same weights `osx export` will load, named the same way (the calibration set records them).
-    parts = weight_files(random_weights, checkpoint, weights).resolve(family_of(cfg))
+    parts = weight_files(random_weights, checkpoint, weights).resolve(family)
     recipe = cap.make_recipe(
         cfg, weights_identity(cfg.random_init_seed, parts),
         prompts=load_prompts(prompts_file or CALIBRATION), heldout_prompts=load_prompts(heldout_file or HELDOUT),
         samples=samples, heldout=heldout, steps_per_sample=steps_per_sample,
-        height=cfg.defaults.height if height is None else height,
-        width=cfg.defaults.width if width is None else width,
-        num_frames=cfg.defaults.num_frames if num_frames is None else num_frames,
+        height=size["height"] if height is None else height,
+        width=size["width"] if width is None else width,
+        num_frames=size["num_frames"] if num_frames is None else num_frames,
         seed=seed, shard_mb=shard_mb,
     )
-    model = build_reference(cfg, checkpoint=parts)
+    model = runs.build(cfg, parts)
     cs = cap.capture(model, out, recipe, force=force, say=lambda m: click.echo(m, err=True))
     n = {s: {c: sum(r["samples"] for r in recs) for c, recs in comps.items()} for s, comps in cs.manifest["shards"].items()}
-    click.echo(f"wrote {out}: calibration hash {cs.hash[:16]}, "
-               f"{n['calibration']['denoiser']} denoiser + {n['calibration']['text_encoder']} text encoder samples, "
-               f"{n['heldout']['denoiser']} held-out denoiser samples "
+    counts = lambda split: " + ".join(f"{k} {c}" for c, k in n[split].items())  # noqa: E731
+    click.echo(f"wrote {out}: calibration hash {cs.hash[:16]}, {counts('calibration')} samples, "
+               f"held-out {counts('heldout')} "
                f"({format_size(recipe['width'], recipe['height'], recipe['num_frames'])})")

@@ -69,6 +69,9 @@ class ComponentDecl:
     # an optional set of components (not in the pipeline) exported only with `osx export --with-SET` and
     # planned with the family planner's `with_SET` option (Open-Sora v2.0: "t2i", Flux.1-dev and its decoder)
     optional_set: str | None = None
+    # layers (torch module paths, osx.calibration.quantize.layer_groups) that int8/fp8 keep in full precision,
+    # with why: calibration cannot give them ranges
+    full_precision: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,9 @@ class Family:
     # "module:function" pairs (make_plan, suggest_fits) of the family's own memory planner, with the signatures
     # of osx.profiles.planner.make_plan and osx.profiles.fit.suggest_fits; None: those generic ones
     planner: tuple[str, str] | None = None
+    # "module": the calibration capture adapter (protocol: osx.calibration.capture) that runs the torch reference
+    # and records what the quantizable components are fed; None: no int8/fp8 for this family
+    calibration: str | None = None
     extras: dict = field(default_factory=dict)
 
     def component(self, name: str) -> ComponentDecl:

@@ -100,6 +100,7 @@ OPENSORA_V1_2_FAMILY = Family(
     prompt=PromptDecl(kind="aesthetic-score"),
     reference="osx.export.reference:build_reference",
     export_parts="osx.export.reference",
+    calibration="osx.export.capture_adapter",
     reference_dtype="bf16",
     references=("image", "video"),  # --image head|tail|loop, --video / --extend (osx.runtime.conditioning)
 )

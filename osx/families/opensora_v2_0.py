@@ -40,6 +40,9 @@ CLIP_PAD = "<|endoftext|>"  # CLIP pads with its EOS
 # Keys of the released openai/clip-vit-large-patch14 weights that the text tower does not use.
 CLIP_UNUSED_PREFIXES = ("vision_model.", "visual_projection.", "text_projection.", "logit_scale",
                         "text_model.embeddings.position_ids")
+# Calibration runs text-to-video, which feeds `cond_in` zeros only; quantized with that range it rounds away
+# the i2v/v2v references (tiny model: an i2v call's relative error 0.16 instead of 0.05). A 68-wide Linear.
+COND_IN = "calibration runs text-to-video, which feeds it zeros only: no range for the references it embeds"
 # Open-Sora's longest encoded reference: v2v_*_easy's 65 frames (v2v 33, an i2v image 1).
 REFERENCE_FRAMES = 65
 
@@ -174,7 +177,7 @@ OPENSORA_V2_0_FAMILY = Family(
         ComponentDecl("clip", module="clip", weights="clip"),
         # no onnxruntime fusion: onnxruntime 1.32's SkipLayerNorm fusion fails on the MMDiT's affine-free LayerNorm
         ComponentDecl("denoiser", module="mmdit", weights="mmdit", quantizable=True,
-                      depth=("mmdit.depth", "mmdit.depth_single_blocks")),
+                      depth=("mmdit.depth", "mmdit.depth_single_blocks"), full_precision=(("cond_in", COND_IN),)),
         ComponentDecl("vae_decoder", module="vae", weights="vae", no_bf16=CONVOLUTIONS),
         ComponentDecl("vae_encoder", module="vae", weights="vae", in_pipeline=False, no_bf16=CONVOLUTIONS),  # i2v / v2v
         # t2i2v's image step (`osx export --with-t2i`): Flux.1-dev and its AE decoder (t2i_component_specs)
@@ -206,6 +209,7 @@ OPENSORA_V2_0_FAMILY = Family(
     forward_adapter="osx.export.adapters_v2:forward_adapter",
     planner=("osx.profiles.planner_v2:make_plan_v2", "osx.profiles.planner_v2:suggest_fits_v2"),
     export_parts="osx.export.pipeline_v2",
+    calibration="osx.export.capture_adapter_v2",
     reference_dtype="bf16",
     references=("image", "video"),  # i2v_head|tail|loop, v2v_head|tail (runtime/pipeline_v2.py)
 )
