@@ -23,9 +23,14 @@ F32 = np.float32
 
 
 def build(cfg: OpenSoraV2Config, parts: dict | None):
+    """The reference in float32, as the bundle runs before quantization (T5 is never below fp32; the sampler
+    still rounds the latent and the timestep to bf16, as Open-Sora and the runtime do): the MMDiT sees the text
+    states the runtime gives it (bf16 T5/CLIP would differ from them by ~2 %)."""
+    import torch
+
     from osx.export.pipeline_v2 import build_reference_v2
 
-    return build_reference_v2(cfg, parts=parts)
+    return build_reference_v2(cfg, parts=parts, dtype=torch.float32)
 
 
 def default_size(cfg: OpenSoraV2Config) -> dict:
