@@ -30,7 +30,8 @@ def check_size(cfg: ModelConfig, height: int, width: int, num_frames: int) -> No
 
 def settings(cfg: ModelConfig) -> dict:
     s = cfg.scheduler
-    return {"num_sampling_steps": s.num_sampling_steps, "guidance_scale": s.guidance_scale, "fps": s.fps}
+    return {"num_sampling_steps": s.num_sampling_steps, "guidance_scale": s.guidance_scale, "fps": s.fps,
+            "reference_dtype": s.reference_dtype}
 
 
 def timesteps(cfg: ModelConfig, height: int, width: int, num_frames: int) -> list[float]:

@@ -16,7 +16,8 @@ from osx.profiles.profile import check_precision
 ROOT = Path(__file__).resolve().parents[1]
 # Generic code: the CLI, the manifest and bundle tools, the planner. None of it may name a family or model.
 GENERIC = ["osx/cli.py", "osx/manifest.py", "osx/bundle.py", "osx/archive.py", "osx/engine_key.py",
-           "profiles/planner.py", "profiles/fit.py", "profiles/render.py", "runtime/pipeline.py", *map(str, (ROOT / "osx/commands").glob("*.py"))]
+           "profiles/planner.py", "profiles/fit.py", "profiles/render.py", "runtime/pipeline.py",
+           "calibration/capture.py", "calibration/apply.py", "calibration/gate.py", *map(str, (ROOT / "osx/commands").glob("*.py"))]
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from osx.commands.weights import weight_files, weight_options
-from osx.families import MODELS
+from osx.families import MODELS, REFERENCE_DTYPES
 
 
 @click.command("calibrate")
@@ -25,12 +25,14 @@ from osx.families import MODELS
 @click.option("--height", type=int, default=None, help="Pixels (default: the model's). Below the target is allowed and recorded.")
 @click.option("--width", type=int, default=None, help="Pixels (default: the model's).")
 @click.option("--frames", "num_frames", type=int, default=None, help="Frames (default: the model's).")
+@click.option("--reference-dtype", type=click.Choice(REFERENCE_DTYPES), default=None,
+              help="The dtype the reference rounds the sampler's values to, as `osx export --reference-dtype` (default: the family's).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed of the first prompt (then +1 per prompt).")
 @click.option("--shard-mb", type=click.FloatRange(min=0.01), default=256.0, show_default=True, help="Size cap of one .npz shard.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write the calibration set to.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def calibrate(model_name, random_weights, checkpoint, prompts_file, heldout_file, samples, heldout, steps_per_sample,
-              height, width, num_frames, seed, shard_mb, out, force, **weights):
+              height, width, num_frames, reference_dtype, seed, shard_mb, out, force, **weights):
     """Run the PyTorch reference pipeline over calibration and held-out prompts and record the real inputs
     of the components int8/fp8 can quantize (the denoiser's at steps across the whole schedule, every
     guidance pass of a step in one batch)."""
@@ -38,11 +40,13 @@ def calibrate(model_name, random_weights, checkpoint, prompts_file, heldout_file
 
     cfg = get_model_config(model_name)  # an unknown name fails before torch is imported
     from osx.calibration import capture as cap
+    from osx.export.exporter import with_reference_dtype
     from osx.calibration.calibset import weights_identity
     from osx.calibration.prompts import CALIBRATION, HELDOUT, load_prompts
     from osx.numeric import format_size
 
     family = family_of(cfg)
+    cfg = with_reference_dtype(cfg, reference_dtype)
     runs = cap.adapter(family)  # the family's reference run and what it records
     size = runs.default_size(cfg)
     # The same weights `osx export` will load, named the same way (the calibration set records them).
