@@ -65,6 +65,9 @@ def _through_service(base, body, timeout=600.0, parts=None):
     if parts is not None:
         result = status["result"]
         for name, s in (("post", posted - wall0), ("dispatch", status["started"] - status["created"]),
+                        ("of_which_to_ray", status["dispatch"]["sent"] - status["created"]),
+                        ("of_which_ray_hop", status["dispatch"]["received"] - status["dispatch"]["sent"]),
+                        ("of_which_to_thread_and_claim", status["started"] - status["dispatch"]["received"]),
                         ("replica", status["finished"] - status["started"]), ("of_which_generate", result["generate_seconds"]),
                         ("of_which_progress_writes", result["progress_seconds"]), ("of_which_mp4", result["encode_seconds"]),
                         ("of_which_denoise", result["denoise_seconds"]), ("get_mp4", received - status["finished"]),

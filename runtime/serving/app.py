@@ -77,17 +77,19 @@ class Generator:
         pipeline.preload()
         return pipeline
 
-    async def generate(self, job_id: str, attempt: int, fields: dict) -> str:
-        """Run one attempt of a job; returns its final state ("skipped" if someone else claimed it)."""
-        return await asyncio.get_running_loop().run_in_executor(self.worker, self._generate, job_id, attempt, fields)
+    async def generate(self, job_id: str, attempt: int, fields: dict, sent: float | None = None) -> str:
+        """Run one attempt of a job; returns its final state ("skipped" if someone else claimed it).
+        `sent`: when the ingress handed it to Ray (time.time()), kept with `received` in the status."""
+        hops = {"sent": sent, "received": time.time()}
+        return await asyncio.get_running_loop().run_in_executor(self.worker, self._generate, job_id, attempt, fields, hops)
 
-    def _generate(self, job_id: str, attempt: int, fields: dict) -> str:
+    def _generate(self, job_id: str, attempt: int, fields: dict, hops: dict | None = None) -> str:
         if not self.store.claim(job_id, attempt):
             return "skipped"
         status = self.store.read(job_id)
         if self.store.cancel_requested(job_id):
             return self.store.write({**status, "state": "cancelled", "error": "cancelled before it started"})["state"]
-        status.update(state="running", attempt=attempt, replica=self.replica, started=time.time())
+        status.update(state="running", attempt=attempt, replica=self.replica, started=time.time(), dispatch=hops)
         self.store.write(status)
         try:
             options, refs = references.split_fields(fields)  # refs: a reference file kept in the store, its options
@@ -238,7 +240,7 @@ class Ingress:
             for attempt in (1, 2):
                 self.open[name][job_id] = attempt
                 try:
-                    await self.handles[name].generate.remote(job_id, attempt, fields)
+                    await self.handles[name].generate.remote(job_id, attempt, fields, time.time())
                     break
                 except Exception as e:  # noqa: BLE001 - the replica died or Ray could not run the call
                     reason = f"its replica stopped during generation ({type(e).__name__})"
