@@ -46,8 +46,8 @@ def test_served_status_carries_the_phase_and_a_fraction_over_both_loops(monkeypa
 
 
 def test_served_progress_is_written_at_most_every_interval_and_at_each_phase_end():
-    """Events faster than PROGRESS_EVERY_S: the first and each phase's last reach the store; every event
-    still checks for a cancel."""
+    """Events faster than PROGRESS_EVERY_S: the first and each phase's last reach the store and look for a
+    cancel, the others touch no file; a cancel stops the run at the next of those."""
     pytest.importorskip("ray")
     from osx.runtime.serving.app import Generator
 
@@ -58,7 +58,10 @@ def test_served_progress_is_written_at_most_every_interval_and_at_each_phase_end
     progress = Generator.func_or_class._progress(fake, {"id": "job"}, request=None)
     assert all(progress(e) for e in events(T2I2V))
     assert [(w["phase"], w["step"]) for w in written] == [(p, n) for p, n in T2I2V]
-    assert len(checks) == sum(n for _, n in T2I2V) and progress.seconds > 0
+    assert len(checks) == len(written) and progress.seconds > 0
+    fake.store.cancel_requested = lambda i: True
+    progress = Generator.func_or_class._progress(fake, {"id": "job"}, request=None)
+    assert [progress(e) for e in events(T2I2V)][:2] == [False, True]  # the first event looks; the second does not
 
 
 def test_cli_shows_a_bar_per_sampling_loop(capsys):

@@ -41,8 +41,11 @@ from osx.runtime.shim import _GENERATE_OPTIONS, _parse_options, _ShimError
 
 log = logging.getLogger("osx.serve")
 MAX_BODY = 12 * 2**20  # bytes; a request is a prompt, a few numbers and at most one reference file in base64
-# Progress goes to the store at most this often (and at the end of every phase): each write replaces a
-# file, ~1.7 ms here, which written at every step was 6 % of a 10-step tiny job (bench.py serve).
+# Progress goes to the store, and the cancel file is looked for, at most this often (and at the end of
+# every phase): each write replaces a file (~1.7 ms here), which at every step was 6 % of a 10-step tiny job;
+# and looking for the cancel file at every step still cost a 100-step job 20-22 ms in a replica (bench.py
+# serve, load ~13; ~2 ms for the same calls alone in one process). A cancel is seen within this time, or at
+# the end of the step when a step takes longer.
 PROGRESS_EVERY_S = 0.2
 _REQUEST_FIELDS = {"prompt": str, "model": (str, type(None)), **_GENERATE_OPTIONS}
 app = FastAPI(title="osx serve", docs_url=None, redoc_url=None)
@@ -59,8 +62,8 @@ class Generator:
 
     Why its own thread: Ray Serve runs a sync method on a pool thread that is not the one that built the
     replica; there, measured in a replica with the tiny bundle, a generation took 14.1k page faults instead
-    of 5.8k (each thread allocates from its own malloc arena, which had to grow again) and 20-38 ms more
-    (+6-12 %). Loading and generating on the same thread is as fast as `Pipeline.generate` in the caller's
+    of 5.8k and 20-38 ms more (+6-12 %); with MALLOC_ARENA_MAX=1 (one malloc arena for all threads) the
+    difference went away. Loading and generating on the same thread is as fast as `Pipeline.generate` in the caller's
     own process, and the replica's event loop stays free while it runs."""
 
     def __init__(self, bundle: str, store: str, keep_s: float, verify: bool = True):
@@ -114,19 +117,20 @@ class Generator:
         """The pipeline's progress callback: progress into the store; False (stop) once cancelled.
         Work units: each step of each phase the pipeline announces (osx.runtime.progress), and writing the file."""
         fractions = Fractions(self.pipeline.progress_phases(request, reference), extra=1)
-        t0, last_write = time.perf_counter(), -math.inf
+        t0, last_io = time.perf_counter(), -math.inf
 
         def progress(event: dict) -> bool:
-            nonlocal last_write
+            nonlocal last_io
             t1 = time.perf_counter()
             fraction = fractions(event)
             elapsed = time.perf_counter() - t0
             status["progress"] = {"phase": event["phase"], "step": event["step"], "total": event["total"],
                                   "fraction": round(fraction, 4), "eta": round(elapsed * (1 - fraction) / fraction, 2) if fraction else None}
-            if t1 - last_write >= PROGRESS_EVERY_S or event["step"] == event["total"]:
+            go_on = True
+            if t1 - last_io >= PROGRESS_EVERY_S or event["step"] == event["total"]:
                 self.store.write(status)
-                last_write = t1
-            go_on = not self.store.cancel_requested(status["id"])
+                go_on = not self.store.cancel_requested(status["id"])
+                last_io = t1
             progress.seconds += time.perf_counter() - t1
             return go_on
 
