@@ -129,3 +129,22 @@ def test_mode_over_the_exported_bundle_matches_the_reference(runtime, models, mo
     assert max(errors) < 1e-4, errors
     assert got["frames"].shape == want.frames.shape == (frames, 64, 64, 3)
     assert levels[HELD.get(mode, slice(None))].max() <= 1 and levels.max() <= 1
+
+
+def test_osx_generate_takes_the_easy_modes(tiny_v2_bundle, bundle65, tmp_path):
+    """`--video --condition tail_easy` without torch: 65 reference frames hold 17 latent frames of a 65-frame clip;
+    a clip too short for them is refused before anything is encoded (exit 2)."""
+    from test_runtime_v2_bundle import python
+
+    from osx.runtime.video import read_video_info, write_video
+
+    ref = write_video(np.stack([np.roll(picture(), f, axis=1) for f in range(70)]), tmp_path / "ref.mp4", 24)
+    out = tmp_path / "clip.mp4"
+    r = python("generate", bundle65, "--prompt", PROMPT, "--out", out, "--video", ref, "--condition", "tail_easy",
+               "--num-frames", "65", "--steps", "1")
+    assert r.returncode == 0, r.stderr
+    assert read_video_info(out) == (65, 64, 64)
+    r = python("generate", tiny_v2_bundle, "--prompt", PROMPT, "--out", tmp_path / "short.mp4", "--video", ref,
+               "--condition", "head_easy", "--num-frames", "33")
+    assert r.returncode == 2 and "v2v_head_easy conditions 17 latent frames; the video has 9" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "short.mp4").exists()
