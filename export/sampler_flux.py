@@ -2,9 +2,10 @@
 AE decoder, the PNG it saves and the resize-crop that i2v_head reads it with.
 
 The runtime's NumPy step (runtime/sampler_flux.py) is checked against this. Shared with it: the schedule
-and the image size (torch-free rules). Written here in torch, as Open-Sora computes them: the bf16 loop
-(x, the model output, timesteps, guidance and the update are bf16 tensors), torchvision's save_image
-arithmetic on the bf16 image, PIL's resize (export/pipeline.py `reference_preprocess`).
+and the image size (torch-free rules). Written here in torch, as Open-Sora computes them: the loop in the
+reference dtype (bf16 as Open-Sora: x, the model output, timesteps, guidance and the update are bf16 tensors;
+float32 at "fp32"), torchvision's save_image arithmetic on the image in that dtype, PIL's resize
+(export/pipeline.py `reference_preprocess`).
 """
 
 from __future__ import annotations
@@ -18,31 +19,32 @@ from osx.export.flux_ae import FluxAEDecoder
 from osx.export.mmdit import MMDiT, pack, unpack, video_rope
 from osx.export.pipeline import reference_preprocess
 from osx.export.pipeline_v2 import CLIP_PAD, ReferenceV2
+from osx.export.sampler_v2 import DTYPES
 from osx.models_v2 import T2IConfig, t2i_image_size
 from osx.runtime.sampler_flux import image_latent_shape, t2i_schedule
 from osx.runtime.scheduler import initial_noise
 from osx.runtime.tokenizer import TextTokenizer
 
-BF16 = torch.bfloat16
 
 
 @torch.no_grad()
 def denoise_distilled(model: MMDiT, noise: torch.Tensor, txt: torch.Tensor, y_vec: torch.Tensor, t2i: T2IConfig, *,
                       num_steps: int | None = None, guidance: float | None = None,
                       return_intermediates: bool = False):
-    """Denoise `noise` [B, C, 1, h, w] (bf16) with one guidance-distilled pass per step; -> x (bf16), and
-    the x after every step with `return_intermediates`."""
+    """Denoise `noise` [B, C, 1, h, w] (a tensor of the reference dtype: bf16 or float32) with one
+    guidance-distilled pass per step, in that dtype; -> x, and the x after every step with `return_intermediates`."""
     B, C, T, h, w = noise.shape
     p = model.cfg.patch_size
     steps = t2i.num_steps if num_steps is None else num_steps
     timesteps = t2i_schedule(t2i, steps, h, w)
     cos, sin = video_rope(model.cfg, txt.shape[1], T, h // p, w // p)
-    x = pack(noise, p).to(BF16)
-    g_vec = torch.full((B,), t2i.guidance if guidance is None else guidance, dtype=BF16)
+    dtype = noise.dtype
+    x = pack(noise, p)
+    g_vec = torch.full((B,), t2i.guidance if guidance is None else guidance, dtype=dtype)
     latents = []
     for t_cur, t_next in zip(timesteps[:-1], timesteps[1:]):
-        t_vec = torch.full((B,), t_cur, dtype=BF16)
-        pred = model(x, txt, t_vec, y_vec, None, cos, sin, guidance=g_vec).to(BF16)
+        t_vec = torch.full((B,), t_cur, dtype=dtype)
+        pred = model(x, txt, t_vec, y_vec, None, cos, sin, guidance=g_vec).to(dtype)
         x = x + (t_next - t_cur) * pred
         latents.append(unpack(x, T, h // p, w // p, p))
     out = unpack(x, T, h // p, w // p, p)
@@ -50,8 +52,8 @@ def denoise_distilled(model: MMDiT, noise: torch.Tensor, txt: torch.Tensor, y_ve
 
 
 def png_pixels(image: torch.Tensor) -> np.ndarray:
-    """torchvision's save_image(normalize=True, value_range=(-1, 1)) on a bf16 [3, H, W] image -> uint8 [H, W, 3]."""
-    x = image.to(BF16).clamp(-1, 1).sub(-1).div(2.0)
+    """torchvision's save_image(normalize=True, value_range=(-1, 1)) on a [3, H, W] image (in its dtype) -> uint8 [H, W, 3]."""
+    x = image.clamp(-1, 1).sub(-1).div(2.0)
     return x.mul(255).add(0.5).clamp(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()
 
 
@@ -76,7 +78,8 @@ class ReferenceT2IResult:
 def reference_t2i(model: ReferenceV2, flux: MMDiT, flux_ae: FluxAEDecoder, t2i: T2IConfig, prompt: str, *,
                   aspect_ratio: str, video_height: int, video_width: int, seed: int = 42,
                   noise: np.ndarray | None = None, num_steps: int | None = None) -> ReferenceT2IResult:
-    """The image step of t2i2v for one prompt, with the T5/CLIP of the v2.0 reference `model`."""
+    """The image step of t2i2v for one prompt, with the T5/CLIP of the v2.0 reference `model`, in its reference
+    dtype (model.cfg.sampler.reference_dtype; `flux` built with the same)."""
     height, width = t2i_image_size(t2i, aspect_ratio)
     shape = image_latent_shape(t2i, height, width)
     noise = initial_noise(seed, shape) if noise is None else noise
@@ -84,9 +87,10 @@ def reference_t2i(model: ReferenceV2, flux: MMDiT, flux_ae: FluxAEDecoder, t2i: 
     clip_ids, _ = TextTokenizer(model.clip_tokenizer, model.cfg.clip.max_length, pad_token=CLIP_PAD).encode([prompt])
     t5_ids, clip_ids = torch.from_numpy(t5_ids), torch.from_numpy(clip_ids)
     txt, y_vec = model.t5(t5_ids, torch.ones_like(t5_ids)), model.clip(clip_ids)
-    z = torch.from_numpy(np.asarray(noise, dtype=np.float32)).to(BF16)
+    dtype = DTYPES[model.cfg.sampler.reference_dtype]
+    z = torch.from_numpy(np.asarray(noise, dtype=np.float32)).to(dtype)
     x, latents = denoise_distilled(flux, z, txt, y_vec, t2i, num_steps=num_steps, return_intermediates=True)
-    image = flux_ae(x[:, :, 0]).to(BF16)[0]
+    image = flux_ae(x[:, :, 0]).to(dtype)[0]
     png = png_pixels(image)
     f32 = lambda t: t.float().numpy()  # noqa: E731
     steps = t2i.num_steps if num_steps is None else num_steps

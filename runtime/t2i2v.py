@@ -118,14 +118,15 @@ def first_frame(pipe, request, progress: Progress | None = None, steps: int | No
         done = time.perf_counter() - t_start
         pipe._report(progress, "t2i", i + 1, steps, done / (i + 1) * (steps - i - 1))
 
-    latent = sampler_flux.denoise_distilled(model, noise, txt, y_vec, t2i, num_steps=steps, on_step=on_step)
+    dtype = pipe.sampler.reference_dtype
+    latent = sampler_flux.denoise_distilled(model, noise, txt, y_vec, t2i, num_steps=steps, on_step=on_step, reference_dtype=dtype)
     pipe._done_with("t2i_denoiser")
     pipe.timings["t2i_s"] = time.perf_counter() - t_start
     decoder, spec = pipe._loaded("t2i_decoder"), pipe.bundle.spec("t2i_decoder")
     image = np.asarray(decoder.run({spec.inputs[0].name: np.ascontiguousarray(latent[:, :, 0])})[spec.outputs[0].name], dtype=F32)
     pipe._done_with("t2i_decoder")
     pipe._report(progress, "t2i_decode", 1, 1, 0.0)
-    return sampler_flux.to_png_pixels(image[0])
+    return sampler_flux.to_png_pixels(image[0], dtype)
 
 
 def encode_raw_prompt(pipe, prompt: str) -> tuple[np.ndarray, np.ndarray]:

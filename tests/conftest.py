@@ -111,14 +111,16 @@ def tiny_v2_bundle(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_t2i_bundle(tmp_path_factory):
-    """`osx export --model opensora-v2.0-tiny --random-weights --gpu cpu --with-t2i`, once per session: the v2.0
-    components and t2i2v's Flux.1-dev and its AE decoder (seeded like the rest). Read-only."""
+    """`osx export --model opensora-v2.0-tiny --random-weights --gpu cpu --with-t2i --reference-dtype fp32`, once per
+    session: the v2.0 components and t2i2v's Flux.1-dev and its AE decoder (seeded like the rest). Read-only.
+    Reference dtype fp32, as `tiny_v2_bundle`: the whole text -> image -> video flow can then hold 1e-4 against torch."""
     pytest.importorskip("torch", reason="exporting needs the `export` extra")
     from osx.cli import main
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-t2i"
     try:
-        main(["export", "--model", "opensora-v2.0-tiny", "--random-weights", "--gpu", "cpu", "--with-t2i", "--out", str(out)])
+        main(["export", "--model", "opensora-v2.0-tiny", "--random-weights", "--gpu", "cpu", "--with-t2i", "--reference-dtype", "fp32",
+              "--out", str(out)])
     except SystemExit as e:
         assert not e.code, f"osx export exited with {e.code}"
     return out

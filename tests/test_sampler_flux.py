@@ -111,7 +111,7 @@ def test_png_pixels_equal_torch_bf16_arithmetic():
     g = np.random.default_rng(0)
     image = (g.standard_normal((3, 24, 40)) * 0.8).astype(np.float32)
     image[0, 0, :4] = [-1.5, 1.5, -1.0, 1.0]
-    want = reference.png_pixels(torch.from_numpy(image))
+    want = reference.png_pixels(torch.from_numpy(image).to(BF16))  # the decoder output of a bf16 run
     got = sampler_flux.to_png_pixels(image)
     assert got.dtype == np.uint8 and got.shape == (24, 40, 3)
     assert np.array_equal(got, want)
@@ -141,3 +141,20 @@ def test_whole_image_step_equals_reference():
     png = sampler_flux.to_png_pixels(image)
     assert np.array_equal(png, want.png)
     assert np.max(np.abs(sampler_flux.fit_to_video(png, 64, 64) - want.reference)) <= 1 / 127.5 + 1e-6
+
+
+def test_fp32_reference_dtype_loop_and_png_equal_torch_in_float32():
+    """Reference dtype fp32 (osx export --reference-dtype fp32): no bf16 anywhere, on both sides."""
+    flux32 = seeded_init_(MMDiT(T2I.mmdit, "fp32"), seed=3).eval()
+    noise, (txt, y) = initial_noise(7, (1, 16, 1, 6, 4)), text()
+    _, want = reference.denoise_distilled(flux32, torch.from_numpy(noise), txt, y, T2I, return_intermediates=True)
+    got = []
+    sampler_flux.denoise_distilled(AsNumPy(flux32, 6, 4), noise, txt.numpy(), y.numpy(), T2I, reference_dtype="fp32",
+                                   on_step=lambda i, x: got.append(x.copy()))
+    assert all(w.dtype == torch.float32 for w in want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert np.array_equal(g, w.numpy()), f"step {i}"
+    bf16 = sampler_flux.denoise_distilled(AsNumPy(flux32, 6, 4), noise, txt.numpy(), y.numpy(), T2I)
+    assert not np.array_equal(bf16, got[-1])  # the setting matters
+    image = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(1)) * 0.7
+    assert np.array_equal(sampler_flux.to_png_pixels(image.numpy(), "fp32"), reference.png_pixels(image))

@@ -26,7 +26,7 @@ from osx.export.flux_ae import FluxAEDecoder  # noqa: E402 (needs torch)
 from osx.export.init import seeded_init_  # noqa: E402
 from osx.export.mmdit import MMDiT, video_rope  # noqa: E402
 from osx.export.sampler_flux import reference_t2i  # noqa: E402
-from test_runtime_pipeline_v2 import MMDiTOnImageTables, TorchBackend, reference, v2_bundle  # noqa: E402,F401 (fixtures)
+from test_runtime_pipeline_v2 import MMDiTOnImageTables, TorchBackend, reference, row_by_row, v2_bundle  # noqa: E402,F401 (fixtures)
 
 T2I = T2I_CONFIGS[TINY.name]
 PROMPT = "a red fox in the snow"
@@ -99,3 +99,32 @@ def test_a_bundle_without_the_t2i_components_says_how_to_add_them(v2_bundle, ref
     with pytest.raises(BundleError, match="no t2i_denoiser and no t2i_decoder") as e:
         t2i2v.first_frame(pipe, pipe.prepare_request(PROMPT))
     assert "--with-t2i" in e.value.hint and "flux1-dev.safetensors" in e.value.hint
+
+
+def test_whole_flow_over_the_torch_modules_in_bf16(v2_bundle, reference, row_by_row, flux_modules):
+    """The runtime's whole t2i2v flow (PipelineV2.run) at Open-Sora's bf16, over the reference's torch modules,
+    against reference_t2i2v. Tolerance: the image and its PNG are equal (same roundings, same modules); the video
+    reads that PNG through the runtime's NumPy resize (within 1 uint8 level of PIL's, runtime/conditioning.py)
+    and the VAE encoder per tile, as tests/test_image_to_video_v2.py's i2v runs: 1e-4 relative on the latent,
+    frames within 1 level."""
+    from osx.export.adapters_v2 import encode_mean
+    from osx.export.sampler_flux import reference_t2i2v
+
+    pipe = pipeline(v2_bundle, reference, flux_modules)
+    spec = v2_bundle.manifest.components["vae_encoder"].io
+    pipe.backends["vae_encoder"] = TorchBackend("vae_encoder", spec, lambda video: encode_mean(reference.vae, video))
+    request = pipe.prepare_request(PROMPT, aspect_ratio="16:9", seed=5, steps=3, t2i_steps=2)
+    assert request.t2i2v is None and t2i2v.wanted(pipe, request)  # on by default: the bundle has the components
+    height, width = t2i_image_size(T2I, "16:9")
+    pipe.backends["t2i_denoiser"].fn.grid = (height // 16, width // 16)
+    _, _, T, h, w = pipe.latent_shape(request)
+    pipe.backends["denoiser"].fn.grid = (T, h // 2, w // 2)
+    latents, decode = [], pipe.decode
+    pipe.decode = lambda latent, *a: latents.append(latent.copy()) or decode(latent, *a)
+    frames = pipe.run(request)
+    # the reference calls its MMDiT one row at a time, as the backend does (bf16 results depend on the batch)
+    image, want = reference_t2i2v(row_by_row, *flux_modules, T2I, PROMPT, aspect_ratio="16:9", seed=5, num_steps=3, t2i_steps=2)
+    assert np.array_equal(pipe.t2i_image, image.png)
+    err = float(np.linalg.norm(latents[0] - want.latent) / np.linalg.norm(want.latent))
+    assert err < 1e-4, f"latent {err:.2e} relative"  # measured 0: bit-equal (the resize matched PIL here)
+    assert np.max(np.abs(frames.astype(int) - want.frames)) <= 1  # measured 0 levels

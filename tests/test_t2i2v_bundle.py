@@ -3,12 +3,16 @@ PipelineV2, `osx generate`, the shim), against the torch reference of the whole 
 (export/sampler_flux.py `reference_t2i2v`: the image step, its PNG as the i2v_head reference of
 `reference_generate_v2`).
 
-Tolerances (the bundle's reference dtype is bf16, Open-Sora's): both loops round every update to bf16, so
-onnxruntime's float32 differences (validation: within 1e-4 of scale) flip a bf16 rounding now and then and the flip
-is carried on (tests/test_t2i2v_export.py: image step alone 3.9e-4; tests/test_runtime_v2_bundle.py: the video loop
-3.0e-3). Measured here (3 image steps, 4 video steps): see the asserts' comments.
+The bundle is exported at reference dtype fp32 (no bf16 rounding in either loop), so the graphs' float32
+differences from torch (validation: within 1e-4 of scale) are not amplified by bf16 flips. Tolerance of the whole
+flow: 1e-4 relative on the video's latent (the issue's), the PNG within 1 uint8 level, frames within 1 level. The
+one discontinuity left is the PNG's uint8 rounding: measured 0.1 % of its values one level apart, which moves the
+video latent 4.6e-5; the same video on the runtime's own PNG is within 4e-6. Open-Sora's bf16 flow is tested
+bit-exact over the torch modules (tests/test_t2i2v.py); over bf16 graphs it drifts as #15 describes (measured here
+on a bf16 export: PNG 2 levels, latent 3.8e-3, frames 2 levels).
 """
 
+import dataclasses
 import json
 
 import numpy as np
@@ -39,16 +43,18 @@ def cli(*args) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def torch_models():
-    """The torch modules the bundle was exported from (seeded alike), float32."""
+def torch_models(tiny_t2i_bundle):
+    """The torch modules the bundle was exported from (seeded alike, float32) at its reference dtype."""
     from osx.export.flux_ae import FluxAEDecoder
     from osx.export.init import seeded_init_
     from osx.export.mmdit import MMDiT
     from osx.export.pipeline_v2 import build_reference_v2
 
-    seed = TINY.random_init_seed
-    flux, ae = seeded_init_(MMDiT(T2I.mmdit), seed).eval(), seeded_init_(FluxAEDecoder(T2I.ae), seed).eval()
-    return build_reference_v2(TINY, dtype=torch.float32), flux, ae
+    cfg = Bundle.open(tiny_t2i_bundle, verify=False).manifest.model_config()
+    assert cfg.sampler.reference_dtype == "fp32" and cfg == dataclasses.replace(TINY, sampler=cfg.sampler)
+    seed = cfg.random_init_seed
+    flux = seeded_init_(MMDiT(T2I.mmdit, "fp32"), seed).eval()
+    return build_reference_v2(cfg, dtype=torch.float32), flux, seeded_init_(FluxAEDecoder(T2I.ae), seed).eval()
 
 
 def test_the_bundle_holds_the_t2i_components_validated(tiny_t2i_bundle):
@@ -62,6 +68,7 @@ def test_the_bundle_holds_the_t2i_components_validated(tiny_t2i_bundle):
 
 
 def test_whole_flow_against_the_torch_reference(tiny_t2i_bundle, torch_models):
+    from osx.export.pipeline_v2 import reference_generate_v2
     from osx.export.sampler_flux import reference_t2i2v
 
     pipe = Pipeline.load(tiny_t2i_bundle)
@@ -70,13 +77,19 @@ def test_whole_flow_against_the_torch_reference(tiny_t2i_bundle, torch_models):
     events = []
     kw = dict(aspect_ratio="16:9", seed=5, steps=4)
     frames = pipe.generate(PROMPT, t2i_steps=3, progress=events.append, **kw)
+    model = torch_models[0]
     image, want = reference_t2i2v(*torch_models, T2I, PROMPT, t2i_steps=3, num_steps=4, seed=5, aspect_ratio="16:9")
     assert want.cond_type == "i2v_head" and frames.shape == want.frames.shape
     assert pipe.t2i_image.shape == image.png.shape
     png_levels = int(np.max(np.abs(pipe.t2i_image.astype(int) - image.png)))
     err, levels = rel(latents[0], want.latent), int(np.max(np.abs(frames.astype(int) - want.frames)))
-    print(f"PNG {png_levels} levels ({np.mean(pipe.t2i_image != image.png):.1%} differ); latent {err:.2e}; frames {levels} levels")
-    assert png_levels <= 2 and err < 1e-2 and levels <= 3
+    on_own_png = reference_generate_v2(model, PROMPT, cond_type="i2v_head", references=[pipe.t2i_image], num_steps=4,
+                                       seed=5, height=want.height, width=want.width)
+    print(f"PNG {png_levels} levels ({np.mean(pipe.t2i_image != image.png):.2%} differ); latent {err:.2e} "
+          f"({rel(latents[0], on_own_png.latent):.2e} from the video on the runtime's PNG); frames {levels} levels")
+    assert png_levels <= 1 and np.mean(pipe.t2i_image != image.png) < 0.01  # measured 1 level, 0.10 %
+    assert err < 1e-4, f"latent {err:.2e} relative"  # measured 4.6e-5
+    assert rel(latents[0], on_own_png.latent) < 1e-5 and levels <= 1  # the video alone; frames 1 level
     phases = [e["phase"] for e in events]
     assert phases == sorted(phases, key=PHASES.index) and "vae_encode" in phases
     assert [p for p, _ in pipe.progress_phases(pipe.prepare_request(PROMPT, t2i_steps=3, **kw))] == list(dict.fromkeys(phases))
