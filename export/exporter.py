@@ -14,14 +14,15 @@ only when the manifest is complete: a failed or interrupted export leaves nothin
 Memory (README "Exporting a real checkpoint"): components are exported one after another, each traced
 on the meta device with its weights streamed from the memory-mapped checkpoint (osx.export.stream), so
 the export itself holds about one tensor at a time. Validation builds the component in PyTorch (cut in
-depth when large, see `validate_streamed`) and drops it before onnxruntime loads the graph.
+depth when large, see `validate_streamed`) and drops it before onnxruntime loads the graph. A large
+component runs in a process of its own (osx.export.component_process), so what its validation leaves
+resident is returned to the OS before the next component starts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import importlib
 import math
 import platform
@@ -39,6 +40,7 @@ from osx.bundle import BundleWriter
 from osx.components import DimRange
 from osx.errors import CheckpointError, OsxError
 from osx.export.checkpoint import CheckpointReader
+from osx.export.component_process import in_child_process, release_memory
 from osx.export.onnx_export import DTYPES
 from osx.export.ort_optimize import add_onnxruntime_graph
 from osx.export.request import ExportRequest
@@ -98,7 +100,8 @@ def export_bundle(request: ExportRequest) -> Manifest:
     names = _component_names(request, family, plan)
     dtypes = component_dtypes(asked, names, plan)
     with BundleWriter(request.out, force=request.force) as writer, _scratch_folder(request.out) as scratch:
-        components = _export_components(request, model_cfg, names, asked, dtypes, plan, parts, writer.dir, scratch, say)
+        peaks: dict[str, int] = {}  # the components' own processes' peak resident sets
+        components = _export_components(request, model_cfg, names, asked, dtypes, plan, parts, writer.dir, scratch, say, peaks)
         manifest = _manifest(model_cfg, components, plan, parts, writer.dir, say)
         if request.quantize is not None:  # before engines: TensorRT builds from the Q/DQ graphs
             manifest = request.quantize.apply(writer.dir, manifest, precisions, say)
@@ -114,6 +117,7 @@ def export_bundle(request: ExportRequest) -> Manifest:
             else {k: str(v) for k, v in parts.items()},
             "dtype": request.dtype, "precision": request.precision, "opset": request.opset, "gpu": request.gpu,
             "seconds": round(time.perf_counter() - start, 1),
+            **({"process_peak_rss_bytes": peaks} if peaks else {}),
         }))
     say(f"wrote {request.out} ({format_bytes(sum(f.bytes for f in manifest.files.values()))}, {len(manifest.files)} files)")
     return manifest
@@ -161,9 +165,11 @@ def _component_names(request: ExportRequest, family, plan) -> list[str]:
     return [n for n in names if n in request.only] if request.only else names
 
 
-def _export_components(request, model_cfg, names, asked, dtypes, plan, parts, out_dir: Path, scratch: Path, say) -> dict[str, ComponentEntry]:
+def _export_components(request, model_cfg, names, asked, dtypes, plan, parts, out_dir: Path, scratch: Path, say,
+                       peaks: dict[str, int]) -> dict[str, ComponentEntry]:
     """Each component exported and validated, one at a time (`asked`: parse_dtypes, `dtypes`: component_dtypes);
-    only the checkpoint parts these need are read."""
+    only the checkpoint parts these need are read. `peaks` gets the peak resident set of each component
+    exported in a process of its own."""
     from osx.export.init import write_random_part
 
     family = family_of(model_cfg)
@@ -184,15 +190,19 @@ def _export_components(request, model_cfg, names, asked, dtypes, plan, parts, ou
             readers[part] = CheckpointReader(path)
         cplan = plan.components.get(name)
         io = specs[name].with_dims(**span(cplan.profiles)) if cplan else specs[name]
-        entry = export_one(name, model_cfg, readers[part], io, dtypes[name], out_dir, scratch,
-                           opset=request.opset, external_data_threshold=request.external_data_threshold,
-                           say=lambda m, n=name: say(f"{n}: {m}"), progress=request.progress)
         # a graph fused for onnxruntime where onnxruntime runs it at fp32 (int8/fp8 are quantized from the portable one)
         runs_as = (cplan.backend, cplan.precision) if cplan else ("onnxruntime", dtypes[name])
-        if family.component(name).ort_fusions and dtypes[name] == "fp32" and runs_as == ("onnxruntime", "fp32"):
-            say(f"{name}: fusing for onnxruntime (GELU, RMSNorm, LayerNorm), checking the fused graph")
-            entry.update(add_onnxruntime_graph(out_dir, name, entry["file"], io.with_precision("float32"),
-                                               entry["validation"]["tolerance"]))
+        work = dict(name=name, model_cfg=model_cfg, checkpoint=readers[part].source, io=io, dtype=dtypes[name],
+                    out_dir=out_dir, scratch=scratch, opset=request.opset, external_data_threshold=request.external_data_threshold,
+                    fuse=family.component(name).ort_fusions and dtypes[name] == "fp32" and runs_as == ("onnxruntime", "fp32"))
+        tell = lambda m, n=name: say(f"{n}: {m}")  # noqa: E731
+        if _own_process(request, readers[part]):
+            tell("exporting in a process of its own (its memory is returned when it ends)")
+            entry = in_child_process(export_and_validate, work, say=tell, show=request.progress, what=name)
+            peaks[name] = entry.pop("peak_rss_bytes")
+            tell(f"done; the component's process peaked at {format_bytes(peaks[name])} resident")
+        else:
+            entry = export_and_validate(**work, say=tell, show=request.progress)
         components[name] = ComponentEntry.parse({
             **entry,
             "backend": cplan.backend if cplan else "onnxruntime",
@@ -232,6 +242,7 @@ def _manifest(model_cfg, components, plan, parts, out_dir: Path, say) -> Manifes
 # validation.structure).
 
 VALIDATION_BYTES = 2**30
+OWN_PROCESS_BYTES = 2**28  # checkpoint parts above this are exported in a process of their own (_own_process)
 
 
 def parse_dtypes(dtype: str) -> dict[str, str]:
@@ -276,6 +287,27 @@ def wanted_dtype(dtype: str, cplan) -> str:
     if cplan is None or cplan.precision in DTYPES:
         return cplan.precision if cplan else "fp32"
     return "fp16" if cplan.backend == "tensorrt" else "fp32"
+
+
+def export_and_validate(name, model_cfg, checkpoint, io, dtype, out_dir: Path, scratch: Path, *, opset, external_data_threshold,
+                        fuse: bool, say, show) -> dict:
+    """One component's manifest entry: `export_one` from the checkpoint at `checkpoint`, and with `fuse` the
+    graph fused for onnxruntime beside it. What runs in the component's own process (osx.export.component_process)."""
+    entry = export_one(name, model_cfg, CheckpointReader(checkpoint), io, dtype, out_dir, scratch, opset=opset,
+                       external_data_threshold=external_data_threshold, say=say, progress=show)
+    if fuse:
+        say("fusing for onnxruntime (GELU, RMSNorm, LayerNorm), checking the fused graph")
+        entry.update(add_onnxruntime_graph(out_dir, name, entry["file"], io.with_precision("float32"),
+                                           entry["validation"]["tolerance"]))
+    return entry
+
+
+def _own_process(request: ExportRequest, reader: CheckpointReader) -> bool:
+    """Whether a component runs in a process of its own: `request.own_process`, or where it is None (auto)
+    when its checkpoint part holds over OWN_PROCESS_BYTES (starting a process costs seconds of imports)."""
+    if request.own_process is not None:
+        return request.own_process
+    return sum(math.prod(reader.shape(k)) * reader.dtype(k).itemsize for k in reader.keys()) > OWN_PROCESS_BYTES
 
 
 def export_one(name, model_cfg, reader, io, dtype, out_dir: Path, scratch: Path, *, opset, external_data_threshold,
@@ -351,7 +383,7 @@ def validate_streamed(name, model_cfg, reader, io, dtype, graph: Path, scratch: 
     fp32_cases = torch_reference(module, io, shapes, "fp32", _adapter(cfg)) if val_dtype == "fp16" else None
     cases = torch_reference(module.to(DTYPES[val_dtype][1]), io, shapes, val_dtype, _adapter(cfg))
     del module
-    gc.collect()  # the torch weights go before onnxruntime loads the graph
+    release_memory()  # the torch weights go before onnxruntime loads the graph
     noise = {"torch_fp16_vs_fp32": fp16_noise(fp32_cases, cases)} if fp32_cases else {}
     tolerance = fp16_tolerance(noise["torch_fp16_vs_fp32"]) if fp32_cases else None
     rows = compare_onnx(graph, io, cases, val_dtype, tolerance)

@@ -74,6 +74,9 @@ class ExportRequest:
     with_sets: tuple[str, ...] = ()  # optional component sets the family declares, "t2i" (osx.families ComponentDecl.optional_set)
     only: tuple[str, ...] = ()  # export only these (a partial bundle)
     external_data_threshold: int = EXTERNAL_DATA_BYTES
+    # each component in a process of its own (its memory returned to the OS when it ends); None: those whose
+    # checkpoint part is large (osx.export.exporter.OWN_PROCESS_BYTES), as starting one costs seconds
+    own_process: bool | None = None
     reference_dtype: str | None = None  # what the reference rounds t, fps and sizes to (None: the model's, as its family declares)
     progress: Callable[[str], None] = field(default=print, compare=False, repr=False)
 

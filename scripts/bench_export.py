@@ -13,17 +13,21 @@ full width with D double-stream and S single-stream blocks (a model registered f
 the JSON says so and gives the full-depth weights beside the measured ones).
 
 The child process is `osx export --random-weights --gpu cpu --dtype
-text_encoder=bf16,denoiser=fp16,vae_decoder=fp32 --out DIR`: per component, seeded random weights are written to a scratch checkpoint in the released
-layout (one tensor at a time), the graph is traced on the meta device and every weight streamed from that
-checkpoint, the written initializers are checked (sha256) against it, and the component is validated
-against PyTorch (at reduced depth when large); then the next component. Printed per component: params
-and weights_bytes (the graph's initializers), wall_s (from the child's own log: the first line naming
-the component to the next component's), cpu_s (the child's user + system time over the same span, from
-/proc/PID/stat), peak_rss_bytes (the child's VmHWM, reset through
-/proc/PID/clear_refs when a component starts and read when the next phase starts), onnx_bytes,
-data_bytes and peak_rss_over_weights; and for the whole command the same sums, its wall_s, cpu_s (user +
-system: wall time on shared cores says little) and peak_rss_bytes (the largest of the phases'), with the load
-average before and after. Target (issue 13): peak RSS <= 4 GiB for every component.
+text_encoder=bf16,denoiser=fp16,vae_decoder=fp32 --out DIR`: per component, seeded random weights are written
+to a scratch checkpoint in the released layout (one tensor at a time); then, in a process of the component's
+own (osx.export.component_process; its memory goes back to the OS when it ends), the graph is traced on the
+meta device and every weight streamed from that checkpoint, the written initializers are checked (sha256)
+against it, and the component is validated against PyTorch (at reduced depth when large); then the next
+component. Printed per component: params and weights_bytes (the graph's initializers), wall_s (from the
+export's own log: the first line naming the component to the next component's), cpu_s (user + system time
+of the export process and the component's process over the same span, /proc/PID/stat), peak_rss_bytes: the
+most the component needed at once, i.e. its own process's peak (getrusage in that process, recorded in the
+manifest's export.process_peak_rss_bytes) plus what the export process held meanwhile (VmRSS when it started
+waiting), or the export process's own peak in the phase if larger (VmHWM, reset through /proc/PID/clear_refs
+when the phase starts); onnx_bytes, data_bytes and peak_rss_over_weights. For the whole command: the same
+sums, its wall_s, cpu_s (every process; wall time on shared cores says little) and peak_rss_bytes (the
+largest phase's), with the load average before and after. Target (issue 13): peak RSS <= 4 GiB for every
+component.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ DTYPES_BY_FAMILY = {
     "opensora-v2.0": {"clip": "bf16", "denoiser": "fp16", "vae_decoder": "fp32", "vae_encoder": "fp32"},
 }
 REDUCED = "--reduced-depth"  # the child's first argument when the denoiser is cut in depth
+OWN_PROCESS = "in a process of its own"  # the exporter's line when a component's own process starts
 LINE = re.compile(r"^\[\s*([0-9.]+)s\] (?:(\w+): )?")  # the exporter's progress lines: "[  12.3s] denoiser: ..."
 
 
@@ -56,7 +61,8 @@ def _parse(argv):
     p.add_argument("--model", default=None, help="model config (default: opensora-v1.2 with --real-size, else the tiny one)")
     p.add_argument("--component", action="append", choices=sorted({c for d in DTYPES_BY_FAMILY.values() for c in d}),
                    help="components (default: the family's, see DTYPES_BY_FAMILY)")
-    p.add_argument("--depth", default=None, help="opensora-v2.0's MMDiT at full width with D double and S single blocks: D,S")
+    p.add_argument("--depth", default=None, help="the denoiser at full width with fewer blocks: N (opensora-v1.2's "
+                   "STDiT3), D,S (opensora-v2.0's MMDiT: double, single)")
     p.add_argument("--scratch", default=None, help="folder for the bundle (default: a temporary one; removed)")
     p.add_argument("--log", default=None, help="keep the child's log here (default: shown only on failure)")
     return p.parse_args(argv)
@@ -73,9 +79,15 @@ def main(argv: list[str]) -> dict:
         out = Path(tmp) / "bundle"
         whole, phases, log = _run(model, names, out, Path(args.log) if args.log else Path(tmp) / "export.log", depth)
         manifest = json.loads((out / "manifest.json").read_text())
+        own = manifest["export"].get("process_peak_rss_bytes", {})  # the components' own processes (getrusage)
+        for name, phase in phases.items():
+            phase["peak_rss_bytes"] = _peak(phase, own.get(name))
+            if name in own:
+                phase["own_process_peak_rss_bytes"] = own[name]
         rows = [_component(out, name, manifest["components"][name], phases.get(name, {})) for name in names]
         shutil.rmtree(out, ignore_errors=True)
     total = {k: sum(r[k] for r in rows) for k in ("params", "weights_bytes", "onnx_bytes", "data_bytes")}
+    whole["peak_rss_bytes"] = max(p["peak_rss_bytes"] for p in phases.values())
     total.update(whole, peak_rss_over_weights=round(whole["peak_rss_bytes"] / total["weights_bytes"], 3))
     reduced = {} if depth is None else {"reduced_depth": _reduced_report(model, depth)}
     return {"model": model, **reduced, "command": "osx export " + " ".join(_args(model, names, Path("OUT"))),
@@ -98,45 +110,63 @@ def _args(model: str, names: list[str], out: Path) -> list[str]:
             *(a for n in names for a in ("--component", n)), "--out", str(out)]
 
 
-def _depth(model: str, text: str | None) -> tuple[int, int] | None:
+def _depth(model: str, text: str | None) -> tuple[int, ...] | None:
+    """--depth: one block count per block kind the family declares for its denoiser (ComponentDecl.depth)."""
     if text is None:
         return None
-    from osx.families import get_model_config
+    from osx.families import family_of, get_model_config
 
     cfg = get_model_config(model)
+    fields = family_of(cfg).component("denoiser").depth
+    full = [getattr(getattr(cfg, f.split(".")[0]), f.split(".")[1]) for f in fields]
     try:
-        d, s = (int(v) for v in text.split(","))
-        assert cfg.family == "opensora-v2.0" and 1 <= d <= cfg.mmdit.depth and 1 <= s <= cfg.mmdit.depth_single_blocks
-    except (ValueError, AssertionError, AttributeError):
-        raise SystemExit(f"--depth {text!r}: D,S blocks of an opensora-v2.0 MMDiT (at most its "
-                         f"{getattr(getattr(cfg, 'mmdit', None), 'depth', '?')},{getattr(getattr(cfg, 'mmdit', None), 'depth_single_blocks', '?')})") from None
-    return d, s
+        depth = tuple(int(v) for v in text.split(","))
+        assert len(depth) == len(fields) and all(1 <= d <= n for d, n in zip(depth, full))
+    except (ValueError, AssertionError):
+        raise SystemExit(f"--depth {text!r}: {model}'s denoiser blocks, one count for each of "
+                         f"{', '.join(fields)} (at most {','.join(map(str, full))})") from None
+    return depth
 
 
-def reduced_config(model: str, depth: tuple[int, int]):
-    """`model`'s config with its MMDiT cut to `depth` (double, single) blocks, named so (the child registers it)."""
+def reduced_config(model: str, depth: tuple[int, ...]):
+    """`model`'s config with its denoiser cut to `depth` blocks (per declared block count), named so (the
+    child registers it)."""
     import dataclasses
 
-    from osx.families import get_model_config
+    from osx.families import family_of, get_model_config
 
     cfg = get_model_config(model)
-    mmdit = dataclasses.replace(cfg.mmdit, depth=depth[0], depth_single_blocks=depth[1])
-    return dataclasses.replace(cfg, name=f"{model}-depth{depth[0]}+{depth[1]}", mmdit=mmdit)
+    for path, n in zip(family_of(cfg).component("denoiser").depth, depth):
+        section, field = path.split(".")
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{field: n})})
+    return dataclasses.replace(cfg, name=f"{model}-depth{'+'.join(map(str, depth))}")
 
 
-def _reduced_report(model: str, depth: tuple[int, int]) -> dict:
-    from osx.families import get_model_config
-    from osx.profiles.params_v2 import component_params_v2
+def _denoiser_params(cfg) -> int:
+    if cfg.family == "opensora-v2.0":
+        from osx.profiles.params_v2 import component_params_v2
+
+        return component_params_v2(cfg, "denoiser").total
+    from osx.profiles.params import denoiser_params
+
+    return denoiser_params(cfg).total
+
+
+def _reduced_report(model: str, depth: tuple[int, ...]) -> dict:
+    from osx.families import family_of, get_model_config
 
     full, cut = get_model_config(model), reduced_config(model, depth)
-    return {"note": "the MMDiT at full width with fewer blocks: a model registered for this benchmark's child "
-                    "process only; the full depth's weights are given beside it",
-            "double_blocks": [depth[0], full.mmdit.depth], "single_blocks": [depth[1], full.mmdit.depth_single_blocks],
-            "params": component_params_v2(cut, "denoiser").total, "full_depth_params": component_params_v2(full, "denoiser").total}
+    fields = family_of(full).component("denoiser").depth
+    blocks = {f: [getattr(getattr(cut, f.split(".")[0]), f.split(".")[1]), getattr(getattr(full, f.split(".")[0]), f.split(".")[1])]
+              for f in fields}
+    return {"note": "the denoiser at full width with fewer blocks: a model registered for this benchmark's child "
+                    "process only; the full depth's parameters are given beside it",
+            "blocks": blocks, "params": _denoiser_params(cut), "full_depth_params": _denoiser_params(full)}
 
 
-def _run(model: str, names: list[str], out: Path, log_path: Path, depth: tuple[int, int] | None = None) -> tuple[dict, dict, Path]:
-    """Run the export; returns the whole command's figures and {component: {wall_s, peak_rss_bytes}}."""
+def _run(model: str, names: list[str], out: Path, log_path: Path, depth: tuple[int, ...] | None = None) -> tuple[dict, dict, Path]:
+    """Run the export; returns the whole command's figures and {phase: {wall_s, cpu_s, export_process_peak_rss_bytes,
+    export_process_rss_bytes_meanwhile (while the component's own process ran), ...}}."""
     args = _args(model, names, out)
     if depth is None:
         cmd = [sys.executable, "-m", "osx", "export", *args]
@@ -155,37 +185,54 @@ def _run(model: str, names: list[str], out: Path, log_path: Path, depth: tuple[i
             m = LINE.match(line)
             if not m:
                 continue
+            last = float(m.group(1))
             phase = m.group(2) if m.group(2) in names else "bundle"
             if phase != current and phase not in phases:  # a new phase: close the last one, reset the peak
                 now = _cpu(child.pid)
                 if current is not None:
-                    phases[current] = {"wall_s": round(float(m.group(1)) - since, 1), "cpu_s": round(now - cpu, 1),
-                                       "peak_rss_bytes": _hwm(child.pid), "load_1m_at_end": round(os.getloadavg()[0], 2)}
+                    phases[current].update(wall_s=round(float(m.group(1)) - since, 1), cpu_s=round(now - cpu, 1),
+                                           load_1m_at_end=round(os.getloadavg()[0], 2))
                     print(json.dumps({current: phases[current]}), file=sys.stderr, flush=True)  # kept if the run is cut short
                 _reset_hwm(child.pid)
                 current, since, cpu = phase, float(m.group(1)), now
+                phases[current] = {}
+            # the export process's own peak in this phase, read on each of its lines (the last one ends the command)
+            hwm = _status(child.pid, "VmHWM")
+            if hwm is not None:  # None: it has just exited
+                phases[current]["export_process_peak_rss_bytes"] = hwm
+            if OWN_PROCESS in line:  # it now waits for the component's process, holding what it holds now
+                phases[current]["export_process_rss_bytes_meanwhile"] = _status(child.pid, "VmRSS")
         _, status, usage = os.wait4(child.pid, 0)
         wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"osx export failed:\n{log_path.read_text()[-4000:]}")
-    # rusage's maxrss is the peak since the last reset (the closing phase): the command's is the largest of all
-    peak = max([usage.ru_maxrss * 1024, *(p["peak_rss_bytes"] for p in phases.values())])
-    whole = {"wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "peak_rss_bytes": peak}
+    phases[current].update(wall_s=round(last - since, 1))
+    # user + system time of the command and every process it waited for (the components' own processes)
+    whole = {"wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+             "largest_single_process_peak_rss_bytes": usage.ru_maxrss * 1024}
     return whole, phases, log_path
 
 
-def _hwm(pid: int) -> int:
-    """The process's peak resident set (VmHWM) since the last reset, in bytes."""
+def _status(pid: int, field: str) -> int | None:
+    """A /proc/PID/status size (VmHWM: peak resident set since the last reset; VmRSS: now), in bytes; None
+    once the process has exited (a zombie's status has no sizes)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc status")
+    return None
 
 
 def _cpu(pid: int) -> float:
-    """The process's user + system CPU seconds so far (/proc/PID/stat fields 14 and 15)."""
+    """User + system CPU seconds so far of the process and the children it waited for (/proc/PID/stat 14-17)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def _peak(phase: dict, own: int | None) -> int:
+    """A phase's peak resident set: the export process's own, or, where the component ran in a process of its
+    own, that process's peak plus what the export process held meanwhile (it only waits then), if larger."""
+    alone = phase.get("export_process_peak_rss_bytes", 0)
+    return alone if own is None else max(alone, phase.get("export_process_rss_bytes_meanwhile", 0) + own)
 
 
 def _reset_hwm(pid: int) -> None:
@@ -197,10 +244,12 @@ def _component(out: Path, name: str, entry: dict, phase: dict) -> dict:
     onnx_bytes = (out / entry["file"]).stat().st_size
     data_bytes = (out / entry["data_file"]).stat().st_size if entry.get("data_file") else 0
     peak = phase.get("peak_rss_bytes", 0)
+    split = {k: phase[k] for k in ("own_process_peak_rss_bytes", "export_process_rss_bytes_meanwhile",
+                                   "export_process_peak_rss_bytes") if k in phase}
     v = entry["validation"]
     return {"component": name, "dtype": entry["precision"], "params": params, "weights_bytes": weights,
             "wall_s": phase.get("wall_s"), "cpu_s": phase.get("cpu_s"), "load_1m_at_end": phase.get("load_1m_at_end"),
-            "peak_rss_bytes": peak, "onnx_bytes": onnx_bytes, "data_bytes": data_bytes,
+            "peak_rss_bytes": peak, **split, "onnx_bytes": onnx_bytes, "data_bytes": data_bytes,
             "peak_rss_over_weights": round(peak / weights, 3), "nodes": entry["nodes"],
             "weights_sha256_checked": entry["weights_check"]["from_checkpoint_sha256_ok"],
             "validation": {k: v.get(k) for k in ("graph", "depth", "tolerance", "structure") if v.get(k) is not None}
