@@ -36,6 +36,7 @@ def in_child_process(fn: Callable[..., dict], kwargs: dict, *, say: Callable[[st
                      what: str) -> dict:
     """`fn(**kwargs, say=, show=)` run in a spawned process (fn and kwargs must pickle); returns its result,
     a dict, with `peak_rss_bytes`: the child's own peak resident set (getrusage, after the work)."""
+    release_memory()  # what this process holds while it waits: its imports, little else
     ctx = multiprocessing.get_context("spawn")  # never fork a process holding torch's threads
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_child, args=(send, fn, kwargs), name=f"osx-export-{what}", daemon=True)
@@ -101,6 +102,8 @@ def _exit_with_parent(parent: int) -> None:
 
 def _portable(e: BaseException) -> tuple:
     """What the parent needs to raise `e` again (exceptions with their own __init__ do not all unpickle)."""
+    if isinstance(e, KeyboardInterrupt):  # Ctrl-C reaches the whole process group: the parent's own ends the export
+        return ("interrupt",)
     if isinstance(e, OsxError):  # with its attributes (a ValidationError's table rows)
         return ("osx", type(e), e.message, e.hint, {k: v for k, v in vars(e).items() if k not in ("message", "hint")})
     if isinstance(e, OSError) and e.errno is not None:
@@ -110,6 +113,8 @@ def _portable(e: BaseException) -> tuple:
 
 def _rebuilt(failure: tuple, what: str) -> BaseException:
     kind, *rest = failure
+    if kind == "interrupt":
+        return KeyboardInterrupt()
     if kind == "osx":
         cls, message, hint, attributes = rest
         error = cls(message, hint=hint)
