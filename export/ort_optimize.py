@@ -28,6 +28,7 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from osx.export.ort_attention import fuse_attention
@@ -62,6 +63,7 @@ def optimize_for_onnxruntime(src: str | Path, dst: str | Path, attention: bool =
         raise ValueError("the fused graph must sit beside the portable one (it shares its external data file)")
     model = onnx.load(src, load_external_data=False)
     _load_small_external_tensors(model, src.parent)
+    _give_layer_norms_a_bias(model)
     before = len(model.graph.node)
     # num_heads/hidden_size 0: read off the graph where a fusion needs them; no attention fusion uses them here.
     with _quiet():
@@ -89,6 +91,25 @@ def _load_small_external_tensors(model: onnx.ModelProto, folder: Path) -> None:
             load_external_data_for_tensor(t, str(folder))
             t.data_location = onnx.TensorProto.DEFAULT
             del t.external_data[:]
+
+
+def _give_layer_norms_a_bias(model: onnx.ModelProto) -> None:
+    """A zero bias for each LayerNormalization that has none (the MMDiT's affine-free norms export their
+    scale only): onnxruntime's SkipLayerNormalization fusion reads input 2 and fails without it; x*s + 0 is
+    the same arithmetic."""
+    from onnx import numpy_helper
+
+    scales = {t.name: t for t in model.graph.initializer}
+    biases = {}
+    for node in model.graph.node:
+        if node.op_type != "LayerNormalization" or (len(node.input) > 2 and node.input[2]) or node.input[1] not in scales:
+            continue
+        if node.input[1] not in biases:
+            zeros = np.zeros_like(numpy_helper.to_array(scales[node.input[1]]))
+            biases[node.input[1]] = numpy_helper.from_array(zeros, f"{node.input[1]}.zero_bias")
+            model.graph.initializer.append(biases[node.input[1]])
+        del node.input[2:]
+        node.input.append(biases[node.input[1]].name)
 
 
 @contextlib.contextmanager

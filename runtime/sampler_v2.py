@@ -179,6 +179,7 @@ def denoise(
     guidance_img: float | None = None,
     skip_redundant_pass: bool = True,
     skip_unit_scale_passes: bool = False,
+    on_start: Callable[[], None] | None = None,
     on_step: Callable[[int, np.ndarray], None] | None = None,
 ) -> np.ndarray:
     """Denoise `noise` [B, C, T, h, w] into a latent of that shape (float32 holding bf16 values unless
@@ -187,6 +188,7 @@ def denoise(
     `txt` [2B, L, D] and `y_vec` [2B, V]: the B prompts' text states, then the B negative prompts' (Open-Sora
     feeds the negative twice; it is the same array, so it is encoded once). `masks`/`masked_ref` from
     `condition`. `model` is called once per step on the rows that step needs (3B, 2B or B of them).
+    `on_start()` is called once the run's inputs are ready (packed, rounded, batched), before the first step;
     `on_step(i, x)` gets the latent [B, C, T, h, w] after step i (a view the caller may copy).
     """
     B, C, T, h, w = noise.shape
@@ -204,15 +206,17 @@ def denoise(
     x = rounded(pack(np.asarray(noise, dtype=F32), p))
     cond = rounded(pack(np.concatenate([masks, masked_ref], axis=1).astype(F32), p))
     uncond_is_u = skip_redundant_pass and not np.any(masks)  # rows 2 and 3 are then the same input
-    # the inputs of the three passes, concatenated once per set of passes a step runs
+    # the inputs of the three passes, concatenated once per set of passes the run's steps need
     rows = {"c": (txt[:B], y_vec[:B], cond), "u": (txt[B:], y_vec[B:], cond), "u2": (txt[B:], y_vec[B:], np.zeros_like(cond))}
-    batches = {}
-    for i, (t_cur, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+    plan = []  # each step's (text scale, image scale or ramp, passes)
+    for i in range(steps):
         g_txt, g_img = guidance_scales(cfg, i, steps, T, cond_type, g_txt0, g_img0)
         unit = g_txt == 1.0 and (uncond_is_u or np.isscalar(g_img) and g_img == 1.0)
-        passes = ("c",) if skip_unit_scale_passes and unit else ("c", "u") if uncond_is_u else ("c", "u", "u2")
-        if passes not in batches:
-            batches[passes] = [np.concatenate([rows[k][j] for k in passes]) for j in range(3)]
+        plan.append((g_txt, g_img, ("c",) if skip_unit_scale_passes and unit else ("c", "u") if uncond_is_u else ("c", "u", "u2")))
+    batches = {passes: [np.concatenate([rows[k][j] for k in passes]) for j in range(3)] for passes in {q for _, _, q in plan}}
+    if on_start is not None:
+        on_start()
+    for i, ((t_cur, t_next), (g_txt, g_img, passes)) in enumerate(zip(zip(timesteps[:-1], timesteps[1:]), plan)):
         b_txt, b_y, b_cond = batches[passes]
         t_vec = rounded(np.full(len(passes) * B, t_cur, dtype=F32))
         v = rounded(model(np.concatenate([x] * len(passes)), b_txt, t_vec, b_y, b_cond))

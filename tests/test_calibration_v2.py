@@ -149,7 +149,8 @@ def test_int8_bundle_records_precision_and_gate_and_runs_in_osx_generate(int8_v2
     assert entry["precision"] == "int8" and entry["calibration_hash"] == calib_v2.hash
     assert entry["file"] == "denoiser.int8.onnx" and entry["onnx_files"] == {"fp32": "denoiser.onnx"}
     assert entry["quantization"]["excluded_layers"] == ["cond_in"]
-    assert "onnxruntime_graph" not in entry  # the family declares no onnxruntime fusion for the MMDiT
+    # the family declares onnxruntime fusions for the MMDiT: the Q/DQ graph is fused too (the gate judged that one)
+    assert entry["onnxruntime_file"] == "denoiser.int8.ort.onnx" and "onnxruntime_graph" in entry
     assert {c: manifest["components"][c]["precision"] for c in ("text_encoder", "clip", "vae_decoder")} == dict.fromkeys(
         ("text_encoder", "clip", "vae_decoder"), "fp32")
     assert manifest["quantization"]["passed"] is True and manifest["quantization"]["calibration_hash"] == calib_v2.hash

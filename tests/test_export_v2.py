@@ -89,13 +89,19 @@ def test_osx_export_writes_a_bundle_verify_accepts(tiny_v2_bundle, capsys):
     family = get_family(TINY.family)
     bundle = Bundle.open(tiny_v2_bundle)
     m = bundle.manifest
-    assert tuple(m.components) == family.names()  # vae_encoder too (--with-vae-encoder)
+    # vae_encoder too (--with-vae-encoder); not the t2i set (--with-t2i: tests/test_t2i2v_export.py)
+    assert tuple(m.components) == tuple(n for n in family.names() if n not in family.optional_set("t2i"))
     fp32 = dataclasses.replace(TINY, sampler=dataclasses.replace(TINY.sampler, reference_dtype="fp32"))  # --reference-dtype fp32
     assert m.model_config() == fp32 and m.scheduler == dataclasses.asdict(fp32.sampler)
     for name, c in m.components.items():
         declared = SPECS[name].with_precision("float32").to_dict()
         assert (c.io.to_dict()["inputs"], c.io.to_dict()["outputs"]) == (declared["inputs"], declared["outputs"])
         assert all(r["ok"] and r["max_rel"] <= 1e-4 for r in c.report["validation"]["rows"]), name
+    # the MMDiT fused for onnxruntime (its affine-free LayerNorms given a zero bias first), checked against the portable graph
+    fused = m.components["denoiser"].report["onnxruntime_graph"]
+    assert m.components["denoiser"].onnxruntime_file == "denoiser.ort.onnx" and fused["attention_unfused"] == 0
+    assert {"SkipLayerNormalization", "SimplifiedLayerNormalization", "FastGelu", "MultiHeadAttention"} <= set(fused["fused"])
+    assert all(r["ok"] and r["max_rel"] <= 1e-4 for r in fused["rows"])
     # both tokenizers, as the family declares them, equal to the tiny ones the reference uses
     want = tokenizers(TINY, None)
     assert {e: t["file"] for e, t in m.tokenizer["encoders"].items()} == {t.encoder: t.file for t in family.prompt.tokenizers}

@@ -175,8 +175,8 @@ OPENSORA_V2_0_FAMILY = Family(
         ComponentDecl("text_encoder", module="t5", weights="t5", never_fp16=T5_FP16, depth=("t5.num_layers",),
                       ort_fusions=True),
         ComponentDecl("clip", module="clip", weights="clip"),
-        # no onnxruntime fusion: onnxruntime 1.32's SkipLayerNorm fusion fails on the MMDiT's affine-free LayerNorm
-        ComponentDecl("denoiser", module="mmdit", weights="mmdit", quantizable=True,
+        # fused for onnxruntime: its affine-free LayerNorms get a zero bias first (export.ort_optimize)
+        ComponentDecl("denoiser", module="mmdit", weights="mmdit", quantizable=True, ort_fusions=True,
                       depth=("mmdit.depth", "mmdit.depth_single_blocks"), full_precision=(("cond_in", COND_IN),)),
         ComponentDecl("vae_decoder", module="vae", weights="vae", no_bf16=CONVOLUTIONS),
         ComponentDecl("vae_encoder", module="vae", weights="vae", in_pipeline=False, no_bf16=CONVOLUTIONS),  # i2v / v2v
