@@ -5,8 +5,9 @@ feeds the MMDiT, as osx.runtime.PipelineV2 makes the call.
 Denoiser sample at step i: the guidance passes batched as the runtime runs them for text-to-video, the prompt
 and the negative prompt rows [2, ...] (the third pass, negative without conditioning, is the second's input
 when nothing conditions the video, so the runtime skips it): img = [pack(z_i)] * 2, txt = T5 states of
-[prompt, negative], timestep = [t_i] * 2 in the reference dtype (bf16 as Open-Sora, or fp32), y_vec = CLIP pooled of both, cond = the packed
-conditioning (zeros), rope_cos / rope_sin = the image tokens' tables of the video's shape (models_v2.rope_tables).
+[prompt, negative], timestep = [t_i] * 2 in the reference dtype (bf16 as Open-Sora, or fp32), y_vec = CLIP
+pooled of both, cond = the packed conditioning (zeros), rope_cos / rope_sin = the image tokens' tables of the
+video's shape (models_v2.rope_tables).
 Only the denoiser is quantizable in v2.0 (T5 overflows below fp32; CLIP is small).
 """
 
