@@ -218,14 +218,16 @@ def export_streamed(
     external_data_threshold: int = EXTERNAL_DATA_BYTES,
     progress: Callable[[str], None] | None = None,
     adapter: Callable | None = None,
+    check_weights: bool = True,
 ) -> ExportInfo:
     """`export_component` for an `osx.export.stream.Weights` (a module on the meta device + its
     checkpoint): traced without weights, each initializer streamed from the checkpoint and cast to
-    `dtype` as it is written, then every one checked against its checkpoint tensor (sha256)."""
+    `dtype` as it is written, then every one checked against its checkpoint tensor (sha256) unless
+    `check_weights` is False (a graph that is then compared with PyTorch built from the same checkpoint)."""
     _check_args(dtype, opset)
     weights.module.to(DTYPES[dtype][1])
     return _export(weights.module, spec, path, dtype, opset, sample_sizes, external_data_threshold, progress, weights,
-                   adapter)[0]
+                   adapter, check_weights)[0]
 
 
 def _check_args(dtype: str, opset: int) -> None:
@@ -236,7 +238,7 @@ def _check_args(dtype: str, opset: int) -> None:
 
 
 def _export(module, spec, path, dtype, opset, sample_sizes, external_data_threshold, progress,
-            weights=None, adapter=None) -> tuple[ExportInfo, dict | None]:
+            weights=None, adapter=None, check_weights=True) -> tuple[ExportInfo, dict | None]:
     """The export steps both entry points share; with `weights`, initializers are streamed and then checked
     against their checkpoint tensors (info.weights_check; the map of initializer -> checkpoint key is
     returned beside the info)."""
@@ -285,7 +287,8 @@ def _export(module, spec, path, dtype, opset, sample_sizes, external_data_thresh
         # them all, twice); the file written below holds the same graph, and validation runs it
         onnx.save(model, raw)
         onnx.checker.check_model(str(raw), full_check=True)
-        if weights is not None:  # read back from the data file; the .onnx written below holds these very bytes
+        weights_check = None
+        if weights is not None and check_weights:  # read back from the data file; the .onnx written below holds these bytes
             from osx.export.stream import check_initializers
 
             say(f"checking {path.name}'s initializers against the checkpoint (sha256, one at a time)")
@@ -321,7 +324,7 @@ def _export(module, spec, path, dtype, opset, sample_sizes, external_data_thresh
         nodes=nodes,
         bytes=size,
         seconds=round(time.perf_counter() - start, 2),
-        weights_check=weights_check if weights is not None else None,
+        weights_check=weights_check,
         notes=[f"torch.export shape assertion not kept in the graph (validation covers it): {a}" for a in dropped],
     )
     say(f"wrote {path.name}{' + ' + data_file if data_file else ''} ({format_bytes(size)}, {info.nodes} nodes, "
