@@ -16,12 +16,15 @@ from typing import Callable
 
 from osx.calibration import gate as gate_mod
 from osx.calibration.calibset import CalibrationSet, weights_identity
-from osx.calibration.quantize import OP_TYPES, Quantizer, choose_quantizer, layer_groups, quantize, source_dtype
+from osx.calibration.quantize import OP_TYPES, Quantizer, choose_quantizer, layer_groups, outside_blocks, quantize, source_dtype
 from osx.calibration.shards import ShardReader
 from osx.export.ort_optimize import SUFFIX, optimize_for_onnxruntime
 from osx.families import family_of, get_family, get_model_config
 from osx.manifest import Manifest
 
+
+OUTSIDE_BLOCKS = ("outside the repeated blocks: onnxruntime's static INT8 keeps it in full precision "
+                  "(a small share of the work, the most sensitive to per-tensor ranges; quantize.outside_blocks)")
 
 # Called with the quantized graph of the component being searched; returns video_metrics of the
 # decoded video against full precision (or None to skip the end-to-end part of the gate).
@@ -32,11 +35,13 @@ def quantize_component(component: str, src: Path, dst: Path, precision: str, cal
                        thresholds: gate_mod.Thresholds, *, backend: str = "onnxruntime",
                        video_check: VideoCheck | None = None, search: bool = True, heldout_limit: int | None = None,
                        method: str = "static", keep: dict[str, str] | None = None, fuse: bool = True,
+                       blocks_only: bool = False,
                        say: Callable[[str], None] = lambda m: None) -> tuple[gate_mod.GateResult, dict]:
     """Quantize `src` to `dst` for `backend` (which picks the quantizer; `method`: INT8 on onnxruntime,
     static or dynamic); returns the final gate result and the component's report entry. `keep`: layers kept
     in full precision from the start, with why (the family's ComponentDecl.full_precision). `fuse`: onnxruntime's
-    transformer fusions apply to this graph (ComponentDecl.ort_fusions)."""
+    transformer fusions apply to this graph (ComponentDecl.ort_fusions). `blocks_only`: onnxruntime's static INT8
+    keeps the layers outside the repeated blocks in full precision (ComponentDecl.static_int8_blocks_only)."""
     calib_files = calib.shards("calibration", component)
     heldout = calib.shards("heldout", component)
     quantizer = choose_quantizer(precision, component, backend, source_dtype(src), method)
@@ -65,6 +70,9 @@ def quantize_component(component: str, src: Path, dst: Path, precision: str, cal
 
         groups = layer_groups(src, OP_TYPES)
         excluded = declared_exclusions(component, groups, keep or {})
+        if blocks_only and cache is not None:  # onnxruntime static: the layers outside the blocks stay fp32
+            excluded |= {l: {"layer": l, "nodes": nodes, "reason": OUTSIDE_BLOCKS}
+                         for l, nodes in outside_blocks(src).items() if l not in excluded}
         kept = list(excluded)
         say(f"quantizing {component} to {precision}")
         result, m, video, g, row = attempt([n for e in excluded.values() for n in e["nodes"]])
@@ -94,7 +102,7 @@ def quantize_component(component: str, src: Path, dst: Path, precision: str, cal
         "quantizer": quantizer.describe(precision),
         "op_types": list(OP_TYPES),
         "qdq": result.qdq,
-        "excluded": list(excluded.values()),
+        "excluded": list(excluded.values()),  # each with its reason: the family, the quantizer's policy, the search
         "sensitivity": [{"layer": l, **s} for l, s in sensitivity.items()],
         "attempts": attempts,
         "gate": m,
@@ -266,7 +274,8 @@ def quantize_bundle(bundle_dir: Path, manifest: Manifest, precisions: dict[str, 
         final, entries[component] = quantize_component(component, src, dst, targets[component], calib, thresholds,
                                                        backend=backend, video_check=video_check_for(component),
                                                        search=step.search, method=method,
-                                                       keep=dict(decl.full_precision), fuse=decl.ort_fusions, say=say)
+                                                       keep=dict(decl.full_precision), fuse=decl.ort_fusions,
+                                                       blocks_only=decl.static_int8_blocks_only, say=say)
         quantized[component] = dst
         fused = entries[component].get("onnxruntime_graph")
         running[component] = bundle_dir / fused["file"] if fused else dst

@@ -392,7 +392,8 @@ def gate_verdict(bundle: Path) -> dict:
             "denoiser_min_cosine": round(den["gate"]["min_cosine"], 5),
             # None: no frame differed at all (PSNR infinite)
             "video": {k: video[k] for k in ("size", "psnr_min", "psnr_mean", "ssim_min", "flicker_ratio")} if video else None,
-            "layers_kept_fp32": [e["layer"] for e in den["excluded"]], "gate_attempts": len(den["attempts"]),
+            "layers_kept_fp32": [e["layer"] for e in den["excluded"]],  # the quantizer's policy, then the search
+            "gate_attempts": len(den["attempts"]),
             "quantizer": den["quantizer"], "quantized_ops": den["qdq"]["quantized_ops"]}
 
 

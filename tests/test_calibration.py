@@ -23,7 +23,7 @@ from osx.calibration.capture import capture, make_recipe, stratified_steps
 from osx.calibration.prompts import CALIBRATION, HELDOUT, load_prompts
 from osx.calibration.shards import ShardReader
 from osx.cli import main
-from osx.families import component_specs
+from osx.families import component_specs, get_family
 from osx.errors import OsxError
 from osx.models import OPENSORA_V1_2_TINY as TINY
 from osx.runtime.scheduler import round_bf16
@@ -166,7 +166,7 @@ def test_onnxruntime_quantization_leaves_the_root_logger_as_it_was(calib, onnx_f
 def test_int8_qdq_graph_passes_the_gate(component, int8, onnx_fp32, calib):
     q = int8[component].qdq
     assert q["quantized_ops"].get("MatMul", 0) > 0  # transformers' MatMuls, not just Conv
-    assert set(q["QuantizeLinear"]) == {"INT8"}
+    assert set(q["QuantizeLinear"]) == {"UINT8"}  # u8 activations x s8 weights: onnxruntime's fast kernels
     onnx.checker.check_model(str(int8[component].path))
     m = gate.compare_component(component, onnx_fp32[component], int8[component].path,
                                ShardReader(calib.shards("heldout", component)))
@@ -176,6 +176,42 @@ def test_int8_qdq_graph_passes_the_gate(component, int8, onnx_fp32, calib):
         assert len(m["per_step"]) == TINY.scheduler.num_sampling_steps
     # and quantization did change the numbers (a no-op would also "pass")
     assert m["max_rel_l2"] > 1e-4
+
+
+def test_static_int8_quantizes_the_blocks_only_per_channel_and_passes_the_gate(calib, onnx_fp32, tmp_path):
+    """onnxruntime static INT8 of the denoiser as the export runs it: the layers outside the numbered blocks
+    (embedders, final layer) stay fp32, recorded with the reason; every constant-weight MatMul in the blocks takes
+    uint8 activations (asymmetric, calibrated) and int8 weights per output column, symmetric (checked by
+    hand: scale = max |w| of the column / 127, zero point 0); the fused graph onnxruntime runs stays within
+    the gate (worst per-step cosine >= 0.99 vs the fp32 graph on the held-out inputs)."""
+    src = onnx_fp32["denoiser"]
+    dst = tmp_path / "denoiser.int8.onnx"
+    assert get_family(TINY.family).component("denoiser").static_int8_blocks_only  # as the export runs it
+    g, entry = apply.quantize_component("denoiser", src, dst, "int8", calib, gate.Thresholds(), search=False,
+                                        blocks_only=True)
+    assert g.passed and entry["gate"]["min_cosine"] >= 0.99, g.failures
+    assert entry["gate"]["max_rel_l2"] > 1e-4  # quantization did change the numbers
+    outside = {"x_embedder", "t_embedder", "t_block", "y_embedder", "fps_embedder", "final_layer"}
+    assert {e["layer"] for e in entry["excluded"]} == outside and len(entry["attempts"]) == 1
+    assert all("outside the repeated blocks" in e["reason"] for e in entry["excluded"])
+    groups = quantize.layer_groups(src)
+    quantized = _quantized_nodes(dst)
+    assert not quantized & {n for layer in outside for n in groups[layer]}
+    fp32 = onnx.load(str(src))
+    weights = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer}
+    in_blocks = [n for n in fp32.graph.node if n.op_type == "MatMul" and n.input[1] in weights
+                 and "_blocks." in quantize.module_path(n)]
+    assert in_blocks and {n.name for n in in_blocks} <= quantized
+    q = onnx.load(str(dst))
+    qw = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    activation_zp = [qw[n.input[2]] for n in q.graph.node if n.op_type == "QuantizeLinear"]
+    assert {z.dtype for z in activation_zp} == {np.dtype(np.uint8)} and any(z != 0 for z in activation_zp)
+    name = in_blocks[0].input[1]
+    w = weights[name]
+    np.testing.assert_allclose(qw[f"{name}_scale"], np.abs(w).max(axis=0) / 127, rtol=1e-6)
+    assert qw[f"{name}_zero_point"].dtype == np.int8 and not qw[f"{name}_zero_point"].any()
+    want = np.clip(np.round(w / qw[f"{name}_scale"]), -127, 127)
+    assert (qw[f"{name}_quantized"] == want).mean() > 0.999  # ties may round either way
 
 
 def test_gate_fails_a_broken_quantization(int8, onnx_fp32, calib, tmp_path):

@@ -72,6 +72,9 @@ class ComponentDecl:
     # layers (torch module paths, osx.calibration.quantize.layer_groups) that int8/fp8 keep in full precision,
     # with why: calibration cannot give them ranges
     full_precision: tuple[tuple[str, str], ...] = ()
+    # onnxruntime's static INT8 quantizes only the layers inside its repeated (numbered) blocks: the embedders
+    # and the final layer stay fp32 (osx.calibration.quantize.outside_blocks; measured on v1.2's STDiT3)
+    static_int8_blocks_only: bool = False
 
 
 @dataclass(frozen=True)

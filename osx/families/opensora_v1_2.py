@@ -83,7 +83,8 @@ OPENSORA_V1_2_FAMILY = Family(
     components=(
         ComponentDecl("text_encoder", module="text_encoder", weights="t5", quantizable=True, never_fp16=T5_FP16,
                       depth=("text_encoder.num_layers",), ort_fusions=True),
-        ComponentDecl("denoiser", module="denoiser", weights="denoiser", quantizable=True, no_bf16="Conv3d patch embedding",
+        ComponentDecl("denoiser", module="denoiser", weights="denoiser", quantizable=True, static_int8_blocks_only=True,
+                      no_bf16="Conv3d patch embedding",
                       depth=("denoiser.depth",), ort_fusions=True),
         ComponentDecl("vae_decoder", module="vae", weights="vae", no_bf16=CONVOLUTIONS),
         ComponentDecl("vae_encoder", module="vae", weights="vae", in_pipeline=False, no_bf16=CONVOLUTIONS),  # image-to-video only
