@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import math
 import platform
@@ -400,22 +401,26 @@ def _remove_graph(graph: Path, scratch: Path) -> None:
 
 def validation_config(name: str, model_cfg: ModelConfig, reader) -> tuple[ModelConfig, list | dict | None]:
     """The model config to validate `name` at: the model's own when the part's float32 weights fit in
-    VALIDATION_BYTES, else the same with every block count the family declares for it (ComponentDecl.depth)
-    cut in proportion (at least one block each). Depth: [n, full] for one count, {field: [n, full]} for several."""
+    VALIDATION_BYTES, else the same with every block count the family declares for it (ComponentDecl.depth, a
+    possibly nested "section.field" path: Flux's "t2i.mmdit.depth") cut in proportion (at least one block each). Depth: [n, full] for one count, {field: [n, full]} for several."""
     total = sum(4 * math.prod(reader.shape(k)) for k in reader.keys())
     fields = family_of(model_cfg).component(name).depth
     if total <= VALIDATION_BYTES or not fields:
         return model_cfg, None
     cfg, depth = model_cfg, {}
     for path in fields:
-        section, field = path.split(".")
-        sub = getattr(cfg, section)
-        full = getattr(sub, field)
+        full = functools.reduce(getattr, path.split("."), cfg)
         n = max(1, min(full, full * VALIDATION_BYTES // total))
-        cfg, depth[path] = dataclasses.replace(cfg, **{section: dataclasses.replace(sub, **{field: n})}), [n, full]
+        cfg, depth[path] = _replace_path(cfg, path, n), [n, full]
     if all(n == full for n, full in depth.values()):
         return model_cfg, None
     return cfg, next(iter(depth.values())) if len(depth) == 1 else depth
+
+
+def _replace_path(cfg, path: str, value):
+    """`cfg` with the (nested) dataclass field at "a.b.c" set to `value`."""
+    head, _, rest = path.partition(".")
+    return dataclasses.replace(cfg, **{head: _replace_path(getattr(cfg, head), rest, value) if rest else value})
 
 
 def _blocks(depth: list | dict) -> str:

@@ -37,7 +37,7 @@ from osx.export.sampler_v2 import DTYPES, condition, denoise, schedule
 from osx.export.t5 import T5TextEncoder
 from osx.export.tokenizer import build_tiny_tokenizer, convert_t5_sentencepiece
 from osx.models_v2 import (
-    COND_TYPES, T2I_CONFIGS, OpenSoraV2Config, check_frames, get_model_config_v2, image_size, latent_shape, negative_prompt_v2,
+    COND_TYPES, OpenSoraV2Config, check_frames, get_model_config_v2, image_size, latent_shape, negative_prompt_v2,
     prepare_prompt_v2,
 )
 from osx.runtime.scheduler import initial_noise
@@ -120,8 +120,8 @@ def part_factories(cfg: OpenSoraV2Config) -> dict[str, Callable[[], torch.nn.Mod
     dtype = cfg.sampler.reference_dtype
     parts = {"t5": lambda: T5TextEncoder(cfg.t5), "clip": lambda: CLIPTextEncoder(cfg.clip),
              "mmdit": lambda: MMDiT(cfg.mmdit, dtype), "vae": lambda: HunyuanVideoVAE(cfg.vae)}
-    if cfg.name in T2I_CONFIGS:
-        t2i = T2I_CONFIGS[cfg.name]
+    if cfg.t2i is not None:
+        t2i = cfg.t2i
         parts.update(flux=lambda: MMDiT(t2i.mmdit, dtype), flux_ae=lambda: FluxAEDecoder(t2i.ae))
     return parts
 

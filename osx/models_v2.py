@@ -132,6 +132,7 @@ class OpenSoraV2Config:
     resolutions: dict[str, int] = field(default_factory=lambda: {"256px": 256, "768px": 768})
     max_frames: int = 129  # frames are 4k+1 (causal VAE: first frame alone, then 4 per latent frame)
     random_init_seed: int = 0
+    t2i: T2IConfig | None = None  # t2i2v's image step (Flux.1-dev), where the model has one (T2I_CONFIGS)
 
     @property
     def spatial_downsample(self) -> int:
@@ -155,6 +156,9 @@ class OpenSoraV2Config:
         parts = {"t5": TextEncoderConfig, "clip": CLIPTextConfig, "mmdit": MMDiTConfig, "sampler": SamplerV2Config,
                  "defaults": GenerationDefaultsV2, "vae": HunyuanVAEConfig}
         fields = {k: _tuples(parts[k], v) if k in parts else v for k, v in d.items()}
+        if fields.get("t2i") is not None:
+            t2i = fields["t2i"]
+            fields["t2i"] = T2IConfig(**{**t2i, "mmdit": _tuples(MMDiTConfig, t2i["mmdit"]), "ae": _tuples(FluxAEConfig, t2i["ae"])})
         return cls(**fields)
 
 
@@ -446,13 +450,13 @@ def t2i_image_size(t2i: T2IConfig, aspect_ratio: str) -> tuple[int, int]:
                          hint=f"t2i2v takes {', '.join(buckets)} (Open-Sora's training buckets)")
     return buckets[aspect_ratio]
 
+# The image step of each v2.0 model's t2i2v flow (the tiny one: tiny Flux at 112 px, larger than its 64 px video),
+# held by the model's config (so a validation cut of Flux's blocks is a config like the MMDiT's)
+OPENSORA_V2_0 = dataclasses.replace(OPENSORA_V2_0, t2i=T2IConfig(mmdit=FLUX1_DEV, ae=FLUX1_AE))
+OPENSORA_V2_0_TINY = dataclasses.replace(OPENSORA_V2_0_TINY, t2i=T2IConfig(
+    mmdit=FLUX1_DEV_TINY, ae=FLUX1_AE_TINY, image_resolution="112px", num_steps=6))
 MODELS_V2: dict[str, OpenSoraV2Config] = {m.name: m for m in (OPENSORA_V2_0, OPENSORA_V2_0_TINY)}
-
-# The image step of each v2.0 model's t2i2v flow (the tiny one: tiny Flux at 112 px, larger than its 64 px video)
-T2I_CONFIGS: dict[str, T2IConfig] = {
-    OPENSORA_V2_0.name: T2IConfig(mmdit=FLUX1_DEV, ae=FLUX1_AE),
-    OPENSORA_V2_0_TINY.name: T2IConfig(mmdit=FLUX1_DEV_TINY, ae=FLUX1_AE_TINY, image_resolution="112px", num_steps=6),
-}
+T2I_CONFIGS: dict[str, T2IConfig] = {m.name: m.t2i for m in MODELS_V2.values()}
 
 
 def get_model_config_v2(name: str) -> OpenSoraV2Config:

@@ -141,3 +141,31 @@ def test_a_checkpoint_without_flux_is_refused_before_anything_is_exported():
         _check_optional_weights(family, family.optional_set("t2i"), parts)
     assert "flux1-dev-ae.safetensors" in e.value.hint and "--flux-ae PATH" in e.value.hint and "--with-t2i" in e.value.hint
     _check_optional_weights(family, family.optional_set("t2i"), {**parts, "flux_ae": Path("ae")})  # all there: fine
+
+
+def test_a_real_size_flux_is_validated_at_a_cut_of_its_blocks():
+    """Flux.1-dev's 47.6 GB of float32 weights exceed the validation budget: validated at full width with one
+    block of each kind, as the MMDiT (the cut is a config: the model's `t2i`, recorded in the manifest)."""
+    from osx.export.exporter import export_parts, validation_config
+    from osx.export.mmdit import MMDiT
+    from osx.families import get_family
+    from osx.models_v2 import OPENSORA_V2_0, OpenSoraV2Config
+
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in MMDiT(OPENSORA_V2_0.t2i.mmdit).state_dict().items()}
+
+    class Reader:  # the checkpoint's names and shapes, no tensors
+        def keys(self):
+            return list(shapes)
+
+        def shape(self, key):
+            return shapes[key]
+
+    cfg, depth = validation_config("t2i_denoiser", OPENSORA_V2_0, Reader())
+    assert depth == {"t2i.mmdit.depth": [1, 19], "t2i.mmdit.depth_single_blocks": [1, 38]}
+    assert cfg.mmdit == OPENSORA_V2_0.mmdit and cfg.t2i.mmdit.hidden_size == OPENSORA_V2_0.t2i.mmdit.hidden_size
+    with torch.device("meta"):
+        cut = export_parts(get_family(cfg.family)).part_factories(cfg)["flux"]()
+    assert (len(cut.double_blocks), len(cut.single_blocks)) == (1, 1)
+    for model in (TINY, OPENSORA_V2_0):  # the manifest's config, read back
+        assert OpenSoraV2Config.from_dict(json.loads(json.dumps(model.to_dict()))) == model

@@ -181,7 +181,8 @@ OPENSORA_V2_0_FAMILY = Family(
         ComponentDecl("vae_decoder", module="vae", weights="vae", no_bf16=CONVOLUTIONS),
         ComponentDecl("vae_encoder", module="vae", weights="vae", in_pipeline=False, no_bf16=CONVOLUTIONS),  # i2v / v2v
         # t2i2v's image step (`osx export --with-t2i`): Flux.1-dev and its AE decoder (t2i_component_specs)
-        ComponentDecl("t2i_denoiser", module="flux", weights="flux", in_pipeline=False, optional_set="t2i"),
+        ComponentDecl("t2i_denoiser", module="flux", weights="flux", in_pipeline=False, optional_set="t2i",
+                      depth=("t2i.mmdit.depth", "t2i.mmdit.depth_single_blocks")),
         ComponentDecl("t2i_decoder", module="flux_ae", weights="flux_ae", in_pipeline=False, no_bf16=CONVOLUTIONS,
                       optional_set="t2i"),
     ),
