@@ -111,10 +111,10 @@ def capture(model, out: str | os.PathLike, recipe: dict, *, force: bool = False,
             say: Callable[[str], None] = lambda m: None) -> CalibrationSet:
     """Run `model` (the family adapter's reference model) per the recipe and write the calibration set to
     `out` atomically (a temp folder renamed into place when complete)."""
-    family = get_family(recipe["model"]["family"])
-    record = adapter(family).record
     out = Path(out).absolute()
     check_replaceable(out, force, ours=_is_calibration_set, what="an osx calibration set", option="--out")
+    family = get_family(recipe["model"]["family"])  # after the folder check: a user's folder is refused first
+    record = adapter(family).record
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(f".{out.name}.tmp-", out.parent)
     try:

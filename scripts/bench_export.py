@@ -75,6 +75,8 @@ def main(argv: list[str]) -> dict:
     names = args.component or list(dtypes)
     depth = _depth(model, args.depth)
     load_before = os.getloadavg()
+    if args.scratch:
+        Path(args.scratch).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="osx-bench-export-", dir=args.scratch) as tmp:
         out = Path(tmp) / "bundle"
         whole, phases, log = _run(model, names, out, Path(args.log) if args.log else Path(tmp) / "export.log", depth)
