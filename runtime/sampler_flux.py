@@ -17,6 +17,7 @@ Open-Sora v2.0's recommended flow makes the first frame with Flux.1-dev, then an
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import numpy as np
@@ -69,9 +70,7 @@ def denoise_distilled(
     steps = t2i.num_steps if num_steps is None else num_steps
     timesteps = t2i_schedule(t2i, steps, h, w)
 
-    def rounded(a):  # what a tensor of the reference dtype holds
-        return to_reference(a, reference_dtype)
-
+    rounded = functools.partial(to_reference, reference_dtype=reference_dtype)  # what a tensor of that dtype holds
     g_vec = rounded(np.full(B, t2i.guidance if guidance is None else guidance, dtype=F32))
     x = rounded(pack(np.asarray(noise, dtype=F32), p))
     for i, (t_cur, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
@@ -88,9 +87,7 @@ def to_png_pixels(image: np.ndarray, reference_dtype: str = "bf16") -> np.ndarra
 
     torchvision's save_image on the decoder output: clamp to [-1, 1], +1, /2, *255, +0.5, clamp to [0, 255],
     truncate; each operation on tensors of the reference dtype (bf16: each rounded to bf16 here)."""
-    def bf(a):
-        return to_reference(a, reference_dtype)
-
+    bf = functools.partial(to_reference, reference_dtype=reference_dtype)
     x = bf(np.clip(bf(image), -1, 1))
     x = bf(bf(bf(bf(x + F32(1)) / F32(2)) * F32(255)) + F32(0.5))
     return np.ascontiguousarray(np.clip(x, 0, 255).astype(np.uint8).transpose(1, 2, 0))

@@ -25,6 +25,7 @@ always c, so the result drifts by a few bf16 roundings (measured in the test) an
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -156,9 +157,7 @@ def unpack(x: np.ndarray, T: int, h: int, w: int, patch: int = 2) -> np.ndarray:
 def guided_velocity(c: np.ndarray, u: np.ndarray, u2: np.ndarray, g_txt: float, g_img,
                     reference_dtype: str = "bf16") -> np.ndarray:
     """u2 + g_img*(u - u2) + g_txt*(c - u), each operation in the reference dtype as torch evaluates it left to right."""
-    def bf(x):
-        return to_reference(x, reference_dtype)
-
+    bf = functools.partial(to_reference, reference_dtype=reference_dtype)
     g_img = F32(g_img) if np.isscalar(g_img) else g_img
     return bf(bf(u2 + bf(g_img * bf(u - u2))) + bf(F32(g_txt) * bf(c - u)))
 
@@ -200,9 +199,7 @@ def denoise(
     g_img0 = cfg.guidance_img if guidance_img is None else guidance_img
     timesteps = schedule(cfg, steps, h * w // p**2, T)
 
-    def rounded(a):  # what a tensor of the reference dtype holds
-        return to_reference(a, cfg.reference_dtype)
-
+    rounded = functools.partial(to_reference, reference_dtype=cfg.reference_dtype)  # what a tensor of that dtype holds
     x = rounded(pack(np.asarray(noise, dtype=F32), p))
     cond = rounded(pack(np.concatenate([masks, masked_ref], axis=1).astype(F32), p))
     uncond_is_u = skip_redundant_pass and not np.any(masks)  # rows 2 and 3 are then the same input
@@ -214,6 +211,10 @@ def denoise(
         unit = g_txt == 1.0 and (uncond_is_u or np.isscalar(g_img) and g_img == 1.0)
         plan.append((g_txt, g_img, ("c",) if skip_unit_scale_passes and unit else ("c", "u") if uncond_is_u else ("c", "u", "u2")))
     batches = {passes: [np.concatenate([rows[k][j] for k in passes]) for j in range(3)] for passes in {q for _, _, q in plan}}
+    ramps = {}  # each distinct image-guidance ramp over latent frames, broadcast and packed like the latent, once per run
+    for _, g_img, _ in plan:
+        if not np.isscalar(g_img) and g_img.tobytes() not in ramps:
+            ramps[g_img.tobytes()] = rounded(pack(np.broadcast_to(g_img[None, None, :, None, None], (B, C, T, h, w)), p))
     if on_start is not None:
         on_start()
     for i, ((t_cur, t_next), (g_txt, g_img, passes)) in enumerate(zip(zip(timesteps[:-1], timesteps[1:]), plan)):
@@ -225,8 +226,8 @@ def denoise(
         else:
             c, u = v[:B], v[B : 2 * B]
             u2 = v[2 * B :] if "u2" in passes else u
-            if not np.isscalar(g_img):  # the ramp over latent frames, broadcast and packed like the latent
-                g_img = rounded(pack(np.broadcast_to(g_img[None, None, :, None, None], (B, C, T, h, w)), p))
+            if not np.isscalar(g_img):
+                g_img = ramps[g_img.tobytes()]
             pred = guided_velocity(c, u, u2, g_txt, g_img, cfg.reference_dtype)
         x = rounded(x + rounded(F32(t_next - t_cur) * pred))
         if on_step is not None:
