@@ -97,6 +97,7 @@ def main(argv):
     ap.add_argument("--requests", type=int, default=12, help="posted at once for the throughput figure")
     ap.add_argument("--rounds", type=int, default=16, help="interleaved bare / service rounds for latency")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--proxy", action="store_true", help="through Serve's HTTP proxy, not direct ingress (for comparison)")
     args = ap.parse_args(argv)
 
     import ray
@@ -123,15 +124,16 @@ def main(argv):
         parts.setdefault("mp4", []).append(1000 * (t2 - t1))
         return t2 - t0
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
     result = {"bundle": str(bundle), "steps": args.steps or bare_pipe.scheduler.num_sampling_steps, "cpus": 2, "by_replicas": {}}
-    start_local_ray(2, object_store_memory=80 * 2**20)  # as `osx serve` starts it
-    try:
-        for replicas in (1, 2):
-            deploy([bundle], store=str(work / f"store{replicas}"), replicas=replicas, queue=args.requests, port=port, verify=False)
+    for replicas in (1, 2):  # each on a Ray of its own, as `osx serve` starts it (a port of its own: see start_local_ray)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        base = f"http://127.0.0.1:{port}"
+        direct = start_local_ray(2, direct=None if args.proxy else ("127.0.0.1", port), object_store_memory=80 * 2**20)
+        try:
+            deploy([bundle], store=str(work / f"store{replicas}"), replicas=replicas, queue=args.requests, port=port, verify=False,
+                   direct_ingress=direct)
             _through_service(base, body)  # warm: first request loads nothing new, but wakes every process
             bare_s, served_s, floor_s, parts, bare_parts = [], [], [], {}, {}
             load_before = round(os.getloadavg()[0], 2)
@@ -152,6 +154,7 @@ def main(argv):
             p50 = {k: statistics.median(v) for k, v in parts.items()}
             bare_p50 = {k: statistics.median(v) for k, v in bare_parts.items()}
             result["by_replicas"][replicas] = {
+                "ingress": "direct" if direct else "Serve's proxy",
                 "latency_alone": {"load_avg_1min": [load_before, load_after],
                                   "bare_p50_s": round(p50_bare, 4), "bare_p95_s": _pct(bare_s, 0.95),
                                   "service_p50_s": round(p50_served, 4), "service_p95_s": _pct(served_s, 0.95),
@@ -169,8 +172,7 @@ def main(argv):
                                "requests_per_minute": round(60 * len(latencies) / wall, 1),
                                "p50_s": _pct(latencies, 0.5), "p95_s": _pct(latencies, 0.95)},
             }
+        finally:
             serve.shutdown()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+            ray.shutdown()
     return result

@@ -60,10 +60,10 @@ def service(tiny_bundle, tmp_path_factory):
     from osx.runtime.serving.app import deploy, start_local_ray
 
     port = _free_port()
-    start_local_ray(2, object_store_memory=80 * 2**20)
+    direct = start_local_ray(2, direct=("127.0.0.1", port), object_store_memory=80 * 2**20)
     try:
         deploy([tiny_bundle], store=str(tmp_path_factory.mktemp("serve-store")), replicas=2, queue=2, max_steps=LONG,
-               port=port, verify=False)
+               port=port, verify=False, direct_ingress=direct)
         yield Client(f"http://127.0.0.1:{port}")
     finally:
         serve.shutdown()

@@ -14,8 +14,10 @@ from test_serve import Client, _free_port  # noqa: E402 - after the importorskip
 STEPS = 300  # a few seconds a job on the tiny bundle
 
 
-def _running_replicas(app: str) -> int:
-    states = serve.status().applications[app].deployments["Generator"].replica_states
+def _running_replicas(model: str) -> int:
+    from osx.runtime.serving.app import generator_name
+
+    states = serve.status().applications["osx"].deployments[generator_name(model)].replica_states
     return states.get("RUNNING", 0)
 
 
@@ -24,9 +26,9 @@ def test_autoscale_adds_a_replica_under_load_and_every_job_ends(tiny_bundle, tmp
     from osx.runtime.serving.app import deploy, start_local_ray
 
     port = _free_port()
-    start_local_ray(2, object_store_memory=80 * 2**20)
+    direct = start_local_ray(2, direct=("127.0.0.1", port), object_store_memory=80 * 2**20)
     try:
-        deploy([tiny_bundle], store=str(tmp_path / "store"), autoscale=(1, 2), queue=4, max_steps=STEPS, port=port, verify=False)
+        deploy([tiny_bundle], store=str(tmp_path / "store"), autoscale=(1, 2), queue=4, max_steps=STEPS, port=port, verify=False, direct_ingress=direct)
         client = Client(f"http://127.0.0.1:{port}")
         assert _running_replicas("tiny") == 1
         ids, seed, t0 = [], 0, time.monotonic()

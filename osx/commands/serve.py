@@ -77,6 +77,7 @@ def serve(bundles, replicas, autoscale, address, host, port, store, keep, queue,
 
     from osx.runtime.serving.app import deploy, start_local_ray
 
+    direct = False
     if address:
         try:
             ray.init(address=address, log_to_driver=False)
@@ -86,10 +87,11 @@ def serve(bundles, replicas, autoscale, address, host, port, store, keep, queue,
                                 "the cluster this machine started is used; a cluster with token authentication also needs "
                                 "RAY_AUTH_MODE=token here (its token in ~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
     else:
-        start_local_ray(num_cpus)
+        direct = start_local_ray(num_cpus, direct=(host, port))  # the ingress answers HTTP itself where it can
     try:
         models = deploy(list(bundles), store=str(store), keep_s=keep, replicas=replicas, autoscale=autoscale, queue=queue,
-                        max_steps=max_steps, replica_cpus=replica_cpus, verify=not no_verify, host=host, port=port)
+                        max_steps=max_steps, replica_cpus=replica_cpus, verify=not no_verify, host=host, port=port,
+                        direct_ingress=direct)
         shown = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
         click.echo(f"serving {', '.join(models)} at http://{shown}:{port}/ (jobs in {store}); Ctrl-C stops")
         while True:

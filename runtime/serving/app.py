@@ -1,4 +1,5 @@
-"""`osx serve` on Ray Serve: one application per bundle (its `Generator` replicas) and one HTTP ingress.
+"""`osx serve` on Ray Serve: one application "osx", its HTTP ingress and one deployment of `Generator`
+replicas per bundle.
 
     client --HTTP--> Ingress (FastAPI, 1 replica) --DeploymentHandle--> Generator replicas of bundle A
                           |                                         +-> Generator replicas of bundle B
@@ -14,7 +15,8 @@ at every step, stops between steps when the job's cancel file appears, and write
 state says `succeeded`. If a replica dies mid-generation, Ray restarts it and the ingress retries the
 job once (on whichever replica Ray picks), then fails it with the reason: an accepted job always ends
 in succeeded, failed or cancelled. A reference image or video travels in the request itself (base64;
-osx.runtime.serving.references).
+osx.runtime.serving.references). On a Ray that `osx serve` starts, the ingress replica answers HTTP
+itself (Serve's direct ingress), without a hop through Serve's proxy for every request.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route methods' annotations at runtime.
@@ -23,6 +25,7 @@ import logging
 import math
 import os
 import re
+import socket
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -163,15 +166,16 @@ def _error(code: int, message: str, hint: str | None = None, headers: dict | Non
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, models: dict[str, dict], store: str, keep_s: float):
-        """models: name -> {"bundle": path, "capacity": open jobs allowed, "max_steps": int, "replicas": str}."""
+    def __init__(self, models: dict[str, dict], generators: dict, store: str, keep_s: float):
+        """models: name -> {"bundle": path, "capacity": open jobs allowed, "max_steps": int, "replicas": str};
+        generators: name -> the handle of its Generator deployment."""
         from osx.runtime.pipeline import Pipeline
 
         self.models = models
         self.store = JobStore(store, keep_s).check()
         # For checking requests only: components are loaded lazily, so these load nothing heavy.
         self.pipelines = {name: Pipeline.load(m["bundle"], verify=False) for name, m in models.items()}
-        self.handles = {name: serve.get_deployment_handle("Generator", app_name=name) for name in models}
+        self.handles = generators
         self.open: dict[str, dict[str, int]] = {name: {} for name in models}  # model -> job id -> attempt
         self.tasks: dict[str, asyncio.Task] = {}  # job id -> the task handing it out
         self.seconds: list[float] = []  # recent job durations, for Retry-After
@@ -312,34 +316,80 @@ class Ingress:
 
 
 def app_name(bundle: Path, taken: set[str]) -> str:
-    """A bundle's name in the API and in Ray: its folder name, made unique."""
+    """A bundle's name in the API: its folder name, made unique."""
     base = re.sub(r"[^A-Za-z0-9._-]", "-", Path(bundle).resolve().name) or "bundle"
     name, n = base, 2
-    while name in taken or name == "osx":
+    while name in taken:
         name, n = f"{base}-{n}", n + 1
     return name
 
 
-def start_local_ray(num_cpus: int | None = None, **options) -> None:
+def generator_name(model: str) -> str:
+    """The Serve deployment (in application "osx") of a bundle's replicas."""
+    return f"Generator-{model}"
+
+
+def start_local_ray(num_cpus: int | None = None, direct: tuple[str, int] | None = None, **options) -> bool:
     """A local Ray instance for `osx serve` (loopback only). Ray starts its workers 15 nice levels below
     the process that started it (its `worker_niceness`), so on a machine with any other load a replica got
     the CPU last: measured with `bench.py serve` on the shared 2-core machine, the pipeline ran 1.2-1.5x
     slower in a replica than in the benchmark's own process. Replicas are the work here: they run at the
-    starting process's priority."""
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, **options)
+    starting process's priority.
+
+    direct: (host, port): let the ingress replica answer HTTP itself there (Serve's direct ingress) instead
+    of Serve's proxy relaying every request to it through Ray: one `GET /healthz` took 1.4 ms instead of
+    4.6-5.2 ms here. Ray's processes read this from their environment when they start, so it is set for
+    this `ray.init` only. Serve binds that port without SO_REUSEADDR and gives it up on the first failure,
+    so where it cannot be bound so (another program; or a service that stopped less than a minute ago left
+    connections in TIME_WAIT) the proxy serves it as before. Returns whether direct ingress is on: pass it
+    to `deploy`."""
+    env = {"RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0")}
+    on = direct is not None and _bindable(*direct)
+    if on:
+        env.update(RAY_SERVE_ENABLE_DIRECT_INGRESS="1", RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(direct[1]),
+                   RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(direct[1] + 1),  # range(min, max)
+                   # no load balancer in front of a local service: nothing to wait for when it stops
+                   RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="0")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, **options)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return on
+
+
+def _bindable(host: str, port: int) -> bool:
+    """Whether a server could listen on host:port now, binding as Serve's direct ingress does."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def deploy(bundles: list[Path], *, store: str, keep_s: float = 3600.0, replicas: int = 1, autoscale: tuple[int, int] | None = None,
            queue: int = 2, max_steps: int = 200, replica_cpus: float = 1.0, verify: bool = True,
-           host: str = "127.0.0.1", port: int = 8000) -> dict[str, dict]:
-    """Start Serve's HTTP proxy on host:port and deploy every bundle plus the ingress (Ray must be
-    initialised). Returns the models as the ingress sees them. Blocks until every replica is up."""
+           host: str = "127.0.0.1", port: int = 8000, direct_ingress: bool = False) -> dict[str, dict]:
+    """Deploy one application "osx": the ingress and, per bundle, a deployment of its `Generator` replicas
+    (Ray must be initialised). The API answers on host:port: from Serve's HTTP proxy, or with
+    `direct_ingress` (what `start_local_ray(direct=(host, port))` returned) from the ingress replica itself,
+    Serve's proxy then left on a free port of its own. Returns the models as the ingress sees them.
+    Blocks until every replica is up."""
     from osx.bundle import Bundle
 
     JobStore(store, keep_s).check()
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": _free_port(host) if direct_ingress else port})
     models: dict[str, dict] = {}
+    generators = {}
     for path in bundles:
         bundle = Bundle.open(path, verify=False)
         name = app_name(path, set(models))
@@ -352,7 +402,7 @@ def deploy(bundles: list[Path], *, store: str, keep_s: float = 3600.0, replicas:
         most = autoscale[1] if autoscale else replicas
         models[name] = {"bundle": str(Path(path).resolve()), "capacity": most * (1 + queue), "max_steps": max_steps,
                         "replicas": f"{autoscale[0]}..{autoscale[1]}" if autoscale else str(replicas)}
-        generator = Generator.options(ray_actor_options=actor, **scaling).bind(models[name]["bundle"], str(store), keep_s, verify)
-        serve.run(generator, name=name, route_prefix=None)
-    serve.run(Ingress.bind(models, str(store), keep_s), name="osx", route_prefix="/")
+        generators[name] = Generator.options(name=generator_name(name), ray_actor_options=actor, **scaling).bind(
+            models[name]["bundle"], str(store), keep_s, verify)
+    serve.run(Ingress.bind(models, generators, str(store), keep_s), name="osx", route_prefix="/")
     return models
