@@ -25,6 +25,9 @@ def from_bfloat16_bits(u) -> np.ndarray:
     return (np.ascontiguousarray(u, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
+_U1, _U16, _HALF, _HIGH = np.uint32(1), np.uint32(16), np.uint32(0x7FFF), np.uint32(0xFFFF0000)
+
+
 def round_bf16(x) -> np.ndarray:
     """Round float32 values to the nearest bfloat16 (ties to even), returned as float32 of x's shape; NaN stays NaN.
 
@@ -34,11 +37,11 @@ def round_bf16(x) -> np.ndarray:
     shape = np.shape(x)
     x = np.ascontiguousarray(x, dtype=np.float32)
     bits = x.view(np.uint32)
-    out = bits >> 16
-    out &= 1
-    out += 0x7FFF
-    out += bits
-    out &= 0xFFFF0000
+    out = np.right_shift(bits, _U16)  # uint32 constants: no Python-int conversion per operation
+    np.bitwise_and(out, _U1, out=out)
+    np.add(out, _HALF, out=out)
+    np.add(out, bits, out=out)
+    np.bitwise_and(out, _HIGH, out=out)
     rounded = out.view(np.float32)
     nan = np.isnan(x)
     if nan.any():

@@ -25,8 +25,9 @@ spinning threads), then + arena, + no spinning, + the graph fused at export with
 and the shipped default (+ attention fused into MultiHeadAttention).
 
 --family opensora-v2.0 (scripts/runtime_v2.py): the same schedule over a small v2.0 config; a step is the
-t2v sampler's step (text, negative and negative rows, both guidances) over the MMDiT; the INT8 rows and the
-ablation are v1.2 only (their calibration capture and fusions are the v1.2 denoiser's).
+t2v sampler's step (text, negative and negative rows, both guidances) over the MMDiT; the INT8 rows quantize
+the MMDiT from a calibration set its family's capture adapter records (`cond_in` stays full precision, as the
+family declares); the ablation is v1.2 only (its fusions are the v1.2 denoiser's).
 
 Building the bundles (export, calibration capture, the INT8 quality gates and their layer search) takes
 far longer than measuring them, so on a machine that is quiet only for a while, build first and measure
@@ -88,9 +89,9 @@ ABLATION = {  # name -> (graph, arena, spinning); the last step is the shipped "
 }
 
 
-FAMILY_DEFAULTS = {  # family -> (bench model, sizes, frames)
-    "opensora-v1.2": (SMALL.name, "64x64,128x128,256x256", 34),
-    "opensora-v2.0": ("opensora-v2.0-bench-small", "64x64,96x96", 33),
+FAMILY_DEFAULTS = {  # family -> (bench model, sizes, frames, INT8 rows)
+    "opensora-v1.2": (SMALL.name, "64x64,128x128,256x256", 34, "static,dynamic"),
+    "opensora-v2.0": ("opensora-v2.0-bench-small", "64x64,96x96", 33, "dynamic"),
 }
 
 
@@ -114,7 +115,7 @@ def main(argv: list[str]) -> dict:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="both sides (default: physical cores)")
     ap.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--int8-methods", default="static,dynamic", help="INT8 rows: static (Q/DQ), dynamic, or both")
+    ap.add_argument("--int8-methods", help="INT8 rows: static (Q/DQ), dynamic, or both (default v1.2: both; v2.0: dynamic)")
     ap.add_argument("--int8-search", action=argparse.BooleanOptionalAction, default=True,
                     help="let the quality gate keep layers in fp32 until it passes (slow)")
     ap.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True)
@@ -128,12 +129,13 @@ def main(argv: list[str]) -> dict:
     args = ap.parse_args(argv)
     if args.steps < 5:
         sys.exit("--steps: at least 5 (the figures are medians)")
-    model, sizes, frames = FAMILY_DEFAULTS[args.family]
+    model, sizes, frames, methods = FAMILY_DEFAULTS[args.family]
+    args.int8_methods = args.int8_methods or methods
     args.model, args.sizes, args.frames = args.model or model, args.sizes or sizes, args.frames or frames
     if model_config(args.model).family != args.family:
         sys.exit(f"--model {args.model} is not an {args.family} model")
-    if args.family != "opensora-v1.2":  # the INT8 capture and the ablation's fusions are v1.2's
-        args.int8 = args.ablation = False
+    if args.family != "opensora-v1.2":  # the ablation's fusions are v1.2's
+        args.ablation = False
     from osx.runtime.backends import physical_cores
 
     threads = args.threads or physical_cores()
@@ -360,21 +362,19 @@ def int8_export(cfg, out: Path, calib_dir: Path, search: bool, method: str = "st
     import importlib.resources
 
     from osx.calibration.apply import QuantizeStep
-    from osx.calibration.calibset import CalibrationSet, weights_identity
-    from osx.calibration.capture import capture, make_recipe
+    from osx.calibration.calibset import MANIFEST, CalibrationSet, weights_identity
+    from osx.calibration.capture import adapter, capture, make_recipe
     from osx.calibration.prompts import CALIBRATION, HELDOUT, load_prompts
     from osx.export.exporter import export_bundle
-    from osx.export.reference import build_reference
     from osx.export.request import RANDOM_WEIGHTS, ExportRequest
+    from osx.families import family_of
 
-    d = cfg.defaults
-    from osx.calibration.calibset import MANIFEST
-
-    if not (calib_dir / MANIFEST).exists():
+    if not (calib_dir / MANIFEST).exists():  # the family's reference run (osx calibrate's capture adapter)
+        runs = adapter(family_of(cfg))
         recipe = make_recipe(cfg, weights_identity(cfg.random_init_seed, None), prompts=load_prompts(CALIBRATION),
                              heldout_prompts=load_prompts(HELDOUT), samples=8, heldout=2, steps_per_sample=4,
-                             height=d.height, width=d.width, num_frames=d.num_frames, seed=0, shard_mb=64)
-        capture(build_reference(cfg), calib_dir, recipe)
+                             **runs.default_size(cfg), seed=0, shard_mb=64)
+        capture(runs.build(cfg, None), calib_dir, recipe)
     CalibrationSet.open(calib_dir)
     profile = out.parent / "cpu-int8.toml"  # a custom profile, as a user would write one
     profile.write_text((importlib.resources.files("osx.profiles") / "cpu.toml").read_text().replace('name = "cpu"', 'name = "cpu-int8"')
