@@ -1,5 +1,6 @@
 """The job store of `osx serve` and the command's checks before it starts Ray (no Ray needed)."""
 
+import socket
 import time
 
 import pytest
@@ -89,3 +90,21 @@ def test_serve_refuses_a_missing_bundle(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["serve", str(tmp_path / "nope")])
     assert exit_.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("address", ["auto", "ray://127.0.0.1:{port}"])
+def test_joining_a_cluster_nobody_runs_fails_fast(fake_bundle, tmp_path, capsys, monkeypatch, address):
+    """`ray.init` would wait for minutes on an address where no Ray answers (`auto` finds one after a cluster
+    was stopped without `ray stop`, or in RAY_ADDRESS): refused before Ray is asked, exit 2."""
+    ray = pytest.importorskip("ray", reason="osx serve needs the `serve` extra (pip install -e '.[serve]')")
+    with socket.socket() as s:  # a port nobody listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # what `auto` finds first
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init was called"))
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", str(fake_bundle), "--address", address.format(port=port), "--store", str(tmp_path / "store")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and time.monotonic() - t0 < 10
+    assert f"nothing answers at 127.0.0.1:{port}" in err and "ray start --head" in err, err

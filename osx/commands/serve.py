@@ -75,9 +75,11 @@ def serve(bundles, replicas, autoscale, address, host, port, store, keep, queue,
     import ray
     from ray import serve as ray_serve
 
-    from osx.runtime.serving.app import deploy, start_local_ray
+    from osx.runtime.serving.app import check_cluster, deploy, start_local_ray
 
     direct = False
+    if address:
+        check_cluster(address)  # before ray.init, which would wait for minutes on an address nobody answers
     if address:
         try:
             ray.init(address=address, log_to_driver=False)

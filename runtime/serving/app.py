@@ -329,6 +329,30 @@ def generator_name(model: str) -> str:
     return f"Generator-{model}"
 
 
+def check_cluster(address: str, timeout_s: float = 3.0) -> None:
+    """Fail fast where joining would hang: `ray.init` waits for a GCS that does not answer for minutes
+    (measured: still waiting after 85 s), which is what `auto` finds after a cluster was stopped without
+    `ray stop` (its address stays in Ray's temp folder) or with RAY_ADDRESS naming a stopped one.
+    Resolves the address as Ray does and connects to it once, within `timeout_s`."""
+    hint = ("start the cluster first (`ray start --head` on its head node) or give the address of a running one "
+            "(--address ray://HOST:PORT, or RAY_ADDRESS for auto); without --address, osx serve starts a local Ray")
+    if address.startswith("ray://"):
+        target = address.removeprefix("ray://")
+    else:
+        from ray._private.services import get_ray_address_from_environment
+
+        try:
+            target = get_ray_address_from_environment(address, None)
+        except ConnectionError:
+            raise OsxError(f"cannot join the Ray cluster at {address}: no running Ray cluster was found", hint=hint) from None
+    host, _, port = str(target).rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        raise OsxError(f"cannot join the Ray cluster at {address}: nothing answers at {target} ({reason})", hint=hint) from None
+
+
 def start_local_ray(num_cpus: int | None = None, direct: tuple[str, int] | None = None, **options) -> bool:
     """A local Ray instance for `osx serve` (loopback only). Ray starts its workers 15 nice levels below
     the process that started it (its `worker_niceness`), so on a machine with any other load a replica got
