@@ -72,7 +72,7 @@ def _state(pid: int) -> str:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head node on this machine: (GCS port, Ray Client port, environment that reaches it)."""
+    """A head node on this machine: (GCS port, Ray Client port, environment that reaches it, its temp folder)."""
     tmp = tempfile.mkdtemp(prefix="osxray-")  # short: Ray's socket paths live under it
     gcs, client, agent = _free_port(), _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
@@ -85,7 +85,7 @@ def cluster():
     try:
         out, _ = start.communicate(timeout=120)
         assert start.returncode == 0, out[-3000:]
-        yield gcs, client, env
+        yield gcs, client, env, tmp
     finally:
         _stop(_group_and_children(start.pid))
         shutil.rmtree(tmp, ignore_errors=True)
@@ -96,7 +96,13 @@ def _get(url: str, timeout: float = 30.0) -> dict:
         return json.loads(r.read())
 
 
-def _serve_one_request(tiny_bundle, store, address: str, env: dict) -> str:
+def _client_server_logs(tmp: str) -> str:
+    """The tails of the head's Ray Client server logs: why a `ray://` join failed, in the assertion's message."""
+    logs = sorted(Path(tmp).glob("session_latest/logs/ray_client_server*.err"))
+    return "".join(f"\n--- {p.name} ---\n{p.read_text(errors='replace')[-1500:]}" for p in logs)
+
+
+def _serve_one_request(tiny_bundle, store, address: str, env: dict, tmp: str) -> str:
     """`osx serve --address ADDRESS`: up, one request to succeeded, Ctrl-C; returns its stderr."""
     port = _free_port()
     proc = subprocess.Popen([str(BIN / "osx"), "serve", str(tiny_bundle), "--address", address, "--store", str(store),
@@ -109,7 +115,7 @@ def _serve_one_request(tiny_bundle, store, address: str, env: dict) -> str:
                 break
             except OSError:
                 time.sleep(1)
-        assert proc.poll() is None and time.monotonic() < deadline, f"osx serve did not come up: {proc.communicate(timeout=30)}"
+        assert proc.poll() is None and time.monotonic() < deadline, f"osx serve did not come up: {proc.communicate(timeout=30)}{_client_server_logs(tmp)}"
         body = json.dumps({"prompt": "a red fox", "seed": 3, "steps": 2}).encode()
         req = urllib.request.Request(base + "/v1/videos", data=body, method="POST", headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=30) as r:
@@ -132,9 +138,9 @@ def _serve_one_request(tiny_bundle, store, address: str, env: dict) -> str:
 
 
 def test_serve_joins_a_separate_cluster_and_leaves_it_clean(cluster, tiny_bundle, tmp_path):
-    gcs, client, env = cluster
-    _serve_one_request(tiny_bundle, tmp_path / "store", "auto", env)
-    _serve_one_request(tiny_bundle, tmp_path / "store", f"ray://127.0.0.1:{client}", env)
+    gcs, client, env, tmp = cluster
+    _serve_one_request(tiny_bundle, tmp_path / "store", "auto", env, tmp)
+    _serve_one_request(tiny_bundle, tmp_path / "store", f"ray://127.0.0.1:{client}", env, tmp)
     left = subprocess.run([sys.executable, "-c", "import ray; ray.init(address='auto', log_to_driver=False)\n"
                            "try:\n    ray.get_actor('SERVE_CONTROLLER_ACTOR', namespace='serve'); print('left')\n"
                            "except ValueError:\n    print('gone')"], env=env, capture_output=True, text=True, timeout=120)

@@ -26,6 +26,30 @@ def _duration(ctx, param, value: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
+_JOIN_HINT = ("check that it runs (`ray status` on its head node) and the address; with `auto`, RAY_ADDRESS or the cluster "
+              "this machine started is used; a cluster with token authentication also needs RAY_AUTH_MODE=token here (its "
+              "token in ~/.ray/auth_token or RAY_AUTH_TOKEN)")
+
+
+def _join(ray, address: str, attempts: int = 3, pause_s: float = 2.0) -> None:
+    """Join the cluster at `address`. Through Ray Client the head starts a server process per client, which can fail
+    to come up in time on a busy head ("Initialization failure from server"): that is tried again, at most
+    `attempts` times; anything else (no cluster, refused, wrong token) fails at once."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address, log_to_driver=False)
+            return
+        except (ConnectionError, RuntimeError, ValueError) as e:  # no cluster there, refused, wrong token
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            # the server's reason is the last line of the traceback it sends back
+            reason = (f"{lines[0]} {lines[-1]}" if len(lines) > 1 and lines[0].endswith(":") else lines[0]) if lines else type(e).__name__
+            if "Initialization failure from server" not in reason or attempt == attempts:
+                tried = f" (tried {attempt} times)" if attempt > 1 else ""
+                raise OsxError(f"cannot join the Ray cluster at {address}{tried}: {reason}", hint=_JOIN_HINT) from None
+            ray.shutdown()
+            time.sleep(pause_s)
+
+
 def _autoscale(ctx, param, value: str | None):
     if value is None:
         return None
@@ -80,14 +104,7 @@ def serve(bundles, replicas, autoscale, address, host, port, store, keep, queue,
     direct = False
     if address:
         check_cluster(address)  # before ray.init, which would wait for minutes on an address nobody answers
-    if address:
-        try:
-            ray.init(address=address, log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as e:  # no cluster there, refused, wrong token
-            raise OsxError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-                           hint="check that it runs (`ray status` on its head node) and the address; with `auto`, RAY_ADDRESS or "
-                                "the cluster this machine started is used; a cluster with token authentication also needs "
-                                "RAY_AUTH_MODE=token here (its token in ~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
+        _join(ray, address)
     else:
         direct = start_local_ray(num_cpus, direct=(host, port))  # the ingress answers HTTP itself where it can
     try:
