@@ -223,6 +223,9 @@ def markdown(r: dict) -> str:
                 cell += f" ({res['speedup'][f'{row} vs torch fp32']:.2f}x / {res['speedup'][f'{row} vs torch bf16']:.2f}x)"
             cells.append(cell)
         out.append(f"| {row}{f' (gate: {gate})' if gate else ''} | " + " | ".join(cells) + " |")
+    outside = [f"{row} {', '.join(str(r['sizes'][s]['rows'][row]['outside_denoiser_us']) for s in sizes)}"
+               for row in rows if "outside_denoiser_us" in r["sizes"][sizes[0]]["rows"][row]]
+    out += ["", f"Outside the denoiser per step (median microseconds at {' / '.join(sizes)} px): {'; '.join(outside)}."]
     for size, res in r["sizes"].items():
         if "ablation_speedup_vs_before" in res:
             steps = "; ".join(f"{k}: {res['rows'][k]['median_s']:.3f} s ({v:.2f}x)" for k, v in res["ablation_speedup_vs_before"].items())
@@ -261,6 +264,7 @@ def measure(workers: dict, rows: list[str], size: tuple[int, int, int], steps: i
         entry = {"median_s": round(statistics.median(r["s"] for r in rs), 4), "steps_s": [round(r["s"], 4) for r in rs]}
         if "denoiser_s" in rs[0]:
             entry["outside_denoiser_share"] = round(statistics.median(1 - r["denoiser_s"] / r["s"] for r in rs), 5)
+            entry["outside_denoiser_us"] = round(statistics.median(1e6 * (r["s"] - r["denoiser_s"]) for r in rs))
         out["rows"][row] = entry
     med = {row: e["median_s"] for row, e in out["rows"].items()}
     out["speedup"] = {f"{o} vs {t}": round(med[t] / med[o], 2)
