@@ -319,7 +319,7 @@ def export_one(name, model_cfg, reader, io, dtype, out_dir: Path, scratch: Path,
     spec = component_specs(model_cfg)[name]
     info = export_streamed(_weights(model_cfg, name, reader), spec, out_dir / f"{name}.onnx", dtype=dtype,
                            opset=opset, external_data_threshold=external_data_threshold, progress=say,
-                           adapter=_adapter(model_cfg))
+                           adapter=_adapter(model_cfg), repeat=repeat_for(model_cfg, name))
     say(f"weights: {info.weights_check['from_checkpoint_sha256_ok']} initializers match their checkpoint tensors (sha256)")
     io = io.with_precision(DTYPES[dtype][0])
     validation, extra = validate_streamed(name, model_cfg, reader, io, dtype, out_dir / info.file, scratch,
@@ -361,6 +361,7 @@ def validate_streamed(name, model_cfg, reader, io, dtype, graph: Path, scratch: 
         return scratch / export_streamed(_weights(cfg, name, reader, unused_ok=True), component_specs(cfg)[name],
                                          scratch / f"{name}.validate.{dtype}.onnx", dtype=dtype, opset=opset,
                                          external_data_threshold=0, adapter=_adapter(cfg),  # read back in chunks
+                                         repeat=repeat_for(cfg, name),
                                          check_weights=False).file  # its weights meet PyTorch's from the same checkpoint
 
     if cfg is not model_cfg or val_dtype != dtype:
@@ -415,6 +416,25 @@ def validation_config(name: str, model_cfg: ModelConfig, reader) -> tuple[ModelC
     if all(n == full for n, full in depth.values()):
         return model_cfg, None
     return cfg, next(iter(depth.values())) if len(depth) == 1 else depth
+
+
+def repeat_for(model_cfg: ModelConfig, name: str):
+    """How to trace component `name` at a cost independent of its depth (osx.export.repeat.Repeat): the model
+    cut to repeat.TRACED blocks of each kind its family declares (ComponentDecl.blocks) that has more; None if
+    none has."""
+    from osx.export.repeat import TRACED, Repeat
+    from osx.export.stream import trainable_params_on_meta
+
+    decl = family_of(model_cfg).component(name)
+    kinds = [(path, prefixes, functools.reduce(getattr, path.split("."), model_cfg))
+             for path, prefixes in zip(decl.depth, decl.blocks)]
+    if not any(full > TRACED for _, _, full in kinds):
+        return None
+    cut = functools.reduce(lambda cfg, kind: _replace_path(cfg, kind[0], min(kind[2], TRACED)), kinds, model_cfg)
+    with trainable_params_on_meta():
+        module = export_parts(family_of(cut)).part_factories(cut)[decl.weights]()
+    return Repeat(module.to("meta").eval().requires_grad_(False),
+                  tuple((prefixes, full) for _, prefixes, full in kinds if full > TRACED))
 
 
 def _replace_path(cfg, path: str, value):

@@ -219,15 +219,18 @@ def export_streamed(
     progress: Callable[[str], None] | None = None,
     adapter: Callable | None = None,
     check_weights: bool = True,
+    repeat=None,
 ) -> ExportInfo:
     """`export_component` for an `osx.export.stream.Weights` (a module on the meta device + its
     checkpoint): traced without weights, each initializer streamed from the checkpoint and cast to
     `dtype` as it is written, then every one checked against its checkpoint tensor (sha256) unless
-    `check_weights` is False (a graph that is then compared with PyTorch built from the same checkpoint)."""
+    `check_weights` is False (a graph that is then compared with PyTorch built from the same checkpoint).
+    `repeat` (an osx.export.repeat.Repeat): trace its module, a cut of the model with a few blocks, and repeat
+    the last block up to the full depth of `weights`'s module (a cost independent of depth)."""
     _check_args(dtype, opset)
-    weights.module.to(DTYPES[dtype][1])
-    return _export(weights.module, spec, path, dtype, opset, sample_sizes, external_data_threshold, progress, weights,
-                   adapter, check_weights)[0]
+    module = (repeat.module if repeat else weights.module).to(DTYPES[dtype][1])
+    return _export(module, spec, path, dtype, opset, sample_sizes, external_data_threshold, progress, weights,
+                   adapter, check_weights, repeat)[0]
 
 
 def _check_args(dtype: str, opset: int) -> None:
@@ -238,7 +241,7 @@ def _check_args(dtype: str, opset: int) -> None:
 
 
 def _export(module, spec, path, dtype, opset, sample_sizes, external_data_threshold, progress,
-            weights=None, adapter=None, check_weights=True) -> tuple[ExportInfo, dict | None]:
+            weights=None, adapter=None, check_weights=True, repeat=None) -> tuple[ExportInfo, dict | None]:
     """The export steps both entry points share; with `weights`, initializers are streamed and then checked
     against their checkpoint tensors (info.weights_check; the map of initializer -> checkpoint key is
     returned beside the info)."""
@@ -266,6 +269,8 @@ def _export(module, spec, path, dtype, opset, sample_sizes, external_data_thresh
                 from osx.export.stream import stream_initializers
 
                 onnx_program = torch.onnx.export(program, (), None, opset_version=opset, **names, optimize=False, verbose=False)
+                if repeat is not None:
+                    say(f"repeating the traced blocks to full depth ({repeat.apply(onnx_program.model.graph)} copies)")
                 sources = stream_initializers(onnx_program.model, weights)
                 onnx_program.optimize()  # what optimize=True runs, now over lazy initializers
                 say(f"writing {spec.name}'s initializers from the checkpoint")

@@ -66,6 +66,8 @@ class ComponentDecl:
     ort_fusions: bool = False  # transformer blocks: onnxruntime's GELU/norm/attention fusions apply (export.ort_optimize)
     depth: tuple[str, ...] = ()  # config fields ("section.field") counting its blocks: validation of a model
     #                              too large to run whole cuts them (osx.export.exporter.validation_config)
+    blocks: tuple[tuple[str, ...], ...] = ()  # per depth field, the module lists of the blocks it counts: export
+    #                                          traces a few and repeats the last to full depth (osx.export.repeat)
     # an optional set of components (not in the pipeline) exported only with `osx export --with-SET` and
     # planned with the family planner's `with_SET` option (Open-Sora v2.0: "t2i", Flux.1-dev and its decoder)
     optional_set: str | None = None

@@ -85,7 +85,7 @@ OPENSORA_V1_2_FAMILY = Family(
                       depth=("text_encoder.num_layers",), ort_fusions=True),
         ComponentDecl("denoiser", module="denoiser", weights="denoiser", quantizable=True, static_int8_blocks_only=True,
                       no_bf16="Conv3d patch embedding",
-                      depth=("denoiser.depth",), ort_fusions=True),
+                      depth=("denoiser.depth",), blocks=(("spatial_blocks", "temporal_blocks"),), ort_fusions=True),
         ComponentDecl("vae_decoder", module="vae", weights="vae", no_bf16=CONVOLUTIONS),
         ComponentDecl("vae_encoder", module="vae", weights="vae", in_pipeline=False, no_bf16=CONVOLUTIONS),  # image-to-video only
     ),

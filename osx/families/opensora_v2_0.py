@@ -167,6 +167,8 @@ def t2i_component_specs(cfg: OpenSoraV2Config) -> dict[str, ComponentSpec]:
     return {flux.name: flux, decoder.name: decoder}
 
 
+MMDIT_BLOCKS = (("double_blocks",), ("single_blocks",))  # what mmdit.depth and mmdit.depth_single_blocks count
+
 OPENSORA_V2_0_FAMILY = Family(
     name="opensora-v2.0",
     configs={c.name: c for c in (OPENSORA_V2_0, OPENSORA_V2_0_TINY)},
@@ -177,12 +179,12 @@ OPENSORA_V2_0_FAMILY = Family(
         ComponentDecl("clip", module="clip", weights="clip"),
         # fused for onnxruntime: its affine-free LayerNorms get a zero bias first (export.ort_optimize)
         ComponentDecl("denoiser", module="mmdit", weights="mmdit", quantizable=True, ort_fusions=True,
-                      depth=("mmdit.depth", "mmdit.depth_single_blocks"), full_precision=(("cond_in", COND_IN),)),
+                      depth=("mmdit.depth", "mmdit.depth_single_blocks"), blocks=MMDIT_BLOCKS, full_precision=(("cond_in", COND_IN),)),
         ComponentDecl("vae_decoder", module="vae", weights="vae", no_bf16=CONVOLUTIONS),
         ComponentDecl("vae_encoder", module="vae", weights="vae", in_pipeline=False, no_bf16=CONVOLUTIONS),  # i2v / v2v
         # t2i2v's image step (`osx export --with-t2i`): Flux.1-dev and its AE decoder (t2i_component_specs)
         ComponentDecl("t2i_denoiser", module="flux", weights="flux", in_pipeline=False, optional_set="t2i",
-                      depth=("t2i.mmdit.depth", "t2i.mmdit.depth_single_blocks")),
+                      depth=("t2i.mmdit.depth", "t2i.mmdit.depth_single_blocks"), blocks=MMDIT_BLOCKS),
         ComponentDecl("t2i_decoder", module="flux_ae", weights="flux_ae", in_pipeline=False, no_bf16=CONVOLUTIONS,
                       optional_set="t2i"),
     ),
