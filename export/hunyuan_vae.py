@@ -60,8 +60,10 @@ class ResnetBlock(nn.Module):
 def frame_causal_mask(frames: int, tokens_per_frame: int, device) -> torch.Tensor:
     """[L, L] boolean, L = frames * tokens_per_frame in (f, h, w) order: query i may attend key j when j's
     frame is not later than i's. Built from frame indices (one comparison), not a Python loop over rows.
-    Dense all the same: a 256 px tile of 129 frames has L = 33*32*32 = 33,792 tokens, a 1.1 GB mask."""
-    frame = torch.arange(frames * tokens_per_frame, device=device) // tokens_per_frame
+    Dense all the same: a 256 px tile of 129 frames has L = 33*32*32 = 33,792 tokens, a 1.1 GB mask.
+    Truncating division (floor for these non-negative indices): `//` exports floor's sign fix-up, an Equal of
+    two booleans, which TensorRT's parser rejects."""
+    frame = torch.div(torch.arange(frames * tokens_per_frame, device=device), tokens_per_frame, rounding_mode="trunc")
     return frame[None, :] <= frame[:, None]
 
 
