@@ -48,6 +48,7 @@ from osx.profiles.planner import (
     VAE_LIVE_MAPS, ComponentPlan, Plan, _span, encoder_activation_bytes, params_bytes, resolve_precisions,
 )
 from osx.profiles.profile import BYTES_PER_VALUE, Bucket, Profile, check_precision
+from osx.vae_tiling import tile_starts
 
 COMPONENTS_V2 = ("text_encoder", "clip", "denoiser", "vae_decoder", "vae_encoder")  # vae_encoder: i2v / v2v
 T2I_COMPONENTS = ("t2i_denoiser", "t2i_decoder")  # t2i2v's image step (Flux.1-dev and its AE decoder)
@@ -109,10 +110,13 @@ def latent_dims(cfg: OpenSoraV2Config, b: Bucket) -> dict[str, int]:
 
 def _check_bucket(cfg: OpenSoraV2Config, profile: Profile, b: Bucket) -> Bucket:
     largest = max(cfg.resolutions.values()) ** 2
-    where = f"{profile.source or profile.name} [family.\"{cfg.family}\"]"
+    where = profile.source or f'{profile.name} [family."{cfg.family}"]'  # a family table's source names the table
     if b.height % 16 or b.width % 16 or b.height * b.width > largest:
+        name = min(cfg.resolutions, key=cfg.resolutions.get)
+        h, w = image_size(cfg, name, cfg.defaults.aspect_ratio)
         raise OsxError(f"{profile.name}: bucket {b.name}: {cfg.name} takes sides in multiples of 16 and at most "
-                       f"{largest} pixels", hint=f"e.g. 192x336 (256px 16:9); edit {where}")
+                       f"{largest} pixels", hint=f"e.g. {h}x{w}x{cfg.defaults.num_frames} ({name} {cfg.defaults.aspect_ratio}); "
+                       f"edit {where}")
     try:
         check_frames(cfg, b.frames)
     except InputError as e:
@@ -122,8 +126,18 @@ def _check_bucket(cfg: OpenSoraV2Config, profile: Profile, b: Bucket) -> Bucket:
 
 def _vae_tile(cfg: OpenSoraV2Config, h: int, w: int) -> tuple[int, int]:
     """Latent size of the largest tile Open-Sora's spatial tiling decodes (the whole latent when it fits one)."""
+    return tuple(max(sizes) for sizes in _vae_tile_sizes(cfg, h, w))
+
+
+def _vae_tile_sizes(cfg: OpenSoraV2Config, h: int, w: int) -> tuple[list[int], list[int]]:
+    """Latent sizes of the tiles along each axis, as osx.vae_tiling cuts them: square tiles of tile_latent_size every
+    3/4 of one, the last of a row or column shorter (256px 16:9, latent 24 x 42: widths 32 and 18); the encoder's
+    pixel tiles are the same at 8x. The whole latent when it fits one tile."""
     t = cfg.vae.tile_latent_size
-    return (min(h, t), min(w, t)) if cfg.vae.use_spatial_tiling and (h > t or w > t) else (h, w)
+    if not (cfg.vae.use_spatial_tiling and (h > t or w > t)):
+        return [h], [w]
+    stride = int(t * (1 - cfg.vae.tile_overlap_factor))
+    return tuple([min(t, n - s) for s in tile_starts(n, stride)] for n in (h, w))
 
 
 def activation_bytes_v2(cfg: OpenSoraV2Config, component: str, sizes: dict[str, int], precision: str,
@@ -224,8 +238,10 @@ def _dims(cfg, component: str, lat: dict[str, int], cfg_batching: bool, low: int
                 "tokens": fixed(lat["latent_frames"] * (lat["latent_height"] // p) * (lat["latent_width"] // p))}
     if component == "t2i_decoder":  # one image, not tiled
         return {"batch": DimRange(1, 1, 1), "latent_height": fixed(lat["latent_height"]), "latent_width": fixed(lat["latent_width"])}
-    h, w = _vae_tile(cfg, lat["latent_height"], lat["latent_width"])
-    tile = {"latent_height": fixed(h), "latent_width": fixed(w)}
+    # every tile size the host cuts (osx.vae_tiling), so a short last tile runs on the bucket's engine profile
+    hs, ws = _vae_tile_sizes(cfg, lat["latent_height"], lat["latent_width"])
+    tile = {"latent_height": DimRange(min(hs) if low is None else low, max(hs), max(hs)),
+            "latent_width": DimRange(min(ws) if low is None else low, max(ws), max(ws))}
     if component == "vae_encoder":  # pixel frames of the reference
         F = min((lat["latent_frames"] - 1) * cfg.temporal_downsample + 1, REFERENCE_FRAMES)
         return {"batch": DimRange(1, 1, 1), "frames": DimRange(1, F, F), **tile}
