@@ -7,7 +7,8 @@ runtime for version-compatible ones), the manifest key is intact and still names
 bundle carries, and the driver runs cuda-python's CUDA. The engine runs on the GPU that was profiled
 (by PCI bus id). The plan file is memory-mapped, not read into a second copy. Host staging buffers are
 pinned; device buffers and the stream go through cuda-python (runtime/cuda.py); `release()` frees them
-and the engine's device memory.
+and the engine's device memory. An engine the plan streams (TensorRT weight streaming, Open-Sora v2.0's MMDiT
+on 12-16 GB cards) gets the plan's weight budget before its execution context is made.
 
 Imports only numpy, tensorrt (or its lean / dispatch runtime), cuda-python and osx's torch-free modules.
 """
@@ -23,7 +24,7 @@ from osx.bundle import Bundle
 from osx.components import ComponentSpec
 from osx.errors import BundleError, InputError, OsxError
 from osx.manifest import EngineEntry, Manifest
-from osx.numeric import from_bfloat16_bits, to_bfloat16_bits
+from osx.numeric import format_bytes, from_bfloat16_bits, to_bfloat16_bits
 from osx.engine_key import (
     engine_key, key_profiles, loader_for, pick_profile, rebuild_command, select_engine, this_machine,
 )
@@ -66,6 +67,7 @@ class TrtBackend:
         self.buffers: dict[str, cuda.DeviceBuffer] = {}
         self.pinned: dict[str, cuda.PinnedBuffer] = {}
         self.active_profile: int | None = None
+        self.weight_streaming: dict | None = None  # a streamable engine's split, once loaded (_stream_weights)
 
     @property
     def loaded(self) -> bool:
@@ -118,9 +120,7 @@ class TrtBackend:
             raise BundleError(f"{self.component}: TensorRT could not deserialize {entry.file} (see the log above)",
                               hint=f"rebuild the engines on this machine: {rebuild_command(bundle_path)}")
         self._check_io()
-        budget = entry.key["build_flags"].get("weight_streaming_budget")
-        if budget:  # the plan's share of a streamable engine's weights on the card; the rest stays in host memory
-            self.engine.weight_streaming_budget_v2 = int(budget)
+        self._stream_weights(entry)  # before the context: TensorRT sizes its device memory by the budget
         self.context = self.engine.create_execution_context()
         if self.context is None:
             need = self.engine.device_memory_size_v2
@@ -132,6 +132,25 @@ class TrtBackend:
         self.profiles = entry.profiles()
         self.active_profile = None
         return self
+
+    def _stream_weights(self, entry: EngineEntry) -> None:
+        """A streamable engine (built where the plan streams its weights, profiles/planner_v2.py) keeps the plan's
+        share of its weights on the card (the key's weight_streaming_budget: TensorRT's weight_streaming_budget_v2,
+        at most every streamable weight; the few weights TensorRT cannot stream stay there anyway); the rest
+        stays in TensorRT's pinned host copy and is streamed in at every call."""
+        budget = entry.key["build_flags"].get("weight_streaming_budget")
+        if budget is None:
+            return
+        streamable = int(self.engine.streamable_weights_size)
+        if streamable <= 0:
+            raise BundleError(f"{self.component}: the plan streams its weights, but {entry.file} was built without "
+                              "TensorRT's weight-streaming flag", hint=self._rebuild_hint())
+        want = min(int(budget), streamable)
+        self.engine.weight_streaming_budget_v2 = want
+        if int(self.engine.weight_streaming_budget_v2) != want:
+            raise OsxError(f"{self.component}: TensorRT refused a weight-streaming budget of {format_bytes(want, 2)} "
+                           f"(of {format_bytes(streamable, 2)} streamable weights; see the log above)", hint=self._rebuild_hint())
+        self.weight_streaming = {"device_bytes": want, "streamed_bytes": streamable - want, "streamable_bytes": streamable}
 
     def _import_runtime(self, entry: EngineEntry, module: str | None):
         try:
@@ -214,7 +233,7 @@ class TrtBackend:
         if self.stream is not None:
             cuda.check(self.cudart.cudaStreamDestroy(self.stream), "cudaStreamDestroy")
         self.context = self.engine = self.runtime = self.stream = None
-        self.active_profile = None
+        self.active_profile = self.weight_streaming = None
 
     def __enter__(self) -> "TrtBackend":
         return self.load()

@@ -2,7 +2,9 @@
 engines with `osx build` (strongly typed: fp32 graphs cast to the plan's bf16/fp16), compare every engine
 with onnxruntime on the same inputs, generate a video with the tensorrt backend, refuse a load on a
 mismatched compute capability, a portable build, INT8/FP8 builds of calibrated Q/DQ graphs, fp16/bf16 I/O
-engines, a shipped profile's plan on the tiny model, and `--gpu auto`.
+engines, a shipped profile's plan on the tiny model, and `--gpu auto`. Open-Sora v2.0: every component of the
+tiny t2i bundle built and compared, the transformers built streamable and run with the plan's budget, and
+PipelineV2's text -> image -> video on TensorRT against onnxruntime.
 
 The tiny model's shapes are far below the shipped profiles' buckets, so the test writes a profile for
 the GPU it runs on (its compute capability and memory) with two tiny buckets.
@@ -131,20 +133,23 @@ def test_generate_matches_onnxruntime(built):
     """The whole pipeline on engines against the same pipeline on the fp32 ONNX graphs: PSNR >= 20 dB
     (a sanity bound: reduced-precision engines through 4 guided steps, not bit parity; a wrong layout,
     profile or dtype gives noise, well under 10 dB)."""
+    psnr = _psnr_vs_onnxruntime(built["bundle"], "tensorrt", (34, 64, 64, 3), num_frames=34, height=64, width=64, steps=4, seed=7)
+    assert psnr >= 20, f"PSNR {psnr:.1f} dB between the TensorRT and onnxruntime videos"
+
+
+def _psnr_vs_onnxruntime(bundle, backend, shape, **kwargs) -> float:
+    """PSNR (dB) between the video of `bundle` on `backend` (None: the manifest's) and on onnxruntime's fp32 graphs."""
     from osx.runtime.pipeline import Pipeline
 
-    kwargs = dict(num_frames=34, height=64, width=64, steps=4, seed=7)
-    trt = Pipeline.load(built["bundle"], "tensorrt")
-    ort = Pipeline.load(built["bundle"], "onnxruntime")
+    trt, ort = Pipeline.load(bundle, backend), Pipeline.load(bundle, "onnxruntime")
     try:
         a = trt.generate("a red fox in the snow", **kwargs).astype(np.float64)
         b = ort.generate("a red fox in the snow", **kwargs).astype(np.float64)
     finally:
         trt.release()
         ort.release()
-    assert a.shape == b.shape == (34, 64, 64, 3)
-    psnr = 10 * np.log10(255.0 ** 2 / max(np.mean((a - b) ** 2), 1e-12))
-    assert psnr >= 20, f"PSNR {psnr:.1f} dB between the TensorRT and onnxruntime videos"
+    assert a.shape == b.shape == shape
+    return 10 * np.log10(255.0 ** 2 / max(np.mean((a - b) ** 2), 1e-12))
 
 
 def test_load_refused_on_a_mismatched_compute_capability(built, machine, monkeypatch):
@@ -312,3 +317,70 @@ def test_gpu_auto(machine, tiny_bundle, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["build", str(tmp_path / "b"), "--gpu", "auto"])
     assert e.value.code == 2 and "outside the sizes" in capsys.readouterr().err
+
+
+# --- Open-Sora v2.0 (the tiny t2i bundle: T5, CLIP, MMDiT, VAE decoder and encoder, Flux.1-dev and its AE) ----------
+
+
+@pytest.fixture(scope="module")
+def built_v2(tiny_t2i_bundle, tmp_path_factory, machine):
+    """Copies of the tiny v2.0 t2i bundle built on this GPU: every component on TensorRT ("whole"), and with the
+    transformers streamed (test_trt_v2.STREAMED: a 1 MB card, the VAEs on the CPU)."""
+    import shutil
+
+    from test_trt_v2 import STREAMED, _profile as v2_profile
+
+    if machine.compute_capability < (8, 0):
+        pytest.skip(f"the v2.0 test profiles use bf16 (cc >= 8.0); this GPU ({machine.gpu_name}) has {machine.cc_text}")
+    root, out = tmp_path_factory.mktemp("trt-v2"), {}
+    for kind, options in (("whole", {}), ("streamed", STREAMED)):
+        bundle = root / kind
+        shutil.copytree(tiny_t2i_bundle, bundle)
+        profile = v2_profile(root / f"{kind}.toml", gpu_name=machine.gpu_name, cc=machine.cc_text, **options)
+        try:
+            main(["build", str(bundle), "--gpu", profile])
+        except SystemExit as e:
+            assert e.code in (None, 0)
+        out[kind] = bundle
+    return out
+
+
+V2_COMPONENTS = ("text_encoder", "clip", "denoiser", "vae_decoder", "vae_encoder", "t2i_denoiser", "t2i_decoder")
+
+
+@pytest.mark.parametrize("component", V2_COMPONENTS)
+def test_v2_engine_matches_onnxruntime(built_v2, component):
+    """Each v2.0 engine (bf16; the MMDiT fp16) against the fp32 graph on onnxruntime at every profile's largest
+    shape: relative L2 within 5e-2, as the v1.2 engines (16-bit types through a few tiny layers)."""
+    b = Bundle.open(built_v2["whole"])
+    (engine,) = b.components[component].engines
+    assert engine.key["build_flags"]["strongly_typed"] and "weight_streaming_budget" not in engine.key["build_flags"]
+    got, want, _ = _run_both(built_v2["whole"], component)
+    assert _rel_l2(got, want) < 5e-2
+
+
+@pytest.mark.parametrize("component", ["denoiser", "t2i_denoiser"])
+def test_v2_streamed_engine_keeps_the_plans_budget(built_v2, component):
+    """The streamed transformers: TensorRT built them streamable, took the plan's budget (at most its streamable
+    bytes) before the context, and computes what onnxruntime does within the same 5e-2 (streaming moves weights,
+    not numbers)."""
+    from osx.runtime.backend_trt import TrtBackend
+
+    b = Bundle.open(built_v2["streamed"])
+    (engine,) = b.components[component].engines
+    budget = engine.key["build_flags"]["weight_streaming_budget"]
+    with TrtBackend(b, component) as backend:
+        streamable = backend.engine.streamable_weights_size
+        assert streamable > 0 and backend.engine.weight_streaming_budget_v2 == min(budget, streamable)
+        assert backend.weight_streaming["streamed_bytes"] == streamable - min(budget, streamable)
+    got, want, _ = _run_both(built_v2["streamed"], component)
+    assert _rel_l2(got, want) < 5e-2
+
+
+@pytest.mark.parametrize("kind", ["whole", "streamed"])
+def test_v2_generate_matches_onnxruntime(built_v2, kind):
+    """PipelineV2 text -> image -> video on the engines (streamed: the MMDiT and Flux with the plan's budgets, the
+    VAEs on onnxruntime) against the same run on the fp32 ONNX graphs: PSNR >= 20 dB (a sanity bound, as v1.2's)."""
+    psnr = _psnr_vs_onnxruntime(built_v2[kind], None, (5, 96, 96, 3), seed=7, steps=3, resolution="96px", aspect_ratio="1:1",
+                                num_frames=5, t2i2v=True, t2i_steps=2)  # 96 px: 2x2 VAE tiles, the second short
+    assert psnr >= 20, f"PSNR {psnr:.1f} dB between the TensorRT and onnxruntime videos ({kind})"

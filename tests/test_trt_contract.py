@@ -15,14 +15,12 @@ import pytest
 from osx.bundle import Bundle
 from osx.cli import main
 from osx.errors import OsxError
-from osx.engine_key import Machine
-from trt_standin import install, make_cudart, make_tensorrt, plan_of
+from trt_standin import BUS_ID, activate, osx_build, plan_of
 
 VERSIONS = ["10.8.0.43", "11.4.0.106"]
 # a cc 8.9 card's plan; the VAE encoder (references) at the decoder's precision
 PLANNED = {"text_encoder": "bf16", "denoiser": "fp16", "vae_decoder": "bf16", "vae_encoder": "bf16"}
 ONNX_TYPE = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}
-BUS_ID = "00000000:01:00.0"  # NVML's form; CUDA is asked for 0000:01:00.0
 
 
 def _profile(path) -> str:
@@ -47,21 +45,7 @@ buckets = ["64x64x34", "32x32x17"]
 @pytest.fixture
 def standin(monkeypatch, tmp_path):
     """Install the stand-ins for one TensorRT version and point osx at a machine that has it."""
-    import osx.export.engines as engines
-    import osx.engine_key as compat
-    import osx.runtime.backend_trt as backend_trt
-
-    def make(version: str, **cudart):
-        calls: list = []
-        trt, rt = make_tensorrt(version, calls), make_cudart(calls, **cudart)
-        install(monkeypatch, trt, rt)
-        machine = Machine("NVIDIA GeForce RTX 4070", (8, 9), {"tensorrt": version}, BUS_ID)
-        for module in (engines, compat, backend_trt):
-            monkeypatch.setattr(module, "this_machine", lambda: machine)
-        trt.bundle_dir = str(tmp_path / "tiny")
-        return calls, rt
-
-    return make
+    return lambda version, **cudart: activate(monkeypatch, version, tmp_path / "tiny", **cudart)
 
 
 @pytest.fixture
@@ -71,17 +55,10 @@ def bundle(tiny_bundle, tmp_path):
     return out
 
 
-def _build(bundle, profile) -> None:
-    try:
-        main(["build", str(bundle), "--gpu", profile])
-    except SystemExit as e:  # main() exits only on errors
-        assert e.code in (None, 0)
-
-
 @pytest.mark.parametrize("version", VERSIONS)
 def test_build_is_strongly_typed_from_typed_graphs(standin, bundle, tmp_path, version):
     calls, _ = standin(version)
-    _build(bundle, _profile(tmp_path / "gpu.toml"))
+    osx_build(bundle, _profile(tmp_path / "gpu.toml"))
     b = Bundle.open(bundle)  # checksums: the cast graphs and engines are in the manifest
     networks = [c[1] for c in calls if c[0] == "create_network"]
     builds = [c for c in calls if c[0] == "build"]
@@ -121,16 +98,20 @@ def test_weight_streaming_build_and_load(standin, bundle, tmp_path, monkeypatch,
 
     monkeypatch.setattr(engines, "build_settings", streamed)
     calls, _ = standin(version)
-    _build(bundle, _profile(tmp_path / "gpu.toml"))
+    osx_build(bundle, _profile(tmp_path / "gpu.toml"))
     flags = {Path(c[1]).name.split(".")[0]: c[2] for c in calls if c[0] == "build"}
     assert "WEIGHT_STREAMING" in flags["denoiser"] and not any("WEIGHT_STREAMING" in flags[n] for n in ("text_encoder", "vae_decoder"))
     b = Bundle.open(bundle)
     budgets = {n: b.components[n].engines[0].key["build_flags"].get("weight_streaming_budget") for n in PLANNED}
     assert budgets["denoiser"] > 0 and budgets["text_encoder"] is None is budgets["vae_decoder"]
     with TrtBackend(b, "denoiser") as backend:
-        assert backend.engine.weight_streaming_budget_v2 == budgets["denoiser"]
+        engine = backend.engine
+        assert engine.weight_streaming_budget_v2 == min(budgets["denoiser"], engine.streamable_weights_size) > 0
+        assert backend.weight_streaming["streamed_bytes"] == engine.streamable_weights_size - engine.weight_streaming_budget_v2
     with TrtBackend(b, "vae_decoder") as backend:
-        assert not hasattr(backend.engine, "weight_streaming_budget_v2")
+        assert backend.weight_streaming is None
+    order = [c[0] for c in calls if c[0] in ("weight_streaming_budget_v2", "create_execution_context")]
+    assert order == ["weight_streaming_budget_v2", "create_execution_context", "create_execution_context"]
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -143,7 +124,7 @@ def test_backend_load_path(standin, bundle, tmp_path, version):
     from osx.runtime.backends import OrtBackend
 
     calls, rt = standin(version)
-    _build(bundle, _profile(tmp_path / "gpu.toml"))
+    osx_build(bundle, _profile(tmp_path / "gpu.toml"))
     b = Bundle.open(bundle)
     for name in PLANNED:
         spec = b.spec(name)

@@ -178,7 +178,8 @@ def make_tensorrt(version: str, calls: list, reject_ops: tuple[str, ...] = ()) -
             strongly = bool(network.flags & (1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)))
             record("build", network.path, sorted(config.flags), strongly)
             plan = {"onnx": Path(network.path).name, "flags": sorted(config.flags), "strongly_typed": strongly,
-                    "profiles": config.profiles, "hardware": config.hardware_compatibility_level.name, "version": version}
+                    "profiles": config.profiles, "hardware": config.hardware_compatibility_level.name, "version": version,
+                    "streamable": _weight_bytes(network.path) if "WEIGHT_STREAMING" in config.flags else 0}
             return json.dumps(plan).encode()
 
     trt.Builder, trt.OnnxParser = Builder, OnnxParser
@@ -237,6 +238,19 @@ def make_tensorrt(version: str, calls: list, reject_ops: tuple[str, ...] = ()) -
             self.types = {v.name: ONNX_TO_TRT[v.type.tensor_type.elem_type] for v in (*model.graph.input, *model.graph.output)}
             self.names = list(self.types)
             self.device_memory_size_v2 = 1 << 20
+            self.streamable_weights_size = plan["streamable"]  # the graph's weight bytes when built streamable
+            self._budget = plan["streamable"]  # TensorRT's default: every streamable weight on the card
+
+        @property
+        def weight_streaming_budget_v2(self):
+            return self._budget
+
+        @weight_streaming_budget_v2.setter
+        def weight_streaming_budget_v2(self, value):
+            """TensorRT logs an error and keeps the old budget for a non-streamable engine or one out of range."""
+            record("weight_streaming_budget_v2", value)
+            if self.streamable_weights_size and 0 <= value <= self.streamable_weights_size:
+                self._budget = value
 
         @property
         def num_io_tensors(self):
@@ -272,6 +286,16 @@ def make_tensorrt(version: str, calls: list, reject_ops: tuple[str, ...] = ()) -
 
     trt.Runtime = Runtime
     return trt
+
+
+def _weight_bytes(path: str) -> int:
+    """Bytes of a graph's initializers (stored in the file or beside it): what a streamable engine may stream."""
+    model = onnx.load(path, load_external_data=False)
+    total = 0
+    for t in model.graph.initializer:
+        external = {e.key: e.value for e in t.external_data}
+        total += int(external["length"]) if "length" in external else len(t.raw_data)
+    return total
 
 
 def make_cudart(calls: list, driver: int = 12080, runtime: int = 12060, devices: dict[str, int] | None = None):
@@ -337,3 +361,34 @@ def install(monkeypatch, trt: types.ModuleType, rt: types.ModuleType) -> None:
 
 def plan_of(path: str | Path) -> dict:
     return json.loads(Path(path).read_bytes())
+
+
+BUS_ID = "00000000:01:00.0"  # NVML's form; CUDA is asked for 0000:01:00.0
+
+
+def activate(monkeypatch, version: str, bundle_dir, **cudart) -> tuple[list, types.ModuleType]:
+    """Install the stand-ins for one TensorRT version, point osx at a machine (an RTX 4070) that has it, and let
+    the stand-in's engines find their graphs in `bundle_dir` (the bundle being built and run). (calls, cudart)."""
+    import osx.engine_key as compat
+    import osx.export.engines as engines
+    import osx.runtime.backend_trt as backend_trt
+    from osx.engine_key import Machine
+
+    calls: list = []
+    trt, rt = make_tensorrt(version, calls), make_cudart(calls, **cudart)
+    install(monkeypatch, trt, rt)
+    machine = Machine("NVIDIA GeForce RTX 4070", (8, 9), {"tensorrt": version}, BUS_ID)
+    for module in (engines, compat, backend_trt):
+        monkeypatch.setattr(module, "this_machine", lambda: machine)
+    trt.bundle_dir = str(bundle_dir)
+    return calls, rt
+
+
+def osx_build(bundle, profile: str) -> None:
+    """`osx build BUNDLE --gpu PROFILE` in this process, which must succeed."""
+    from osx.cli import main
+
+    try:
+        main(["build", str(bundle), "--gpu", profile])
+    except SystemExit as e:  # main() exits only on errors
+        assert e.code in (None, 0)

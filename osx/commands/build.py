@@ -27,6 +27,21 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def bundle_plan(bundle, profile, precision: str = "auto"):
+    """The plan for what `bundle` holds: its family's pipeline, plus the components exported on request (the
+    VAE encoder; an optional set such as Open-Sora v2.0's t2i, planned with the family planner's with_SET)
+    where the bundle has them, as `osx export` planned them."""
+    from osx.families import get_family
+    from osx.profiles import plan_that_fits
+
+    family = get_family(bundle.manifest.model["family"])
+    sets = [s for s in family.optional_sets if all(n in bundle.components for n in family.optional_set(s))]
+    plan = plan_that_fits(profile, bundle.model_config(), precision, **{f"with_{s}": True for s in sets})
+    on_request = {c.name for c in family.components if not c.in_pipeline}
+    plan.components = {n: c for n, c in plan.components.items() if n not in on_request or n in bundle.components}
+    return plan
+
+
 @click.command("build")
 @click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--gpu", default="auto", show_default=True, help="auto (read this GPU), a profile name, or a profile .toml.")
@@ -39,7 +54,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def build(bundle_dir: Path, gpu: str, precision: str, portable: bool, timing_cache: Path | None, dry_run: bool):
     """Build (or rebuild) TensorRT engines for this machine's GPU from the bundle's ONNX graphs."""
     from osx.bundle import MANIFEST, Bundle, BundleWriter
-    from osx.profiles import detect_profile, load_profile, plan_that_fits, render_plan
+    from osx.profiles import detect_profile, load_profile, render_plan
 
     bundle = Bundle.open(bundle_dir)
     if gpu == "auto":
@@ -49,7 +64,7 @@ def build(bundle_dir: Path, gpu: str, precision: str, portable: bool, timing_cac
         profile = load_profile(gpu)
     if profile.is_cpu:
         raise OsxError("the cpu profile has no engines to build", hint="pass --gpu auto or a GPU profile")
-    plan = plan_that_fits(profile, bundle.model_config(), precision)
+    plan = bundle_plan(bundle, profile, precision)
     click.echo(render_plan(plan))
     missing = [n for n, c in plan.components.items() if c.backend == "tensorrt" and n not in bundle.components]
     if missing:
