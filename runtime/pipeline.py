@@ -396,7 +396,9 @@ class Pipeline:
                  height: int | None = None, width: int | None = None, fps: float | None = None, steps: int | None = None,
                  guidance_scale: float | None = None, seed: int | None = None, noise: np.ndarray | None = None,
                  progress: Progress | None = None, image: str | os.PathLike | np.ndarray | None = None,
-                 condition: str = "head", video: str | os.PathLike | np.ndarray | None = None, extend: int = 0) -> np.ndarray:
+                 condition: str = "head", video: str | os.PathLike | np.ndarray | None = None, extend: int = 0,
+                 resolution: str | None = None, aspect_ratio: str | None = None, guidance_img: float | None = None,
+                 t2i2v: bool | None = None, t2i_steps: int | None = None) -> np.ndarray:
         """One video: uint8 frames [F, H, W, 3] (H, W rounded down to multiples of 8).
         Unset arguments take the bundle's defaults; `noise` [1, 4, T_lat, H/8, W/8] replaces the first
         clip's seeded noise. References (osx.runtime.conditioning): `image` (a file or uint8 [H, W, 3] RGB)
@@ -404,9 +406,11 @@ class Pipeline:
         uint8 [F, H, W, 3]) is continued: its last 17 frames are the clip's first 17. `extend` N appends N
         clips, each continuing the one before (its first 17 frames, which re-create the previous clip's
         last 17, are dropped): F = num_frames + N * (num_frames - 17). Per-stage and per-step seconds are
-        left in `self.timings`."""
+        left in `self.timings`. Open-Sora v2.0's options (`resolution` names, `aspect_ratio`, `guidance_img`,
+        `t2i2v`, `t2i_steps`) are refused with an InputError saying why, as `osx generate` and the shim refuse them."""
         request = self.prepare_request(prompt, negative_prompt, num_frames=num_frames, height=height, width=width,
-                                       fps=fps, steps=steps, guidance_scale=guidance_scale, seed=seed)
+                                       fps=fps, steps=steps, guidance_scale=guidance_scale, seed=seed, resolution=resolution,
+                                       aspect_ratio=aspect_ratio, guidance_img=guidance_img, t2i2v=t2i2v, t2i_steps=t2i_steps)
         return self.run(request, noise, progress, image=image, condition=condition, video=video, extend=extend)
 
     def run(self, request: Request, noise: np.ndarray | None = None, progress: Progress | None = None, *,

@@ -54,6 +54,10 @@ def check_request(pipe, t2i2v, t2i_steps, aspect_ratio: str) -> tuple[bool | Non
     if t2i_steps is not None:
         t2i_steps = check_int_range("t2i steps", as_int("t2i steps", t2i_steps), 1, 1000,
                                     hint=f"the image step's default is {T2I_CONFIGS[pipe.model.name].num_steps}")
+        if t2i2v is False or (t2i2v is None and not has_t2i(pipe)):  # steps of an image step that will not run
+            raise InputError(f"t2i steps ({t2i_steps}) set, but this run makes no first frame with Flux.1-dev "
+                             f"({'t2i2v is off' if t2i2v is False else 'the bundle has no t2i components'})",
+                             hint="drop the t2i steps" + ("" if t2i2v is False else ", or export the bundle with --with-t2i"))
     if t2i2v:
         check_t2i(pipe)
     if t2i2v or (t2i2v is None and has_t2i(pipe)):

@@ -96,10 +96,13 @@ def test_whole_flow_against_the_torch_reference(tiny_t2i_bundle, torch_models):
 
 
 def test_generate_runs_both_loops_by_default_and_not_with_no_t2i2v(tiny_t2i_bundle, tmp_path):
-    code, out = cli("generate", tiny_t2i_bundle, "--prompt", PROMPT, "--out", tmp_path / "a.mp4", "--progress-json")
+    code, out = cli("generate", tiny_t2i_bundle, "--prompt", PROMPT, "--out", tmp_path / "a.mp4", "--progress-json",
+                    "--t2i-steps", "2")
     assert code == 0, out
-    phases = [json.loads(line)["phase"] for line in out.splitlines() if '"progress"' in line]
+    events = [json.loads(line) for line in out.splitlines() if '"progress"' in line]
+    phases = [e["phase"] for e in events]
     assert {"t2i", "t2i_decode", "denoise"} <= set(phases) and phases.index("t2i") < phases.index("denoise")
+    assert {e["total"] for e in events if e["phase"] == "t2i"} == {2}  # --t2i-steps
     code, out = cli("generate", tiny_t2i_bundle, "--prompt", PROMPT, "--out", tmp_path / "b.mp4", "--progress-json", "--no-t2i2v")
     assert code == 0 and '"t2i"' not in out, out
 
@@ -115,6 +118,25 @@ def test_t2i2v_refusals(tiny_t2i_bundle, tiny_v2_bundle, tmp_path):
     code, out = cli("generate", tiny_v2_bundle, "--prompt", "x", "--out", tmp_path / "d.mp4", "--t2i2v")
     assert code == 2 and "no t2i_denoiser and no t2i_decoder" in out and "--with-t2i" in out, out
     assert not (tmp_path / "d.mp4").exists()
+    # --t2i-steps: bounded, and only where an image step runs
+    for bundle, args, says in ((tiny_t2i_bundle, ["--t2i-steps", "0"], "t2i steps=0 is outside 1..1000"),
+                               (tiny_t2i_bundle, ["--t2i-steps", "1001"], "t2i steps=1001 is outside"),
+                               (tiny_t2i_bundle, ["--t2i-steps", "2", "--no-t2i2v"], "t2i2v is off"),
+                               (tiny_v2_bundle, ["--t2i-steps", "2"], "the bundle has no t2i components")):
+        code, out = cli("generate", bundle, "--prompt", "x", "--out", tmp_path / "e.mp4", *args)
+        assert code == 2 and says in out and "Traceback" not in out, out
+    assert not (tmp_path / "e.mp4").exists()
+
+
+def test_a_v1_2_pipeline_refuses_the_v2_0_options(tiny_bundle):
+    """Pipeline.generate on a v1.2 bundle: t2i2v / t2i_steps (and v2.0's sizes) are an InputError saying why, not a TypeError."""
+    from osx.errors import InputError
+
+    pipe = Pipeline.load(tiny_bundle, verify=False)
+    for option, says in (({"t2i2v": True}, "no text-to-image step"), ({"t2i_steps": 3}, "no text-to-image step"),
+                         ({"resolution": "256px"}, "not a resolution name"), ({"guidance_img": 2.0}, "no image guidance")):
+        with pytest.raises(InputError, match=says):
+            pipe.generate("x", steps=1, **option)
 
 
 def test_shim_takes_the_t2i2v_options(tiny_t2i_bundle):

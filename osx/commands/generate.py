@@ -68,13 +68,16 @@ def _resolution(ctx, param, value):
 @click.option("--t2i2v/--no-t2i2v", "t2i2v", default=None,
               help="Open-Sora v2.0, text -> image -> video: Flux.1-dev makes the first frame, then the video animates it "
                    "(Open-Sora's recommended flow). Default: on for a bundle exported with --with-t2i, unless --image/--video.")
+@click.option("--t2i-steps", type=int, default=None,
+              help="Open-Sora v2.0 text -> image -> video: sampling steps of the first frame (Flux.1-dev), 1 to 1000 "
+                   "(default: the model's, 50).")
 @click.option("--extend", type=click.IntRange(0), default=0, show_default=True,
               help="Append N more clips, each continuing the one before from its last 17 frames; the joined video "
                    "has frames + N x (frames - 17) frames. Each clip is a whole generation.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle's files (sizes are still checked).")
 @click.option("--progress-json", is_flag=True, help="Print progress and the result as JSON lines on stdout instead of a bar.")
 def generate(bundle, prompt, out, negative_prompt, seed, steps, guidance_scale, num_frames, resolution, aspect_ratio, fps, codec,
-             preview, backend, image, condition, video, guidance_img, t2i2v, extend, no_verify, progress_json):
+             preview, backend, image, condition, video, guidance_img, t2i2v, t2i_steps, extend, no_verify, progress_json):
     """Generate a video from PROMPT with the bundle at BUNDLE (a folder written by `osx export`)."""
     from osx.runtime.conditioning import load_image
     from osx.runtime.pipeline import Pipeline
@@ -89,7 +92,8 @@ def generate(bundle, prompt, out, negative_prompt, seed, steps, guidance_scale, 
         check_writable(preview, suffixes=(".png",))
     width, height = resolution if isinstance(resolution, tuple) else (None, None)
     bucket = {k: v for k, v in (("resolution", resolution if isinstance(resolution, str) else None),
-                                ("aspect_ratio", aspect_ratio), ("guidance_img", guidance_img), ("t2i2v", t2i2v))
+                                ("aspect_ratio", aspect_ratio), ("guidance_img", guidance_img), ("t2i2v", t2i2v),
+                                ("t2i_steps", t2i_steps))
               if v is not None}  # v2.0's
 
     with warnings.catch_warnings():
