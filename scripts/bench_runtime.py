@@ -89,9 +89,9 @@ ABLATION = {  # name -> (graph, arena, spinning); the last step is the shipped "
 }
 
 
-FAMILY_DEFAULTS = {  # family -> (bench model, sizes, frames, INT8 rows)
-    "opensora-v1.2": (SMALL.name, "64x64,128x128,256x256", 34, "static,dynamic"),
-    "opensora-v2.0": ("opensora-v2.0-bench-small", "64x64,96x96", 33, "dynamic"),
+FAMILY_DEFAULTS = {  # family -> (bench model, sizes, frames)
+    "opensora-v1.2": (SMALL.name, "64x64,128x128,256x256", 34),
+    "opensora-v2.0": ("opensora-v2.0-bench-small", "64x64,96x96", 33),
 }
 
 
@@ -115,7 +115,7 @@ def main(argv: list[str]) -> dict:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="both sides (default: physical cores)")
     ap.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--int8-methods", help="INT8 rows: static (Q/DQ), dynamic, or both (default v1.2: both; v2.0: dynamic)")
+    ap.add_argument("--int8-methods", default="static,dynamic", help="INT8 rows: static (Q/DQ), dynamic, or both")
     ap.add_argument("--int8-search", action=argparse.BooleanOptionalAction, default=True,
                     help="let the quality gate keep layers in fp32 until it passes (slow)")
     ap.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True)
@@ -129,8 +129,7 @@ def main(argv: list[str]) -> dict:
     args = ap.parse_args(argv)
     if args.steps < 5:
         sys.exit("--steps: at least 5 (the figures are medians)")
-    model, sizes, frames, methods = FAMILY_DEFAULTS[args.family]
-    args.int8_methods = args.int8_methods or methods
+    model, sizes, frames = FAMILY_DEFAULTS[args.family]
     args.model, args.sizes, args.frames = args.model or model, args.sizes or sizes, args.frames or frames
     if model_config(args.model).family != args.family:
         sys.exit(f"--model {args.model} is not an {args.family} model")
