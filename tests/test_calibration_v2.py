@@ -141,6 +141,19 @@ def test_calibrate_refuses_a_size_the_runtime_does_not_run(tmp_path, capsys):
 # --- INT8 bundle ---------------------------------------------------------------------------------------
 
 
+def test_calibrate_a_bundle_reads_its_model_reference_dtype_and_weights(tiny_v2_bundle, calib_v2, tmp_path):
+    """`osx calibrate BUNDLE` on the session's bundle (random weights, reference dtype fp32, recorded in its manifest)
+    records the set `--model ... --random-weights --reference-dtype fp32` does with the same settings: the same hash
+    (it covers the model config, the weights' identity and the recipe). What contradicts the bundle is refused."""
+    settings = ("--samples", 2, "--heldout", 1, "--steps-per-sample", 3)
+    assert _cli("calibrate", tiny_v2_bundle, *settings, "--out", tmp_path / "c") == 0
+    assert CalibrationSet.open(tmp_path / "c").hash == calib_v2.hash
+    for wrong in (("--model", "opensora-v1.2-tiny"), ("--reference-dtype", "bf16")):
+        assert _cli("calibrate", tiny_v2_bundle, *wrong, "--out", tmp_path / "d") == 2
+    assert _cli("calibrate", "--out", tmp_path / "d") == 2  # neither --model nor BUNDLE
+    assert not (tmp_path / "d").exists()
+
+
 def test_int8_bundle_records_precision_and_gate_and_runs_in_osx_generate(int8_v2_bundle, calib_v2, tmp_path):
     from osx.runtime.video import read_video_info
 

@@ -1,4 +1,4 @@
-"""`osx calibrate`: capture real activations for INT8/FP8 quantization (`osx export --calibration DIR`)."""
+"""`osx calibrate [BUNDLE]`: capture real activations for INT8/FP8 quantization (`osx export --calibration DIR`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,40 @@ from osx.commands.weights import weight_files, weight_options
 from osx.families import MODELS, REFERENCE_DTYPES
 
 
+def from_bundle(bundle_dir: Path, model_name: str | None, reference_dtype: str | None, given):
+    """(model config at the bundle's reference dtype, WeightFiles) of a bundle `osx export` wrote: its weights as its
+    manifest records them (the random seed, or the checkpoint parts' paths), unless the options name others."""
+    from osx.bundle import Bundle
+    from osx.errors import OsxError
+    from osx.export.request import RANDOM_WEIGHTS, WeightFiles
+
+    bundle = Bundle.open(bundle_dir, verify=False)
+    cfg = bundle.model_config()
+    if model_name is not None and model_name != cfg.name:
+        raise OsxError(f"--model {model_name}: {bundle_dir} holds {cfg.name}", hint="drop --model (the bundle names its model)")
+    ref = getattr(getattr(cfg, "scheduler", None), "reference_dtype", None)
+    if reference_dtype is not None and reference_dtype != ref:
+        raise OsxError(f"--reference-dtype {reference_dtype}: {bundle_dir} was exported at {ref}",
+                       hint="drop --reference-dtype (the bundle's is used), or re-export the bundle with it")
+    if given.random or given.checkpoint is not None or given.parts:
+        return cfg, given
+    recorded = bundle.manifest.export.get("weights")
+    if not isinstance(recorded, dict) or not recorded:
+        raise OsxError(f"{bundle_dir}: the manifest does not record the weights it was exported from",
+                       hint="pass them: --checkpoint DIR or --random-weights")
+    if "random_seed" in recorded:
+        if recorded["random_seed"] != cfg.random_init_seed:
+            raise OsxError(f"{bundle_dir}: exported with random seed {recorded['random_seed']}, this osx seeds "
+                           f"{cfg.name} with {cfg.random_init_seed}", hint="re-export the bundle with this osx")
+        return cfg, RANDOM_WEIGHTS
+    return cfg, WeightFiles(parts={part: Path(path) for part, path in recorded.items()})
+
+
 @click.command("calibrate")
-@click.option("--model", "model_name", required=True, help=f"Model name: {', '.join(MODELS)}.")
+@click.argument("bundle_dir", metavar="[BUNDLE]", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--model", "model_name", default=None,
+              help=f"Model name: {', '.join(MODELS)}. Not needed with BUNDLE (an `osx export` bundle names its model, "
+                   "reference dtype and weights).")
 @weight_options
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Calibration prompts, one per line ('#' comments). Default: the shipped set of 75.")
@@ -31,14 +63,22 @@ from osx.families import MODELS, REFERENCE_DTYPES
 @click.option("--shard-mb", type=click.FloatRange(min=0.01), default=256.0, show_default=True, help="Size cap of one .npz shard.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write the calibration set to.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def calibrate(model_name, random_weights, checkpoint, prompts_file, heldout_file, samples, heldout, steps_per_sample,
+def calibrate(bundle_dir, model_name, random_weights, checkpoint, prompts_file, heldout_file, samples, heldout, steps_per_sample,
               height, width, num_frames, reference_dtype, seed, shard_mb, out, force, **weights):
     """Run the PyTorch reference pipeline over calibration and held-out prompts and record the real inputs
     of the components int8/fp8 can quantize (the denoiser's at steps across the whole schedule, every
-    guidance pass of a step in one batch)."""
+    guidance pass of a step in one batch). BUNDLE: the model, reference dtype and weights of that bundle (then
+    `osx export ... --calibration OUT` quantizes a bundle of the same weights)."""
     from osx.families import family_of, get_model_config
 
-    cfg = get_model_config(model_name)  # an unknown name fails before torch is imported
+    files = weight_files(random_weights, checkpoint, weights)
+    if bundle_dir is not None:
+        cfg, files = from_bundle(bundle_dir, model_name, reference_dtype, files)
+        reference_dtype = None  # the bundle's config carries it
+    elif model_name is None:
+        raise click.UsageError("pass --model NAME, or BUNDLE (a folder `osx export` wrote)")
+    else:
+        cfg = get_model_config(model_name)  # an unknown name fails before torch is imported
     from osx.calibration import capture as cap
     from osx.export.exporter import with_reference_dtype
     from osx.calibration.calibset import weights_identity
@@ -50,7 +90,7 @@ def calibrate(model_name, random_weights, checkpoint, prompts_file, heldout_file
     runs = cap.adapter(family)  # the family's reference run and what it records
     size = runs.default_size(cfg)
     # The same weights `osx export` will load, named the same way (the calibration set records them).
-    parts = weight_files(random_weights, checkpoint, weights).resolve(family)
+    parts = files.resolve(family)
     recipe = cap.make_recipe(
         cfg, weights_identity(cfg.random_init_seed, parts),
         prompts=load_prompts(prompts_file or CALIBRATION), heldout_prompts=load_prompts(heldout_file or HELDOUT),
