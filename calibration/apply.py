@@ -207,7 +207,6 @@ def quantize_bundle(bundle_dir: Path, manifest: Manifest, precisions: dict[str, 
     Raises gate.QualityGateError when the gate fails, unless `step.allow_quality_loss`.
     """
     from osx.bundle import Bundle
-    from osx.calibration import metrics
     from osx.calibration.report import write_report
 
     family = get_family(manifest.model["family"])
@@ -254,12 +253,7 @@ def quantize_bundle(bundle_dir: Path, manifest: Manifest, precisions: dict[str, 
                                                    for c, m in full_range.components.items()})
             videos = generate(Bundle(bundle_dir, trial))
             last_videos[:] = videos
-            per_prompt = [{"prompt": p, **metrics.video_metrics(q, r)} for p, q, r in zip(held["prompts"], videos, ref_videos)]
-            return {"size": size, "prompts": per_prompt,
-                    "psnr_min": min(v["psnr_min"] for v in per_prompt),
-                    "psnr_mean": sum(v["psnr_mean"] for v in per_prompt) / len(per_prompt),
-                    "ssim_min": min(v["ssim_min"] for v in per_prompt),
-                    "flicker_ratio": max(v["flicker_ratio"] for v in per_prompt)}
+            return gate_mod.video_summary(size, held["prompts"], videos, ref_videos)
         return check
 
     entries, final = {}, None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -60,21 +60,27 @@ def session(path: Path):
 
 def compare_component(component: str, reference: Path, quantized: Path, samples: Iterable[dict[str, np.ndarray]],
                       limit: int | None = None) -> dict:
-    """Run both graphs on each held-out sample and compare the first output.
-
-    Returns {"samples": [{"timestep"?, "cosine", "rel_l2"}...], "per_step"?: [...], "min_cosine", "max_rel_l2"}.
-    """
+    """Run both graphs on each held-out sample and compare the first output (`compare_runs`)."""
     from osx.calibration.quantize import graph_inputs
 
     ref_sess, q_sess = session(reference), session(quantized)
-    dtypes = graph_inputs(reference)
+    return compare_runs(component, lambda feed: ref_sess.run(None, feed)[0], lambda feed: q_sess.run(None, feed)[0],
+                        graph_inputs(reference), samples, limit)
+
+
+def compare_runs(component: str, reference: Callable, candidate: Callable, dtypes: dict[str, str],
+                 samples: Iterable[dict[str, np.ndarray]], limit: int | None = None) -> dict:
+    """Feed each held-out sample (its `dtypes` inputs) to both runners (feed -> first output) and compare.
+
+    Returns {"samples": [{"timestep"?, "cosine", "rel_l2"}...], "per_step"?: [...], "min_cosine", "max_rel_l2"}.
+    """
     rows = []
     for i, sample in enumerate(samples):
         if limit is not None and i >= limit:
             break
         feed = {k: sample[k].astype(dtype, copy=False) for k, dtype in dtypes.items()}
-        want = ref_sess.run(None, feed)[0]
-        got = q_sess.run(None, feed)[0]
+        want = reference(feed)
+        got = candidate(feed)
         row = {}
         if component == "text_encoder":  # only real tokens reach the denoiser
             keep = sample["attention_mask"].astype(bool)
@@ -95,6 +101,16 @@ def compare_component(component: str, reference: Path, quantized: Path, samples:
             for t in steps
         ]
     return out
+
+
+def video_summary(size: dict, prompts: list[str], videos: list[np.ndarray], ref_videos: list[np.ndarray]) -> dict:
+    """video_metrics of each held-out prompt's video against its reference, and the worst over them."""
+    per_prompt = [{"prompt": p, **metrics.video_metrics(q, r)} for p, q, r in zip(prompts, videos, ref_videos)]
+    return {"size": size, "prompts": per_prompt,
+            "psnr_min": min(v["psnr_min"] for v in per_prompt),
+            "psnr_mean": sum(v["psnr_mean"] for v in per_prompt) / len(per_prompt),
+            "ssim_min": min(v["ssim_min"] for v in per_prompt),
+            "flicker_ratio": max(v["flicker_ratio"] for v in per_prompt)}
 
 
 def judge(component_metrics: dict[str, dict], video: dict | None, thresholds: Thresholds) -> GateResult:

@@ -1,6 +1,7 @@
 """Backends run one bundle component: NumPy arrays in, NumPy arrays out.
 
-Interface (`Backend`), implemented by `OrtBackend` here and `osx.runtime.backend_trt.TrtBackend`:
+Interface (`Backend`), implemented by `OrtBackend` here, `osx.runtime.backend_trt.TrtBackend` and
+`osx.runtime.backend_ov.OvBackend`:
     backend = cls(bundle, component, **options)   # cheap: nothing loaded yet
     backend.load()                                 # session / engine into memory
     outputs = backend.run({"x": ..., ...})         # names and dtypes as the component's io spec
@@ -10,7 +11,7 @@ Interface (`Backend`), implemented by `OrtBackend` here and `osx.runtime.backend
     backend.load_one_at_a_time                     # its engine's plan says so; None: the manifest's runtime settings
 
 Which class runs a component: the `backend` argument of `Pipeline.load` / `osx generate --backend`,
-else the component's `backend` key in the manifest ("onnxruntime" or "tensorrt"). `BACKENDS` maps
+else the component's `backend` key in the manifest ("onnxruntime", "tensorrt", "openvino", ...). `BACKENDS` maps
 each name to its class (imported only when used, so tensorrt is never imported for an ONNX bundle)
 and the options it is built with.
 """
@@ -34,6 +35,9 @@ BACKENDS: dict[str, tuple[str, str, dict]] = {
     "onnxruntime-cuda": ("osx.runtime.backends", "OrtBackend", {"providers": ("cuda", "cpu")}),
     "onnxruntime-tensorrt": ("osx.runtime.backends", "OrtBackend", {"providers": ("tensorrt", "cuda", "cpu")}),
     "tensorrt": ("osx.runtime.backend_trt", "TrtBackend", {}),
+    # the `openvino` extra (osx.runtime.backend_ov): the denoiser at bf16 on AMX/AVX512-BF16 CPUs, or all fp32
+    "openvino": ("osx.runtime.backend_ov", "OvBackend", {"precision": "bf16"}),
+    "openvino-fp32": ("osx.runtime.backend_ov", "OvBackend", {"precision": "fp32"}),
 }
 
 # onnxruntime session settings, in one place (each measured by `scripts/bench.py runtime`, README "Benchmarks"):
@@ -118,8 +122,8 @@ def create_backend(bundle: Bundle, component: str, backend: str | None = None) -
         backend_cls = getattr(importlib.import_module(module), cls)
     except ImportError as e:
         raise OsxError(f"backend {name!r} is not available: {e}",
-                       hint='install it from the osx clone (pip install -e ".[tensorrt]" for TensorRT) '
-                       "or pass --backend onnxruntime") from None
+                       hint='install it from the osx clone (pip install -e ".[tensorrt]" for TensorRT, '
+                       '".[openvino]" for OpenVINO) or pass --backend onnxruntime') from None
     return backend_cls(bundle, component, **options)
 
 

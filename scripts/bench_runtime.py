@@ -1,7 +1,7 @@
 """Runtime benchmark, fair: osx (onnxruntime, CPU) vs torch eager, per denoising step, side by side.
 
     python scripts/bench.py runtime [--family opensora-v1.2|opensora-v2.0] [--sizes 64x64,128x128,256x256] [--frames 34] [--steps 5] [--warmup 1]
-                                    [--threads N] [--no-int8] [--int8-methods static,dynamic] [--no-int8-search]
+                                    [--threads N] [--no-int8] [--int8-methods static,dynamic] [--no-int8-search] [--no-openvino]
                                     [--no-ablation] [--workdir DIR] [--prepare-only]
 
 What makes it fair (README "Benchmarks"): both sides run in one process tree, one worker process per
@@ -17,7 +17,8 @@ sampler update. torch: the reference sampler (`osx.export.sampler.sample`, one s
 STDiT3 in float32 and in bfloat16 (what Open-Sora users run). osx: `Pipeline.denoise` (one step) over the
 bundle's graphs; fp32, and int8 (the denoiser quantized by `osx export --precision int8` from a
 calibration set captured here, static Q/DQ and dynamic, each through the quality gate, whose verdict is
-reported beside the speed).
+reported beside the speed); with the `openvino` extra installed, the fp32 bundle on `--backend openvino`
+(bf16 denoiser on AMX; through the same gate's thresholds, osx.calibration.backend_gate).
 
 The ablation (--ablation-size, default 128x128) measures the onnxruntime session changes one by one,
 interleaved with the rows above: the session as shipped before (portable graph, no memory arena,
@@ -45,6 +46,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.metadata as md
+import importlib.util
 import json
 import os
 import re
@@ -79,8 +81,10 @@ STEP = {"opensora-v1.2": "one denoising step: cond + uncond denoiser call (batch
 TARGET = {"fp32_vs_torch_fp32": 1.5, "best_vs_torch_bf16": 1.5, "outside_denoiser_share": 0.01}
 
 # row -> (worker, what it runs)
-ROWS = {"torch fp32": "torch", "torch bf16": "torch", "osx fp32": "osx", "osx int8": "osx", "osx int8 dynamic": "osx"}
+ROWS = {"torch fp32": "torch", "torch bf16": "torch", "osx fp32": "osx", "osx int8": "osx", "osx int8 dynamic": "osx",
+        "osx openvino bf16": "osx"}
 INT8 = {"osx int8": "static", "osx int8 dynamic": "dynamic"}  # row -> QuantizeStep.int8_method
+OPENVINO = {"osx openvino bf16": "openvino"}  # row -> backend, over the fp32 bundle
 ABLATION = {  # name -> (graph, arena, spinning); the last step is the shipped "osx fp32" row
     "ort before: portable graph, no arena, spinning": ("portable", False, True),
     "ort + arena": ("portable", True, True),
@@ -116,6 +120,8 @@ def main(argv: list[str]) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="both sides (default: physical cores)")
     ap.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--int8-methods", default="static,dynamic", help="INT8 rows: static (Q/DQ), dynamic, or both")
+    ap.add_argument("--openvino", action=argparse.BooleanOptionalAction, default=True,
+                    help="rows for the OpenVINO backend (when the `openvino` extra is installed)")
     ap.add_argument("--int8-search", action=argparse.BooleanOptionalAction, default=True,
                     help="let the quality gate keep layers in fp32 until it passes (slow)")
     ap.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True)
@@ -152,13 +158,20 @@ def main(argv: list[str]) -> dict:
             folder = work / ("bundle-int8" if method == "static" else f"bundle-int8-{method}")
             bundles[row] = prepare_bundle(args.model, folder, work / "calibration", args.int8_search, method)
             gates[row] = gate_verdict(bundles[row])
+    if args.openvino and args.family == "opensora-v1.2" and importlib.util.find_spec("openvino"):
+        for row in OPENVINO:
+            bundles[row] = bundles["osx fp32"]
+        if (work / "calibration").exists():  # captured for the INT8 rows: the bf16 row's gate uses it too
+            gates["osx openvino bf16"] = backend_gate_verdict(bundles["osx fp32"], "openvino", work / "calibration",
+                                                              work / "gate-openvino.json")
     if args.prepare_only:
         return {"prepared": {k: str(v) for k, v in bundles.items()}, "int8_gates": gates, "workdir": str(work),
                 "seconds": round(time.perf_counter() - t_start, 1)}
     rows = [r for r in ROWS if ROWS[r] == "torch" or r in bundles]
     ablation_size = tuple(int(v) for v in args.ablation_size.split("x")) if args.ablation else None
 
-    config = {"model": args.model, "threads": threads, "bundles": {k: str(v) for k, v in bundles.items()}}
+    config = {"model": args.model, "threads": threads, "bundles": {k: str(v) for k, v in bundles.items()},
+              "backends": {row: OPENVINO[row] for row in bundles if row in OPENVINO}}
     if ablation_size:  # made here: the osx worker cannot import onnx
         config["no_attention_graph"] = str(_graph_without_attention_fusion(bundles["osx fp32"], work / "graph-no-attention"))
     workers = {"torch": Worker("torch", config, {"OMP_WAIT_POLICY": "PASSIVE"}), "osx": Worker("osx", config)}
@@ -400,6 +413,24 @@ def gate_verdict(bundle: Path) -> dict:
             "quantizer": den["quantizer"], "quantized_ops": den["qdq"]["quantized_ops"]}
 
 
+def backend_gate_verdict(bundle: Path, backend: str, calibration: Path, cache: Path) -> dict:
+    """The quality gate's verdict for `backend` running the fp32 bundle (osx.calibration.backend_gate), in
+    gate_verdict's form; kept in `cache` (computing it generates the held-out videos twice)."""
+    if cache.exists():
+        return json.loads(cache.read_text())
+    from osx.calibration.backend_gate import gate_backend
+
+    g = gate_backend(bundle, backend, calibration)
+    m, video = g.metrics["components"]["denoiser"], g.metrics.get("video")
+    verdict = {"passed": g.passed, "failures": g.failures, "thresholds": g.metrics["thresholds"],
+               "denoiser_min_cosine": round(m["min_cosine"], 5), "denoiser_max_rel_l2": round(m["max_rel_l2"], 5),
+               "video": {k: video[k] for k in ("size", "psnr_min", "psnr_mean", "ssim_min", "flicker_ratio")} if video else None,
+               "layers_kept_fp32": [], "gate_attempts": 1,
+               "quantizer": f"no quantization: --backend {backend} (OpenVINO bf16 denoiser, Sin/Cos phases fp32)"}
+    cache.write_text(json.dumps(verdict, indent=1))
+    return verdict
+
+
 def ort_settings(threads: int) -> dict:
     from osx.runtime.backends import ORT_CONFIG, ORT_SESSION
 
@@ -498,7 +529,7 @@ class OsxSide:
         self.threads = config["threads"]
         self.pipes = {}
         for row, bundle in config["bundles"].items():
-            self.pipes[row] = Pipeline.load(bundle)
+            self.pipes[row] = Pipeline.load(bundle, config.get("backends", {}).get(row))
         for row, (graph, arena, spinning) in ABLATION.items() if "no_attention_graph" in config else ():
             pipe = Pipeline.load(config["bundles"]["osx fp32"])
             pipe.backends["denoiser"] = ablation_backend(pipe.bundle, graph, arena, spinning, self.threads,

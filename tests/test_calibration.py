@@ -459,3 +459,18 @@ def test_fp8_without_modelopt_says_how_to_install_it(monkeypatch, tmp_path):
     monkeypatch.setenv(quantize.MODELOPT_ENV, str(tmp_path / "missing" / "python"))
     with pytest.raises(OsxError, match="does not exist"):
         quantize.modelopt_python()
+
+
+def test_a_backend_below_the_bundles_precision_goes_through_the_gate(tiny_bundle, calib):
+    """OpenVINO's bf16 denoiser judged as INT8 is (calibration.backend_gate): held-out steps and videos vs the
+    bundle on onnxruntime; tighter thresholds make the same figures fail, so the verdict is measured."""
+    pytest.importorskip("openvino", reason="the `openvino` extra")
+    from osx.calibration.backend_gate import gate_backend
+
+    result = gate_backend(tiny_bundle, "openvino", calib.root)
+    m = result.metrics["components"]["denoiser"]
+    assert result.passed, result.failures
+    assert len(m["per_step"]) > 1 and 0.99 <= m["min_cosine"] < 1  # bf16 where the CPU has it, else fp32 rounding
+    assert result.metrics["video"]["size"] == SIZE and result.metrics["video"]["psnr_min"] >= 30
+    strict = gate_backend(tiny_bundle, "openvino", calib.root, gate.Thresholds(min_cosine=m["min_cosine"] + 1e-7), video=False)
+    assert not strict.passed and "denoiser: cosine" in strict.failures[0]
