@@ -205,9 +205,13 @@ def test_a_reference_image_travels_in_the_request(service, tiny_bundle, tmp_path
           "--image", str(tmp_path / "ref.png"), "--condition", "loop", "--out", str(tmp_path / "cli.mp4"), "--no-verify"])
     assert service.call("GET", f"/v1/videos/{body['id']}/content")[1] == (tmp_path / "cli.mp4").read_bytes()
     for bad, message in [({"image": str(tmp_path / "ref.png")}, "not base64"),
-                         ({"image": base64.b64encode(b"not a picture").decode()}, "not a readable image")]:
+                         ({"image": base64.b64encode(b"not a picture").decode()}, "not a readable image"),
+                         # the pipeline's own checks at submission: a 400, not a job that fails
+                         ({"video": base64.b64encode(b"not a video").decode(), "condition": "head"}, "the uploaded video is not a readable video"),
+                         ({"image": base64.b64encode(png).decode(), "condition": "middle"}, "condition 'middle' is not one of")]:
         code, body = service.json("POST", "/v1/videos", {**fields, **bad})
         assert code == 400 and message in body["error"], body
+    assert service.json("GET", "/healthz")[1]["open_jobs"] == {"tiny": 0}  # nothing was queued
     capsys.readouterr()
 
 

@@ -125,3 +125,24 @@ def test_bad_uploads_are_refused_clearly(replica, tmp_path):
         references.decode({"image": base64.b64encode(png()).decode()}, bare)
     assert references.decode({"prompt": "x", "image": None}, pipe) is None
 
+
+
+def test_references_are_checked_by_the_pipeline_before_any_encoding(tiny_bundle, tmp_path):
+    """`references.check` (the ingress, at submission): the pipeline's own messages for a video that does not
+    decode, a condition the family lacks, a video continued elsewhere than at the head; a good reference passes
+    with nothing loaded or encoded."""
+    from osx.runtime.video import write_video
+
+    pipe = Pipeline.load(tiny_bundle, verify=False)
+    request = pipe.prepare_request(PROMPT, steps=1, num_frames=17)
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    (tmp_path / "ref.png").write_bytes(png())
+    good_video = write_video(np.zeros((17, 32, 32, 3), np.uint8), tmp_path / "ref.mp4", 24)
+    for refs, message in [({"video": str(tmp_path / "broken.mp4")}, "the uploaded video is not a readable video"),
+                          ({"image": str(tmp_path / "ref.png"), "condition": "middle"}, "condition 'middle' is not one of"),
+                          ({"video": str(good_video), "condition": "tail"}, "a reference video is continued at the head")]:
+        with pytest.raises(InputError, match=message):
+            references.check(pipe, request, refs)
+    for refs in ({"image": str(tmp_path / "ref.png"), "condition": "tail"}, {"video": str(good_video)}, {}):
+        references.check(pipe, request, refs)
+    assert not any(b.loaded for b in pipe.backends.values())

@@ -37,10 +37,12 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from ray import serve
 
 from osx.errors import OsxError
+from osx.models_v2 import T2I_CONFIGS
 from osx.runtime.progress import Fractions
 from osx.runtime.serving import references
 from osx.runtime.serving.jobs import FINAL, JobStore
 from osx.runtime.shim import _GENERATE_OPTIONS, _parse_options, _ShimError
+from osx.runtime.t2i2v import has_t2i
 
 log = logging.getLogger("osx.serve")
 MAX_BODY = 12 * 2**20  # bytes; a request is a prompt, a few numbers and at most one reference file in base64
@@ -159,6 +161,14 @@ class Generator:
         self.store.write(status)
 
 
+def _t2i_steps(pipe, request, reference: bool) -> int | None:
+    """The steps of v2.0's text -> image -> video image loop this request runs (None: it runs none)."""
+    t2i2v = getattr(request, "t2i2v", None)
+    if not (t2i2v or (t2i2v is None and not reference and has_t2i(pipe))):
+        return None
+    return request.t2i_steps or T2I_CONFIGS[pipe.model.name].num_steps
+
+
 def _error(code: int, message: str, hint: str | None = None, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message, "hint": hint}, status_code=code, headers=headers)
 
@@ -198,6 +208,7 @@ class Ingress:
             r = pipe.prepare_request("")  # every default filled in, whatever the bundle's family
             out.append({"name": name, "model": pipe.model.name, "replicas": m["replicas"], "queue_limit": m["capacity"],
                         "limits": {**pipe.limits(), "steps": [1, m["max_steps"]]}, "supported": pipe.supported(),
+                        "t2i2v": has_t2i(pipe),  # text -> image -> video available (on by default without a reference)
                         "defaults": {k: getattr(r, k) for k in ("num_frames", "height", "width", "fps", "steps", "guidance_scale", "seed")}})
         return {"models": out}
 
@@ -223,8 +234,11 @@ class Ingress:
             request = self.pipelines[name].prepare_request(**references.split_fields(fields)[0])
         except OsxError as e:
             return _error(400, e.message, e.hint)
-        if request.steps > max_steps:
-            return _error(400, f"steps={request.steps}: this service allows at most {max_steps}", hint="ask for fewer steps (osx serve --max-steps)")
+        asked = {"steps": request.steps, "t2i_steps": _t2i_steps(self.pipelines[name], request, upload is not None)}
+        for field, steps in asked.items():
+            if (steps or 0) > max_steps:
+                return _error(400, f"{field}={steps}: this service allows at most {max_steps}",
+                              hint=f"ask for fewer {field.replace('_', ' ')} (osx serve --max-steps)")
         limit = self.models[name]["capacity"]
         if len(self.open[name]) >= limit:
             wait = max(1, math.ceil(sorted(self.seconds)[len(self.seconds) // 2])) if self.seconds else 5
@@ -234,6 +248,7 @@ class Ingress:
         if upload is not None:  # kept in the job's folder; the replica gets its path
             try:
                 fields = {**fields, upload[0]: str(references.keep(*upload, self.store.root / status["id"]))}
+                await asyncio.to_thread(references.check, self.pipelines[name], request, references.split_fields(fields)[1])
             except OsxError as e:
                 self.store.delete(status["id"])
                 return _error(400, e.message, e.hint)
