@@ -272,7 +272,8 @@ def _export(module, spec, path, dtype, opset, sample_sizes, external_data_thresh
                 if repeat is not None:
                     say(f"repeating the traced blocks to full depth ({repeat.apply(onnx_program.model.graph)} copies)")
                 sources = stream_initializers(onnx_program.model, weights)
-                onnx_program.optimize()  # what optimize=True runs, now over lazy initializers
+                with _without_slices_split() if repeat is not None else contextlib.nullcontext():
+                    onnx_program.optimize()  # what optimize=True runs, now over lazy initializers
                 say(f"writing {spec.name}'s initializers from the checkpoint")
                 onnx_program.save(raw, external_data=True)
                 del onnx_program
@@ -372,6 +373,23 @@ def _name_nodes_by_module(model: onnx.ModelProto) -> None:
         scopes = ast.literal_eval(scopes)  # cumulative: ['', 'blocks.0', 'blocks.0.attn', 'linear']
         if len(scopes) >= 2 and scopes[-2]:
             node.name = "/" + scopes[-2].replace(".", "/") + "/" + node.name
+
+
+@contextlib.contextmanager
+def _without_slices_split():
+    """onnxscript's optimizer without its SlicesSplit rule (two Slices of one tensor -> one Split), for a graph
+    of repeated blocks. The rule has two output nodes, and onnxscript matches those by scanning the whole graph
+    for every Slice: quadratic in depth (the real STDiT3's 28 blocks: over 10 minutes). It fuses nothing in
+    the STDiT3 or the MMDiT (their exports have no Split; tests/test_repeat.py compares with the full trace,
+    which runs it)."""
+    from onnxscript import rewriter
+
+    rules = rewriter._DEFAULT_REWRITE_RULES
+    rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in rules if getattr(r, "name", None) != "SlicesSplit")
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = rules
 
 
 def _forget_exported_graph() -> None:
