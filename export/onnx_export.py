@@ -429,7 +429,7 @@ def _slim_without_loading_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     for t in external.values():
         model.graph.initializer.remove(t)
     model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in external.values())
-    with _quiet():
+    with _quiet(), _graph_inputs_found_by_identity():
         model = onnxslim.slim(model)
     used = {name for node in model.graph.node for name in node.input}
     for value in [v for v in model.graph.input if v.name in external]:
@@ -437,6 +437,35 @@ def _slim_without_loading_weights(model: onnx.ModelProto) -> onnx.ModelProto:
         if value.name in used:
             model.graph.initializer.append(external[value.name])
     return model
+
+
+@contextlib.contextmanager
+def _graph_inputs_found_by_identity():
+    """onnxslim's graph clean-up asks, for every graph input, whether it is in the list of used tensors, a
+    linear search comparing names, inputs and outputs: with the weights as graph inputs (above) that is
+    quadratic in depth (the real STDiT3: minutes per clean-up). The list is given a set of its members'
+    identities to look in first; a tensor not found there is still searched for as before."""
+    from onnxslim.third_party.onnx_graphsurgeon.ir.graph import Graph
+
+    class Members(list):
+        def __init__(self, tensors):
+            super().__init__(tensors)
+            self.ids = {id(t) for t in tensors}
+
+        def __contains__(self, tensor):
+            return id(tensor) in self.ids or super().__contains__(tensor)
+
+    used = Graph._get_used_node_ids
+
+    def get_used_node_ids(self):
+        node_ids, tensors = used(self)
+        return node_ids, Members(tensors)
+
+    Graph._get_used_node_ids = get_used_node_ids
+    try:
+        yield
+    finally:
+        Graph._get_used_node_ids = used
 
 
 def _name_io_dims(model: onnx.ModelProto, spec: ComponentSpec) -> None:
