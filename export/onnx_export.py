@@ -379,9 +379,8 @@ def _name_nodes_by_module(model: onnx.ModelProto) -> None:
 def _without_slices_split():
     """onnxscript's optimizer without its SlicesSplit rule (two Slices of one tensor -> one Split), for a graph
     of repeated blocks. The rule has two output nodes, and onnxscript matches those by scanning the whole graph
-    for every Slice: quadratic in depth (the real STDiT3's 28 blocks: over 10 minutes). It fuses nothing in
-    the STDiT3 or the MMDiT (their exports have no Split; tests/test_repeat.py compares with the full trace,
-    which runs it)."""
+    for every Slice: quadratic in depth (the real STDiT3's 28 blocks: over 6 minutes). It fuses nothing in
+    the STDiT3 (its export has no Split; tests/test_repeat.py compares with the full trace, which runs it)."""
     from onnxscript import rewriter
 
     rules = rewriter._DEFAULT_REWRITE_RULES
