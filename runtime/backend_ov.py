@@ -8,7 +8,8 @@ com.microsoft operators are onnxruntime's own).
 
 Precisions (`BACKENDS` in osx.runtime.backends):
 - "openvino" (`precision="bf16"`): the denoiser at OpenVINO's bf16 inference precision where the CPU has
-  native bf16 (AMX or AVX512-BF16; elsewhere OpenVINO runs it at fp32), every other component at fp32
+  native bf16 (AMX or AVX512-BF16: OpenVINO lists BF16 among its capabilities; elsewhere at fp32, `runs_at`
+  says which), every other component at fp32
   (they run once per video: bf16 would buy nothing there). The products that feed a Sin/Cos (the
   sinusoidal timestep/fps embeddings and RoPE phases) stay fp32: in bf16 (8-bit mantissa) t * freq for
   t up to 1000 is off by several radians (measured on the bench model: relative L2 of the denoiser's
@@ -53,12 +54,16 @@ class OvBackend:
         self.spec = bundle.spec(component)
         self.precision = precision if component == "denoiser" else "fp32"
         self.threads = threads
-        self.compiled = self.request = None
+        # the denoiser runs at one shape per video, dozens of times: compiled for that shape (static shapes:
+        # 1.37x faster than OpenVINO's dynamic-shape kernels at 128 px on the bench model); the others dynamic
+        self.static = component == "denoiser"
+        self.model = self.core = self._tmp = self.runs_at = None
+        self.requests: dict = {}
         self.dtypes = {t.name: np.dtype(self.spec.dtype_of(t)) for t in self.spec.inputs}
 
     @property
     def loaded(self) -> bool:
-        return self.request is not None
+        return self.model is not None
 
     def limits(self) -> list[dict]:
         return [self.spec.dims]
@@ -67,44 +72,65 @@ class OvBackend:
         return []
 
     def load(self) -> None:
-        if self.request is not None:
+        if self.model is not None:
             return
-        core = ov.Core()
-        config = {"INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
-                  "INFERENCE_NUM_THREADS": self.threads or physical_cores(), "NUM_STREAMS": 1,
-                  "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}  # pinning hurts on shared cores
+        self.core = ov.Core()
+        # bf16 only where the CPU computes it natively (OpenVINO reports BF16 then); fp32 elsewhere
+        native = "BF16" in self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        self.runs_at = "bf16" if self.precision == "bf16" and native else "fp32"
+        self.config = {"INFERENCE_PRECISION_HINT": "bf16" if self.runs_at == "bf16" else "f32",
+                       "INFERENCE_NUM_THREADS": self.threads or physical_cores(), "NUM_STREAMS": 1,
+                       "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}  # pinning hurts on shared cores
+        # the marked IR's weights stay memory-mapped from here until release()
+        self._tmp = tempfile.TemporaryDirectory(prefix="osx-openvino-", ignore_cleanup_errors=True)
         try:
-            model = core.read_model(os.fspath(self.path))
-            with tempfile.TemporaryDirectory(prefix="osx-openvino-", ignore_cleanup_errors=True) as tmp:
-                if self.precision == "bf16":
-                    model = keep_phases_fp32(core, model, Path(tmp))
-                compiled = core.compile_model(model, "CPU", config)
-        except Exception as e:  # OpenVINO raises RuntimeError for graphs it cannot read or compile
+            model = self.core.read_model(os.fspath(self.path))
+            if self.runs_at == "bf16":
+                model = keep_phases_fp32(self.core, model, Path(self._tmp.name))
+            names = ({i.get_any_name() for i in model.inputs}, {o.get_any_name() for o in model.outputs})
+        except Exception as e:  # OpenVINO raises RuntimeError for graphs it cannot read
+            self.release()
             raise BundleError(f"OpenVINO cannot load {self.path.name} ({self.name}): {e}",
                               hint="run this bundle with --backend onnxruntime, or update openvino") from None
-        names = ({i.get_any_name() for i in compiled.inputs}, {o.get_any_name() for o in compiled.outputs})
         want = ({t.name for t in self.spec.inputs}, {t.name for t in self.spec.outputs})
         if names != want:
+            self.release()
             raise BundleError(f"{self.path.name} has inputs/outputs {names}, the manifest says {want}",
                               hint="the bundle is inconsistent; re-export it")
-        self.compiled, self.request = compiled, compiled.create_infer_request()
+        self.model = model
         self.output_names = [t.name for t in self.spec.outputs]
 
+    def _request(self, feed: dict[str, np.ndarray]):
+        """The infer request for these inputs' shapes (static) or the one dynamic one, compiled on first use."""
+        key = tuple((name, a.shape) for name, a in feed.items()) if self.static else None
+        if key not in self.requests:
+            if self.static:
+                self.requests.clear()  # one shape at a time: each compiled model holds its own weights
+                self.model.reshape({name: ov.PartialShape(list(a.shape)) for name, a in feed.items()})
+            compiled = self.core.compile_model(self.model, "CPU", self.config)
+            self.requests[key] = compiled.create_infer_request()
+        return self.requests[key]
+
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.request is None:
+        if self.model is None:
             self.load()
         feed = {name: np.ascontiguousarray(inputs[name], dtype=dtype) for name, dtype in self.dtypes.items()
                 if name in inputs}
         self.spec.check(self.spec.sizes_of(feed))  # names, ranks, fixed dims, ranges: a clear error, not OpenVINO's
         try:
-            result = self.request.infer(feed)  # outputs copied out of the request (share_outputs=False)
+            request = self._request(feed)
+            request.infer(feed)
         except Exception as e:  # e.g. out of memory at a large shape
             raise OsxError(f"{self.name} failed in OpenVINO: {e}",
                            hint="try a smaller resolution or frame count, or --backend onnxruntime") from None
-        return {name: np.asarray(result[self.compiled.output(name)]) for name in self.output_names}
+        return {name: request.get_tensor(name).data.copy() for name in self.output_names}
 
     def release(self) -> None:
-        self.compiled = self.request = None
+        self.model = self.core = None
+        self.requests = {}
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
 
 def keep_phases_fp32(core, model, tmp: Path):

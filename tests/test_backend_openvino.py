@@ -39,7 +39,7 @@ def case(tiny_bundle):
     model = build_reference(cfg).denoiser
     with torch.no_grad():
         want = model(*(torch.from_numpy(feed[k]) for k in feed))[:, :4].numpy()
-    return b, feed, want
+    return b, feed, want, model
 
 
 def cosine(a, b):
@@ -51,19 +51,28 @@ def rel_l2(a, b):
 
 
 def test_fp32_within_the_export_tolerance_of_torch(case):
-    b, feed, want = case
+    b, feed, want, _ = case
     backend = create_backend(b, "denoiser", "openvino-fp32")
     got = backend.run(feed)["v"]
     assert got.shape == want.shape
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
     assert backend.path.name == "denoiser.onnx"  # the portable graph, not onnxruntime's fused one
+    # compiled per shape (static): a second shape gets its own compiled model, still within the tolerance
+    small = {k: v[:1, :, :2] if k == "x" else v[:1, :2] if k == "x_mask" else v[:1] for k, v in feed.items()}
+    with torch.no_grad():
+        model = case[3]
+        want_small = model(*(torch.from_numpy(small[k]) for k in small))[:, :4].numpy()
+    got_small = backend.run(small)["v"]
+    assert np.abs(got_small - want_small).max() / np.abs(want_small).max() < 1e-4
+    assert len(backend.requests) == 1  # the first shape's compiled model was let go
 
 
 def test_bf16_close_to_torch_and_phases_kept_fp32(case, monkeypatch):
-    b, feed, want = case
+    b, feed, want, _ = case
     backend = create_backend(b, "denoiser", "openvino")
     assert backend.precision == "bf16" and create_backend(b, "vae_decoder", "openvino").precision == "fp32"
     got = backend.run(feed)["v"]
+    assert backend.runs_at == ("bf16" if NATIVE_BF16 else "fp32")
     assert cosine(got, want) >= 0.999 and rel_l2(got, want) <= 3e-2, (cosine(got, want), rel_l2(got, want))
     if not NATIVE_BF16:
         pytest.skip("this CPU has no native bf16: OpenVINO runs the bf16 hint at fp32")
