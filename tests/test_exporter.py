@@ -204,7 +204,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, sig):
         assert time.monotonic() < deadline, "export did not start writing"
         time.sleep(0.05)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=300)  # a hang bound: under heavy load the interrupt waited > 120 s inside torch.export
     # 130 when osx's handler reports the interrupt; -SIGINT when Python itself re-raises it at exit (seen once
     # under heavy load, interrupted inside torch.export). Either way it failed and must have cleaned up.
     assert proc.returncode in (130, -signal.SIGINT), err
@@ -214,7 +214,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, sig):
 @pytest.mark.slow
 def test_fp16_bundle(tmp_path):
     m = exporter.export_bundle(ExportRequest("opensora-v1.2-tiny", tmp_path / "b", RANDOM_WEIGHTS, dtype="fp16",
-                                             progress=lambda m: None))
+                                             only=("text_encoder", "denoiser"), progress=lambda m: None))  # no VAE: time
     te, dn = m.components["text_encoder"], m.components["denoiser"]
     assert te.precision == "fp32" and "overflows in float16" in te.report["notes"][0]
     assert dn.precision == "fp16" and dn.io.float_dtype == "float16"

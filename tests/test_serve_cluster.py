@@ -127,7 +127,7 @@ def _serve_one_request(tiny_bundle, store, address: str, env: dict, tmp: str) ->
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            _, err = proc.communicate(timeout=90)
+            _, err = proc.communicate(timeout=180)  # Serve's shutdown took over 90 s at load 8
         except subprocess.TimeoutExpired:
             proc.kill()
             _, err = proc.communicate()
