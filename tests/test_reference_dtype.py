@@ -87,9 +87,9 @@ def test_denoiser_rounds_its_conditioning_to_the_reference_dtype():
 
 
 @pytest.mark.slow
-def test_exported_denoiser_follows_the_reference_dtype(tmp_path):
+def test_exported_denoiser_follows_the_reference_dtype(tiny_bundle, tmp_path):
     """`osx export --reference-dtype`: recorded in the manifest, and the graph equals the torch denoiser of
-    its own setting and not the other's."""
+    its own setting and not the other's. bf16 is the family's default: the session bundle's denoiser."""
     import onnxruntime as ort
 
     from osx.export.exporter import export_bundle
@@ -99,10 +99,9 @@ def test_exported_denoiser_follows_the_reference_dtype(tmp_path):
     with torch.no_grad():
         want = {d: _denoiser(d)(*(torch.from_numpy(inputs[t.name]) for t in spec.inputs))[:, :4].numpy()
                 for d in ("bf16", "fp32")}
-    for d, other in (("bf16", "fp32"), ("fp32", "bf16")):
-        out = tmp_path / d
-        export_bundle(ExportRequest(TINY.name, out, RANDOM_WEIGHTS, dtype="fp32", only=("denoiser",), reference_dtype=d,
-                                    progress=lambda m: None))
+    export_bundle(ExportRequest(TINY.name, tmp_path / "fp32", RANDOM_WEIGHTS, dtype="fp32", only=("denoiser",),
+                                reference_dtype="fp32", progress=lambda m: None))
+    for d, other, out in (("bf16", "fp32", tiny_bundle), ("fp32", "bf16", tmp_path / "fp32")):
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["scheduler"]["reference_dtype"] == manifest["model"]["config"]["scheduler"]["reference_dtype"] == d
         session = ort.InferenceSession(str(out / "denoiser.onnx"), providers=["CPUExecutionProvider"])
