@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import signal
 import sys
 
 import click
@@ -49,8 +50,18 @@ def cli():
     """osx: export Open-Sora to ONNX / TensorRT bundles and run them without PyTorch."""
 
 
+def _honour_interrupts() -> None:
+    """Ctrl-C and `kill` stop osx whatever signal state it inherited: a process started by one that ignores or
+    blocks SIGINT (Ray starts its processes with SIGINT blocked; `nohup`, some job runners ignore it) would
+    otherwise run on through them, or, blocked, hold them pending until it ends."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors (OsxError) print a clear message and exit with their code, no traceback."""
+    if argv is None:  # the `osx` process itself (not a caller's process running main([...]))
+        _honour_interrupts()
     try:
         try:
             cli.main(args=argv, prog_name="osx", standalone_mode=False)

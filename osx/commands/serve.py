@@ -113,8 +113,8 @@ def serve(bundles, replicas, autoscale, address, host, port, store, keep, queue,
                         direct_ingress=direct)
         shown = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
         click.echo(f"serving {', '.join(models)} at http://{shown}:{port}/ (jobs in {store}); Ctrl-C stops")
-        while True:
-            time.sleep(3600)
+        while True:  # in short sleeps: a Ctrl-C taken by one of Ray's threads is then seen here within a second
+            time.sleep(1)
     except KeyboardInterrupt:
         click.echo("stopping", err=True)
     finally:
