@@ -122,3 +122,23 @@ def test_blocks_that_trace_differently_are_refused(tmp_path):
 def test_a_checkpoint_without_the_repeated_blocks_names_the_key(tmp_path):
     with pytest.raises(CheckpointError, match=r"blocks\.4\."):
         _toy_export(tmp_path, 5, dict(depth=3), checkpoint_depth=4)
+
+
+def test_the_library_patches_step_aside_where_their_private_hooks_are_gone(monkeypatch):
+    """The two speed patches of onnxscript's and onnxslim's internals: applied and undone where the hooks exist;
+    where a later version renamed them, the export runs the libraries as they are (slower, the same graph)."""
+    from onnxscript import rewriter
+    from onnxslim.third_party.onnx_graphsurgeon.ir.graph import Graph
+
+    from osx.export.onnx_export import _graph_inputs_found_by_identity, _without_slices_split
+
+    rules, used = rewriter._DEFAULT_REWRITE_RULES, Graph._get_used_node_ids
+    assert "SlicesSplit" in {getattr(r, "name", None) for r in rules}  # what the patch takes out
+    with _without_slices_split(), _graph_inputs_found_by_identity():
+        assert "SlicesSplit" not in {getattr(r, "name", None) for r in rewriter._DEFAULT_REWRITE_RULES}
+        assert Graph._get_used_node_ids is not used
+    assert rewriter._DEFAULT_REWRITE_RULES is rules and Graph._get_used_node_ids is used
+    monkeypatch.delattr(rewriter, "_DEFAULT_REWRITE_RULES")
+    monkeypatch.delattr(Graph, "_get_used_node_ids")
+    with _without_slices_split(), _graph_inputs_found_by_identity():
+        assert not hasattr(rewriter, "_DEFAULT_REWRITE_RULES") and not hasattr(Graph, "_get_used_node_ids")
