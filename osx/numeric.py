@@ -31,22 +31,31 @@ _U1, _U16, _HALF, _HIGH = np.uint32(1), np.uint32(16), np.uint32(0x7FFF), np.uin
 def round_bf16(x) -> np.ndarray:
     """Round float32 values to the nearest bfloat16 (ties to even), returned as float32 of x's shape; NaN stays NaN.
 
-    The rule of `to_bfloat16_bits`, kept in 32 bits and in place (the samplers round every update: this is
-    their per-step cost): add 0x7FFF plus the lowest kept bit, clear the low 16 bits. Only NaNs can carry
-    past 2^32 or into the exponent; they are put back afterwards."""
+    The rule of `to_bfloat16_bits`, kept in 32 bits (the samplers round every update: this is their per-step
+    cost): add 0x7FFF plus the lowest kept bit, clear the low 16 bits (`round_bf16_into`)."""
     shape = np.shape(x)
     x = np.ascontiguousarray(x, dtype=np.float32)
-    bits = x.view(np.uint32)
-    out = np.right_shift(bits, _U16)  # uint32 constants: no Python-int conversion per operation
-    np.bitwise_and(out, _U1, out=out)
-    np.add(out, _HALF, out=out)
-    np.add(out, bits, out=out)
-    np.bitwise_and(out, _HIGH, out=out)
-    rounded = out.view(np.float32)
-    nan = np.isnan(x)
-    if nan.any():
-        rounded[nan] = x[nan]
-    return rounded.reshape(shape)
+    return round_bf16_into(x, np.empty_like(x)).reshape(shape)
+
+
+def round_bf16_into(x: np.ndarray, out: np.ndarray, bias: np.ndarray | None = None, keep_nan: bool = True) -> np.ndarray:
+    """`round_bf16(x)` written into `out` and returned, allocating nothing (a sampler's per-step buffers): five
+    integer passes. x and out contiguous float32 of one shape; `out` may be x itself when `bias` is given (a
+    uint32 scratch array of x's shape), else it must not share x's memory. Only NaNs can carry past 2^32 or
+    into the exponent: where x holds any (its minimum is NaN) they are put back. `keep_nan=False` skips that
+    pass, for values whose NaNs can only be the CPU's default NaN (made by arithmetic), which stays NaN."""
+    bits, o = x.view(np.uint32), out.view(np.uint32)
+    b = o if bias is None else bias
+    nan = np.isnan(x) if keep_nan and x.size and np.isnan(x.min()) else None
+    saved = x[nan] if nan is not None else None
+    np.right_shift(bits, _U16, out=b)  # uint32 constants: no Python-int conversion per operation
+    np.bitwise_and(b, _U1, out=b)
+    np.add(b, _HALF, out=b)
+    np.add(b, bits, out=o)
+    np.bitwise_and(o, _HIGH, out=o)
+    if nan is not None:
+        out[nan] = saved
+    return out
 
 
 def format_size(width: int, height: int, frames: int | None = None) -> str:

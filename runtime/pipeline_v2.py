@@ -221,7 +221,7 @@ class PipelineV2(Pipeline):
                 t1 = time.perf_counter()
                 outs.append(denoiser.run({k: feed[k] for k in names})[out_name])
                 model_s[0] += time.perf_counter() - t1
-            return (outs[0] if len(outs) == 1 else np.concatenate(outs)).astype(F32, copy=False)
+            return outs[0] if len(outs) == 1 else np.concatenate(outs)  # the sampler takes it as float32
 
         def on_start() -> None:  # the run's inputs are packed and rounded: per-run work, not a step's
             step_start[0] = time.perf_counter()

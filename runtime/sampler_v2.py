@@ -22,8 +22,8 @@ Approximate, opt-in (`skip_unit_scale_passes`): on steps whose text scale is 1 (
 conditioning) pred = c in real arithmetic, so only the conditional pass runs; in bf16 `u + (c - u)` is not
 always c, so the result drifts by a few bf16 roundings (measured in the test) and it is off by default.
 Per step the loop does only the step's own arithmetic (#15: < 1 % of a step outside the denoiser, `bench.py
-runtime --family opensora-v2.0`): timesteps, batches and ramps are made before the first step, the latent is
-unpacked by a precomputed gather, and `guided_velocity` skips the operations whose result is known, bit for bit.
+runtime --family opensora-v2.0`): timesteps, batches and ramps are made before the first step, the latent stays
+packed until the end, and `_Step` works in place and skips the operations whose result is known, bit for bit.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from typing import Callable
 import numpy as np
 
 from osx.errors import InputError
+from osx.numeric import round_bf16_into
 from osx.models_v2 import COND_TYPES, SamplerV2Config
 from osx.runtime.scheduler import to_reference
 
@@ -154,30 +155,73 @@ def unpack(x: np.ndarray, T: int, h: int, w: int, patch: int = 2) -> np.ndarray:
     return x.transpose(0, 4, 1, 2, 5, 3, 6).reshape(x.shape[0], -1, T, h * patch, w * patch)
 
 
-def unpacking(shape: tuple[int, ...], T: int, h: int, w: int, patch: int = 2) -> Callable[[np.ndarray], np.ndarray]:
-    """`unpack` of latents of one packed `shape` as one gather by an index computed once: the same values in
-    the same places (a permutation), ~4x faster than NumPy's 7-d transposed copy (the loop's per-step unpack)."""
-    index = unpack(np.arange(math.prod(shape)).reshape(shape), T, h, w, patch)
-    flat = index.ravel()
-    return lambda x: x.reshape(-1).take(flat).reshape(index.shape)
-
-
 # --- the loop --------------------------------------------------------------------------------------------
 
 
 def guided_velocity(c: np.ndarray, u: np.ndarray, u2: np.ndarray, g_txt: float, g_img,
                     reference_dtype: str = "bf16") -> np.ndarray:
-    """u2 + g_img*(u - u2) + g_txt*(c - u), each operation in the reference dtype as torch evaluates it left to right.
+    """u2 + g_img*(u - u2) + g_txt*(c - u), each operation in the reference dtype as torch evaluates it left to right
+    (c, u, u2 hold values of that dtype). `u2 is u`: its pass was not run (`_Step.velocity`'s shortcut)."""
+    rows = np.concatenate([c, u] if u2 is u else [c, u, u2])
+    passes = ("c", "u") if u2 is u else ("c", "u", "u2")
+    return _Step(rows.shape, reference_dtype).velocity(rows, c.shape[0], passes, g_txt, g_img, rounded=True).copy()
 
-    Operations whose result is known are skipped (bit for bit on finite values, zeros' signs included:
-    tests/test_sampler_v2_speed.py): when `u2 is u` (its pass was not run) u - u2 is +0, so the first term is
-    u + g_img*0, whose roundings change nothing (u and g_img*0 hold values of the reference dtype already);
-    when g_txt is 1, g_txt*d is d."""
-    bf = functools.partial(to_reference, reference_dtype=reference_dtype)
-    g_img = F32(g_img) if np.isscalar(g_img) else g_img
-    base = u + g_img * F32(0) if u2 is u else bf(u2 + bf(g_img * bf(u - u2)))
-    d = bf(c - u)
-    return bf(base + (d if g_txt == 1.0 else bf(F32(g_txt) * d)))
+
+class _Step:
+    """The loop's arithmetic after each denoiser call, in place: in the denoiser's output rows, the latent and
+    one scratch buffer allocated per run. Each operation of the reference's bf16 (or fp32) tensor arithmetic is
+    one NumPy pass with `out=`, each bf16 rounding five integer passes in place. Why: the first NumPy work after
+    a denoiser call finds its output, the latent and NumPy's own code evicted by the call, so the post-model
+    cost grows with the memory, the kinds of operation (reductions cost most) and the Python it touches
+    (#15: < 1 % of a step outside the denoiser, `bench.py runtime --family opensora-v2.0`).
+
+    NaN: the rounding's carry would turn a NaN with some payloads into inf or a number (osx.numeric.round_bf16
+    puts NaNs back, at the price of a reduction). Arithmetic on non-NaN operands makes only the CPU's default
+    NaN, which the carry leaves NaN; so NaNs are put back only once one has come from outside: the denoiser's
+    output (looked for each step, one pass) or the starting latent (`nan_seen`, set by the loop)."""
+
+    def __init__(self, rows_shape: tuple[int, ...], reference_dtype: str):
+        self.bf16 = reference_dtype == "bf16"
+        self.scratch = np.empty(rows_shape, np.uint32)
+        self.is_nan = np.empty(rows_shape, bool)
+        self.nan_seen = False
+
+    def round_(self, a: np.ndarray) -> np.ndarray:
+        """a's values rounded to the reference dtype, in place (a: [k, ...] rows like the scratch's)."""
+        if self.bf16:
+            round_bf16_into(a, a, self.scratch[: len(a)], keep_nan=self.nan_seen)
+        return a
+
+    def velocity(self, v: np.ndarray, B: int, passes: tuple[str, ...], g_txt: float, g_img, rounded: bool = False):
+        """The guided velocity of the denoiser's rows v = [c], [c; u] or [c; u; u2] (B rows each), rounded to the
+        reference dtype first (unless `rounded`), in v's memory; returns its view. Skipped, bit for bit
+        (tests/test_sampler_v2_speed.py): without u2's pass, u - u2 is +0 and the base term is u + g_img*0 (no
+        rounding changes it); with g_txt 1, g_txt*d is d. IEEE addition and multiplication are commutative
+        (signs of zero included), so u2 + t is computed as t + u2 in place."""
+        if self.bf16 and not self.nan_seen:
+            self.nan_seen = np.count_nonzero(np.isnan(v, out=self.is_nan[: len(v)])) > 0
+        if not rounded:
+            self.round_(v)
+        if len(passes) == 1:
+            return v
+        c, u = v[:B], v[B : 2 * B]
+        g_img = F32(g_img) if np.isscalar(g_img) else g_img
+        self.round_(np.subtract(c, u, out=c))  # c <- d = c - u
+        if g_txt != 1.0:
+            self.round_(np.multiply(c, F32(g_txt), out=c))
+        if len(passes) == 3:  # u <- u2 + g_img*(u - u2)
+            u2 = v[2 * B :]
+            self.round_(np.subtract(u, u2, out=u))
+            self.round_(np.multiply(u, g_img, out=u))
+            self.round_(np.add(u, u2, out=u))
+        else:
+            np.add(u, g_img * F32(0), out=u)
+        return self.round_(np.add(u, c, out=u))
+
+    def euler(self, x: np.ndarray, dt: float, pred: np.ndarray) -> np.ndarray:
+        """x + dt*pred, in place in x (pred is overwritten)."""
+        self.round_(np.multiply(pred, F32(dt), out=pred))
+        return self.round_(np.add(x, pred, out=x))
 
 
 def denoise(
@@ -204,9 +248,12 @@ def denoise(
 
     `txt` [2B, L, D] and `y_vec` [2B, V]: the B prompts' text states, then the B negative prompts' (Open-Sora
     feeds the negative twice; it is the same array, so it is encoded once). `masks`/`masked_ref` from
-    `condition`. `model` is called once per step on the rows that step needs (3B, 2B or B of them).
+    `condition`. `model` is called once per step on the rows that step needs (3B, 2B or B of them) and returns
+    a new array (or one it will not read again): the step's arithmetic is done in place in it.
     `on_start()` is called once the run's inputs are ready (packed, rounded, batched), before the first step;
-    `on_step(i, x)` gets the latent [B, C, T, h, w] after step i (a view the caller may copy).
+    `on_step(i, x)` gets the packed latent [B, T*h*w/p^2, C*p^2] after step i (the loop's own array, changed by
+    the next step: copy it to keep it; `unpack` gives [B, C, T, h, w]). Unpacking it each step would be
+    per-step work only a caller that wants the pictures needs.
     """
     B, C, T, h, w = noise.shape
     if txt.shape[0] != 2 * B or y_vec.shape[0] != 2 * B:
@@ -233,22 +280,19 @@ def denoise(
     for _, g_img, _ in plan:
         if not np.isscalar(g_img) and g_img.tobytes() not in ramps:
             ramps[g_img.tobytes()] = rounded(pack(np.broadcast_to(g_img[None, None, :, None, None], (B, C, T, h, w)), p))
+    plan = [(g_txt, g_img if np.isscalar(g_img) else ramps[g_img.tobytes()], passes) for g_txt, g_img, passes in plan]
     t_vecs = [rounded(np.full(len(passes) * B, t, dtype=F32)) for t, (_, _, passes) in zip(timesteps, plan)]
-    unpacked = unpacking(x.shape, T, h // p, w // p, p)
+    step = _Step((max(len(passes) for _, _, passes in plan) * B, *x.shape[1:]), cfg.reference_dtype)
+    step.nan_seen = bool(np.isnan(x).any())
     if on_start is not None:
         on_start()
     for i, ((t_cur, t_next), (g_txt, g_img, passes)) in enumerate(zip(zip(timesteps[:-1], timesteps[1:]), plan)):
         b_txt, b_y, b_cond = batches[passes]
-        v = rounded(model(np.concatenate([x] * len(passes)), b_txt, t_vecs[i], b_y, b_cond))
-        if passes == ("c",):
-            pred = v
-        else:
-            c, u = v[:B], v[B : 2 * B]
-            u2 = v[2 * B :] if "u2" in passes else u
-            if not np.isscalar(g_img):
-                g_img = ramps[g_img.tobytes()]
-            pred = guided_velocity(c, u, u2, g_txt, g_img, cfg.reference_dtype)
-        x = rounded(x + rounded(F32(t_next - t_cur) * pred))
+        v = model(np.concatenate([x] * len(passes)), b_txt, t_vecs[i], b_y, b_cond)
+        if v.dtype != F32 or not (v.flags.c_contiguous and v.flags.writeable):
+            v = np.array(v, dtype=F32)
+        pred = step.velocity(v, B, passes, g_txt, g_img)
+        x = step.euler(x, t_next - t_cur, pred)
         if on_step is not None:
-            on_step(i, unpacked(x))
-    return unpacked(x)
+            on_step(i, x)
+    return unpack(x, T, h // p, w // p, p)

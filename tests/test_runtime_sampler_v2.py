@@ -74,7 +74,7 @@ def both(mmdit, cond_type, steps=12, seed=5, sampler=CFG.sampler, **kw):
     model, got = Counted(mmdit, T, 4, 4), []
     last = sampler_v2.denoise(model, noise, txt.numpy(), y.numpy(), masks=np_masks, masked_ref=np_masked,
                               cond_type=cond_type, cfg=sampler, num_steps=steps,
-                              on_step=lambda i, x: got.append(x.copy()), **kw)
+                              on_step=lambda i, x: got.append(sampler_v2.unpack(x, T, 2, 2)), **kw)
     assert np.array_equal(last, got[-1]) and len(got) == steps
     return [w.float().numpy() for w in want], got, model
 
@@ -191,6 +191,6 @@ def test_the_reference_pipeline_from_a_seed(cond_type):
     got = []
     sampler_v2.denoise(Counted(ref.mmdit, T, h, w, r.txt.shape[1]), noise, r.txt[:2], r.y_vec[:2], masks=r.masks,
                        masked_ref=r.masked_ref, cond_type=cond_type, cfg=CFG.sampler, num_steps=12,
-                       on_step=lambda i, x: got.append(x.copy()))
+                       on_step=lambda i, x: got.append(sampler_v2.unpack(x, T, h // 2, w // 2)))
     assert len(got) == len(r.latents) == 12
     assert all(np.array_equal(x, w) for x, w in zip(got, r.latents))

@@ -51,7 +51,8 @@ RUN = BLOCK + textwrap.dedent("""
         pipe.sampler = dataclasses.replace(pipe.sampler, reference_dtype=other.manifest.scheduler["reference_dtype"])
     denoiser, calls = pipe.backends["denoiser"], []
     run = denoiser.run
-    denoiser.run = lambda inputs: calls.append((inputs, run(inputs))) or calls[-1][1]
+    copied = lambda arrays: {k: np.array(a) for k, a in arrays.items()}  # the sampler reuses its buffers in place
+    denoiser.run = lambda inputs: calls.append((copied(inputs), copied(out := run(inputs)))) or out
     request = pipe.prepare_request(PROMPT, **kw)
     txt, y_vec = pipe.encode_text(request)
     latent = pipe.denoise(request, txt, y_vec)

@@ -1,16 +1,17 @@
 """The NumPy v2.0 sampler's shortcuts (runtime/sampler_v2.py) give the very bits of the computation they replace.
 
 Tolerance: none. `guided_velocity` skips operations whose result is known (the third pass not run: u2 is u;
-a text scale of 1), and the loop unpacks its latent by a precomputed gather; each is compared bit for bit
-(uint32 patterns, so zeros' signs count) with the formula written out here, operation by operation, over
-values that include +0, -0, ties and large magnitudes. The whole-run parity tests (tests/test_runtime_sampler_v2.py)
-compare the loop with the torch reference."""
+a text scale of 1) and the loop's `_Step` computes it in place; each is compared bit for bit (uint32 patterns,
+so zeros' signs count) with the formula written out here, operation by operation, over values that include
++0, -0, ties and large magnitudes, and NaNs (kept NaN). The whole-run parity tests
+(tests/test_runtime_sampler_v2.py) compare the loop with the torch reference."""
 
 import numpy as np
 import pytest
 
 from osx.numeric import round_bf16
-from osx.runtime.sampler_v2 import guided_velocity, pack, unpack, unpacking
+from osx.models_v2 import SamplerV2Config
+from osx.runtime.sampler_v2 import _Step, condition, denoise, guided_velocity
 
 F32 = np.float32
 
@@ -51,11 +52,40 @@ def test_guidance_shortcuts_give_the_same_bits(dtype, g_txt, g_img):
     assert np.array_equal(bits(guided_velocity(c, u, u2, g_txt, g_img, dtype)), bits(written_out(c, u, u2, g_txt, g_img, dtype)))
 
 
-@pytest.mark.parametrize("shape", [(1, 16, 9, 8, 8), (2, 16, 3, 12, 4), (1, 4, 1, 2, 6)])
-def test_unpacking_is_unpack(shape):
-    B, C, T, H, W = shape
-    x = np.random.default_rng(0).standard_normal(shape, dtype=F32)
-    packed = pack(x)
-    got = unpacking(packed.shape, T, H // 2, W // 2)(packed)
-    want = unpack(packed, T, H // 2, W // 2)
-    assert got.shape == want.shape == shape and np.array_equal(bits(got), bits(want)) and np.array_equal(got, x)
+# NaN payloads the rounding's carry would turn into inf (low bits only) or wrap into -0 / +0 (a full mantissa)
+ODD_NANS = np.array([0x7F800001, 0xFF800001, 0x7FFFFFFF, 0xFFFFFFFF, 0xFFFF8000], np.uint32).view(F32)
+
+
+def test_in_place_step_keeps_every_nan():
+    """`_Step` rounds without the NaN pass until a NaN from outside is in play. Two steps: the denoiser's output
+    holds odd NaN payloads (and infs, whose difference makes the CPU's default NaN); then a clean output while
+    the latent carries those NaNs. Each equals the written-out formula with round_bf16 (which puts NaNs back):
+    NaN in the same places, the same bits elsewhere."""
+    B, shape = 1, (1, 96, 16)
+    step = _Step((2, 96, 16), "bf16")
+    x = bf16_values(shape, 4)
+    for k in range(2):
+        v = np.concatenate([bf16_values(shape, 5 + k), bf16_values(shape, 6 + k)]) * F32(1.001)  # not yet bf16
+        if k == 0:
+            v[0, 0, :5], v[1, 1, :5] = ODD_NANS, ODD_NANS
+            v[0, 2, 0], v[1, 2, 0] = np.inf, np.inf  # inf - inf
+        c, u = round_bf16(v[:B]), round_bf16(v[B:])
+        with np.errstate(invalid="ignore"):
+            want = round_bf16(x + round_bf16(F32(-0.05) * written_out(c, u, u, 7.5, F32(3), "bf16")))
+        with np.errstate(invalid="ignore"):
+            got = step.euler(x.copy(), -0.05, step.velocity(v.copy(), B, ("c", "u"), 7.5, 3.0))
+        assert np.array_equal(np.isnan(got), np.isnan(want)) and np.isnan(got).sum() >= 5 + 5 * (k == 0)
+        assert np.array_equal(bits(got[~np.isnan(got)]), bits(want[~np.isnan(want)]))
+        x = want
+
+
+def test_loop_keeps_a_nan_of_the_starting_latent():
+    """A NaN in the given noise with a full mantissa: x + 0 keeps its payload and the carry would make it -0;
+    the loop sees it before the first step and keeps it NaN to the end (the denoiser here returns zeros)."""
+    noise = np.zeros((1, 16, 1, 4, 4), F32)
+    noise[0, 3, 0, 1, 2] = ODD_NANS[2]
+    masks, masked = condition("t2v", noise.shape, [])
+    txt, y = np.zeros((2, 4, 8), F32), np.zeros((2, 8), F32)
+    out = denoise(lambda img, *_: np.zeros_like(img), noise, txt, y, masks=masks, masked_ref=masked, cond_type="t2v",
+                  cfg=SamplerV2Config(num_steps=3))
+    assert np.isnan(out[0, 3, 0, 1, 2]) and np.isnan(out).sum() == 1
