@@ -69,6 +69,7 @@ def optimize_for_onnxruntime(src: str | Path, dst: str | Path, attention: bool =
     with _quiet():
         optimized = optimize_model(model, model_type="bert", num_heads=0, hidden_size=0, opt_level=0,
                                    optimization_options=fusion_options(), use_gpu=False)
+    swaps = pair_swaps_as_split_concat(optimized.model)
     left = fuse_attention(optimized.model)["attention_left"] if attention else None
     tmp = dst.with_name(f".{dst.name}.tmp")
     try:
@@ -78,7 +79,39 @@ def optimize_for_onnxruntime(src: str | Path, dst: str | Path, attention: bool =
         tmp.unlink(missing_ok=True)
     counts = Counter(n.op_type for n in optimized.model.graph.node)
     return {"nodes": [before, len(optimized.model.graph.node)], "fused": {op: counts[op] for op in FUSED_OPS if counts[op]},
-            "attention_unfused": left}
+            "attention_unfused": left, "pair_swaps": swaps}
+
+
+def pair_swaps_as_split_concat(model: onnx.ModelProto) -> int:
+    """Rewrite each Gather along the last axis by the pair swap (1, 0, 3, 2, ...) (RoPE's rotate step,
+    osx.export.stdit3.apply_rope) as Reshape [-1, 2] -> Split -> Concat(odd, even) -> Reshape back: the same
+    values moved, and onnxruntime's Split/Concat copy them about 5x faster than its Gather (4.3 % of the
+    bench denoiser's step as Gather). Returns the count rewritten."""
+    from onnx import helper, numpy_helper
+
+    consts = {t.name: t for t in model.graph.initializer}
+    pairs = "pair_swap_rows_of_2"
+    rewritten, nodes = 0, []
+    for node in model.graph.node:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        idx = consts.get(node.input[1]) if node.op_type == "Gather" and len(node.input) == 2 else None
+        swap = numpy_helper.to_array(idx) if idx is not None else None
+        if swap is None or swap.ndim != 1 or swap.size % 2 or axis != -1 or \
+                not np.array_equal(swap, np.arange(swap.size).reshape(-1, 2)[:, ::-1].reshape(-1)):
+            nodes.append(node)
+            continue
+        if not rewritten:
+            model.graph.initializer.append(numpy_helper.from_array(np.array([-1, 2], np.int64), pairs))
+        x, y, n = node.input[0], node.output[0], node.name or y
+        nodes += [helper.make_node("Shape", [x], [f"{n}/shape"], name=f"{n}/shape"),
+                  helper.make_node("Reshape", [x, pairs], [f"{n}/pairs"], name=f"{n}/pairs"),
+                  helper.make_node("Split", [f"{n}/pairs"], [f"{n}/even", f"{n}/odd"], name=f"{n}/split", axis=1, num_outputs=2),
+                  helper.make_node("Concat", [f"{n}/odd", f"{n}/even"], [f"{n}/swapped"], name=f"{n}/concat", axis=1),
+                  helper.make_node("Reshape", [f"{n}/swapped", f"{n}/shape"], [y], name=f"{n}/back")]
+        rewritten += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return rewritten
 
 
 def _load_small_external_tensors(model: onnx.ModelProto, folder: Path) -> None:

@@ -176,19 +176,24 @@ class RotaryEmbedding(nn.Module):
         self.freqs = nn.Parameter(freqs, requires_grad=False)
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin tables [seq_len, dim]; each frequency repeated for its interleaved pair (2k, 2k+1)."""
+        """cos and signed sin tables [seq_len, 1, dim] for `apply_rope` on [..., seq_len, heads, dim]: each
+        frequency repeated for its interleaved pair (2k, 2k+1); sin negated at the even channel of each pair."""
         pos = torch.arange(seq_len, dtype=torch.float32, device=device)
         angle = pos[:, None] * self.freqs.float()[None]
-        angle = torch.stack([angle, angle], dim=-1).flatten(-2)
-        return torch.cos(angle), torch.sin(angle)
+        angle = torch.stack([angle, angle], dim=-1).flatten(-2)[:, None]
+        sign = torch.arange(angle.shape[-1], device=device) % 2 * 2.0 - 1.0  # -1, 1, -1, ... (no tensor constant to trace)
+        return torch.cos(angle), torch.sin(angle) * sign
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs: (a, b) -> (a cos - b sin, b cos + a sin), in float32."""
+    """Rotate interleaved pairs: (a, b) -> (a cos - b sin, b cos + a sin), in float32, as x*cos + swap(x)*sin
+    with swap (a, b) -> (b, a) and `sin` signed (-sin, +sin) per pair (RotaryEmbedding's tables): the same
+    products and sums. Exported as one Gather and elementwise ops; a stack of rotated halves exports as
+    Neg/Unsqueeze/Concat, which OpenVINO runs with its slow reference Concat (osx.export.ort_optimize gives
+    onnxruntime its fastest form of the swap)."""
     h = x.float()
-    a, b = h.unflatten(-1, (-1, 2)).unbind(-1)
-    rotated = torch.stack([-b, a], dim=-1).flatten(-2)
-    return (h * cos + rotated * sin).to(x.dtype)
+    swap = torch.arange(h.shape[-1], device=h.device).reshape(-1, 2).flip(-1).reshape(-1)  # 1, 0, 3, 2, ...
+    return (h * cos + h.index_select(-1, swap) * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -205,10 +210,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        # [B, N, heads, head_dim] each: norm and RoPE in the layout the projection writes (no copy of qkv)
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).unbind(2)
         q, k = self.q_norm(q), self.k_norm(k)  # norm first, then RoPE (qk_norm_legacy=False)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         x = F.scaled_dot_product_attention(q, k, v)  # scale head_dim**-0.5
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
@@ -249,24 +256,23 @@ class STDiT3Block(nn.Module):
     def forward(self, x, y, key_bias, t_mlp, T: int, S: int, rope=None):
         """t_mlp [B, T, 6C]: the modulation of each frame (t, or t=0 for conditioned frames)."""
         B, N, C = x.shape
-        per_token = lambda p: p.expand(B, T, S, C).reshape(B, N, C)  # noqa: E731  [B, T, 1, C] -> [B, N, C]
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = map(
-            per_token, (self.scale_shift_table[None, None] + t_mlp.reshape(B, T, 6, C)).unsqueeze(2).unbind(3)
-        )
+        # [B, T, 1, C] each, broadcast over a frame's S tokens (never expanded to [B, N, C])
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None, None] + t_mlp.reshape(B, T, 6, C)).unsqueeze(2).unbind(3)
+        frames = lambda v: v.reshape(B, T, S, C)  # noqa: E731
 
-        h = t2i_modulate(self.norm1(x), shift_msa, scale_msa)
-        if self.temporal:  # [B, T*S, C] -> [B*S, T, C]
-            h = h.reshape(B, T, S, C).transpose(1, 2).reshape(B * S, T, C)
-            h = self.attn(h, rope)
-            h = h.reshape(B, S, T, C).transpose(1, 2).reshape(B, N, C)
+        h = t2i_modulate(frames(self.norm1(x)), shift_msa, scale_msa)
+        if self.temporal:  # [B, T, S, C] -> [B*S, T, C]
+            h = self.attn(h.transpose(1, 2).reshape(B * S, T, C), rope)
+            h = h.reshape(B, S, T, C).transpose(1, 2)
         else:  # [B*T, S, C]
-            h = self.attn(h.reshape(B * T, S, C)).reshape(B, N, C)
-        x = x + gate_msa * h
+            h = frames(self.attn(h.reshape(B * T, S, C)))
+        x = x + (gate_msa * h).reshape(B, N, C)
 
         x = x + self.cross_attn(x, y, key_bias)
 
-        h = t2i_modulate(self.norm2(x), shift_mlp, scale_mlp)
-        return x + gate_mlp * self.mlp(h)
+        h = t2i_modulate(frames(self.norm2(x)), shift_mlp, scale_mlp)
+        return x + (gate_mlp * self.mlp(h)).reshape(B, N, C)
 
 
 class FinalLayer(nn.Module):

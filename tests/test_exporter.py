@@ -85,9 +85,15 @@ def test_onnxruntime_graphs_are_fused_and_validated(tiny_bundle):
         if name == "denoiser":  # self and cross attention of every spatial and temporal block, nothing left
             assert ops["MultiHeadAttention"] == 4 * TINY.denoiser.depth and ops["Softmax"] == 0
             assert g["attention_unfused"] == 0
+            assert g["pair_swaps"] == 2 * TINY.denoiser.depth  # RoPE's swap of q and k in each temporal block
+            # the cheap forms (osx.export.stdit3): no modulation expanded to every token, no RoPE stack of -b, a
+            portable = onnx.load(b.path(c.file), load_external_data=False).graph.node
+            in_blocks = Counter(n.op_type for n in portable if "_blocks/" in n.name)
+            assert in_blocks["Expand"] == in_blocks["Neg"] == 0, in_blocks
             cross = [n for n in graph.node if n.op_type == "MultiHeadAttention" and len(n.input) > 4]
             assert len(cross) == 2 * TINY.denoiser.depth and all(n.input[4] for n in cross)  # key padding mask
         else:  # T5's relative position bias is no key padding mask: left as it was
+            assert g["pair_swaps"] == 0
             assert ops["MultiHeadAttention"] == 0 and g["attention_unfused"] == ops["Softmax"] > 0
 
 

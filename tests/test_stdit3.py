@@ -214,10 +214,10 @@ def test_rope_formula():
     D, T = 16, 5
     rope = STDiT3(CFG).rope
     np.testing.assert_allclose(rope.freqs.detach().numpy(), 10000.0 ** (-np.arange(0, D, 2) / D), rtol=1e-6)
-    x = torch.randn(2, 3, T, D)
+    x = torch.randn(2, T, 3, D)  # [batch, positions, heads, head_dim], the attention's layout
     got = apply_rope(x, *rope(T, x.device)).numpy()
     a, b = x.numpy()[..., 0::2], x.numpy()[..., 1::2]
-    theta = np.arange(T)[:, None] * 10000.0 ** (-np.arange(0, D, 2) / D)
+    theta = (np.arange(T)[:, None] * 10000.0 ** (-np.arange(0, D, 2) / D))[:, None]
     expected = np.empty_like(x.numpy())
     expected[..., 0::2] = a * np.cos(theta) - b * np.sin(theta)
     expected[..., 1::2] = b * np.cos(theta) + a * np.sin(theta)
