@@ -18,7 +18,9 @@ and the options it is built with.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
 import os
 from typing import Protocol
 
@@ -108,11 +110,41 @@ def session_options(threads: int | None = None):
     return options
 
 
+AUTO = "auto"  # a backend name too: osx picks per component (auto_backend)
+
+
+def auto_backend(bundle: Bundle, component: str) -> str:
+    """What `auto` runs `component` with: OpenVINO at bf16 for the fp32 denoiser of an Open-Sora v1.2 CPU bundle
+    (one the manifest gives onnxruntime) where the `openvino` extra is installed and the CPU computes bf16 natively
+    (AMX / AVX512-BF16), the fastest CPU backend measured that passed the quality gate (README "Benchmarks");
+    everything else as the manifest says (onnxruntime on the CPU, TensorRT engines on a GPU plan)."""
+    meta = bundle.components[component]
+    if (component, meta.backend, meta.precision, bundle.manifest.model.get("family")) != \
+            ("denoiser", "onnxruntime", "fp32", "opensora-v1.2"):
+        return meta.backend
+    return "openvino" if openvino_has_native_bf16() else meta.backend
+
+
+@functools.cache
+def openvino_has_native_bf16() -> bool:
+    """The `openvino` extra is installed and OpenVINO lists BF16 among this CPU's capabilities."""
+    if importlib.util.find_spec("openvino") is None:
+        return False
+    try:
+        import openvino as ov
+
+        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:  # a broken install or no CPU plugin: onnxruntime it is
+        return False
+
+
 def create_backend(bundle: Bundle, component: str, backend: str | None = None) -> Backend:
-    """The backend for `component`: `backend` if given, else the manifest's choice."""
+    """The backend for `component`: `backend` if given ("auto": `auto_backend`), else the manifest's choice."""
     name = backend or bundle.components[component].backend
+    if name == AUTO:
+        name = auto_backend(bundle, component)
     if name not in BACKENDS:
-        raise OsxError(f"unknown backend {name!r} for {component}", hint=f"choose one of {', '.join(BACKENDS)}")
+        raise OsxError(f"unknown backend {name!r} for {component}", hint=f"choose one of {', '.join([*BACKENDS, AUTO])}")
     if name == "tensorrt" and not bundle.components[component].engines:  # fail at open, not at generate
         raise BundleError(f"{bundle.root}: {component} has no TensorRT engine in this bundle",
                           hint=f"build them on the machine with the GPU: {rebuild_command(str(bundle.root))}; "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from osx.runtime.backends import BACKENDS
+from osx.runtime.backends import AUTO, BACKENDS
 from osx.runtime.progress import SAMPLING_LOOPS
 from osx.runtime.video import CODECS
 from osx.numeric import format_size
@@ -51,8 +51,10 @@ def _resolution(ctx, param, value):
 @click.option("--codec", type=click.Choice(CODECS), default="auto", show_default=True,
               help="h264 needs PyAV (GPL x264, README); auto = vp9 for .webm, h264 if PyAV is installed, else mp4v.")
 @click.option("--preview", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write a PNG contact sheet of a few frames.")
-@click.option("--backend", type=click.Choice(list(BACKENDS)), default=None,
-              help="Run every component with this backend (default: what the bundle's manifest says).")
+@click.option("--backend", type=click.Choice([*BACKENDS, AUTO]), default=None,
+              help="Run every component with this backend (default: what the bundle's manifest says). auto: OpenVINO "
+                   "(bf16) for a v1.2 CPU bundle's denoiser where the `openvino` extra is installed and the CPU has "
+                   "native bf16, the manifest's backend for the rest.")
 @click.option("--image", type=click.Path(path_type=Path), default=None,
               help="Reference image (PNG, JPEG, ...): image-to-video. Resized to fill and centre-cropped. Needs a bundle "
                    "exported with --with-vae-encoder.")
