@@ -191,7 +191,7 @@ def check_initializers(path: str | os.PathLike, sources: dict[str, dict], weight
             expected = expected.permute(src["transpose"])
         want = hashlib.sha256(_ir_tensor(expected, init.name).tobytes()).hexdigest()
         del expected
-        got = hashlib.sha256(_stored_bytes(init, path.parent)).hexdigest()
+        got = hashlib.sha256(stored_bytes(init, path.parent)).hexdigest()
         if tuple(init.dims) != tuple(_shape_of(src, weights)) or got != want:
             raise CheckpointError(f"{path.name}: initializer {init.name} does not match checkpoint tensor {src['key']} "
                                   f"(shape {list(init.dims)}, sha256 {got[:12]} != {want[:12]})",
@@ -205,7 +205,7 @@ def _shape_of(src: dict, weights: Weights) -> tuple[int, ...]:
     return tuple(shape[i] for i in src["transpose"]) if "transpose" in src else tuple(shape)
 
 
-def _stored_bytes(init: onnx.TensorProto, folder: Path) -> bytes:
+def stored_bytes(init: onnx.TensorProto, folder: Path) -> bytes:
     if init.data_location != onnx.TensorProto.EXTERNAL:
         return onnx.numpy_helper.to_array(init).tobytes() if not init.raw_data else init.raw_data
     info = {e.key: e.value for e in init.external_data}

@@ -142,3 +142,29 @@ def test_the_library_patches_step_aside_where_their_private_hooks_are_gone(monke
     monkeypatch.delattr(Graph, "_get_used_node_ids")
     with _without_slices_split(), _graph_inputs_found_by_identity():
         assert not hasattr(rewriter, "_DEFAULT_REWRITE_RULES") and not hasattr(Graph, "_get_used_node_ids")
+
+
+def test_a_repeated_mmdit_computes_what_its_torch_module_does(tmp_path):
+    """Open-Sora v2.0's MMDiT (double and single blocks, two repeated kinds) at 4 + 4 tiny blocks: traced with
+    3 + 3 and repeated (one trace, no full one: that comparison is `bench.py repeat`), against PyTorch."""
+    from osx.export.exporter import _adapter
+    from osx.export.mmdit import MMDiT
+    from osx.export.validate import compare_onnx, torch_reference, validation_shapes
+    from osx.models_v2 import OPENSORA_V2_0_TINY
+
+    cfg = dataclasses.replace(OPENSORA_V2_0_TINY, mmdit=dataclasses.replace(OPENSORA_V2_0_TINY.mmdit, depth=4, depth_single_blocks=4))
+    spec = component_specs(cfg)["denoiser"]
+    module = seeded_init_(MMDiT(cfg.mmdit), 0).eval()
+    ckpt = save_safetensors(module.state_dict(), tmp_path / "w.safetensors")
+    repeat = repeat_for(cfg, "denoiser")
+    assert (len(repeat.module.double_blocks), len(repeat.module.single_blocks)) == (3, 3)
+    assert repeat.blocks == ((("double_blocks",), 4), (("single_blocks",), 4))
+    info = export_streamed(Weights(lambda: MMDiT(cfg.mmdit), CheckpointReader(ckpt)), spec, tmp_path / "mmdit.onnx",
+                           repeat=repeat, adapter=_adapter(cfg))
+    assert info.weights_check["from_checkpoint_sha256_ok"] == len(module.state_dict())  # the copies' weights included
+    names = {t.name for t in onnx.load(str(tmp_path / "mmdit.onnx")).graph.initializer}
+    assert {"module.double_blocks.3.img_attn.q_proj.bias", "module.single_blocks.3.linear2.bias"} <= names
+    shapes = validation_shapes(spec)
+    rows = compare_onnx(tmp_path / "mmdit.onnx", spec, torch_reference(module, spec, shapes, "fp32", _adapter(cfg)), "fp32")
+    # float32 reassociation only: 1e-5 of the output's scale (the export's own tolerance is 1e-4)
+    assert all(r["max_rel"] < 1e-5 for r in rows), rows
