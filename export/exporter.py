@@ -243,7 +243,7 @@ def _manifest(model_cfg, components, plan, parts, out_dir: Path, say) -> Manifes
 # validation.structure).
 
 VALIDATION_BYTES = 2**30
-OWN_PROCESS_BYTES = 2**28  # checkpoint parts above this are exported in a process of their own (_own_process)
+OWN_PROCESS_BYTES = 2**27  # checkpoint parts above this are exported in a process of their own (_own_process)
 
 
 def parse_dtypes(dtype: str) -> dict[str, str]:
