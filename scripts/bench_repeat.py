@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import shutil
 import sys
 import tempfile
@@ -56,6 +57,7 @@ def main(argv: list[str]) -> dict:
     if len(depth) != len(family.component(name).depth) or min(depth) <= TRACED:
         raise SystemExit(f"--depth {args.depth}: one count over {TRACED} for each of {', '.join(family.component(name).depth)}")
     cfg = reduced_config(args.model, depth)  # any depth: the tiny model's too, deepened
+    load_before = os.getloadavg()
     part = family.component(name).weights
     spec = component_specs(cfg)[name]
     sizes = {d: r.min for d, r in spec.dims.items()}
@@ -85,9 +87,11 @@ def main(argv: list[str]) -> dict:
     }
     for g in (a, b):
         g["initializers"] = len(g["initializers"])
-    return {"model": cfg.name, "component": name, "dtype": args.dtype, "blocks": dict(zip(family.component(name).depth, depth)), "run_sizes": sizes,
-            "random_weights_write_s": round(write_s, 1), "graphs": graphs, "output_difference": diff,
-            "tolerance_rel": TOLERANCE, "same": same, "identical": all(same.values())}
+    return {"model": cfg.name, "component": name, "dtype": args.dtype, "blocks": dict(zip(family.component(name).depth, depth)),
+            "run_sizes": sizes, "random_weights_write_s": round(write_s, 1), "graphs": graphs, "output_difference": diff,
+            "tolerance_rel": TOLERANCE, "same": same, "identical": all(same.values()),
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()], "cpu_count": os.cpu_count()}
 
 
 def _export_and_run(weights, spec, folder: Path, dtype: str, repeat, sizes: dict, adapter) -> dict:
