@@ -212,7 +212,9 @@ class PipelineV2(Pipeline):
         step_start = [t_start]
 
         def model(img, txt_rows, t, y, cond):
-            """The denoiser on these rows, in calls of at most max_rows rows."""
+            """The denoiser on these rows, in calls of at most max_rows rows. A NaN or inf in its output stops the
+            run at that step (the sampler then need not look for NaNs; a latent that overflows on its own shows
+            in the next step's output or in the decoded frames)."""
             outs = []
             for a in range(0, img.shape[0], self.max_rows):
                 rows = slice(a, a + self.max_rows)
@@ -221,14 +223,15 @@ class PipelineV2(Pipeline):
                 t1 = time.perf_counter()
                 outs.append(denoiser.run({k: feed[k] for k in names})[out_name])
                 model_s[0] += time.perf_counter() - t1
-            return outs[0] if len(outs) == 1 else np.concatenate(outs)  # the sampler takes it as float32
+            v = outs[0] if len(outs) == 1 else np.concatenate(outs)  # the sampler takes it as float32
+            _check_finite(v, f"the denoiser's output at step {len(steps) + 1} of {request.steps}")
+            return v
 
         def on_start() -> None:  # the run's inputs are packed and rounded: per-run work, not a step's
             step_start[0] = time.perf_counter()
             self.timings["denoise_setup_s"] = step_start[0] - t_start
 
         def on_step(i: int, x: np.ndarray) -> None:
-            _check_finite(x, f"the latent after denoising step {i + 1} of {request.steps}")
             now = time.perf_counter()
             done = now - t_start
             steps.append({"total_s": now - step_start[0], "denoiser_s": model_s[0]})
@@ -237,7 +240,7 @@ class PipelineV2(Pipeline):
 
         latent = sampler_v2.denoise(model, z, txt, y_vec, masks=masks, masked_ref=masked_ref, cond_type=cond_type,
                                     cfg=self.sampler, patch_size=p, num_steps=request.steps, guidance=request.guidance_scale,
-                                    guidance_img=request.guidance_img, on_start=on_start, on_step=on_step)
+                                    guidance_img=request.guidance_img, finite_outputs=True, on_start=on_start, on_step=on_step)
         self._done_with("denoiser")
         self.timings.update(denoise_s=time.perf_counter() - t_start, steps=steps)
         # Open-Sora writes the reference frame(s) back before decoding (i2v; also for a one-frame video)

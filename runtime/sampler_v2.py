@@ -178,13 +178,15 @@ class _Step:
     NaN: the rounding's carry would turn a NaN with some payloads into inf or a number (osx.numeric.round_bf16
     puts NaNs back, at the price of a reduction). Arithmetic on non-NaN operands makes only the CPU's default
     NaN, which the carry leaves NaN; so NaNs are put back only once one has come from outside: the denoiser's
-    output (looked for each step, one pass) or the starting latent (`nan_seen`, set by the loop)."""
+    output (looked for each step, one pass, unless the caller checks it: `finite_outputs`) or the starting
+    latent (`nan_seen`, set by the loop)."""
 
     def __init__(self, rows_shape: tuple[int, ...], reference_dtype: str):
         self.bf16 = reference_dtype == "bf16"
         self.scratch = np.empty(rows_shape, np.uint32)
         self.is_nan = np.empty(rows_shape, bool)
         self.nan_seen = False
+        self.finite_outputs = False  # the caller checks the denoiser's outputs: none holds a NaN
 
     def round_(self, a: np.ndarray) -> np.ndarray:
         """a's values rounded to the reference dtype, in place (a: [k, ...] rows like the scratch's)."""
@@ -198,7 +200,7 @@ class _Step:
         (tests/test_sampler_v2_speed.py): without u2's pass, u - u2 is +0 and the base term is u + g_img*0 (no
         rounding changes it); with g_txt 1, g_txt*d is d. IEEE addition and multiplication are commutative
         (signs of zero included), so u2 + t is computed as t + u2 in place."""
-        if self.bf16 and not self.nan_seen:
+        if self.bf16 and not (self.nan_seen or self.finite_outputs):
             self.nan_seen = np.count_nonzero(np.isnan(v, out=self.is_nan[: len(v)])) > 0
         if not rounded:
             self.round_(v)
@@ -240,6 +242,7 @@ def denoise(
     guidance_img: float | None = None,
     skip_redundant_pass: bool = True,
     skip_unit_scale_passes: bool = False,
+    finite_outputs: bool = False,
     on_start: Callable[[], None] | None = None,
     on_step: Callable[[int, np.ndarray], None] | None = None,
 ) -> np.ndarray:
@@ -250,6 +253,8 @@ def denoise(
     feeds the negative twice; it is the same array, so it is encoded once). `masks`/`masked_ref` from
     `condition`. `model` is called once per step on the rows that step needs (3B, 2B or B of them) and returns
     a new array (or one it will not read again): the step's arithmetic is done in place in it.
+    `finite_outputs`: `model` raises rather than return NaN or inf (the pipeline checks each output), so the
+    loop does not look for NaNs in them (`_Step`).
     `on_start()` is called once the run's inputs are ready (packed, rounded, batched), before the first step;
     `on_step(i, x)` gets the packed latent [B, T*h*w/p^2, C*p^2] after step i (the loop's own array, changed by
     the next step: copy it to keep it; `unpack` gives [B, C, T, h, w]). Unpacking it each step would be
@@ -283,7 +288,7 @@ def denoise(
     plan = [(g_txt, g_img if np.isscalar(g_img) else ramps[g_img.tobytes()], passes) for g_txt, g_img, passes in plan]
     t_vecs = [rounded(np.full(len(passes) * B, t, dtype=F32)) for t, (_, _, passes) in zip(timesteps, plan)]
     step = _Step((max(len(passes) for _, _, passes in plan) * B, *x.shape[1:]), cfg.reference_dtype)
-    step.nan_seen = bool(np.isnan(x).any())
+    step.nan_seen, step.finite_outputs = bool(np.isnan(x).any()), finite_outputs
     if on_start is not None:
         on_start()
     for i, ((t_cur, t_next), (g_txt, g_img, passes)) in enumerate(zip(zip(timesteps[:-1], timesteps[1:]), plan)):

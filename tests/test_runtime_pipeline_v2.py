@@ -228,6 +228,23 @@ def test_progress_events_and_cancelling(pipe):
     assert pipe.generate(PROMPT, steps=1).shape == (9, 64, 64, 3)  # a cancel does not stick to the next run
 
 
+def test_a_nan_from_the_denoiser_stops_the_run_at_its_step(pipe, monkeypatch):
+    """The pipeline checks each denoiser output (the sampler then looks for no NaN itself): a NaN or an inf
+    stops the run with the step named, before any frame is written."""
+    from osx.errors import OsxError
+
+    denoiser, real_run, calls = pipe.backends["denoiser"], pipe.backends["denoiser"].run, []
+
+    def run(inputs):
+        out = real_run(inputs)
+        calls.append(1)
+        return {k: v * np.float32([np.nan, np.inf][len(calls) % 2]) for k, v in out.items()} if len(calls) >= 2 else out
+    monkeypatch.setattr(denoiser, "run", run)
+    with pytest.raises(OsxError, match="denoiser's output at step 2 of 3 holds NaN or infinite values"):
+        pipe.generate(PROMPT, steps=3)
+    assert len(calls) == 2
+
+
 def test_request_defaults_and_sizes(pipe):
     r = pipe.prepare_request(PROMPT)
     assert (r.height, r.width, r.num_frames, r.steps, r.fps, r.seed, r.guidance_scale) == (64, 64, 9, 12, 24, 42, 7.5)
