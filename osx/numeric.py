@@ -45,17 +45,23 @@ def round_bf16_into(x: np.ndarray, out: np.ndarray, bias: np.ndarray | None = No
     into the exponent: where x holds any (its minimum is NaN) they are put back. `keep_nan=False` skips that
     pass, for values whose NaNs can only be the CPU's default NaN (made by arithmetic), which stays NaN."""
     bits, o = x.view(np.uint32), out.view(np.uint32)
-    b = o if bias is None else bias
     nan = np.isnan(x) if keep_nan and x.size and np.isnan(x.min()) else None
     saved = x[nan] if nan is not None else None
-    np.right_shift(bits, _U16, out=b)  # uint32 constants: no Python-int conversion per operation
-    np.bitwise_and(b, _U1, out=b)
-    np.add(b, _HALF, out=b)
-    np.add(b, bits, out=o)
-    np.bitwise_and(o, _HIGH, out=o)
+    round_bf16_bits(bits, o if bias is None else bias, o)
     if nan is not None:
         out[nan] = saved
     return out
+
+
+def round_bf16_bits(bits: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
+    """The rounding on float32 bit patterns (uint32 arrays of one shape): out = (bits + 0x7FFF + bit 16 of bits)
+    with the low 16 bits cleared. `bias` is scratch (it may be `out`, or out may be `bits`, not both); NaNs not
+    kept (`round_bf16_into`)."""
+    np.right_shift(bits, _U16, out=bias)  # uint32 constants: no Python-int conversion per operation
+    np.bitwise_and(bias, _U1, out=bias)
+    np.add(bias, _HALF, out=bias)
+    np.add(bias, bits, out=out)
+    np.bitwise_and(out, _HIGH, out=out)
 
 
 def format_size(width: int, height: int, frames: int | None = None) -> str:

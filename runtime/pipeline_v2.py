@@ -209,6 +209,7 @@ class PipelineV2(Pipeline):
         names = [t.name for t in self.specs["denoiser"].inputs]
         out_name = self.specs["denoiser"].outputs[0].name
         steps, t_start, model_s = [], time.perf_counter(), [0.0]
+        is_finite = np.empty(3 * z.size, bool)  # the output check's scratch (3 rows at most): no allocation per step
         step_start = [t_start]
 
         def model(img, txt_rows, t, y, cond):
@@ -224,7 +225,8 @@ class PipelineV2(Pipeline):
                 outs.append(denoiser.run({k: feed[k] for k in names})[out_name])
                 model_s[0] += time.perf_counter() - t1
             v = outs[0] if len(outs) == 1 else np.concatenate(outs)  # the sampler takes it as float32
-            _check_finite(v, f"the denoiser's output at step {len(steps) + 1} of {request.steps}")
+            if np.count_nonzero(np.isfinite(v, out=is_finite[: v.size].reshape(v.shape))) != v.size:
+                _check_finite(v, f"the denoiser's output at step {len(steps) + 1} of {request.steps}")  # raises
             return v
 
         def on_start() -> None:  # the run's inputs are packed and rounded: per-run work, not a step's

@@ -35,11 +35,12 @@ from typing import Callable
 import numpy as np
 
 from osx.errors import InputError
-from osx.numeric import round_bf16_into
+from osx.numeric import round_bf16_bits, round_bf16_into
 from osx.models_v2 import COND_TYPES, SamplerV2Config
 from osx.runtime.scheduler import to_reference
 
 F32 = np.float32
+_ZERO = F32(0)
 # denoiser(img [R, N, C*p*p], txt [R, L, D], timesteps [R], y_vec [R, V], cond [R, N, 4 + C*p*p]) -> velocity
 Denoiser = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
@@ -164,7 +165,8 @@ def guided_velocity(c: np.ndarray, u: np.ndarray, u2: np.ndarray, g_txt: float, 
     (c, u, u2 hold values of that dtype). `u2 is u`: its pass was not run (`_Step.velocity`'s shortcut)."""
     rows = np.concatenate([c, u] if u2 is u else [c, u, u2])
     passes = ("c", "u") if u2 is u else ("c", "u", "u2")
-    return _Step(rows.shape, reference_dtype).velocity(rows, c.shape[0], passes, g_txt, g_img, rounded=True).copy()
+    g_img = F32(g_img) if np.isscalar(g_img) else g_img
+    return _Step(rows.shape, reference_dtype).velocity(rows, c.shape[0], passes, F32(g_txt), g_img, rounded=True).copy()
 
 
 class _Step:
@@ -191,10 +193,14 @@ class _Step:
     def round_(self, a: np.ndarray) -> np.ndarray:
         """a's values rounded to the reference dtype, in place (a: [k, ...] rows like the scratch's)."""
         if self.bf16:
-            round_bf16_into(a, a, self.scratch[: len(a)], keep_nan=self.nan_seen)
+            if self.nan_seen:
+                round_bf16_into(a, a, self.scratch[: len(a)])
+            else:
+                bits = a.view(np.uint32)
+                round_bf16_bits(bits, self.scratch[: len(a)], bits)
         return a
 
-    def velocity(self, v: np.ndarray, B: int, passes: tuple[str, ...], g_txt: float, g_img, rounded: bool = False):
+    def velocity(self, v: np.ndarray, B: int, passes: tuple[str, ...], g_txt: np.float32, g_img, rounded: bool = False):
         """The guided velocity of the denoiser's rows v = [c], [c; u] or [c; u; u2] (B rows each), rounded to the
         reference dtype first (unless `rounded`), in v's memory; returns its view. Skipped, bit for bit
         (tests/test_sampler_v2_speed.py): without u2's pass, u - u2 is +0 and the base term is u + g_img*0 (no
@@ -207,22 +213,21 @@ class _Step:
         if len(passes) == 1:
             return v
         c, u = v[:B], v[B : 2 * B]
-        g_img = F32(g_img) if np.isscalar(g_img) else g_img
         self.round_(np.subtract(c, u, out=c))  # c <- d = c - u
         if g_txt != 1.0:
-            self.round_(np.multiply(c, F32(g_txt), out=c))
+            self.round_(np.multiply(c, g_txt, out=c))
         if len(passes) == 3:  # u <- u2 + g_img*(u - u2)
             u2 = v[2 * B :]
             self.round_(np.subtract(u, u2, out=u))
             self.round_(np.multiply(u, g_img, out=u))
             self.round_(np.add(u, u2, out=u))
         else:
-            np.add(u, g_img * F32(0), out=u)
+            np.add(u, g_img * _ZERO, out=u)
         return self.round_(np.add(u, c, out=u))
 
-    def euler(self, x: np.ndarray, dt: float, pred: np.ndarray) -> np.ndarray:
+    def euler(self, x: np.ndarray, dt: np.float32, pred: np.ndarray) -> np.ndarray:
         """x + dt*pred, in place in x (pred is overwritten)."""
-        self.round_(np.multiply(pred, F32(dt), out=pred))
+        self.round_(np.multiply(pred, dt, out=pred))
         return self.round_(np.add(x, pred, out=x))
 
 
@@ -285,7 +290,7 @@ def denoise(
     for _, g_img, _ in plan:
         if not np.isscalar(g_img) and g_img.tobytes() not in ramps:
             ramps[g_img.tobytes()] = rounded(pack(np.broadcast_to(g_img[None, None, :, None, None], (B, C, T, h, w)), p))
-    plan = [(g_txt, g_img if np.isscalar(g_img) else ramps[g_img.tobytes()], passes) for g_txt, g_img, passes in plan]
+    plan = [(F32(g_txt), F32(g_img) if np.isscalar(g_img) else ramps[g_img.tobytes()], passes) for g_txt, g_img, passes in plan]
     t_vecs = [rounded(np.full(len(passes) * B, t, dtype=F32)) for t, (_, _, passes) in zip(timesteps, plan)]
     step = _Step((max(len(passes) for _, _, passes in plan) * B, *x.shape[1:]), cfg.reference_dtype)
     step.nan_seen, step.finite_outputs = bool(np.isnan(x).any()), finite_outputs
@@ -297,7 +302,7 @@ def denoise(
         if v.dtype != F32 or not (v.flags.c_contiguous and v.flags.writeable):
             v = np.array(v, dtype=F32)
         pred = step.velocity(v, B, passes, g_txt, g_img)
-        x = step.euler(x, t_next - t_cur, pred)
+        x = step.euler(x, F32(t_next - t_cur), pred)
         if on_step is not None:
             on_step(i, x)
     return unpack(x, T, h // p, w // p, p)
