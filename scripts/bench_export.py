@@ -3,14 +3,17 @@
     python scripts/bench.py export --real-size                          # opensora-v1.2: T5 bf16, STDiT3 fp16, VAE
     python scripts/bench.py export --real-size --component denoiser     # a partial bundle: only these
     python scripts/bench.py export                                      # the same on the tiny model (a minute)
-    python scripts/bench.py export --real-size --model opensora-v2.0 --component clip --component vae_decoder
-    python scripts/bench.py export --real-size --model opensora-v2.0 --component denoiser --depth 1,1
+    python scripts/bench.py export --real-size --model opensora-v2.0                     # every v2.0 component
+    python scripts/bench.py export --real-size --model opensora-v2.0 --component denoiser --depth 4,4
 
 Open-Sora v2.0: CLIP bf16, the MMDiT fp16 (the float graph of its FP8 plan), the VAE decoder and encoder
 fp32; its T5 is v1.2's T5-XXL (same weights, 512 tokens instead of 300): v1.2's text_encoder row. The 11.9B
-MMDiT (23.8 GB of bf16 weights) takes hours to write and export on two cores: `--depth D,S` exports it at
-full width with D double-stream and S single-stream blocks (a model registered for the child process only;
-the JSON says so and gives the full-depth weights beside the measured ones).
+MMDiT at full depth (19 + 38 blocks; 23.8 GB of fp16 weights, written twice: the scratch checkpoint, then
+the graph's data, so about 48 GB of scratch disk) measured 794.5 s wall / 354.3 s CPU and a peak RSS of
+3,995,152,384 bytes (3.72 GiB); the whole v2.0 export 1020.7 s wall / 481.3 s CPU (README, Open-Sora v2.0,
+"Real size": 2 shared cores, load average 5.72 -> 7.12). `--depth D,S` exports it at full width with D
+double-stream and S single-stream blocks (a model registered for the child process only; the JSON says so
+and gives the full-depth weights beside the measured ones): a quick check before the full run.
 
 The child process is `osx export --random-weights --gpu cpu --dtype
 text_encoder=bf16,denoiser=fp16,vae_decoder=fp32 --out DIR`: per component, seeded random weights are written
