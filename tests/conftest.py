@@ -91,6 +91,19 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+def _osx_export(out, *args):
+    """`osx export --model opensora-v2.0-tiny --random-weights --gpu cpu --reference-dtype fp32 ARGS --out OUT` (the CLI,
+    in this process)."""
+    from osx.cli import main
+
+    try:
+        main(["export", "--model", "opensora-v2.0-tiny", "--random-weights", "--gpu", "cpu", "--reference-dtype", "fp32",
+              *args, "--out", str(out)])
+    except SystemExit as e:
+        assert not e.code, f"osx export exited with {e.code}"
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_v2_bundle(tmp_path_factory):
     """`osx export --model opensora-v2.0-tiny --random-weights --gpu cpu --with-vae-encoder --reference-dtype fp32`,
@@ -98,29 +111,52 @@ def tiny_v2_bundle(tmp_path_factory):
     `tiny_bundle`. Reference dtype fp32 (no bf16 rounding in the loop), so that runtime-vs-torch tests can hold
     1e-4 over whole runs; Open-Sora's bf16 loop is tested over its own denoiser export (test_runtime_v2_bundle)."""
     pytest.importorskip("torch", reason="exporting needs the `export` extra")
-    from osx.cli import main
+    return _osx_export(tmp_path_factory.mktemp("bundles") / "tiny-v2", "--with-vae-encoder")
 
-    out = tmp_path_factory.mktemp("bundles") / "tiny-v2"
-    try:
-        main(["export", "--model", "opensora-v2.0-tiny", "--random-weights", "--gpu", "cpu", "--with-vae-encoder",
-              "--reference-dtype", "fp32", "--out", str(out)])
-    except SystemExit as e:
-        assert not e.code, f"osx export exited with {e.code}"
+
+@pytest.fixture(scope="session")
+def tiny_t2i_bundle(tiny_v2_bundle, tmp_path_factory):
+    """What `osx export --model opensora-v2.0-tiny --random-weights --gpu cpu --with-t2i --reference-dtype fp32` writes,
+    once per session: the v2.0 components and t2i2v's Flux.1-dev and its AE decoder (seeded like the rest). Read-only.
+    Reference dtype fp32, as `tiny_v2_bundle`: the whole text -> image -> video flow can then hold 1e-4 against torch.
+
+    The v2.0 components are not exported a second time: the same command with `--component t2i_denoiser --component
+    t2i_decoder` writes the whole export's plan and those two graphs, and `tiny_v2_bundle` (the same weights, dtypes and
+    planned shapes, checked here) gives the rest, file for file. A whole `--with-t2i` export's graphs are byte-identical
+    to these and its manifest differs only in seconds (compared once by hand)."""
+    pytest.importorskip("torch", reason="exporting needs the `export` extra")
+    from osx.bundle import Bundle, BundleWriter
+
+    root = tmp_path_factory.mktemp("bundles")
+    part = _osx_export(root / "t2i-part", "--with-t2i", "--component", "t2i_denoiser", "--component", "t2i_decoder")
+    base, t2i = Bundle.open(tiny_v2_bundle).manifest, Bundle.open(part).manifest
+    assert base.model == t2i.model and base.scheduler == t2i.scheduler and base.tokenizer == t2i.tokenizer
+    assert all(base.plan["components"][n] == t2i.plan["components"][n] for n in base.components), "not the same plan"
+    assert not set(base.components) & set(t2i.components)
+    out = root / "tiny-t2i"
+    with BundleWriter(out) as w:
+        for folder, files in ((tiny_v2_bundle, base.files), (part, t2i.files)):
+            for name, entry in files.items():
+                assert base.files.get(name, entry) == entry, name  # the tokenizers: written alike by both
+                (w.dir / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(folder / name, w.dir / name)
+        w.commit(t2i.replace(components={**base.components, **t2i.components}))
+    shutil.rmtree(part)
     return out
 
 
 @pytest.fixture(scope="session")
-def tiny_t2i_bundle(tmp_path_factory):
-    """`osx export --model opensora-v2.0-tiny --random-weights --gpu cpu --with-t2i --reference-dtype fp32`, once per
-    session: the v2.0 components and t2i2v's Flux.1-dev and its AE decoder (seeded like the rest). Read-only.
-    Reference dtype fp32, as `tiny_v2_bundle`: the whole text -> image -> video flow can then hold 1e-4 against torch."""
+def tiny_fp16_graphs(tmp_path_factory):
+    """The tiny v1.2 reference's denoiser and VAE decoder (`build_reference`: `tiny_bundle`'s weights) exported in memory
+    at fp16 (`export_component`), once per session: {component: graph path}. test_stream compares the streamed fp16
+    denoiser with this one; test_lint lints both."""
     pytest.importorskip("torch", reason="exporting needs the `export` extra")
-    from osx.cli import main
+    from osx.export.onnx_export import export_component
+    from osx.export.reference import build_reference
+    from osx.families import component_specs
+    from osx.models import OPENSORA_V1_2_TINY as TINY
 
-    out = tmp_path_factory.mktemp("bundles") / "tiny-t2i"
-    try:
-        main(["export", "--model", "opensora-v2.0-tiny", "--random-weights", "--gpu", "cpu", "--with-t2i", "--reference-dtype", "fp32",
-              "--out", str(out)])
-    except SystemExit as e:
-        assert not e.code, f"osx export exited with {e.code}"
-    return out
+    ref, specs, out = build_reference(TINY), component_specs(TINY), tmp_path_factory.mktemp("tiny_fp16")
+    for name, module in (("denoiser", ref.denoiser), ("vae_decoder", ref.vae)):
+        export_component(module, specs[name], out / f"{name}.fp16.onnx", dtype="fp16")
+    return {name: out / f"{name}.fp16.onnx" for name in ("denoiser", "vae_decoder")}
