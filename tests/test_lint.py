@@ -195,26 +195,18 @@ def test_int32_bias_dequantize_is_refused():
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_bundle, tmp_path_factory):
+def exported(tiny_bundle, tiny_fp16_graphs, tmp_path_factory):
     """The tiny pipeline's graphs as the exporter writes them: the session bundle's fp32 graphs, fp16
-    exports of the denoiser and VAE decoder (T5 is fp32 only), and the calibration helper's INT8 QDQ
-    (and FP8 where ModelOpt is installed) of the bundle's denoiser."""
+    exports of the denoiser and VAE decoder (T5 is fp32 only; the session's, of the bundle's weights), and the
+    calibration helper's INT8 QDQ (and FP8 where ModelOpt is installed) of the bundle's denoiser."""
     from osx.bundle import Bundle
     from osx.calibration import quantize
     from osx.calibration.shards import ShardWriter
-    from osx.families import component_specs
-    from osx.export.onnx_export import export_component
-    from osx.export.reference import build_reference
-    from osx.models import OPENSORA_V1_2_TINY as TINY
 
     bundle = Bundle.open(tiny_bundle)
     graphs = {f"{name}.fp32": bundle.path(c.file) for name, c in bundle.components.items()}
+    graphs.update({f"{name}.fp16": path for name, path in tiny_fp16_graphs.items()})
     out = tmp_path_factory.mktemp("tiny_onnx")
-    ref = build_reference(TINY)  # the bundle's weights
-    specs = component_specs(TINY)  # the manifest's io has concrete float32 dtypes; the export needs the placeholders
-    for name, module in (("denoiser", ref.denoiser), ("vae_decoder", ref.vae)):
-        export_component(module, specs[name], out / f"{name}.fp16.onnx", dtype="fp16")
-        graphs[f"{name}.fp16"] = out / f"{name}.fp16.onnx"
     writer = ShardWriter(out / "shards", "denoiser", 1 << 22)
     for seed in range(3):
         writer.add(bundle.spec("denoiser").sample_inputs(seed=seed))
