@@ -151,7 +151,8 @@ def test_key_mismatch_is_the_checkpoint_error(capsys, checkpoint_dir, tmp_path):
 @pytest.mark.slow
 def test_export_from_a_checkpoint_folder(capsys, checkpoint_dir, tmp_path):
     """The real-checkpoint path on the tiny model: parts found in the folder, weights loaded (not the
-    random ones), the tokenizer converted from the T5 folder's sentencepiece model, every graph validated."""
+    random ones), the tokenizer converted from the T5 folder's sentencepiece model, every graph validated.
+    Without the VAE encoder: it reads the VAE part through the decoder's reader (`tiny_bundle` exports it)."""
     import json
     import shutil
 
@@ -174,9 +175,10 @@ def test_export_from_a_checkpoint_folder(capsys, checkpoint_dir, tmp_path):
     shutil.copy(tmp_path / "sp.model", ckpt / "t5-v1_1-xxl" / "spiece.model")
 
     out = tmp_path / "b"
-    code, text = osx(capsys, "--model", "opensora-v1.2-tiny", "--checkpoint", ckpt, "--out", out)
+    code, text = osx(capsys, "--model", "opensora-v1.2-tiny", "--checkpoint", ckpt, "--without-vae-encoder", "--out", out)
     assert code == 0, text
     m = json.loads((out / "manifest.json").read_text())
+    assert list(m["components"]) == ["text_encoder", "denoiser", "vae_decoder"]  # every part of the folder read
     assert m["export"]["weights"]["vae"] == str(ckpt / "vae-v1.2.safetensors")
     assert all(r["ok"] for c in m["components"].values() for r in c["validation"]["rows"])
     saved = _state(STDiT3(TINY.denoiser))["y_embedder.y_embedding"].numpy()  # the checkpoint's (seed 1) null caption
