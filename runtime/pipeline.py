@@ -293,25 +293,31 @@ class Pipeline:
         return z
 
     def condition_on(self, image: str | os.PathLike | np.ndarray, where: str, request: Request,
-                     progress: Progress | None = None) -> Condition:
-        """The reference image's latent (VAE encoder, posterior mean) placed at the `where` frames."""
+                     progress: Progress | None = None, encode: bool = True) -> Condition | None:
+        """The reference image's latent (VAE encoder, posterior mean) placed at the `where` frames (None
+        without `encode`: the image read and checked only)."""
         if where not in CONDITIONS:
             raise InputError(f"condition {where!r} is not one of {', '.join(CONDITIONS)}")
         self._check_conditioning("image conditioning")
         pixels = load_image(image) if not isinstance(image, np.ndarray) else image
         _check_pixels(pixels, "reference image array", "uint8 [H, W, 3] RGB")
         lh, lw = latent_size(request.height, request.width, self.model.vae)
+        if not encode:
+            return None
         z = self.encode_reference(preprocess(pixels, 8 * lh, 8 * lw), progress)
         return Condition.image(z[:, :, :1], latent_frames(request.num_frames, self.model.vae), where)
 
-    def continue_video(self, video: str | os.PathLike | np.ndarray, request: Request, progress: Progress | None = None) -> Condition:
+    def continue_video(self, video: str | os.PathLike | np.ndarray, request: Request, progress: Progress | None = None,
+                       encode: bool = True) -> Condition | None:
         """The last VAE chunk of `video` (a file, or uint8 [F, H, W, 3] RGB frames) held at the first latent
-        frames of the clip: Open-Sora's video continuation (osx.runtime.conditioning)."""
+        frames of the clip: Open-Sora's video continuation (osx.runtime.conditioning). None without `encode`."""
         self._check_conditioning("continuing a video")
         chunk = self.model.vae.micro_frame_size
         frames = self.read_reference_video(video, "head") if not isinstance(video, np.ndarray) else video[-chunk:]
         _check_pixels(frames, "reference video array", "uint8 [F, H, W, 3] RGB")
         lh, lw = latent_size(request.height, request.width, self.model.vae)
+        if not encode:
+            return None
         return Condition.head(self.encode_reference(preprocess_video(frames, 8 * lh, 8 * lw), progress),
                               latent_frames(request.num_frames, self.model.vae))
 
@@ -320,20 +326,31 @@ class Pipeline:
         return read_frames(path, self.model.vae.micro_frame_size)
 
     def reference_condition(self, request: Request, image=None, video=None, condition: str = "head",
-                            progress: Progress | None = None) -> Condition | None:
+                            progress: Progress | None = None, encode: bool = True) -> Condition | None:
         """What a request's reference conditions on: an image at the `condition` frames, or a video continued
-        (its encoding reported to `progress` as phase "vae_encode")."""
+        (its encoding reported to `progress` as phase "vae_encode"). Without `encode`, only every check of
+        the reference (it is read) and None."""
         if image is not None and video is not None:
             raise InputError("a reference image and a reference video were both given",
                              hint="pass one: --image (image-to-video) or --video (continue a video)")
         if image is not None:
-            return self.condition_on(image, condition, request, progress)
+            return self.condition_on(image, condition, request, progress, encode)
         if video is None:
             return None
         if condition != "head":
             raise InputError(f"a reference video is continued at the head; condition {condition!r} places images",
                              hint="drop the condition for --video")
-        return self.continue_video(video, request, progress)
+        return self.continue_video(video, request, progress, encode)
+
+    def _checked_extend(self, request: Request, extend) -> int:
+        extend = check_int_range("extend", as_int("extend", extend), 0, MAX_EXTEND,
+                                 hint=f"append at most {MAX_EXTEND} clips in one request")
+        self.check_extend(request, extend)
+        return extend
+
+    def reference_modes(self) -> dict[str, list[str]]:
+        """The conditions a reference image / video can take with this bundle ({} without a VAE encoder)."""
+        return {"image": list(CONDITIONS), "video": ["head"]} if "vae_encoder" in self.backends else {}
 
     def check_extend(self, request: Request, extend: int) -> None:
         """Video extension's checks, before any work: the bundle can condition, the clip is longer than a chunk."""
@@ -413,15 +430,24 @@ class Pipeline:
                                        aspect_ratio=aspect_ratio, guidance_img=guidance_img, t2i2v=t2i2v, t2i_steps=t2i_steps)
         return self.run(request, noise, progress, image=image, condition=condition, video=video, extend=extend)
 
+    def check_references(self, request: Request, *, image: str | os.PathLike | np.ndarray | None = None,
+                         condition: str = "head", video: str | os.PathLike | np.ndarray | None = None,
+                         extend: int = 0) -> int:
+        """Every check `run` makes of a request's reference and extension, with `run`'s messages, before any
+        work: the reference is read and checked, nothing is encoded (a server checks an upload so at
+        submission). Returns `extend` as an int."""
+        extend = self._checked_extend(request, extend)
+        if image is not None or video is not None:
+            self.reference_condition(request, image, video, condition, encode=False)
+        return extend
+
     def run(self, request: Request, noise: np.ndarray | None = None, progress: Progress | None = None, *,
             image: str | os.PathLike | np.ndarray | None = None, condition: str = "head",
             video: str | os.PathLike | np.ndarray | None = None, extend: int = 0) -> np.ndarray:
         """`generate` for a request from `prepare_request`."""
         if noise is not None and tuple(np.shape(noise)) != self.latent_shape(request):
             raise InputError(f"noise has shape {np.shape(noise)}, expected {self.latent_shape(request)}", hint="or pass a seed")
-        extend = check_int_range("extend", as_int("extend", extend), 0, MAX_EXTEND,
-                                 hint=f"append at most {MAX_EXTEND} clips in one request")
-        self.check_extend(request, extend)
+        extend = self._checked_extend(request, extend)
         self._cancel.clear()
         self.timings = {}
         self._t0 = time.perf_counter()

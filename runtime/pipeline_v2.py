@@ -262,8 +262,17 @@ class PipelineV2(Pipeline):
         """The first (v2v_head*) or last (v2v_tail*) V2V_FRAMES frames of a video file."""
         return read_frames(path, V2V_FRAMES.get(condition, 33), end=condition.startswith("tail"))
 
-    def reference_condition(self, request: RequestV2, image=None, video=None, condition: str = "head", progress=None):
-        """(cond_type, masks, masked_ref, reference latents) for sampler_v2 and the i2v write-back, or None."""
+    def reference_modes(self) -> dict[str, list[str]]:
+        return {"image": ["head", "tail", "loop"], "video": list(V2V_FRAMES)} if "vae_encoder" in self.backends else {}
+
+    def check_references(self, request: RequestV2, *, image=None, condition: str = "head", video=None, extend: int = 0) -> int:
+        t2i2v_flow.wanted(self, request, image, video)  # t2i2v takes no reference
+        return super().check_references(request, image=image, condition=condition, video=video, extend=extend)
+
+    def reference_condition(self, request: RequestV2, image=None, video=None, condition: str = "head", progress=None,
+                            encode: bool = True):
+        """(cond_type, masks, masked_ref, reference latents) for sampler_v2 and the i2v write-back, or None
+        (also without `encode`: every check of the reference, which is read, and nothing encoded)."""
         if image is None and video is None:
             return None
         if image is not None and video is not None:
@@ -288,6 +297,8 @@ class PipelineV2(Pipeline):
             sampler_v2.condition(cond_type, self.latent_shape(request), [np.zeros((1, 1, n // 4 + 1, 1, 1), F32)])
             frames = frames[:n] if condition.startswith("head") else frames[-n:]
             clip = preprocess_video(frames, request.height, request.width)  # [3, F, H, W]
+        if not encode:
+            return None
         z = self.encode_reference(clip, progress)
         cond_type = f"{'i2v' if video is None else 'v2v'}_{condition}"
         refs = [z, z] if cond_type == "i2v_loop" else [z]

@@ -75,6 +75,14 @@ def wanted(pipe, request, image=None, video=None) -> bool:
     return request.t2i2v
 
 
+def steps(pipe, request, reference: bool = False) -> int | None:
+    """The image step's sampling steps a request (of any family) runs, None where it makes no first frame;
+    `reference`: the request has a reference image or video (an InputError with t2i2v on, as `run` gives)."""
+    if getattr(request, "t2i2v", False) is False or not wanted(pipe, request, image=reference or None):
+        return None
+    return request.t2i_steps or T2I_CONFIGS[pipe.model.name].num_steps
+
+
 def run(pipe, request, noise: np.ndarray | None = None, progress: Progress | None = None) -> np.ndarray:
     """The whole flow for a PipelineV2 `request` -> uint8 frames [F, H, W, 3]."""
     keep, pipe.load_one_at_a_time = pipe.load_one_at_a_time, False  # T5 and CLIP loaded once for both texts

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from osx.cli import main
+from test_serve_references import png
 
 ray = pytest.importorskip("ray", reason="osx serve needs the `serve` extra (pip install -e '.[serve]')")
 serve = pytest.importorskip("ray.serve", reason="osx serve needs the `serve` extra (pip install -e '.[serve]')")
@@ -62,9 +63,12 @@ def service(tiny_bundle, tmp_path_factory):
     port = _free_port()
     direct = start_local_ray(2, direct=("127.0.0.1", port), object_store_memory=80 * 2**20)
     try:
-        deploy([tiny_bundle], store=str(tmp_path_factory.mktemp("serve-store")), replicas=2, queue=2, max_steps=LONG,
+        store = tmp_path_factory.mktemp("serve-store")
+        deploy([tiny_bundle], store=str(store), replicas=2, queue=2, max_steps=LONG,
                port=port, verify=False, direct_ingress=direct)
-        yield Client(f"http://127.0.0.1:{port}")
+        client = Client(f"http://127.0.0.1:{port}")
+        client.store = store
+        yield client
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -280,7 +284,7 @@ def _browser():
     return browser
 
 
-def test_web_page_generates_and_plays_the_video(service):
+def test_web_page_generates_and_plays_the_video(service, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -317,5 +321,22 @@ def test_web_page_generates_and_plays_the_video(service):
             const go = () => v.play().then(() => setTimeout(report, 400), (e) => done({error: String(e)}));
             v.readyState >= 1 ? go() : v.addEventListener('loadedmetadata', go, {once: true});""")
         assert played.get("error") is None and played["duration"] > 1.0 and played["time"] > 0, played
+        # a reference image: its conditions offered once chosen, sent base64 with the one picked (v1.2: no t2i2v)
+        assert browser.find_element(By.ID, "t2i").get_attribute("hidden") is not None
+        assert browser.find_element(By.ID, "condition").get_attribute("disabled") is not None
+        reference = tmp_path / "reference.png"
+        reference.write_bytes(png(seed=7))
+        browser.find_element(By.ID, "reference").send_keys(str(reference))
+        options = browser.find_elements(By.CSS_SELECTOR, "#condition option")
+        assert [o.get_attribute("value") for o in options] == ["head", "tail", "loop"]
+        options[1].click()
+        steps.clear()
+        steps.send_keys("2")
+        browser.find_element(By.ID, "submit").click()
+        WebDriverWait(browser, 120).until(lambda b: b.find_element(By.ID, "state").text in ("succeeded", "failed", "error"))
+        assert browser.find_element(By.ID, "state").text == "succeeded", browser.find_element(By.ID, "error").text
+        (kept,) = [p for p in service.store.glob("*/reference.image") if p.read_bytes() == reference.read_bytes()]
+        (status,) = [json.loads(p.read_text()) for p in sorted(kept.parent.glob("status.*.json"))[-1:]]
+        assert status["request"]["condition"] == "tail" and status["state"] == "succeeded", status
     finally:
         browser.quit()

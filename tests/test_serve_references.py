@@ -143,6 +143,37 @@ def test_references_are_checked_by_the_pipeline_before_any_encoding(tiny_bundle,
                           ({"video": str(good_video), "condition": "tail"}, "a reference video is continued at the head")]:
         with pytest.raises(InputError, match=message):
             references.check(pipe, request, refs)
+    with pytest.raises(InputError, match="extend"):
+        references.check(pipe, request, {"video": str(good_video), "extend": 99})
+
+    def encoded(*args, **kwargs):
+        raise AssertionError("a check encoded the reference")
+
+    pipe.encode_reference = encoded
     for refs in ({"image": str(tmp_path / "ref.png"), "condition": "tail"}, {"video": str(good_video)}, {}):
         references.check(pipe, request, refs)
+    assert not any(b.loaded for b in pipe.backends.values())
+
+
+def test_v2_references_are_checked_without_encoding(tiny_v2_bundle, tmp_path):
+    """`PipelineV2.check_references` (what `references.check` runs for a v2.0 bundle): v2.0's own refusals (a
+    condition of the other kind, extension, a video too short for its condition), a good reference passes
+    with nothing loaded or encoded."""
+    from osx.runtime.video import write_video
+
+    pipe = Pipeline.load(tiny_v2_bundle, verify=False)
+    request = pipe.prepare_request(PROMPT, steps=1)
+    (tmp_path / "ref.png").write_bytes(png())
+    short = write_video(np.zeros((5, 32, 32, 3), np.uint8), tmp_path / "short.mp4", 24)
+
+    def encoded(*args, **kwargs):
+        raise AssertionError("a check encoded the reference")
+
+    pipe.encode_reference = encoded
+    for refs, message in [({"image": str(tmp_path / "ref.png"), "condition": "head_half"}, "is not one of head, tail, loop"),
+                          ({"image": str(tmp_path / "ref.png"), "extend": 1}, "extension .* is not available"),
+                          ({"video": str(short)}, "needs a reference video of at least")]:
+        with pytest.raises(InputError, match=message):
+            references.check(pipe, request, refs)
+    references.check(pipe, request, {"image": str(tmp_path / "ref.png"), "condition": "loop"})
     assert not any(b.loaded for b in pipe.backends.values())

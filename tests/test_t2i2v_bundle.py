@@ -128,6 +128,24 @@ def test_t2i2v_refusals(tiny_t2i_bundle, tiny_v2_bundle, tmp_path):
     assert not (tmp_path / "e.mp4").exists()
 
 
+def test_the_image_steps_a_request_runs(tiny_t2i_bundle, tiny_v2_bundle, tiny_bundle):
+    """t2i2v.steps (what `osx serve` bounds by --max-steps): the model's default where the image step runs by
+    default, the asked steps, None where it does not run (off, a reference, no Flux, a v1.2 bundle), and the
+    run's refusal of t2i2v with a reference."""
+    from osx.errors import InputError
+    from osx.runtime import t2i2v
+
+    t2i, v2, v12 = (Pipeline.load(b, verify=False) for b in (tiny_t2i_bundle, tiny_v2_bundle, tiny_bundle))
+    assert t2i2v.steps(t2i, t2i.prepare_request("x")) == T2I_CONFIGS[TINY.name].num_steps
+    assert t2i2v.steps(t2i, t2i.prepare_request("x", t2i_steps=3)) == 3
+    assert t2i2v.steps(t2i, t2i.prepare_request("x", t2i2v=False)) is None
+    assert t2i2v.steps(t2i, t2i.prepare_request("x"), reference=True) is None
+    with pytest.raises(InputError, match="takes no reference"):
+        t2i2v.steps(t2i, t2i.prepare_request("x", t2i2v=True), reference=True)
+    assert t2i2v.steps(v2, v2.prepare_request("x")) is None
+    assert t2i2v.steps(v12, v12.prepare_request("x")) is None
+
+
 def test_a_v1_2_pipeline_refuses_the_v2_0_options(tiny_bundle):
     """Pipeline.generate on a v1.2 bundle: t2i2v / t2i_steps (and v2.0's sizes) are an InputError saying why, not a TypeError."""
     from osx.errors import InputError

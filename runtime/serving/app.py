@@ -37,12 +37,11 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from ray import serve
 
 from osx.errors import OsxError
-from osx.models_v2 import T2I_CONFIGS
 from osx.runtime.progress import Fractions
 from osx.runtime.serving import references
 from osx.runtime.serving.jobs import FINAL, JobStore
 from osx.runtime.shim import _GENERATE_OPTIONS, _parse_options, _ShimError
-from osx.runtime.t2i2v import has_t2i
+from osx.runtime import t2i2v
 
 log = logging.getLogger("osx.serve")
 MAX_BODY = 12 * 2**20  # bytes; a request is a prompt, a few numbers and at most one reference file in base64
@@ -161,14 +160,6 @@ class Generator:
         self.store.write(status)
 
 
-def _t2i_steps(pipe, request, reference: bool) -> int | None:
-    """The steps of v2.0's text -> image -> video image loop this request runs (None: it runs none)."""
-    t2i2v = getattr(request, "t2i2v", None)
-    if not (t2i2v or (t2i2v is None and not reference and has_t2i(pipe))):
-        return None
-    return request.t2i_steps or T2I_CONFIGS[pipe.model.name].num_steps
-
-
 def _error(code: int, message: str, hint: str | None = None, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message, "hint": hint}, status_code=code, headers=headers)
 
@@ -208,7 +199,8 @@ class Ingress:
             r = pipe.prepare_request("")  # every default filled in, whatever the bundle's family
             out.append({"name": name, "model": pipe.model.name, "replicas": m["replicas"], "queue_limit": m["capacity"],
                         "limits": {**pipe.limits(), "steps": [1, m["max_steps"]]}, "supported": pipe.supported(),
-                        "t2i2v": has_t2i(pipe),  # text -> image -> video available (on by default without a reference)
+                        "t2i2v": t2i2v.has_t2i(pipe),  # text -> image -> video available (on by default without a reference)
+                        "references": pipe.reference_modes(),  # {"image": conditions, "video": conditions}, {} without a VAE encoder
                         "defaults": {k: getattr(r, k) for k in ("num_frames", "height", "width", "fps", "steps", "guidance_scale", "seed")}})
         return {"models": out}
 
@@ -232,9 +224,9 @@ class Ingress:
         try:
             upload = references.decode(fields, self.pipelines[name])
             request = self.pipelines[name].prepare_request(**references.split_fields(fields)[0])
+            asked = {"steps": request.steps, "t2i_steps": t2i2v.steps(self.pipelines[name], request, upload is not None)}
         except OsxError as e:
             return _error(400, e.message, e.hint)
-        asked = {"steps": request.steps, "t2i_steps": _t2i_steps(self.pipelines[name], request, upload is not None)}
         for field, steps in asked.items():
             if (steps or 0) > max_steps:
                 return _error(400, f"{field}={steps}: this service allows at most {max_steps}",

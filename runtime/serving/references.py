@@ -4,9 +4,9 @@ A request carries the file itself, base64-encoded (a `data:...;base64,` URL is a
 "video", never a path: the service reads no file a client names. "condition" and "extend" are the options of
 `osx generate` and the shim. The ingress decodes the upload, checks that an image decodes and that the bundle
 has the VAE encoder (a 400 otherwise), and keeps the file in the job's folder; the job's recorded request
-names only its size. Then the ingress runs the pipeline's own checks of the references up to the first encoding (`check`: the
-file decodes, a video has the frames its condition needs, the condition exists for this family, t2i2v takes
-no reference), so a bad reference is the client's 400 with the message `osx generate` prints, not a failed job.
+names only its size. Then the ingress runs the pipeline's own checks of the references (`check`, i.e. `Pipeline.check_references`:
+the file decodes, a video has the frames its condition needs, the condition exists for this family, t2i2v
+takes no reference), nothing encoded, so a bad reference is the client's 400 with the message `osx generate` prints, not a failed job.
 """
 
 from __future__ import annotations
@@ -70,26 +70,12 @@ def keep(kind: str, data: bytes, folder: Path) -> Path:
     return path
 
 
-class _Checked(Exception):
-    """Raised where the pipeline would start encoding a reference: every check before it passed."""
-
-
-def _stop(*args, **kwargs):
-    raise _Checked
-
-
 def check(pipeline, request, refs: dict) -> None:
-    """Run `pipeline.run`'s own checks of the request's references (`refs` as `split_fields` gives them, a kept
-    file's path in "image"/"video"), stopping where the first reference would be encoded: InputError /
-    BundleError with the pipeline's message otherwise. `pipeline` is the ingress's, which never generates:
-    its `encode_reference` is replaced for good. Reads and resizes the reference (run it off the event loop)."""
-    if refs.get("image") is None and refs.get("video") is None:
-        return  # nothing to check without a reference, and run would generate
-    pipeline.encode_reference = _stop
+    """`Pipeline.check_references` for the request's references (`refs` as `split_fields` gives them, a kept
+    file's path in "image"/"video"): InputError / BundleError with the pipeline's message, the upload named
+    instead of the file it was kept in. Reads and resizes the reference (run it off the event loop)."""
     try:
-        pipeline.run(request, **refs)
-    except _Checked:
-        return
+        pipeline.check_references(request, **refs)
     except OsxError as e:  # the client sent bytes: its message names them, not the file they were kept in
         message = e.message
         for kind in UPLOADS:
@@ -97,4 +83,3 @@ def check(pipeline, request, refs: dict) -> None:
                 for name in (f"reference {kind} {str(refs[kind])!r}", repr(str(refs[kind])), str(refs[kind])):
                     message = message.replace(name, f"the uploaded {kind}")
         raise type(e)(message, hint=e.hint) from None
-    raise AssertionError("the pipeline ran without encoding its reference")  # pragma: no cover - a pipeline change
