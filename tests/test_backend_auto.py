@@ -53,3 +53,15 @@ def test_native_bf16_is_what_openvino_reports():
     ov = pytest.importorskip("openvino", reason="the `openvino` extra")
     backends.openvino_has_native_bf16.cache_clear()
     assert backends.openvino_has_native_bf16() == ("BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def test_generate_says_what_auto_chose(tiny_bundle, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from osx.cli import cli
+
+    monkeypatch.setattr(backends, "openvino_has_native_bf16", lambda: False)  # onnxruntime throughout: fast, any CPU
+    r = CliRunner().invoke(cli, ["generate", str(tiny_bundle), "--prompt", "a fox", "--backend", "auto", "--steps", "1",
+                                  "--out", str(tmp_path / "a.webm"), "--no-verify"])
+    assert r.exit_code == 0, r.output
+    assert "backend auto: text_encoder onnxruntime, denoiser onnxruntime, vae_decoder onnxruntime" in r.stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from osx.runtime.backends import AUTO, BACKENDS
+from osx.runtime.backends import AUTO, BACKENDS, auto_backend
 from osx.runtime.progress import SAMPLING_LOOPS
 from osx.runtime.video import CODECS
 from osx.numeric import format_size
@@ -102,6 +102,9 @@ def generate(bundle, prompt, out, negative_prompt, seed, steps, guidance_scale, 
         warnings.simplefilter("always")
         warnings.showwarning = lambda message, *_, **__: click.secho(f"warning: {message}", fg="yellow", err=True)
         pipe = Pipeline.load(bundle, backend, verify=not no_verify)
+        if backend == AUTO:
+            chosen = {c: auto_backend(pipe.bundle, c) for c in pipe.backends}
+            click.echo("backend auto: " + ", ".join(f"{c} {name}" for c, name in chosen.items()), err=True)
         request = pipe.prepare_request(prompt, negative_prompt, num_frames=num_frames, height=height, width=width, fps=fps,
                                        steps=steps, guidance_scale=guidance_scale, seed=seed, **bucket)
         # a bad reference fails here, before any compute
