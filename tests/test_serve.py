@@ -303,10 +303,10 @@ def test_web_page_generates_and_plays_the_video(service, tmp_path):
         assert "5 frames: outside what this bundle supports" in browser.find_element(By.ID, "error").text
         # a good one: progress to 100 %, then the video plays
         frames.clear()
-        frames.send_keys("34")
+        frames.send_keys("51")
         steps = browser.find_element(By.ID, "steps")
         steps.clear()
-        steps.send_keys("40")
+        steps.send_keys(str(LONG))  # ~1.6 s here: several of the page's 0.4 s polls (34 frames x 40 steps once ended within two)
         browser.find_element(By.ID, "prompt").send_keys("a fox in a browser")
         browser.find_element(By.ID, "submit").click()
         seen, deadline = set(), time.monotonic() + 120
